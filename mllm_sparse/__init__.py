@@ -1,0 +1,37 @@
+"""mllm_sparse: SparseFormer visual encoders for multimodal LLMs.
+
+Importing this package registers `SparseFormerConfig` / `SparseFormerModel` with transformers' `AutoConfig` and
+`AutoModel`, so `AutoModel.from_pretrained(dir)` rebuilds a saved encoder.
+"""
+
+from transformers import AutoConfig, AutoModel
+
+from .checkpoint import CheckpointMismatchError, load_pretrained, read_state_dict
+from .configuration import SparseFormerConfig
+from .images import ImageLoadError, load_image, preprocess
+from .modeling import SparseFormerModel, SparseFormerOutput
+from .presets import OFFICIAL_PRESETS, create_model, list_models, preset_config
+from .profiling import ModelProfile, profile
+from .visualize import draw_rois
+
+AutoConfig.register(SparseFormerConfig.model_type, SparseFormerConfig, exist_ok=True)
+AutoModel.register(SparseFormerConfig, SparseFormerModel, exist_ok=True)
+
+__all__ = [
+    "CheckpointMismatchError",
+    "ImageLoadError",
+    "ModelProfile",
+    "OFFICIAL_PRESETS",
+    "SparseFormerConfig",
+    "SparseFormerModel",
+    "SparseFormerOutput",
+    "create_model",
+    "draw_rois",
+    "list_models",
+    "load_image",
+    "load_pretrained",
+    "preprocess",
+    "preset_config",
+    "profile",
+    "read_state_dict",
+]
