@@ -5,6 +5,12 @@ from __future__ import annotations
 import importlib
 import sys
 
+from .checkpoint import CheckpointMismatchError
+
+# Errors that describe bad input (a path, a preset, a checkpoint, an image); anything else is a bug and keeps
+# its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, CheckpointMismatchError)
+
 # command -> (module with `main(argv)`, one-line help). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("mllm_sparse.inspect_encoder", "print an encoder's parameters, GFLOPs and tokens; draw its RoIs"),
@@ -29,7 +35,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mllm-sparse: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[command][0])
-    return module.main(rest) or 0
+    try:
+        return module.main(rest) or 0
+    except USER_ERRORS as err:
+        # Bad input is the user's to fix: one clear line, no traceback.
+        print(f"mllm-sparse {command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -171,7 +171,9 @@ class SparseFormerConfig(PretrainedConfig):
             raise ValueError(f"SparseFormerConfig: every repeat must be >= 1, got {self.repeats}")
         for i, (w, ops) in enumerate(zip(self.width_configs, self.ops_list, strict=True)):
             if "PE_INJECT" in ops and w % 4:
-                raise ValueError(f"SparseFormerConfig: unit {i} injects RoI encodings, so its width {w} must be a multiple of 4")
+                raise ValueError(
+                    f"SparseFormerConfig: unit {i} injects RoI encodings, so its width {w} must be a multiple of 4"
+                )
             if "ATTN" in ops:
                 heads = self.unit_attention_heads(i)
                 if heads < 1 or w % heads:
@@ -189,7 +191,8 @@ class SparseFormerConfig(PretrainedConfig):
             raise ValueError(f"SparseFormerConfig: type_op_adjust must be 1 or 2, got {self.type_op_adjust}")
         if self.grid_sample_padding not in PADDING_MODES:
             raise ValueError(
-                f"SparseFormerConfig: grid_sample_padding must be one of {PADDING_MODES}, got {self.grid_sample_padding!r}"
+                f"SparseFormerConfig: grid_sample_padding must be one of {PADDING_MODES}, "
+                f"got {self.grid_sample_padding!r}"
             )
         if len(self.image_mean) != 3 or len(self.image_std) != 3:
             raise ValueError("SparseFormerConfig: image_mean and image_std need 3 values (RGB)")

@@ -48,7 +48,9 @@ def test_pattern(size: int) -> Image.Image:
     """A deterministic picture with a few shapes of different sizes, so RoIs have something to look at."""
     rng = np.random.default_rng(0)
     ramp = np.linspace(40, 200, size, dtype=np.float32)
-    background = np.stack([np.add.outer(ramp, ramp) / 2, np.tile(ramp, (size, 1)), np.tile(ramp[:, None], (1, size))], -1)
+    background = np.stack(
+        [np.add.outer(ramp, ramp) / 2, np.tile(ramp, (size, 1)), np.tile(ramp[:, None], (1, size))], -1
+    )
     image = Image.fromarray(background.astype(np.uint8))
     draw = ImageDraw.Draw(image)
     for _ in range(6):

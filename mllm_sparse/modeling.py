@@ -49,6 +49,13 @@ class SparseFormerPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _no_split_modules = ["SparseFormerUnit"]
 
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        # HF treats models outside its package as custom code and then skips `_init_weights` on modules without
+        # direct parameters (this model, AdaptiveMixing without biases). Our `_init_weights` writes only through
+        # `transformers.initialization`, which leaves loaded weights alone, so the shortcut is not needed.
+        return False
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         """The reference initialisation, written through `transformers.initialization` so loaded weights stay."""

@@ -144,9 +144,7 @@ class SparseFormerUnit(nn.Module):
             self.stage_embedding = nn.Embedding(self.repeats, dim)
         if "SAMPLING_M" in ops:
             points = config.num_sampling_points
-            self.adaptive_mixing = AdaptiveMixing(
-                config.conv_dim, points, dim, config.pg_inner_dim, config.mixing_bias
-            )
+            self.adaptive_mixing = AdaptiveMixing(config.conv_dim, points, dim, config.pg_inner_dim, config.mixing_bias)
             self.roi_offset_module = nn.Sequential(nn.LayerNorm(dim, eps=eps), nn.Linear(dim, points * 2, bias=False))
             self.roi_offset_bias = nn.Parameter(torch.zeros(points * 2))
         if "ATTN" in ops:
@@ -166,9 +164,7 @@ class SparseFormerUnit(nn.Module):
         if "PE_INJECT" in ops:
             self.pe_transition = nn.Sequential(nn.LayerNorm(dim, eps=eps), nn.Linear(dim, dim))
 
-    def forward(
-        self, feature_map: Tensor, tokens: Tensor, rois: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
+    def forward(self, feature_map: Tensor, tokens: Tensor, rois: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """Run the unit.
 
         Args:

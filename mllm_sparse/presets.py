@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from transformers.initialization import no_init_weights
+
 from .checkpoint import load_pretrained
 from .configuration import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, SparseFormerConfig, bootstrapped_ops_list, v1_ops_list
 from .modeling import SparseFormerModel
@@ -21,7 +23,9 @@ INCEPTION_MEAN = (0.5, 0.5, 0.5)
 INCEPTION_STD = (0.5, 0.5, 0.5)
 
 # Release assets of the reference repository (v2.0.0-refactor), used by `pretrained="official"`.
-OFFICIAL_CHECKPOINT_URL = "https://github.com/showlab/sparseformer/releases/download/v2.0.0-refactor/{name}_converted.pth"
+OFFICIAL_CHECKPOINT_URL = (
+    "https://github.com/showlab/sparseformer/releases/download/v2.0.0-refactor/{name}_converted.pth"
+)
 
 _PRESETS: dict[str, Callable[[], dict[str, Any]]] = {}
 
@@ -190,12 +194,15 @@ def create_model(name: str, pretrained: str | Path | None = None, **overrides: A
         The model in eval mode.
     """
     config = preset_config(name, **overrides)
-    model = SparseFormerModel(config)
-    if pretrained is not None:
-        source = pretrained
-        if str(pretrained) == "official":
-            if name not in OFFICIAL_PRESETS:
-                raise ValueError(f"pretrained='official' exists only for {', '.join(OFFICIAL_PRESETS)}; got {name!r}")
-            source = OFFICIAL_CHECKPOINT_URL.format(name=name)
-        load_pretrained(model, source, preset=name)
+    if pretrained is None:
+        return SparseFormerModel(config).eval()
+    source = pretrained
+    if str(pretrained) == "official":
+        if name not in OFFICIAL_PRESETS:
+            raise ValueError(f"pretrained='official' exists only for {', '.join(OFFICIAL_PRESETS)}; got {name!r}")
+        source = OFFICIAL_CHECKPOINT_URL.format(name=name)
+    # The strict load below overwrites every parameter, so skip the (slow, for large presets) random init.
+    with no_init_weights():
+        model = SparseFormerModel(config)
+    load_pretrained(model, source, preset=name)
     return model.eval()

@@ -1,0 +1,21 @@
+import pytest
+import torch
+
+import mllm_sparse
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def btsp_model():
+    """Tiny bootstrapped-layout encoder: 15 latent tokens + CLS, widths 32 → 64."""
+    return mllm_sparse.create_model("test_sparseformer_btsp")
+
+
+@pytest.fixture
+def v1_model():
+    """Tiny v1-layout encoder: 9 latent tokens, avg head, type-1 RoI adjusting, zero padding."""
+    return mllm_sparse.create_model("test_sparseformer_v1")

@@ -1,0 +1,72 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mllm_sparse import ImageLoadError, load_image, preprocess
+from mllm_sparse.images import denormalize
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+
+@pytest.mark.parametrize(
+    "mode, size",
+    [
+        ("L", (40, 30)),
+        ("RGBA", (33, 57)),
+        ("P", (20, 20)),
+        ("I;16", (16, 24)),
+        ("RGB", (1, 1)),
+        ("RGB", (4000, 1)),
+        ("RGB", (1, 3000)),
+        ("CMYK", (10, 12)),
+    ],
+)
+def test_odd_images_become_normalised_squares(tmp_path, mode, size):
+    image = Image.new(mode, size)
+    path = tmp_path / ("x.png" if mode != "CMYK" else "x.jpg")
+    image.save(path)
+    loaded = load_image(path)
+    assert loaded.mode == "RGB" and loaded.size == size
+    pixels = preprocess(loaded, 32, MEAN, STD)
+    assert pixels.shape == (3, 32, 32) and torch.isfinite(pixels).all()
+
+
+def test_preprocess_crops_the_centre_and_normalises():
+    array = np.zeros((100, 200, 3), dtype=np.uint8)
+    array[:, 50:150] = 255  # the centre 100x100 square is white
+    pixels = preprocess(Image.fromarray(array), 16, MEAN, STD, crop_pct=1.0)
+    torch.testing.assert_close(pixels, torch.ones(3, 16, 16))
+    back = denormalize(pixels, MEAN, STD)
+    assert back.size == (16, 16) and np.asarray(back).min() == 255
+
+
+def test_missing_corrupt_and_truncated_files_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        load_image(tmp_path / "missing.png")
+    (tmp_path / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    with pytest.raises(ImageLoadError, match="corrupt.jpg"):
+        load_image(tmp_path / "corrupt.jpg")
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "full.png")
+    data = (tmp_path / "full.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageLoadError, match="truncated.png"):
+        load_image(tmp_path / "truncated.png")
+
+
+def test_decompression_bomb_is_refused_with_the_file_name(tmp_path, monkeypatch):
+    Image.new("RGB", (300, 300)).save(tmp_path / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
+    with pytest.raises(ImageLoadError, match="huge.png.*too large"):
+        load_image(tmp_path / "huge.png")
+
+
+def test_draft_mode_keeps_big_jpegs_cheap(tmp_path):
+    Image.new("RGB", (2048, 1536), "blue").save(tmp_path / "big.jpg")
+    image = load_image(tmp_path / "big.jpg", draft_size=224)
+    assert min(image.size) >= 224 and image.size[0] < 2048
+
+
+def test_bad_crop_pct():
+    with pytest.raises(ValueError, match="crop_pct"):
+        preprocess(Image.new("RGB", (8, 8)), 8, MEAN, STD, crop_pct=0)

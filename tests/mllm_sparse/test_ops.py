@@ -1,0 +1,125 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mllm_sparse.modules import AdaptiveMixing, Attention, EarlyConvolution, QuickGELU
+from mllm_sparse.ops import roi_adjust, roi_position_encoding, sample_features, sampling_points
+
+
+def test_roi_adjust_moves_centre_by_size_and_scales_exponentially():
+    rois = torch.tensor([[[0.2, 0.4, 0.6, 0.6]]])  # centre (0.4, 0.5), size (0.4, 0.2)
+    deltas = torch.tensor([[[0.5, -1.0, math.log(2.0), 0.0]]])
+    out = roi_adjust(rois, deltas)
+    # centre → (0.4 + 0.5·0.4, 0.5 − 1·0.2) = (0.6, 0.3); size → (0.8, 0.2)
+    torch.testing.assert_close(out, torch.tensor([[[0.2, 0.2, 1.0, 0.4]]]))
+
+
+def test_roi_adjust_uses_absolute_size_for_flipped_boxes():
+    flipped = torch.tensor([[[0.6, 0.6, 0.2, 0.4]]])
+    out = roi_adjust(flipped, torch.zeros(1, 1, 4))
+    torch.testing.assert_close(out, torch.tensor([[[0.2, 0.4, 0.6, 0.6]]]))
+
+
+def test_sampling_points_are_standardised_inside_the_roi():
+    torch.manual_seed(1)
+    rois = torch.tensor([[[0.1, 0.2, 0.5, 0.8], [0.0, 0.0, 1.0, 1.0]]])
+    offsets = torch.randn(1, 2, 9 * 2) * 5 + 3
+    points = sampling_points(rois, offsets)
+    assert points.shape == (1, 2, 9, 2)
+    center = torch.tensor([[0.3, 0.5], [0.5, 0.5]])
+    size = torch.tensor([[0.4, 0.6], [1.0, 1.0]])
+    # Mean at the RoI centre; std of the unit offsets is 1/3 of the RoI size (up to eps).
+    torch.testing.assert_close(points.mean(dim=2)[0], center)
+    torch.testing.assert_close(
+        ((points[0] - center[:, None]) / size[:, None]).std(dim=1), torch.full((2, 2), 1 / 3), atol=1e-4, rtol=0
+    )
+
+
+def test_sample_features_is_bilinear_with_pixel_centres():
+    feat = torch.arange(2 * 4 * 6, dtype=torch.float32).view(1, 2, 4, 6)
+    # Normalised (x, y) at pixel centres: x = (col + 0.5) / W.
+    points = torch.tensor([[[[0.5 / 6, 0.5 / 4], [2.5 / 6, 1.5 / 4], [3.0 / 6, 1.5 / 4]]]])
+    out = sample_features(feat, points)
+    assert out.shape == (1, 1, 3, 2)
+    torch.testing.assert_close(out[0, 0, 0], feat[0, :, 0, 0])
+    torch.testing.assert_close(out[0, 0, 1], feat[0, :, 1, 2])
+    torch.testing.assert_close(out[0, 0, 2], (feat[0, :, 1, 2] + feat[0, :, 1, 3]) / 2)
+
+
+@pytest.mark.parametrize("padding, expected", [("zeros", 0.0), ("border", 7.0)])
+def test_sample_features_padding_outside_the_image(padding, expected):
+    feat = torch.full((1, 1, 4, 4), 7.0)
+    out = sample_features(feat, torch.tensor([[[[-3.0, -3.0]]]]), padding_mode=padding)
+    assert out.item() == expected
+
+
+def test_restricted_gradient_is_clipped_to_one_feature_pixel():
+    feat = torch.randn(1, 3, 8, 8)
+    points = torch.rand(1, 4, 5, 2, requires_grad=True)
+    # A large upstream gradient makes the unrestricted coordinate gradients exceed one pixel (1 / H).
+    (sample_features(feat, points, restrict_grad_norm=False) * 1e3).sum().backward()
+    free = points.grad.clone()
+    points.grad = None
+    (sample_features(feat, points, restrict_grad_norm=True) * 1e3).sum().backward()
+    bound = 1.0 / 8
+    assert free.abs().max() > bound
+    assert points.grad.abs().max() <= bound + 1e-7
+    torch.testing.assert_close(points.grad, free.clamp(-bound, bound))
+
+
+def test_roi_position_encoding_layout_and_no_gradient():
+    rois = torch.rand(2, 3, 4, requires_grad=True)
+    enc = roi_position_encoding(rois, 32)
+    assert enc.shape == (2, 3, 32) and not enc.requires_grad
+    freqs = torch.linspace(0, math.log(128), 8).exp()
+    phase = rois.detach()[0, 0, 1] * math.pi * freqs  # second coordinate (y1) occupies features 8..15
+    torch.testing.assert_close(enc[0, 0, 8:16], torch.cat([phase[0::2].sin(), phase[1::2].cos()]))
+
+
+def test_early_convolution_is_stride_4_and_normalised_per_pixel():
+    conv = EarlyConvolution(8)
+    for h, w in [(64, 64), (37, 91), (1, 1)]:
+        out = conv(torch.randn(2, 3, h, w))
+        assert out.shape == (2, 8, math.ceil(math.ceil(h / 2) / 2), math.ceil(math.ceil(w / 2) / 2))
+    x = torch.randn(2, 3, 32, 48)
+    pre = F.max_pool2d(F.relu(conv.conv1(x)), 3, 2, 1)
+    var, mean = torch.var_mean(pre, dim=1, unbiased=False, keepdim=True)
+    torch.testing.assert_close(conv(x), (pre - mean) / (var + 1e-5).sqrt(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mixing_bias", [False, True])
+def test_adaptive_mixing_matches_a_per_token_loop(mixing_bias):
+    mixing = AdaptiveMixing(in_dim=4, in_points=5, query_dim=16, pg_inner_dim=8, mixing_bias=mixing_bias)
+    for p in mixing.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    sampled, tokens = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 16)
+    out = mixing(sampled, tokens)
+    assert out.shape == (2, 3, 16) and mixing.out_points == 32
+    params = mixing.parameter_generator(tokens)
+    for b in range(2):
+        for n in range(3):
+            channel = params[b, n, :16].view(4, 4)
+            spatial = params[b, n, 16:].view(32, 5)
+            x = sampled[b, n] @ channel
+            if mixing_bias:
+                x = spatial @ F.gelu(x + mixing.m_beta) + mixing.s_beta[:, None]
+            else:
+                x = spatial @ x
+            expected = mixing.out_proj(F.gelu(x).flatten())
+            torch.testing.assert_close(out[b, n], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_matches_explicit_softmax():
+    attn = Attention(32, 4)
+    x = torch.randn(2, 7, 32)
+    q, k, v = attn.qkv(x).view(2, 7, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    weights = (q @ k.transpose(-1, -2) / math.sqrt(8)).softmax(-1)
+    expected = attn.proj((weights @ v).transpose(1, 2).reshape(2, 7, 32))
+    torch.testing.assert_close(attn(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_quick_gelu():
+    x = torch.linspace(-4, 4, 9)
+    torch.testing.assert_close(QuickGELU()(x), x * torch.sigmoid(1.702 * x))
