@@ -134,6 +134,12 @@ class SparseFormerConfig(PretrainedConfig):
     def num_units(self) -> int:
         return len(self.width_configs)
 
+    @property
+    def cortex_start(self) -> int:
+        """Index of the first cortex unit: the plain ViT blocks after the last unit with an RoI op."""
+        roi_units = [i for i, ops in enumerate(self.ops_list) if set(ops) & set(ROI_OPS)]
+        return roi_units[-1] + 1 if roi_units else 0
+
     def unit_attention_heads(self, index: int) -> int:
         """Attention heads of unit `index`."""
         if self.num_attention_heads is not None:

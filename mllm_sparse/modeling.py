@@ -159,6 +159,11 @@ class SparseFormerModel(SparseFormerPreTrainedModel):
         """Tokens in `last_hidden_state`: latent tokens plus CLS where present."""
         return self.config.num_tokens
 
+    @property
+    def cortex_start(self) -> int:
+        """Unit index of cortex block 0: `get_feature_tokens(x, model.cortex_start + k)` gives cortex block k."""
+        return self.config.cortex_start
+
     def _check_pixels(self, pixel_values: Tensor) -> Tensor:
         if not isinstance(pixel_values, Tensor) or pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
             shape = tuple(pixel_values.shape) if isinstance(pixel_values, Tensor) else type(pixel_values).__name__

@@ -59,6 +59,15 @@ def test_feature_tokens_stop_early_and_equal_hidden_states(btsp_model, layer):
     torch.testing.assert_close(tokens, full.hidden_states[layer])
 
 
+def test_cortex_block_indexing(btsp_model, v1_model):
+    assert btsp_model.cortex_start == 2 and v1_model.cortex_start == 2
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        full = btsp_model(x, output_hidden_states=True)
+        torch.testing.assert_close(btsp_model.get_feature_tokens(x, btsp_model.cortex_start), full.hidden_states[2])
+    assert mllm_sparse.preset_config("sparseformer_btsp_openai_clip_large").cortex_start == 2
+
+
 def test_feature_tokens_skip_later_units(btsp_model):
     calls = []
     last = btsp_model.layers[-1]
