@@ -1,0 +1,176 @@
+"""`mllm-sparse train-teacher`: train a small open_clip CLIP contrastively on a synthetic world's captions.
+
+The teacher is what every later stage is measured against, so it is trained to a real zero-shot accuracy and
+saved in open_clip's own formats:
+
+    DIR/open_clip_model.safetensors   weights (open_clip.create_model(NAME, pretrained=this file))
+    DIR/NAME.json                     the architecture (open_clip.add_model_config(this file))
+    DIR/open_clip_config.json         architecture + preprocessing (open_clip.create_model("local-dir:DIR"))
+    DIR/zero_shot.{json,md}           zero-shot top-1 on the world's test labels
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from mllm_sparse.configuration import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from mllm_sparse.synth.dataset import SyntheticWorld
+from mllm_sparse.synth.generate import write_json
+
+from .teacher_models import TEACHER_MODELS, register_teacher_configs
+from .zero_shot import zero_shot_report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mllm-sparse train-teacher", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="a world written by `mllm-sparse synth`")
+    parser.add_argument("--out", type=Path, required=True, help="output folder for the teacher")
+    parser.add_argument("--model", default="synth-vit-t-16", help=f"open_clip architecture ({', '.join(TEACHER_MODELS)})")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--minutes", type=float, help="train for this long (the schedule follows the clock)")
+    budget.add_argument("--steps", type=int, help="train for this many steps")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument("--warmup", type=float, default=0.05, help="warm-up fraction of the budget")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser
+
+
+def lr_at(progress: float, base_lr: float, warmup: float) -> float:
+    """Linear warm-up over the first `warmup` fraction, then cosine decay to zero; `progress` in [0, 1]."""
+    if progress < warmup:
+        return base_lr * progress / warmup
+    return base_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warmup) / (1 - warmup))))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: not on gains, biases, embeddings of position or class, nor the logit scale."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.ndim < 2 or "embedding" in name or "logit_scale" in name or name.endswith("class_embedding"):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def save_teacher(model: torch.nn.Module, name: str, out: Path, image_size: int) -> None:
+    """Write the weights and both config files (see the module docstring), atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    model_cfg = open_clip.get_model_config(name)
+    preprocess_cfg = {"size": image_size, "mean": list(OPENAI_CLIP_MEAN), "std": list(OPENAI_CLIP_STD),
+                      "interpolation": "bicubic", "resize_mode": "shortest"}
+    tmp = out / ".open_clip_model.safetensors.tmp"
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp)
+    os.replace(tmp, out / "open_clip_model.safetensors")
+    write_json(out / f"{name}.json", model_cfg)
+    write_json(out / "open_clip_config.json", {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    register_teacher_configs()
+    if args.model not in open_clip.list_models():
+        raise ValueError(f"Unknown open_clip model {args.model!r}; teachers for the synthetic world: {TEACHER_MODELS}")
+    if args.minutes is None and args.steps is None:
+        args.minutes = 10.0
+    if (args.minutes is not None and args.minutes <= 0) or (args.steps is not None and args.steps <= 0):
+        raise ValueError("--minutes and --steps must be positive")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+
+    model = open_clip.create_model(args.model, output_dict=True).to(device)
+    tokenizer = open_clip.get_tokenizer(args.model)
+    image_size = model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else model.visual.image_size
+    world = SyntheticWorld(args.data)
+    train = world.captioned_images("train", image_size)
+    tokens = tokenizer(train.captions)
+    print(f"teacher {args.model}: {sum(p.numel() for p in model.visual.parameters()) / 1e6:.2f} M visual params, "
+          f"{model.visual.grid_size[0] * model.visual.grid_size[1]} patch tokens; {len(train)} training images")
+
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
+    loss_fn = open_clip.ClipLoss()
+    generator = torch.Generator().manual_seed(args.seed)
+    order = torch.randperm(len(train), generator=generator)
+    cursor, step, losses = 0, 0, []
+    start = time.perf_counter()
+    bar = tqdm(total=args.steps if args.steps else None, unit="step", desc="train-teacher")
+    model.train()
+    while True:
+        elapsed = time.perf_counter() - start
+        progress = step / args.steps if args.steps else elapsed / (args.minutes * 60)
+        if progress >= 1.0:
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(progress, args.lr, args.warmup)
+        if cursor + args.batch_size > len(order):
+            order, cursor = torch.randperm(len(train), generator=generator), 0
+        idx = order[cursor : cursor + args.batch_size]
+        cursor += args.batch_size
+        pixels = train.pixels(idx).to(device)
+        out = model(pixels, tokens[idx].to(device))
+        loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"train-teacher: loss became {loss.item()} at step {step}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        step += 1
+        losses.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{step * args.batch_size / (time.perf_counter() - start):.0f}")
+    bar.close()
+    train_seconds = time.perf_counter() - start
+
+    model.eval()
+    save_teacher(model, args.model, args.out, image_size)
+    report = zero_shot_report(model, tokenizer, world, "test", image_size, device)
+    report.update(
+        model=args.model,
+        data=str(args.data),
+        steps=step,
+        batch_size=args.batch_size,
+        train_seconds=round(train_seconds, 1),
+        images_per_second=round(step * args.batch_size / train_seconds, 1),
+        loss_curve=[round(float(np.mean(losses[i : i + 10])), 4) for i in range(0, len(losses), 10)],
+    )
+    write_json(args.out / "zero_shot.json", report)
+    (args.out / "zero_shot.md").write_text(zero_shot_markdown(report))
+    print(zero_shot_markdown(report))
+    return 0
+
+
+def zero_shot_markdown(report: dict) -> str:
+    lines = [
+        f"# Teacher `{report['model']}`: zero-shot on `{report['data']}` ({report['split']})",
+        "",
+        f"- top-1: **{report['top1'] * 100:.1f}%** over {report['num_images']} images, {report['num_classes']} classes",
+        f"- training: {report['steps']} steps of {report['batch_size']} in {report['train_seconds']} s "
+        f"({report['images_per_second']} images/s)",
+        "",
+        "| principal object size | images | top-1 |",
+        "|---|---:|---:|",
+    ]
+    for size, row in report["by_principal_size"].items():
+        lines.append(f"| {size} | {row['images']} | {row['top1'] * 100:.1f}% |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,150 @@
+"""Writing a synthetic world to disk: images, scenes, captions, labels and LLaVA question/answer files."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .png import write_png
+from .text import QUESTION_TYPES, ZERO_SHOT_TEMPLATES, caption, scene_conversations, text_only_record
+from .world import COLORS, SHAPES, WorldSettings, class_names, make_scene
+
+SPLITS = ("train", "val", "test")
+SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
+# Fraction of extra text-only records added to each LLaVA split.
+TEXT_ONLY_FRACTION = 0.05
+FORMAT_VERSION = 1
+
+
+def split_of(index: int, num_images: int) -> str:
+    """Contiguous splits: the first 80% of indices train, the next 10% val, the rest test."""
+    train_end = int(num_images * SPLIT_FRACTIONS[0])
+    val_end = train_end + int(num_images * SPLIT_FRACTIONS[1])
+    return "train" if index < train_end else "val" if index < val_end else "test"
+
+
+def image_path(index: int) -> str:
+    return f"images/{index:07d}.png"
+
+
+def _render_chunk(args: tuple[str, WorldSettings, int, int, list[int], int]) -> list[dict]:
+    """Render and save a chunk of images; return their records (runs in worker processes)."""
+    out, settings, seed, image_size, indices, num_images = args
+    records = []
+    for index in indices:
+        scene, image = make_scene(settings, seed, index, image_size)
+        write_png(Path(out) / image_path(index), np.asarray(image))
+        text_rng = np.random.default_rng([seed, index, 1])
+        records.append(
+            {
+                "index": index,
+                "split": split_of(index, num_images),
+                "scene": scene.to_dict(),
+                "label": class_names().index(scene.principal.name),
+                "caption": caption(scene, text_rng),
+                "conversation": scene_conversations(scene, f"synth-{index:07d}", image_path(index), text_rng),
+            }
+        )
+    return records
+
+
+def write_json(path: Path, data) -> None:
+    """Write JSON atomically (temp file, then rename)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    os.replace(tmp, path)
+
+
+def generate_world(
+    out: str | Path,
+    num_images: int = 2000,
+    image_size: int = 224,
+    seed: int = 0,
+    difficulty: str = "default",
+    workers: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Generate a world into `out` and return its `world.json` content.
+
+    Writes `images/*.png`, `scenes.jsonl` (ground truth), `captions.jsonl`, `labels.json`,
+    `llava_{train,val,test}.json` and `world.json`. The same arguments give the same bytes, whatever `workers`.
+    """
+    settings = WorldSettings.for_difficulty(difficulty)
+    if num_images < 10:
+        raise ValueError(f"num_images must be >= 10 so that every split gets images, got {num_images}")
+    if image_size < 32:
+        raise ValueError(f"image_size must be >= 32 pixels, got {image_size}")
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    workers = workers or min(os.cpu_count() or 1, 8)
+    chunk = 64
+    jobs = [
+        (str(out), settings, seed, image_size, list(range(start, min(start + chunk, num_images))), num_images)
+        for start in range(0, num_images, chunk)
+    ]
+    start_time = time.perf_counter()
+    records: list[dict] = []
+    bar = tqdm(total=num_images, unit="img", desc="synth", disable=not progress)
+    if workers == 1 or len(jobs) == 1:
+        for job in jobs:
+            records += _render_chunk(job)
+            bar.update(len(job[4]))
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            for chunk_records in pool.map(_render_chunk, jobs):
+                records += chunk_records
+                bar.update(len(chunk_records))
+    bar.close()
+    seconds = time.perf_counter() - start_time
+
+    write_jsonl(out / "scenes.jsonl", [
+        {"image": image_path(r["index"]), "split": r["split"], **r["scene"]} for r in records
+    ])
+    write_jsonl(out / "captions.jsonl", [
+        {"image": image_path(r["index"]), "caption": r["caption"], "split": r["split"]} for r in records
+    ])
+    write_json(out / "labels.json", {
+        "classes": class_names(),
+        "templates": list(ZERO_SHOT_TEMPLATES),
+        "images": [{"image": image_path(r["index"]), "label": r["label"], "split": r["split"]} for r in records],
+    })
+    split_sizes = {}
+    for split in SPLITS:
+        conversations = [r["conversation"] for r in records if r["split"] == split]
+        text_rng = np.random.default_rng([seed, num_images, SPLITS.index(split)])
+        num_text = max(1, int(len(conversations) * TEXT_ONLY_FRACTION))
+        conversations += [text_only_record(f"text-{split}-{i:06d}", text_rng) for i in range(num_text)]
+        write_json(out / f"llava_{split}.json", conversations)
+        split_sizes[split] = {"images": sum(r["split"] == split for r in records), "records": len(conversations)}
+    world = {
+        "format_version": FORMAT_VERSION,
+        "generator": "mllm-sparse synth",
+        "seed": seed,
+        "num_images": num_images,
+        "image_size": image_size,
+        "settings": asdict(settings),
+        "shapes": list(SHAPES),
+        "colors": list(COLORS),
+        "question_types": list(QUESTION_TYPES),
+        "splits": split_sizes,
+        "generation_seconds": round(seconds, 3),
+    }
+    write_json(out / "world.json", world)
+    return world

@@ -1,0 +1,161 @@
+"""Text about synthetic scenes: captions for contrastive training and LLaVA-format question/answer records.
+
+Every answer is computed from the scene's ground truth and is short (a word or a number), so exact match scores it.
+Questions are asked only where the answer is unambiguous: the object referred to is the only one of its kind, a
+position is asked only away from the centre line, and "largest" is asked only with a clear winner.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .world import COLORS, SHAPES, Scene, SceneObject
+
+QUESTION_TYPES = ("color", "count", "position", "existence", "largest")
+ONE_WORD = "Answer with a single word."
+ONE_NUMBER = "Answer with a number."
+YES_NO = "Answer yes or no."
+ZERO_SHOT_TEMPLATES = (
+    "a picture of a {}.",
+    "a large {} with other shapes.",
+    "a synthetic scene with a {}.",
+)
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+# Text-only records, as in LLaVA's mixes: questions answered without an image.
+TEXT_ONLY_QA = (
+    ("How many sides does a triangle have?", "3"),
+    ("How many sides does a square have?", "4"),
+    ("How many points does a star have in this world?", "5"),
+    ("How many arms does a cross have?", "4"),
+    ("Is a circle round?", "yes"),
+    ("Does a square have curved sides?", "no"),
+    ("What colour do you get by mixing red and white?", "pink"),
+    ("What colour do you get by mixing blue and red?", "purple"),
+    ("What colour do you get by mixing red and yellow?", "orange"),
+    ("What colour do you get by mixing blue and yellow?", "green"),
+)
+
+
+def where(obj: SceneObject) -> str:
+    """Position in words: 'at the top left', 'on the right', 'in the centre'."""
+    vertical = "top" if obj.cy < 0.4 else "bottom" if obj.cy > 0.6 else ""
+    horizontal = "left" if obj.cx < 0.4 else "right" if obj.cx > 0.6 else ""
+    if vertical and horizontal:
+        return f"at the {vertical} {horizontal}"
+    if vertical:
+        return f"at the {vertical}"
+    if horizontal:
+        return f"on the {horizontal}"
+    return "in the centre"
+
+
+def caption(scene: Scene, rng: np.random.Generator) -> str:
+    """The principal object first, then the others (largest first) with their positions."""
+    principal, others = scene.principal, sorted(scene.objects[1:], key=lambda o: -o.area)
+    text = f"a {principal.size} {principal.name} {where(principal)}"
+    if others:
+        parts = [f"a {o.size} {o.name} {where(o)}" for o in others]
+        joiner = " and " if len(parts) == 1 else ", "
+        text += rng.choice([", with ", " next to ", " together with "]) + joiner.join(parts)
+    return text + "."
+
+
+def _plural(shape: str) -> str:
+    return shape + ("es" if shape.endswith("s") else "s")
+
+
+def _unique(scene: Scene, key) -> list[SceneObject]:
+    """Objects whose `key` value no other object in the scene shares."""
+    values = [key(o) for o in scene.objects]
+    return [o for o in scene.objects if values.count(key(o)) == 1]
+
+
+def make_question(scene: Scene, qtype: str, rng: np.random.Generator) -> dict | None:
+    """One question of a type, or None if this scene cannot ask it unambiguously.
+
+    Returns:
+        {"question", "answer", "type", "target_size"}; `target_size` is the size class of the object the
+        question is about ("none" when it is about no single object).
+    """
+    if qtype == "color":
+        candidates = _unique(scene, lambda o: o.shape)
+        if not candidates:
+            return None
+        obj = candidates[int(rng.integers(len(candidates)))]
+        return _qa(f"What colour is the {obj.shape}? {ONE_WORD}", obj.color, qtype, obj.size)
+    if qtype == "count":
+        if rng.random() < 0.5:
+            shape = str(rng.choice(SHAPES))
+            answer = sum(o.shape == shape for o in scene.objects)
+            return _qa(f"How many {_plural(shape)} are there? {ONE_NUMBER}", str(answer), qtype, "none")
+        color = str(rng.choice(list(COLORS)))
+        answer = sum(o.color == color for o in scene.objects)
+        return _qa(f"How many {color} objects are there? {ONE_NUMBER}", str(answer), qtype, "none")
+    if qtype == "position":
+        candidates = _unique(scene, lambda o: o.name)
+        if not candidates:
+            return None
+        obj = candidates[int(rng.integers(len(candidates)))]
+        if rng.random() < 0.5 and abs(obj.cx - 0.5) > 0.08:
+            answer = "left" if obj.cx < 0.5 else "right"
+            return _qa(f"Is the {obj.name} on the left or on the right? {ONE_WORD}", answer, qtype, obj.size)
+        if abs(obj.cy - 0.5) > 0.08:
+            answer = "top" if obj.cy < 0.5 else "bottom"
+            return _qa(f"Is the {obj.name} at the top or at the bottom? {ONE_WORD}", answer, qtype, obj.size)
+        return None
+    if qtype == "existence":
+        present = {o.name for o in scene.objects}
+        if rng.random() < 0.5:
+            obj = scene.objects[int(rng.integers(len(scene.objects)))]
+            return _qa(f"Is there a {obj.name} in the image? {YES_NO}", "yes", qtype, obj.size)
+        absent = [f"{c} {s}" for c in COLORS for s in SHAPES if f"{c} {s}" not in present]
+        name = absent[int(rng.integers(len(absent)))]
+        return _qa(f"Is there a {name} in the image? {YES_NO}", "no", qtype, "none")
+    if qtype == "largest":
+        principal = scene.principal
+        return _qa("Which object is the largest? Answer with its colour and shape.", principal.name, qtype,
+                   principal.size)
+    raise ValueError(f"unknown question type {qtype!r}; valid: {QUESTION_TYPES}")
+
+
+def _qa(question: str, answer: str, qtype: str, target_size: str) -> dict:
+    return {"question": question, "answer": answer, "type": qtype, "target_size": target_size}
+
+
+def conversation_record(record_id: str, image: str | None, qas: list[dict]) -> dict:
+    """A haotian-liu/LLaVA record. `<image>` opens the first human turn of image records; answers stay short.
+
+    The per-turn ground truth (`type`, `target_size`) rides along under "qa_meta", which LLaVA's loader ignores
+    and our evaluation uses for per-type accuracy.
+    """
+    conversations = []
+    for i, qa in enumerate(qas):
+        prompt = qa["question"]
+        if i == 0 and image is not None:
+            prompt = "<image>\n" + prompt
+        conversations.append({"from": "human", "value": prompt})
+        conversations.append({"from": "gpt", "value": qa["answer"]})
+    record: dict = {"id": record_id}
+    if image is not None:
+        record["image"] = image
+    record["conversations"] = conversations
+    record["qa_meta"] = [{"type": qa["type"], "target_size": qa["target_size"]} for qa in qas]
+    return record
+
+
+def scene_conversations(scene: Scene, record_id: str, image: str, rng: np.random.Generator) -> dict:
+    """A single-turn (60%) or multi-turn (2-3 questions) record about one scene."""
+    turns = 1 if rng.random() < 0.6 else int(rng.integers(2, 4))
+    qas: list[dict] = []
+    for qtype in rng.permutation(QUESTION_TYPES):
+        if len(qas) == turns:
+            break
+        qa = make_question(scene, str(qtype), rng)
+        if qa is not None:
+            qas.append(qa)
+    return conversation_record(record_id, image, qas)
+
+
+def text_only_record(record_id: str, rng: np.random.Generator) -> dict:
+    question, answer = TEXT_ONLY_QA[int(rng.integers(len(TEXT_ONLY_QA)))]
+    return conversation_record(record_id, None, [_qa(question, answer, "text", "none")])
