@@ -12,7 +12,6 @@ saved in open_clip's own formats:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import time
@@ -33,11 +32,14 @@ from .zero_shot import zero_shot_report
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mllm-sparse train-teacher", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="mllm-sparse train-teacher", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", type=Path, required=True, help="a world written by `mllm-sparse synth`")
     parser.add_argument("--out", type=Path, required=True, help="output folder for the teacher")
-    parser.add_argument("--model", default="synth-vit-t-16", help=f"open_clip architecture ({', '.join(TEACHER_MODELS)})")
+    parser.add_argument(
+        "--model", default="synth-vit-t-16", help=f"open_clip architecture ({', '.join(TEACHER_MODELS)})"
+    )
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--minutes", type=float, help="train for this long (the schedule follows the clock)")
     budget.add_argument("--steps", type=int, help="train for this many steps")
@@ -73,8 +75,13 @@ def save_teacher(model: torch.nn.Module, name: str, out: Path, image_size: int) 
     """Write the weights and both config files (see the module docstring), atomically."""
     out.mkdir(parents=True, exist_ok=True)
     model_cfg = open_clip.get_model_config(name)
-    preprocess_cfg = {"size": image_size, "mean": list(OPENAI_CLIP_MEAN), "std": list(OPENAI_CLIP_STD),
-                      "interpolation": "bicubic", "resize_mode": "shortest"}
+    preprocess_cfg = {
+        "size": image_size,
+        "mean": list(OPENAI_CLIP_MEAN),
+        "std": list(OPENAI_CLIP_STD),
+        "interpolation": "bicubic",
+        "resize_mode": "shortest",
+    }
     tmp = out / ".open_clip_model.safetensors.tmp"
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp)
     os.replace(tmp, out / "open_clip_model.safetensors")
@@ -101,9 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     image_size = model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else model.visual.image_size
     world = SyntheticWorld(args.data)
     train = world.captioned_images("train", image_size)
-    tokens = tokenizer(train.captions)
-    print(f"teacher {args.model}: {sum(p.numel() for p in model.visual.parameters()) / 1e6:.2f} M visual params, "
-          f"{model.visual.grid_size[0] * model.visual.grid_size[1]} patch tokens; {len(train)} training images")
+    # [N, K, L]: every caption of every image, tokenised once; each step samples one caption per image.
+    per_image = max(len(c) for c in train.captions)
+    tokens = torch.stack([tokenizer([c[k % len(c)] for k in range(per_image)]) for c in train.captions])
+    print(
+        f"teacher {args.model}: {sum(p.numel() for p in model.visual.parameters()) / 1e6:.2f} M visual params, "
+        f"{model.visual.grid_size[0] * model.visual.grid_size[1]} patch tokens; {len(train)} training images"
+    )
 
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
     loss_fn = open_clip.ClipLoss()
@@ -125,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         idx = order[cursor : cursor + args.batch_size]
         cursor += args.batch_size
         pixels = train.pixels(idx).to(device)
-        out = model(pixels, tokens[idx].to(device))
+        choice = torch.randint(per_image, (len(idx),), generator=generator)
+        out = model(pixels, tokens[idx, choice].to(device))
         loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
         if not torch.isfinite(loss):
             raise FloatingPointError(f"train-teacher: loss became {loss.item()} at step {step}")
@@ -138,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         step += 1
         losses.append(loss.item())
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{step * args.batch_size / (time.perf_counter() - start):.0f}")
+        bar.set_postfix(
+            loss=f"{loss.item():.3f}", img_s=f"{step * args.batch_size / (time.perf_counter() - start):.0f}"
+        )
     bar.close()
     train_seconds = time.perf_counter() - start
 

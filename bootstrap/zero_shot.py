@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from open_clip import build_zero_shot_classifier
 
-from mllm_sparse.synth.dataset import SyntheticWorld
+from mllm_sparse.synth.dataset import SyntheticWorld, read_json
+from mllm_sparse.synth.text import NUMBER_WORDS
 
 
 @torch.no_grad()
@@ -38,3 +39,64 @@ def zero_shot_report(model, tokenizer, world: SyntheticWorld, split: str, image_
         "top1": float(correct.float().mean()),
         "by_principal_size": by_size,
     }
+
+
+def probe_prompt(qtype: str, subject: str, choice: str) -> str:
+    """The text a CLIP scores for one answer choice of a synthetic-world question."""
+    if qtype == "color":
+        return f"a {choice} {subject}"
+    if qtype == "count":
+        return f"{NUMBER_WORDS[int(choice)]} {subject}"
+    if qtype == "position":
+        return f"a {subject} {'on the' if choice in ('left', 'right') else 'at the'} {choice}"
+    if qtype == "existence":
+        return f"a scene with a {subject}" if choice == "yes" else f"a scene without a {subject}"
+    if qtype == "largest":
+        return f"a large {choice}"
+    raise ValueError(f"no CLIP probe for question type {qtype!r}")
+
+
+@torch.no_grad()
+def question_probe_report(
+    model, tokenizer, world: SyntheticWorld, split: str, image_size: int, device, encode=None
+) -> dict:
+    """Answer each image question of `llava_{split}.json` by CLIP retrieval over its closed set of choices.
+
+    This is what the embedding alone knows about each question type (and about small objects), before any LLM:
+    accuracy by type and by the size class of the object asked about, with the chance level of each type.
+    """
+    images = world.captioned_images(split, image_size, progress=False)
+    feats = image_features(encode or model.encode_image, images, device)
+    index = {path: i for i, path in enumerate(images.paths)}
+    cache: dict[str, torch.Tensor] = {}
+
+    def embed(prompts: list[str]) -> torch.Tensor:
+        missing = [p for p in prompts if p not in cache]
+        if missing:
+            out = torch.nn.functional.normalize(model.encode_text(tokenizer(missing).to(device)).float(), dim=-1)
+            cache.update(zip(missing, out, strict=True))
+        return torch.stack([cache[p] for p in prompts])
+
+    stats: dict[str, dict[str, list[float]]] = {"by_type": {}, "by_target_size": {}, "chance": {}}
+    for record in read_json(world.root / f"llava_{split}.json"):
+        if "image" not in record:
+            continue
+        feat = feats[index[record["image"]]]
+        for turn, meta in enumerate(record["qa_meta"]):
+            choices = meta["choices"]
+            scores = embed([probe_prompt(meta["type"], meta["subject"], c) for c in choices]) @ feat
+            answer = record["conversations"][2 * turn + 1]["value"]
+            hit = float(choices[int(scores.argmax())] == answer)
+            stats["by_type"].setdefault(meta["type"], []).append(hit)
+            stats["by_target_size"].setdefault(meta["target_size"], []).append(hit)
+            stats["chance"].setdefault(meta["type"], []).append(1 / len(choices))
+    summary = {
+        group: {k: {"questions": len(v), "accuracy": sum(v) / len(v)} for k, v in sorted(rows.items())}
+        for group, rows in stats.items()
+        if group != "chance"
+    }
+    summary["chance"] = {k: sum(v) / len(v) for k, v in sorted(stats["chance"].items())}
+    all_hits = [h for v in stats["by_type"].values() for h in v]
+    summary["overall"] = sum(all_hits) / len(all_hits)
+    summary["split"] = split
+    return summary

@@ -44,7 +44,7 @@ class CaptionedImages:
     """Decoded images held as uint8 (cheap to keep in memory) with their captions and labels."""
 
     images: Tensor  # [N, 3, S, S] uint8
-    captions: list[str]
+    captions: list[list[str]]  # one or more captions per image, the full one first
     labels: Tensor  # [N] int64
     paths: list[str]
     mean: tuple[float, ...] = OPENAI_CLIP_MEAN
@@ -78,7 +78,7 @@ class SyntheticWorld:
 
     def records(self, split: str) -> list[dict]:
         """labels.json entries of a split, each joined with its caption and scene."""
-        captions = {r["image"]: r["caption"] for r in read_jsonl(self.root / "captions.jsonl")}
+        captions = {r["image"]: r.get("captions") or [r["caption"]] for r in read_jsonl(self.root / "captions.jsonl")}
         scenes = {r["image"]: r for r in read_jsonl(self.root / "scenes.jsonl")}
         rows = [r for r in self.labels["images"] if r["split"] == split]
         if not rows:
@@ -86,7 +86,7 @@ class SyntheticWorld:
         for row in rows:
             if row["image"] not in captions:
                 raise ValueError(f"{self.root / 'captions.jsonl'} has no caption for {row['image']}")
-            row["caption"] = captions[row["image"]]
+            row["captions"] = captions[row["image"]]
             row["scene"] = scenes.get(row["image"])
         return rows
 
@@ -98,10 +98,10 @@ class SyntheticWorld:
             image = load_image(self.root / row["image"])
             if image.size != (image_size, image_size):
                 image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
-            images[i] = torch.from_numpy(np.asarray(image)).permute(2, 0, 1)
+            images[i] = torch.from_numpy(np.array(image)).permute(2, 0, 1)
         return CaptionedImages(
             images=images,
-            captions=[r["caption"] for r in rows],
+            captions=[r["captions"] for r in rows],
             labels=torch.tensor([r["label"] for r in rows]),
             paths=[r["image"] for r in rows],
         )

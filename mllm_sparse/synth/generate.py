@@ -14,7 +14,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .png import write_png
-from .text import QUESTION_TYPES, ZERO_SHOT_TEMPLATES, caption, scene_conversations, text_only_record
+from .text import QUESTION_TYPES, ZERO_SHOT_TEMPLATES, captions, scene_conversations, text_only_record
 from .world import COLORS, SHAPES, WorldSettings, class_names, make_scene
 
 SPLITS = ("train", "val", "test")
@@ -49,7 +49,7 @@ def _render_chunk(args: tuple[str, WorldSettings, int, int, list[int], int]) -> 
                 "split": split_of(index, num_images),
                 "scene": scene.to_dict(),
                 "label": class_names().index(scene.principal.name),
-                "caption": caption(scene, text_rng),
+                "captions": captions(scene, text_rng),
                 "conversation": scene_conversations(scene, f"synth-{index:07d}", image_path(index), text_rng),
             }
         )
@@ -114,17 +114,29 @@ def generate_world(
     bar.close()
     seconds = time.perf_counter() - start_time
 
-    write_jsonl(out / "scenes.jsonl", [
-        {"image": image_path(r["index"]), "split": r["split"], **r["scene"]} for r in records
-    ])
-    write_jsonl(out / "captions.jsonl", [
-        {"image": image_path(r["index"]), "caption": r["caption"], "split": r["split"]} for r in records
-    ])
-    write_json(out / "labels.json", {
-        "classes": class_names(),
-        "templates": list(ZERO_SHOT_TEMPLATES),
-        "images": [{"image": image_path(r["index"]), "label": r["label"], "split": r["split"]} for r in records],
-    })
+    write_jsonl(
+        out / "scenes.jsonl", [{"image": image_path(r["index"]), "split": r["split"], **r["scene"]} for r in records]
+    )
+    write_jsonl(
+        out / "captions.jsonl",
+        [
+            {
+                "image": image_path(r["index"]),
+                "caption": r["captions"][0],
+                "captions": r["captions"],
+                "split": r["split"],
+            }
+            for r in records
+        ],
+    )
+    write_json(
+        out / "labels.json",
+        {
+            "classes": class_names(),
+            "templates": list(ZERO_SHOT_TEMPLATES),
+            "images": [{"image": image_path(r["index"]), "label": r["label"], "split": r["split"]} for r in records],
+        },
+    )
     split_sizes = {}
     for split in SPLITS:
         conversations = [r["conversation"] for r in records if r["split"] == split]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .world import COLORS, SHAPES, Scene, SceneObject
+from .world import COLOR_NAMES, COLORS, SHAPES, Scene, SceneObject, class_names
 
 QUESTION_TYPES = ("color", "count", "position", "existence", "largest")
 ONE_WORD = "Answer with a single word."
@@ -20,7 +20,9 @@ ZERO_SHOT_TEMPLATES = (
     "a large {} with other shapes.",
     "a synthetic scene with a {}.",
 )
-NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight")
+COUNTS = tuple(str(n) for n in range(len(NUMBER_WORDS)))
+YES_NO_CHOICES = ("yes", "no")
 # Text-only records, as in LLaVA's mixes: questions answered without an image.
 TEXT_ONLY_QA = (
     ("How many sides does a triangle have?", "3"),
@@ -60,6 +62,17 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
     return text + "."
 
 
+def captions(scene: Scene, rng: np.random.Generator) -> list[str]:
+    """Three captions of one scene, from full to short: all objects; the principal object and the two next
+    largest; the principal object alone. Short captions make the principal object's shape matter in a contrastive
+    batch, where colours and positions alone would otherwise tell most full captions apart."""
+    principal, others = scene.principal, sorted(scene.objects[1:], key=lambda o: -o.area)
+    middle = f"a {principal.size} {principal.name} {where(principal)}"
+    if others:
+        middle += " and " + " and ".join(f"a {o.size} {o.name}" for o in others[:2])
+    return [caption(scene, rng), middle + ".", f"a {principal.size} {principal.name}."]
+
+
 def _plural(shape: str) -> str:
     return shape + ("es" if shape.endswith("s") else "s")
 
@@ -82,15 +95,17 @@ def make_question(scene: Scene, qtype: str, rng: np.random.Generator) -> dict | 
         if not candidates:
             return None
         obj = candidates[int(rng.integers(len(candidates)))]
-        return _qa(f"What colour is the {obj.shape}? {ONE_WORD}", obj.color, qtype, obj.size)
+        return _qa(f"What colour is the {obj.shape}? {ONE_WORD}", obj.color, qtype, obj.size, obj.shape, COLOR_NAMES)
     if qtype == "count":
         if rng.random() < 0.5:
             shape = str(rng.choice(SHAPES))
             answer = sum(o.shape == shape for o in scene.objects)
-            return _qa(f"How many {_plural(shape)} are there? {ONE_NUMBER}", str(answer), qtype, "none")
+            question = f"How many {_plural(shape)} are there? {ONE_NUMBER}"
+            return _qa(question, str(answer), qtype, "none", _plural(shape), COUNTS)
         color = str(rng.choice(list(COLORS)))
         answer = sum(o.color == color for o in scene.objects)
-        return _qa(f"How many {color} objects are there? {ONE_NUMBER}", str(answer), qtype, "none")
+        question = f"How many {color} objects are there? {ONE_NUMBER}"
+        return _qa(question, str(answer), qtype, "none", f"{color} objects", COUNTS)
     if qtype == "position":
         candidates = _unique(scene, lambda o: o.name)
         if not candidates:
@@ -98,35 +113,50 @@ def make_question(scene: Scene, qtype: str, rng: np.random.Generator) -> dict | 
         obj = candidates[int(rng.integers(len(candidates)))]
         if rng.random() < 0.5 and abs(obj.cx - 0.5) > 0.08:
             answer = "left" if obj.cx < 0.5 else "right"
-            return _qa(f"Is the {obj.name} on the left or on the right? {ONE_WORD}", answer, qtype, obj.size)
+            question = f"Is the {obj.name} on the left or on the right? {ONE_WORD}"
+            return _qa(question, answer, qtype, obj.size, obj.name, ("left", "right"))
         if abs(obj.cy - 0.5) > 0.08:
             answer = "top" if obj.cy < 0.5 else "bottom"
-            return _qa(f"Is the {obj.name} at the top or at the bottom? {ONE_WORD}", answer, qtype, obj.size)
+            question = f"Is the {obj.name} at the top or at the bottom? {ONE_WORD}"
+            return _qa(question, answer, qtype, obj.size, obj.name, ("top", "bottom"))
         return None
     if qtype == "existence":
         present = {o.name for o in scene.objects}
         if rng.random() < 0.5:
             obj = scene.objects[int(rng.integers(len(scene.objects)))]
-            return _qa(f"Is there a {obj.name} in the image? {YES_NO}", "yes", qtype, obj.size)
+            return _qa(
+                f"Is there a {obj.name} in the image? {YES_NO}", "yes", qtype, obj.size, obj.name, YES_NO_CHOICES
+            )
         absent = [f"{c} {s}" for c in COLORS for s in SHAPES if f"{c} {s}" not in present]
         name = absent[int(rng.integers(len(absent)))]
-        return _qa(f"Is there a {name} in the image? {YES_NO}", "no", qtype, "none")
+        return _qa(f"Is there a {name} in the image? {YES_NO}", "no", qtype, "none", name, YES_NO_CHOICES)
     if qtype == "largest":
         principal = scene.principal
-        return _qa("Which object is the largest? Answer with its colour and shape.", principal.name, qtype,
-                   principal.size)
+        question = "Which object is the largest? Answer with its colour and shape."
+        return _qa(question, principal.name, qtype, principal.size, "", tuple(class_names()))
     raise ValueError(f"unknown question type {qtype!r}; valid: {QUESTION_TYPES}")
 
 
-def _qa(question: str, answer: str, qtype: str, target_size: str) -> dict:
-    return {"question": question, "answer": answer, "type": qtype, "target_size": target_size}
+def _qa(
+    question: str, answer: str, qtype: str, target_size: str, subject: str = "", choices: tuple[str, ...] = ()
+) -> dict:
+    """A question with its ground truth: the answer, the type, the size class of the object asked about, the
+    subject phrase (shape, object name, counted things) and the closed set of possible answers."""
+    return {
+        "question": question,
+        "answer": answer,
+        "type": qtype,
+        "target_size": target_size,
+        "subject": subject,
+        "choices": list(choices),
+    }
 
 
 def conversation_record(record_id: str, image: str | None, qas: list[dict]) -> dict:
     """A haotian-liu/LLaVA record. `<image>` opens the first human turn of image records; answers stay short.
 
-    The per-turn ground truth (`type`, `target_size`) rides along under "qa_meta", which LLaVA's loader ignores
-    and our evaluation uses for per-type accuracy.
+    The per-turn ground truth (`type`, `target_size`, `subject`, `choices`) rides along under "qa_meta", which
+    LLaVA's loader ignores and our evaluations use for per-type accuracy and closed-set scoring.
     """
     conversations = []
     for i, qa in enumerate(qas):
@@ -139,7 +169,7 @@ def conversation_record(record_id: str, image: str | None, qas: list[dict]) -> d
     if image is not None:
         record["image"] = image
     record["conversations"] = conversations
-    record["qa_meta"] = [{"type": qa["type"], "target_size": qa["target_size"]} for qa in qas]
+    record["qa_meta"] = [{k: qa[k] for k in ("type", "target_size", "subject", "choices")} for qa in qas]
     return record
 
 

@@ -1,0 +1,127 @@
+import json
+
+import open_clip
+import pytest
+import torch
+
+import bootstrap  # noqa: F401  (registers the teacher architectures)
+from bootstrap.train_teacher import lr_at
+from bootstrap.train_teacher import main as train_teacher
+from mllm_sparse.synth.dataset import SyntheticWorld
+
+NAME = "synth-vit-test-16"
+
+
+@pytest.fixture(scope="module")
+def trained_teacher(tmp_path_factory):
+    from mllm_sparse.synth import generate_world
+
+    root = tmp_path_factory.mktemp("teacher")
+    generate_world(root / "world", num_images=30, image_size=64, seed=1, workers=1, progress=False)
+    assert (
+        train_teacher(
+            [
+                "--data",
+                str(root / "world"),
+                "--out",
+                str(root / "teacher"),
+                "--model",
+                NAME,
+                "--steps",
+                "3",
+                "--batch-size",
+                "8",
+            ]
+        )
+        == 0
+    )
+    return root
+
+
+def test_teacher_architectures_are_registered_and_vit_like():
+    for name in ("synth-vit-t-16", "synth-vit-s-16"):
+        model = open_clip.create_model(name)
+        assert tuple(model.visual.grid_size) == (14, 14)  # 196 patch tokens at 224 px
+
+
+def test_training_writes_open_clip_checkpoints_that_load(trained_teacher):
+    out = trained_teacher / "teacher"
+    assert {p.name for p in out.iterdir()} >= {
+        "open_clip_model.safetensors",
+        f"{NAME}.json",
+        "open_clip_config.json",
+        "zero_shot.json",
+        "zero_shot.md",
+    }
+    by_name = open_clip.create_model(NAME, pretrained=str(out / "open_clip_model.safetensors"))
+    by_dir = open_clip.create_model(f"local-dir:{out}")
+    fresh = open_clip.create_model(NAME)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        a, b, c = by_name.encode_image(x), by_dir.encode_image(x), fresh.encode_image(x)
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, c)
+    assert json.loads((out / f"{NAME}.json").read_text()) == open_clip.get_model_config(NAME)
+
+
+def test_zero_shot_report(trained_teacher):
+    report = json.loads((trained_teacher / "teacher" / "zero_shot.json").read_text())
+    assert report["steps"] == 3 and report["num_images"] == 3 and report["num_classes"] == 48
+    assert 0.0 <= report["top1"] <= 1.0
+    assert sum(row["images"] for row in report["by_principal_size"].values()) == 3
+
+
+def test_training_moves_the_weights_and_lowers_the_loss(tmp_path, trained_teacher):
+    out = tmp_path / "t"
+    train_teacher(
+        [
+            "--data",
+            str(trained_teacher / "world"),
+            "--out",
+            str(out),
+            "--model",
+            NAME,
+            "--steps",
+            "12",
+            "--batch-size",
+            "8",
+            "--lr",
+            "3e-3",
+        ]
+    )
+    curve = json.loads((out / "zero_shot.json").read_text())["loss_curve"]
+    assert curve[-1] < curve[0]
+
+
+def test_schedule():
+    assert lr_at(0.0, 1.0, 0.1) == 0.0
+    assert lr_at(0.1, 1.0, 0.1) == pytest.approx(1.0)
+    assert lr_at(1.0, 1.0, 0.1) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_bad_arguments(tmp_path, trained_teacher):
+    with pytest.raises(ValueError, match="Unknown open_clip model 'ViT-Q'"):
+        train_teacher(["--data", str(trained_teacher / "world"), "--out", str(tmp_path), "--model", "ViT-Q"])
+    with pytest.raises(FileNotFoundError, match="World folder not found"):
+        train_teacher(["--data", str(tmp_path / "none"), "--out", str(tmp_path), "--model", NAME, "--steps", "1"])
+    with pytest.raises(ValueError, match="must be positive"):
+        train_teacher(["--data", str(trained_teacher / "world"), "--out", str(tmp_path), "--steps", "0"])
+    with pytest.raises(SystemExit):
+        train_teacher(["--data", "x", "--out", "y", "--steps", "1", "--minutes", "1"])
+    assert SyntheticWorld(trained_teacher / "world").class_names[0] == "red circle"
+
+
+def test_question_probe_scores_every_image_question(trained_teacher):
+    from bootstrap.zero_shot import probe_prompt, question_probe_report
+
+    model = open_clip.create_model(NAME, pretrained=str(trained_teacher / "teacher" / "open_clip_model.safetensors"))
+    world = SyntheticWorld(trained_teacher / "world")
+    report = question_probe_report(model.eval(), open_clip.get_tokenizer(NAME), world, "train", 64, "cpu")
+    records = json.loads((trained_teacher / "world" / "llava_train.json").read_text())
+    asked = sum(len(r["qa_meta"]) for r in records if "image" in r)
+    assert sum(row["questions"] for row in report["by_type"].values()) == asked
+    assert 0 <= report["overall"] <= 1 and report["chance"]["existence"] == 0.5
+    assert probe_prompt("position", "red circle", "left") == "a red circle on the left"
+    assert probe_prompt("count", "circles", "3") == "three circles"
+    with pytest.raises(ValueError, match="no CLIP probe"):
+        probe_prompt("text", "", "")
