@@ -1,0 +1,108 @@
+"""Inheritance: a SparseFormer student whose cortex and head are the last two thirds of a CLIP ViT teacher.
+
+Following the paper, the cortex takes teacher blocks N/3 … N−1 and the teacher's final LayerNorm and projection;
+the first N/3 blocks (and the patch embedding) are replaced by the new focusing transformer. By default blocks
+N/3 … 2N/3−1 are fine-tuned and 2N/3 … N−1, the final norm and the projection stay frozen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from mllm_sparse import SparseFormerConfig, SparseFormerModel
+from mllm_sparse.configuration import bootstrapped_ops_list
+
+from .teachers import Teacher, TeacherArch
+
+
+@dataclass
+class InheritanceReport:
+    """What the student got from its teacher, and what the recipe trains."""
+
+    teacher: str
+    layer_map: dict[int, int]  # teacher block → student `layers.{i}`
+    inherited: list[str]  # parameters copied from the teacher
+    initialised_from_teacher: list[str]  # parameters started from teacher values that are not a block copy
+    new: list[str]  # freshly initialised parameters (the focusing transformer)
+    frozen: list[str]
+    trained: list[str]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def student_config(arch: TeacherArch, num_latent_tokens: int, image_size: int = 224, **overrides) -> SparseFormerConfig:
+    """The bootstrapped layout sized from the teacher: focusing width = half the teacher's, cortex = 2N/3 blocks."""
+    num_cortex = arch.layers - arch.layers // 3
+    head_width = arch.width // arch.heads
+    focus_width = overrides.pop("focus_width", arch.width // 2)
+    kwargs = dict(
+        conv_dim=64,
+        num_latent_tokens=num_latent_tokens,
+        num_sampling_points=16,
+        same_token_embedding=True,
+        cls_token_insert_layer=2,
+        width_configs=[focus_width, arch.width] + [arch.width] * num_cortex,
+        repeats=[4, 1] + [1] * num_cortex,
+        ops_list=bootstrapped_ops_list(num_cortex),
+        num_attention_heads=[max(1, focus_width // head_width), arch.heads] + [arch.heads] * num_cortex,
+        head_op="cls",
+        proj_dim=arch.proj_dim,
+        proj_bias=arch.proj_bias,
+        mlp_ratio=arch.mlp_ratio,
+        ln_eps=arch.ln_eps,
+        clip_quick_gelu=arch.quick_gelu,
+        pg_inner_dim=128,
+        image_mean=arch.mean,
+        image_std=arch.std,
+        image_size=image_size,
+    )
+    kwargs.update(overrides)
+    return SparseFormerConfig(**kwargs)
+
+
+def inherit(
+    teacher: Teacher, num_latent_tokens: int, trainable_cortex: int | None = None, **config_overrides
+) -> tuple[SparseFormerModel, InheritanceReport]:
+    """Build a student from `teacher`, copy blocks N/3 … N−1 and the head, and set the freeze policy.
+
+    Args:
+        num_latent_tokens: latent tokens (the student outputs one more, the CLS token).
+        trainable_cortex: how many of the first cortex blocks are fine-tuned (default: half, the paper's split);
+            the rest, the final norm and the projection are frozen.
+        config_overrides: `SparseFormerConfig` fields, plus `focus_width`.
+    """
+    arch = teacher.arch
+    config = student_config(arch, num_latent_tokens, **config_overrides)
+    student = SparseFormerModel(config)
+    num_cortex = arch.layers - arch.layers // 3
+    first = arch.layers // 3
+    cortex_layers = [student.unit_layer_indices[config.cortex_start + k] for k in range(num_cortex)]
+    layer_map = {first + k: layer for k, layer in enumerate(cortex_layers)}
+    weights = teacher.to_sparseformer(layer_map)
+    result = student.load_state_dict(weights, strict=False)
+    if result.unexpected_keys:
+        raise KeyError(f"teacher {teacher.spec}: converted keys the student lacks: {result.unexpected_keys}")
+    with torch.no_grad():
+        student.cls_embedding.weight.copy_(teacher.cls_input().detach().view(1, -1))
+
+    trainable_cortex = num_cortex // 2 if trainable_cortex is None else trainable_cortex
+    if not 0 <= trainable_cortex <= num_cortex:
+        raise ValueError(f"trainable_cortex must be in [0, {num_cortex}], got {trainable_cortex}")
+    frozen_prefixes = tuple(f"layers.{layer}." for layer in cortex_layers[trainable_cortex:]) + ("norm.", "proj.")
+    names = [name for name, _ in student.named_parameters()]
+    for name, param in student.named_parameters():
+        param.requires_grad_(not name.startswith(frozen_prefixes))
+    inherited = sorted(weights)
+    report = InheritanceReport(
+        teacher=teacher.spec,
+        layer_map=layer_map,
+        inherited=inherited,
+        initialised_from_teacher=["cls_embedding.weight"],
+        new=[n for n in names if n not in weights and n != "cls_embedding.weight"],
+        frozen=[n for n, p in student.named_parameters() if not p.requires_grad],
+        trained=[n for n, p in student.named_parameters() if p.requires_grad],
+    )
+    return student, report

@@ -1,0 +1,154 @@
+"""Inheritance from tiny open_clip and HF CLIP teachers that the tests build and save themselves."""
+
+import open_clip
+import pytest
+import torch
+from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+import bootstrap
+from bootstrap import inherit, load_teacher
+from bootstrap.converters import hf_clip_visual_to_sparseformer, open_clip_visual_to_sparseformer
+
+NAME = "synth-vit-test-16"  # 3 blocks, width 64, 2 heads, 64 px
+
+
+@pytest.fixture(scope="module")
+def open_clip_teacher(tmp_path_factory):
+    torch.manual_seed(0)
+    model = open_clip.create_model(NAME)
+    with torch.no_grad():  # non-trivial LayerNorm and bias values, so a mixed-up mapping shows
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    path = tmp_path_factory.mktemp("oc") / "teacher.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(model.state_dict(), path)
+    return load_teacher(f"open_clip:{NAME}@{path}")
+
+
+@pytest.fixture(scope="module")
+def hf_teacher(tmp_path_factory):
+    torch.manual_seed(1)
+    config = CLIPVisionConfig(
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        image_size=64,
+        patch_size=16,
+        projection_dim=32,
+        hidden_act="quick_gelu",
+    )
+    model = CLIPVisionModelWithProjection(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    out = tmp_path_factory.mktemp("hf")
+    model.save_pretrained(out)
+    return load_teacher(f"hf:{out}")
+
+
+@pytest.mark.parametrize("which", ["open_clip_teacher", "hf_teacher"])
+def test_inherited_cortex_and_head_reproduce_the_teacher(which, request):
+    teacher = request.getfixturevalue(which)
+    arch = teacher.arch
+    student, report = inherit(teacher, num_latent_tokens=8)
+    first = arch.layers // 3
+    assert list(report.layer_map) == list(range(first, arch.layers))
+    pixels = torch.randn(2, 3, arch.image_size, arch.image_size)
+    with torch.no_grad():
+        x = teacher.tokens(pixels, first - 1) if first > 0 else None
+        expected_final = teacher.tokens(pixels, -1)
+        # Each inherited block, fed the teacher's tokens, gives exactly the teacher block's output.
+        for k, (teacher_block, layer) in enumerate(report.layer_map.items()):
+            x = student.layers[layer](None, x, None)[0]
+            torch.testing.assert_close(x, teacher.tokens(pixels, teacher_block), atol=1e-5, rtol=1e-5, msg=f"block {k}")
+        torch.testing.assert_close(x, expected_final, atol=1e-5, rtol=1e-5)
+        # The inherited head maps the teacher's final CLS to the teacher's embedding.
+        embeds = student.proj(student.norm(expected_final[:, 0]))
+        torch.testing.assert_close(embeds, teacher.encode_image(pixels), atol=1e-5, rtol=1e-5)
+
+
+def test_student_config_follows_the_teacher(hf_teacher, open_clip_teacher):
+    student, _ = inherit(hf_teacher, num_latent_tokens=8)
+    cfg = student.config
+    assert cfg.clip_quick_gelu and cfg.num_tokens == 9 and cfg.proj_dim == 32 and not cfg.proj_bias
+    assert cfg.width_configs == [32, 64, 64, 64, 64, 64] and cfg.num_units == 6  # 4 of 6 blocks in the cortex
+    assert cfg.num_attention_heads[2:] == [4, 4, 4, 4]
+    student, _ = inherit(open_clip_teacher, num_latent_tokens=5)
+    assert not student.config.clip_quick_gelu and student.config.num_units == 4  # 2 of 3 blocks
+    with torch.no_grad():
+        assert student(torch.randn(1, 3, 64, 64)).last_hidden_state.shape == (1, 6, 64)
+
+
+def test_freeze_policy_really_freezes(hf_teacher):
+    student, report = inherit(hf_teacher, num_latent_tokens=8)
+    cortex = list(report.layer_map.values())
+    trained_layers = {int(n.split(".")[1]) for n in report.trained if n.startswith("layers.")}
+    frozen_layers = {int(n.split(".")[1]) for n in report.frozen if n.startswith("layers.")}
+    assert frozen_layers == set(cortex[2:]) and set(cortex[:2]) <= trained_layers
+    assert "norm.weight" in report.frozen and "proj.weight" in report.frozen
+    assert set(report.new) & set(report.inherited) == set()
+    assert "layers.0.adaptive_mixing.out_proj.weight" in report.new
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    out = student.train()(torch.randn(2, 3, 64, 64))
+    out.image_embeds.sum().backward()
+    optimizer.step()
+    frozen = dict(student.named_parameters())
+    for name in report.frozen:
+        assert frozen[name].grad is None and frozen[name] not in optimizer.state
+    assert all(p in optimizer.state for p in params if p.grad is not None)
+
+
+def test_converters_refuse_unknown_keys_and_missing_blocks(open_clip_teacher, hf_teacher):
+    state = open_clip_teacher.model.visual.state_dict()
+    with pytest.raises(KeyError, match="unexpected key 'attnpool.weight'"):
+        open_clip_visual_to_sparseformer({**state, "attnpool.weight": torch.zeros(1)}, {1: 3})
+    with pytest.raises(KeyError, match=r"no weights for teacher block\(s\) \[7\]"):
+        open_clip_visual_to_sparseformer(state, {7: 3})
+    hf_state = hf_teacher.model.state_dict()
+    out = hf_clip_visual_to_sparseformer(hf_state, {5: 9})
+    assert out["layers.9.attn.qkv.weight"].shape == (192, 64)
+    assert set(out) == {
+        f"layers.9.{k}"
+        for k in (
+            "norm1.weight",
+            "norm1.bias",
+            "attn.qkv.weight",
+            "attn.qkv.bias",
+            "attn.proj.weight",
+            "attn.proj.bias",
+            "norm2.weight",
+            "norm2.bias",
+            "mlp.fc1.weight",
+            "mlp.fc1.bias",
+            "mlp.fc2.weight",
+            "mlp.fc2.bias",
+        )
+    } | {"norm.weight", "norm.bias", "proj.weight"}
+
+
+@pytest.mark.parametrize(
+    "spec, error, match",
+    [
+        ("clip-L", ValueError, "must look like"),
+        ("open_clip:ViT-Nope", ValueError, "open_clip has no model 'ViT-Nope'"),
+        ("open_clip:ViT-B-16@/no/such/file.pt", ValueError, "neither a file nor an open_clip tag"),
+        ("hf:/no/such/dir", RuntimeError, "Offline, point at a local folder"),
+    ],
+)
+def test_bad_teacher_specs(spec, error, match):
+    with pytest.raises(error, match=match):
+        load_teacher(spec)
+
+
+def test_open_clip_teacher_exposes_preprocessing_and_text(open_clip_teacher):
+    arch = open_clip_teacher.arch
+    assert (arch.layers, arch.width, arch.heads, arch.patch_size, arch.num_patches) == (3, 64, 2, 16, 16)
+    assert len(arch.mean) == 3 and arch.image_size == 64
+    text = open_clip_teacher.encode_text(["a red circle", "a blue square"])
+    assert text.shape == (2, 32)
+    assert bootstrap.TeacherArch is type(arch)
