@@ -39,7 +39,8 @@ def student_config(arch: TeacherArch, num_latent_tokens: int, image_size: int = 
     head_width = arch.width // arch.heads
     focus_width = overrides.pop("focus_width", arch.width // 2)
     kwargs = dict(
-        conv_dim=64,
+        # The paper's 64 early-conv channels, scaled down for tiny teachers whose whole ViT costs less than it.
+        conv_dim=min(64, arch.width // 4),
         num_latent_tokens=num_latent_tokens,
         num_sampling_points=16,
         same_token_embedding=True,

@@ -1,0 +1,87 @@
+"""Unlabelled images for bootstrapping: an image folder, a LLaVA JSON file, or a synthetic world.
+
+Each item is one image preprocessed twice, for the student and for the teacher, with deterministic centre crops
+(no augmentation), so teacher outputs can be cached once and reused every epoch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from mllm_sparse.images import load_image, preprocess
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def list_images(data: str | Path, split: str = "train", image_folder: str | Path | None = None) -> list[Path]:
+    """The image files of a data source.
+
+    Args:
+        data: a folder of images (searched recursively), a synthetic world folder (has `world.json`; its `split`
+            images are used), or a LLaVA JSON file (records with an "image" key, relative to `image_folder`).
+    """
+    data = Path(data)
+    if not data.exists():
+        raise FileNotFoundError(f"Bootstrap data not found: {data}")
+    if data.is_dir() and (data / "world.json").is_file():
+        labels = json.loads((data / "labels.json").read_text())
+        paths = [data / r["image"] for r in labels["images"] if r["split"] == split]
+    elif data.is_dir():
+        paths = sorted(p for p in data.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    elif data.suffix == ".json":
+        try:
+            records = json.loads(data.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"Malformed JSON in {data}: {err}") from err
+        if not isinstance(records, list):
+            raise ValueError(f"{data} must hold a JSON list of LLaVA records")
+        root = Path(image_folder) if image_folder else data.parent
+        paths = []
+        for i, record in enumerate(records):
+            if not isinstance(record, dict):
+                raise ValueError(f"{data}: record {i} is not an object")
+            if "image" in record:
+                paths.append(root / record["image"])
+        paths = sorted(set(paths))
+    else:
+        raise ValueError(f"{data} is neither an image folder, a synthetic world, nor a LLaVA .json file")
+    if not paths:
+        raise ValueError(f"No images found in {data}")
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} image(s) listed in {data} are missing, e.g. {missing[0]}")
+    return paths
+
+
+class TwoViewImages(Dataset):
+    """(index, student pixels [3, S, S], teacher pixels [3, T, T]) for each image."""
+
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        student_size: int,
+        student_mean: Sequence[float],
+        student_std: Sequence[float],
+        teacher_size: int,
+        teacher_mean: Sequence[float],
+        teacher_std: Sequence[float],
+    ):
+        self.paths = list(paths)
+        self.student = (student_size, tuple(student_mean), tuple(student_std))
+        self.teacher = (teacher_size, tuple(teacher_mean), tuple(teacher_std))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+        image = load_image(self.paths[index], draft_size=max(self.student[0], self.teacher[0]))
+        size, mean, std = self.student
+        student = preprocess(image, size, mean, std)  # the reference evaluation crop (87.5%)
+        size, mean, std = self.teacher
+        teacher = preprocess(image, size, mean, std, crop_pct=1.0)  # CLIP's resize-and-centre-crop
+        return index, student, teacher

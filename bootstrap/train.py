@@ -1,0 +1,418 @@
+"""`mllm-sparse bootstrap`: align a SparseFormer student with its CLIP ViT teacher, without labels.
+
+    mllm-sparse bootstrap --teacher SPEC --num-tokens N --data PATH --out DIR [--steps S | --epochs E] [...]
+
+DIR becomes the encoder (`AutoModel.from_pretrained(DIR)` after `import mllm_sparse`) with
+`bootstrap_report.{json,md}`; intermediate checkpoints go to DIR/checkpoints/step_*/ and `--resume` continues
+from the newest one exactly (same data order, same optimizer and RNG state).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from mllm_sparse import SparseFormerModel, profile
+from mllm_sparse.profiling import count_gflops
+from mllm_sparse.synth.generate import write_json
+
+from .data import TwoViewImages, list_images
+from .inherit import inherit
+from .teachers import Teacher, load_teacher
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mllm-sparse bootstrap", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--teacher", required=True, help="open_clip:NAME[@TAG|PATH] or hf:ID|DIR")
+    p.add_argument("--num-tokens", type=int, required=True, help="output tokens, CLS included")
+    p.add_argument("--data", type=Path, required=True, help="image folder, synthetic world or LLaVA .json")
+    p.add_argument("--image-folder", type=Path, help="root of a LLaVA .json's image paths")
+    p.add_argument("--out", type=Path, required=True)
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=int)
+    budget.add_argument("--epochs", type=float)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--clip-grad", type=float, default=1.0)
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for student and teacher")
+    p.add_argument("--cache-teacher", action="store_true", help="compute teacher embeddings once, reuse them")
+    p.add_argument(
+        "--token-loss-weight",
+        type=float,
+        default=0.0,
+        help="weight of the token-level term (latent tokens vs RoI-pooled teacher patches)",
+    )
+    p.add_argument("--token-loss-layer", type=int, default=-1, help="student unit whose tokens the term aligns")
+    p.add_argument("--trainable-cortex", type=int, help="cortex blocks to fine-tune (default: half, as the paper)")
+    p.add_argument("--image-size", type=int, default=224, help="student input size")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="held-out share of an image folder")
+    p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: only at the end)")
+    p.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: only at the end)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in DIR/checkpoints")
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p
+
+
+def roi_pooled_patches(patches: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+    """Average the teacher patch features whose centres fall inside each RoI (the nearest patch if none does).
+
+    Args:
+        patches: [B, P, C] teacher patch tokens on a square grid.
+        rois: [B, N, 4] normalised x1y1x2y2.
+    Returns:
+        [B, N, C].
+    """
+    side = math.isqrt(patches.shape[1])
+    centres = (torch.arange(side, device=patches.device, dtype=torch.float32) + 0.5) / side
+    cy, cx = torch.meshgrid(centres, centres, indexing="ij")
+    cx, cy = cx.reshape(1, 1, -1), cy.reshape(1, 1, -1)
+    x1, y1, x2, y2 = (rois.float()[..., i : i + 1] for i in range(4))
+    inside = (
+        (cx >= torch.minimum(x1, x2))
+        & (cx <= torch.maximum(x1, x2))
+        & (cy >= torch.minimum(y1, y2))
+        & (cy <= torch.maximum(y1, y2))
+    )
+    distance = (cx - (x1 + x2) / 2) ** 2 + (cy - (y1 + y2) / 2) ** 2
+    nearest = F.one_hot(distance.argmin(-1), patches.shape[1]).bool()
+    weights = torch.where(inside.any(-1, keepdim=True), inside, nearest).float()
+    weights = weights / weights.sum(-1, keepdim=True)
+    return weights @ patches.float()
+
+
+def lr_lambda(warmup: int, total: int):
+    def fn(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    return fn
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or "embedding" in name or "initial_roi" in name else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def epoch_order(num_items: int, seed: int, epoch: int) -> torch.Tensor:
+    """The data order of an epoch, a function of (seed, epoch) only, so a resumed run replays it exactly."""
+    return torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    checkpoints = sorted((out / "checkpoints").glob("step_*"))
+    return checkpoints[-1] if checkpoints else None
+
+
+def save_checkpoint(out: Path, student: SparseFormerModel, optimizer, scheduler, state: dict) -> Path:
+    """Write DIR/checkpoints/step_N atomically: into a temporary folder, then one rename."""
+    final = out / "checkpoints" / f"step_{state['step']:08d}"
+    tmp = out / "checkpoints" / f".tmp_step_{state['step']:08d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    student.save_pretrained(tmp)
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "state": state,
+            "torch_rng": torch.get_rng_state(),
+        },
+        tmp / "trainer_state.pt",
+    )
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+class TeacherTargets:
+    """Teacher embeddings (and patch tokens for the token term) per dataset index, cached or computed per batch."""
+
+    def __init__(self, teacher: Teacher, need_patches: bool, autocast):
+        self.teacher, self.need_patches, self.autocast = teacher, need_patches, autocast
+        self.cache: dict[str, torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def compute(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        with self.autocast():
+            out = {"embeds": self.teacher.encode_image(pixels).float()}
+            if self.need_patches:
+                out["patches"] = self.teacher.patch_tokens(pixels, -1).float()
+        return out
+
+    def build_cache(self, loader: DataLoader, path: Path, device) -> None:
+        """Compute every training image's targets once (or load them from `path`)."""
+        if path.is_file():
+            self.cache = load_file(path)
+            return
+        parts: dict[str, list[torch.Tensor]] = {}
+        for _, _, teacher_pixels in tqdm(loader, desc="teacher cache", unit="batch"):
+            for key, value in self.compute(teacher_pixels.to(device)).items():
+                parts.setdefault(key, []).append(value.cpu())
+        self.cache = {key: torch.cat(values) for key, values in parts.items()}
+        tmp = path.with_suffix(".tmp")
+        save_file(self.cache, tmp)
+        os.replace(tmp, path)
+
+    def get(self, index: torch.Tensor, teacher_pixels: torch.Tensor, device) -> dict[str, torch.Tensor]:
+        if self.cache is not None:
+            return {key: value[index].to(device) for key, value in self.cache.items()}
+        return self.compute(teacher_pixels.to(device))
+
+
+def alignment_loss(student: SparseFormerModel, pixels, targets, token_weight: float, token_layer: int):
+    """1 − cos(student embedding, teacher embedding), plus the optional token-level term."""
+    out = student(pixels, output_hidden_states=token_layer if token_weight > 0 else None)
+    loss = 1 - F.cosine_similarity(out.image_embeds.float(), targets["embeds"], dim=-1).mean()
+    if token_weight > 0:
+        tokens = out.hidden_states[token_layer]
+        latent = tokens[:, -student.config.num_latent_tokens :]
+        pooled = roi_pooled_patches(targets["patches"], out.hidden_rois[token_layer].detach())
+        if latent.shape[-1] != pooled.shape[-1]:
+            raise ValueError(
+                f"token loss: student unit {token_layer} width {latent.shape[-1]} differs from the "
+                f"teacher width {pooled.shape[-1]}; choose a cortex unit"
+            )
+        loss = loss + token_weight * (1 - F.cosine_similarity(latent.float(), pooled, dim=-1).mean())
+    return loss
+
+
+@torch.no_grad()
+def held_out_cosine(student, teacher_targets: TeacherTargets, loader, device, autocast) -> float:
+    student.eval()
+    sims = []
+    for _, pixels, teacher_pixels in loader:
+        with autocast():
+            embeds = student(pixels.to(device)).image_embeds.float()
+        target = teacher_targets.compute(teacher_pixels.to(device))["embeds"]
+        sims.append(F.cosine_similarity(embeds, target, dim=-1).cpu())
+    student.train()
+    return float(torch.cat(sims).mean())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.num_tokens < 2:
+        raise ValueError(f"--num-tokens counts the CLS token too, so it must be >= 2, got {args.num_tokens}")
+    if args.steps is None and args.epochs is None:
+        args.steps = 1000
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    autocast = (
+        (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
+        if args.bf16
+        else (lambda: torch.autocast(device.type, enabled=False))
+    )
+
+    teacher = load_teacher(args.teacher)
+    teacher.model.to(device).requires_grad_(False)
+    student, report = inherit(teacher, args.num_tokens - 1, args.trainable_cortex, image_size=args.image_size)
+    student.to(device).train()
+
+    world_like = (args.data / "world.json").is_file() if args.data.is_dir() else False
+    train_paths = list_images(args.data, "train", args.image_folder)
+    if world_like:
+        val_paths = list_images(args.data, "val")
+    else:
+        num_val = int(len(train_paths) * args.val_fraction)
+        train_paths, val_paths = train_paths[num_val:], train_paths[:num_val]
+    arch = teacher.arch
+    views = dict(
+        student_size=args.image_size,
+        student_mean=arch.mean,
+        student_std=arch.std,
+        teacher_size=arch.image_size,
+        teacher_mean=arch.mean,
+        teacher_std=arch.std,
+    )
+    train_set = TwoViewImages(train_paths, **views)
+    val_loader = DataLoader(TwoViewImages(val_paths, **views), batch_size=args.batch_size, num_workers=args.workers)
+
+    micro = args.batch_size // args.grad_accum
+    if micro < 1 or args.batch_size % args.grad_accum:
+        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of --grad-accum {args.grad_accum}")
+    steps_per_epoch = max(1, len(train_set) // args.batch_size)
+    total_steps = args.steps or max(1, round(args.epochs * steps_per_epoch))
+
+    optimizer = torch.optim.AdamW(param_groups(student, args.weight_decay), lr=args.lr, betas=(0.9, 0.999))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, total_steps))
+    state = {"step": 0, "epoch": 0, "position": 0, "losses": [], "evals": []}
+    checkpoint = latest_checkpoint(args.out) if args.resume else None
+    if args.resume and checkpoint is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {args.out / 'checkpoints'}")
+    if checkpoint is not None:
+        student.load_state_dict(load_file(checkpoint / "model.safetensors"), strict=True)
+        saved = torch.load(checkpoint / "trainer_state.pt", map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state = saved["state"]
+        torch.set_rng_state(saved["torch_rng"])
+        print(f"resumed from {checkpoint} at step {state['step']}")
+
+    targets = TeacherTargets(teacher, args.token_loss_weight > 0, autocast)
+    if args.cache_teacher:
+        args.out.mkdir(parents=True, exist_ok=True)
+        cache_loader = DataLoader(train_set, batch_size=args.batch_size, num_workers=args.workers)
+        targets.build_cache(cache_loader, args.out / "teacher_cache.safetensors", device)
+
+    start = time.perf_counter()
+    seen = 0
+    bar = tqdm(total=total_steps, initial=state["step"], unit="step", desc="bootstrap")
+    while state["step"] < total_steps:
+        order = epoch_order(len(train_set), args.seed, state["epoch"])
+        usable = len(order) // args.batch_size * args.batch_size
+        if state["position"] >= usable:
+            state["epoch"], state["position"] = state["epoch"] + 1, 0
+            continue
+        remaining = order[state["position"] : usable].tolist()
+        micro_batches = iter(DataLoader(train_set, batch_size=micro, sampler=remaining, num_workers=args.workers))
+        while state["position"] < usable and state["step"] < total_steps:
+            optimizer.zero_grad(set_to_none=True)
+            total = 0.0
+            for _ in range(args.grad_accum):
+                index, pixels, teacher_pixels = next(micro_batches)
+                batch_targets = targets.get(index, teacher_pixels, device)
+                with autocast():
+                    loss = (
+                        alignment_loss(
+                            student, pixels.to(device), batch_targets, args.token_loss_weight, args.token_loss_layer
+                        )
+                        / args.grad_accum
+                    )
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"bootstrap: loss became {loss.item()} at step {state['step']}")
+                loss.backward()
+                total += loss.item()
+            torch.nn.utils.clip_grad_norm_([p for p in student.parameters() if p.requires_grad], args.clip_grad)
+            optimizer.step()
+            scheduler.step()
+            state["step"] += 1
+            state["position"] += args.batch_size
+            state["losses"].append(round(total, 6))
+            seen += args.batch_size
+            bar.update(1)
+            bar.set_postfix(loss=f"{total:.4f}", img_s=f"{seen / (time.perf_counter() - start):.1f}")
+            if args.eval_every and state["step"] % args.eval_every == 0 and len(val_paths):
+                cosine = held_out_cosine(student, targets, val_loader, device, autocast)
+                state["evals"].append({"step": state["step"], "cosine": cosine})
+            if args.save_every and state["step"] % args.save_every == 0:
+                save_checkpoint(args.out, student, optimizer, scheduler, state)
+    bar.close()
+    seconds = time.perf_counter() - start
+
+    student.eval()
+    save_checkpoint(args.out, student, optimizer, scheduler, state)
+    student.save_pretrained(args.out)
+    final = evaluate(student, teacher, targets, val_loader, args, device, autocast, world_like)
+    result = {
+        "teacher": args.teacher,
+        "num_tokens": args.num_tokens,
+        "steps": state["step"],
+        "train_seconds_this_run": round(seconds, 1),
+        "images_per_second_this_run": round(seen / max(seconds, 1e-9), 2),
+        "teacher_cache": args.cache_teacher,
+        "loss_curve": state["losses"],
+        "evals": state["evals"],
+        "final": final,
+        "inheritance": report.to_dict(),
+    }
+    write_json(args.out / "bootstrap_report.json", result)
+    (args.out / "bootstrap_report.md").write_text(report_markdown(result))
+    print(report_markdown(result))
+    return 0
+
+
+def evaluate(student, teacher, targets, val_loader, args, device, autocast, world_like: bool) -> dict:
+    """Held-out cosine to the teacher, GFLOPs of both, and zero-shot side by side on a synthetic world."""
+    teacher_example = torch.randn(1, 3, teacher.arch.image_size, teacher.arch.image_size, device=device)
+    final = {
+        "student_gflops": profile(student, args.image_size).gflops,
+        "teacher_gflops": count_gflops(lambda x: teacher.encode_image(x), teacher_example),
+        "student_tokens": student.num_tokens,
+        "teacher_tokens": teacher.arch.num_patches + 1,
+    }
+    if len(val_loader.dataset):
+        final["held_out_cosine"] = held_out_cosine(student, targets, val_loader, device, autocast)
+    if world_like:
+        final["zero_shot"] = zero_shot_side_by_side(student, teacher, args.data, args.image_size, device)
+    return final
+
+
+@torch.no_grad()
+def zero_shot_side_by_side(student, teacher: Teacher, world_dir: Path, image_size: int, device) -> dict:
+    """Zero-shot top-1 of teacher and student with the teacher's text tower (the student replaces `clip.visual`)."""
+    from mllm_sparse.synth.dataset import SyntheticWorld
+
+    world = SyntheticWorld(world_dir)
+    texts = [[t.format(c) for t in world.templates] for c in world.class_names]
+    classifier = torch.stack(
+        [F.normalize(F.normalize(teacher.encode_text(t).float(), dim=-1).mean(0), dim=0) for t in texts], dim=1
+    )
+    paths = list_images(world_dir, "test")
+    arch = teacher.arch
+    data = TwoViewImages(paths, image_size, arch.mean, arch.std, arch.image_size, arch.mean, arch.std)
+    labels = {r["image"]: r["label"] for r in world.labels["images"]}
+    hits = {"teacher": [], "student": []}
+    for index, pixels, teacher_pixels in DataLoader(data, batch_size=64):
+        truth = torch.tensor([labels[paths[i].relative_to(world_dir).as_posix()] for i in index.tolist()])
+        for name, embeds in (
+            ("student", student(pixels.to(device)).image_embeds),
+            ("teacher", teacher.encode_image(teacher_pixels.to(device))),
+        ):
+            pred = (F.normalize(embeds.float(), dim=-1) @ classifier).argmax(-1).cpu()
+            hits[name].append(pred == truth)
+    top1 = {name: float(torch.cat(h).float().mean()) for name, h in hits.items()}
+    top1["retention"] = top1["student"] / top1["teacher"] if top1["teacher"] > 0 else float("nan")
+    return top1
+
+
+def report_markdown(result: dict) -> str:
+    final = result["final"]
+    lines = [
+        f"# Bootstrap report: {result['num_tokens']} tokens from `{result['teacher']}`",
+        "",
+        f"- steps: {result['steps']} ({result['images_per_second_this_run']} images/s in this run, "
+        f"teacher cache: {result['teacher_cache']})",
+        f"- final loss: {result['loss_curve'][-1] if result['loss_curve'] else float('nan'):.4f}",
+        f"- GFLOPs: student {final['student_gflops']:.2f} ({final['student_tokens']} tokens) vs teacher "
+        f"{final['teacher_gflops']:.2f} ({final['teacher_tokens']} tokens)",
+    ]
+    if "held_out_cosine" in final:
+        lines.append(f"- held-out cosine to the teacher: {final['held_out_cosine']:.4f}")
+    if "zero_shot" in final:
+        z = final["zero_shot"]
+        lines.append(
+            f"- zero-shot top-1: teacher {z['teacher'] * 100:.1f}%, student {z['student'] * 100:.1f}% "
+            f"(retention {z['retention'] * 100:.1f}%)"
+        )
+    inh = result["inheritance"]
+    lines += [
+        "",
+        f"Inherited {len(inh['inherited'])} tensors (teacher blocks {sorted(inh['layer_map'])}); "
+        f"{len(inh['new'])} new; {len(inh['frozen'])} frozen; {len(inh['trained'])} trained.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

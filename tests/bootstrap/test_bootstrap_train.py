@@ -1,0 +1,129 @@
+"""`mllm-sparse bootstrap` end to end on a tiny teacher and a tiny synthetic world."""
+
+import json
+
+import open_clip
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModel
+
+import bootstrap  # noqa: F401
+import bootstrap.train as train_module
+import mllm_sparse  # noqa: F401
+from bootstrap.train import roi_pooled_patches
+from mllm_sparse.cli import main as cli_main
+from mllm_sparse.synth import generate_world
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("btsp")
+    generate_world(root / "world", num_images=30, image_size=64, seed=2, workers=1, progress=False)
+    torch.manual_seed(0)
+    save_file(open_clip.create_model("synth-vit-test-16").state_dict(), root / "teacher.safetensors")
+    return root, f"open_clip:synth-vit-test-16@{root / 'teacher.safetensors'}"
+
+
+def _args(setup, out, *extra):
+    root, spec = setup
+    return [
+        "--teacher",
+        spec,
+        "--num-tokens",
+        "9",
+        "--data",
+        str(root / "world"),
+        "--out",
+        str(out),
+        "--batch-size",
+        "4",
+        "--image-size",
+        "64",
+        "--lr",
+        "3e-3",
+        *extra,
+    ]
+
+
+def test_two_steps_through_the_cli_into_a_checkpoint_that_reloads(setup, tmp_path):
+    out = tmp_path / "enc"
+    assert cli_main(["bootstrap", *_args(setup, out, "--steps", "2")]) == 0
+    model = AutoModel.from_pretrained(out)
+    assert type(model).__name__ == "SparseFormerModel" and model.config.num_tokens == 9
+    report = json.loads((out / "bootstrap_report.json").read_text())
+    assert report["steps"] == 2 and len(report["loss_curve"]) == 2
+    assert {"teacher", "student"} <= set(report["final"]["zero_shot"]) and "held_out_cosine" in report["final"]
+    assert report["inheritance"]["layer_map"] == {"1": 3, "2": 4}
+    assert (out / "bootstrap_report.md").is_file() and (out / "checkpoints" / "step_00000002").is_dir()
+    with torch.no_grad():
+        out_tokens = model(torch.randn(1, 3, 64, 64)).last_hidden_state
+    assert out_tokens.shape == (1, 9, 64)
+
+
+def test_resume_matches_an_uninterrupted_run(setup, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    cli_main(["bootstrap", *_args(setup, straight, "--steps", "4", "--save-every", "2")])
+    cli_main(["bootstrap", *_args(setup, resumed, "--steps", "4", "--save-every", "2")])
+    # Interrupt after step 2: drop what came later, then resume.
+    import shutil
+
+    shutil.rmtree(resumed / "checkpoints" / "step_00000004")
+    (resumed / "model.safetensors").unlink()
+    cli_main(["bootstrap", *_args(setup, resumed, "--steps", "4", "--resume")])
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], msg=key)
+    ra = json.loads((straight / "bootstrap_report.json").read_text())
+    rb = json.loads((resumed / "bootstrap_report.json").read_text())
+    assert ra["loss_curve"] == rb["loss_curve"]
+
+
+def test_teacher_cache_gives_the_same_training(setup, tmp_path):
+    cli_main(["bootstrap", *_args(setup, tmp_path / "a", "--steps", "2")])
+    cli_main(["bootstrap", *_args(setup, tmp_path / "b", "--steps", "2", "--cache-teacher")])
+    assert (tmp_path / "b" / "teacher_cache.safetensors").is_file()
+    la = json.loads((tmp_path / "a" / "bootstrap_report.json").read_text())["loss_curve"]
+    lb = json.loads((tmp_path / "b" / "bootstrap_report.json").read_text())["loss_curve"]
+    assert la == pytest.approx(lb, abs=1e-5)
+
+
+def test_token_loss_and_grad_accumulation_run(setup, tmp_path):
+    out = tmp_path / "tok"
+    cli_main(
+        [
+            "bootstrap",
+            *_args(setup, out, "--steps", "2", "--token-loss-weight", "0.5", "--grad-accum", "2", "--cache-teacher"),
+        ]
+    )
+    assert json.loads((out / "bootstrap_report.json").read_text())["steps"] == 2
+
+
+def test_roi_pooling_averages_the_patches_inside_each_box():
+    patches = torch.arange(16, dtype=torch.float32).view(1, 16, 1)  # 4x4 grid, value = index
+    rois = torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0], [0.3, 0.3, 0.32, 0.32]]])
+    pooled = roi_pooled_patches(patches, rois)
+    assert pooled[0, 0, 0] == pytest.approx((0 + 1 + 4 + 5) / 4)
+    assert pooled[0, 1, 0] == pytest.approx((10 + 11 + 14 + 15) / 4)
+    assert pooled[0, 2, 0] == 5  # no centre inside: the nearest patch
+
+
+def test_nan_loss_stops_with_a_clear_error(setup, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_module, "alignment_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(FloatingPointError, match="loss became nan at step 0"):
+        train_module.main(_args(setup, tmp_path / "nan", "--steps", "1"))
+
+
+def test_bad_inputs(setup, tmp_path):
+    with pytest.raises(FileNotFoundError, match="Bootstrap data not found"):
+        train_module.main(_args(setup, tmp_path / "x", "--steps", "1")[: -0 or None] + ["--data", str(tmp_path / "no")])
+    with pytest.raises(ValueError, match="must look like"):
+        train_module.main(["--teacher", "vit", "--num-tokens", "9", "--data", ".", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match=">= 2"):
+        train_module.main(_args(setup, tmp_path / "y", "--steps", "1") + ["--num-tokens", "1"])
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train_module.main(_args(setup, tmp_path / "z", "--steps", "1", "--resume"))
+    bad = tmp_path / "bad.json"
+    bad.write_text("[{")
+    with pytest.raises(ValueError, match="Malformed JSON"):
+        train_module.main(_args(setup, tmp_path / "w", "--steps", "1") + ["--data", str(bad)])
