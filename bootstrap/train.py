@@ -22,11 +22,11 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from mllm_sparse import SparseFormerModel, profile
-from mllm_sparse.profiling import count_gflops
+from mllm_sparse import SparseFormerModel
 from mllm_sparse.synth.generate import write_json
 
 from .data import TwoViewImages, list_images
+from .evaluate import evaluate_encoder, held_out_cosine
 from .inherit import inherit
 from .teachers import Teacher, load_teacher
 
@@ -197,19 +197,6 @@ def alignment_loss(student: SparseFormerModel, pixels, targets, token_weight: fl
     return loss
 
 
-@torch.no_grad()
-def held_out_cosine(student, teacher_targets: TeacherTargets, loader, device, autocast) -> float:
-    student.eval()
-    sims = []
-    for _, pixels, teacher_pixels in loader:
-        with autocast():
-            embeds = student(pixels.to(device)).image_embeds.float()
-        target = teacher_targets.compute(teacher_pixels.to(device))["embeds"]
-        sims.append(F.cosine_similarity(embeds, target, dim=-1).cpu())
-    student.train()
-    return float(torch.cat(sims).mean())
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.num_tokens < 2:
@@ -313,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
             bar.update(1)
             bar.set_postfix(loss=f"{total:.4f}", img_s=f"{seen / (time.perf_counter() - start):.1f}")
             if args.eval_every and state["step"] % args.eval_every == 0 and len(val_paths):
-                cosine = held_out_cosine(student, targets, val_loader, device, autocast)
+                cosine = held_out_cosine(student, targets.compute, val_loader, device, autocast)
                 state["evals"].append({"step": state["step"], "cosine": cosine})
             if args.save_every and state["step"] % args.save_every == 0:
                 save_checkpoint(args.out, student, optimizer, scheduler, state)
@@ -323,7 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     student.eval()
     save_checkpoint(args.out, student, optimizer, scheduler, state)
     student.save_pretrained(args.out)
-    final = evaluate(student, teacher, targets, val_loader, args, device, autocast, world_like)
+    final = evaluate_encoder(
+        student, teacher, val_loader, args.image_size, device, autocast, args.data if world_like else None
+    )
     result = {
         "teacher": args.teacher,
         "num_tokens": args.num_tokens,
@@ -342,50 +331,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def evaluate(student, teacher, targets, val_loader, args, device, autocast, world_like: bool) -> dict:
-    """Held-out cosine to the teacher, GFLOPs of both, and zero-shot side by side on a synthetic world."""
-    teacher_example = torch.randn(1, 3, teacher.arch.image_size, teacher.arch.image_size, device=device)
-    final = {
-        "student_gflops": profile(student, args.image_size).gflops,
-        "teacher_gflops": count_gflops(lambda x: teacher.encode_image(x), teacher_example),
-        "student_tokens": student.num_tokens,
-        "teacher_tokens": teacher.arch.num_patches + 1,
-    }
-    if len(val_loader.dataset):
-        final["held_out_cosine"] = held_out_cosine(student, targets, val_loader, device, autocast)
-    if world_like:
-        final["zero_shot"] = zero_shot_side_by_side(student, teacher, args.data, args.image_size, device)
-    return final
-
-
-@torch.no_grad()
-def zero_shot_side_by_side(student, teacher: Teacher, world_dir: Path, image_size: int, device) -> dict:
-    """Zero-shot top-1 of teacher and student with the teacher's text tower (the student replaces `clip.visual`)."""
-    from mllm_sparse.synth.dataset import SyntheticWorld
-
-    world = SyntheticWorld(world_dir)
-    texts = [[t.format(c) for t in world.templates] for c in world.class_names]
-    classifier = torch.stack(
-        [F.normalize(F.normalize(teacher.encode_text(t).float(), dim=-1).mean(0), dim=0) for t in texts], dim=1
-    )
-    paths = list_images(world_dir, "test")
-    arch = teacher.arch
-    data = TwoViewImages(paths, image_size, arch.mean, arch.std, arch.image_size, arch.mean, arch.std)
-    labels = {r["image"]: r["label"] for r in world.labels["images"]}
-    hits = {"teacher": [], "student": []}
-    for index, pixels, teacher_pixels in DataLoader(data, batch_size=64):
-        truth = torch.tensor([labels[paths[i].relative_to(world_dir).as_posix()] for i in index.tolist()])
-        for name, embeds in (
-            ("student", student(pixels.to(device)).image_embeds),
-            ("teacher", teacher.encode_image(teacher_pixels.to(device))),
-        ):
-            pred = (F.normalize(embeds.float(), dim=-1) @ classifier).argmax(-1).cpu()
-            hits[name].append(pred == truth)
-    top1 = {name: float(torch.cat(h).float().mean()) for name, h in hits.items()}
-    top1["retention"] = top1["student"] / top1["teacher"] if top1["teacher"] > 0 else float("nan")
-    return top1
-
-
 def report_markdown(result: dict) -> str:
     final = result["final"]
     lines = [
@@ -401,9 +346,10 @@ def report_markdown(result: dict) -> str:
         lines.append(f"- held-out cosine to the teacher: {final['held_out_cosine']:.4f}")
     if "zero_shot" in final:
         z = final["zero_shot"]
+        retention = "n/a" if z["retention"] is None else f"{z['retention'] * 100:.1f}%"
         lines.append(
             f"- zero-shot top-1: teacher {z['teacher'] * 100:.1f}%, student {z['student'] * 100:.1f}% "
-            f"(retention {z['retention'] * 100:.1f}%)"
+            f"(retention {retention})"
         )
     inh = result["inheritance"]
     lines += [

@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("mllm_sparse.synth.cli", "generate the built-in synthetic world (images, captions, labels, LLaVA QA)"),
     "train-teacher": ("bootstrap.train_teacher", "train a small open_clip CLIP on a synthetic world's captions"),
     "bootstrap": ("bootstrap.train", "bootstrap a SparseFormer from a CLIP ViT teacher (no labels)"),
+    "eval-encoder": ("bootstrap.evaluate", "compare a bootstrapped encoder with its teacher"),
 }
 
 
