@@ -61,8 +61,8 @@ def test_two_steps_through_the_cli_into_a_checkpoint_that_reloads(setup, tmp_pat
     assert out_tokens.shape == (1, 9, 64)
     # The same evaluation on its own.
     root, spec = setup
-    assert cli_main(["eval-encoder", "--encoder", str(out), "--teacher", spec, "--data", str(root / "world"),
-                     "--out", str(tmp_path / "eval.json")]) == 0
+    eval_args = ["--encoder", str(out), "--teacher", spec, "--data", str(root / "world")]
+    assert cli_main(["eval-encoder", *eval_args, "--out", str(tmp_path / "eval.json")]) == 0
     evaluation = json.loads((tmp_path / "eval.json").read_text())
     assert evaluation["zero_shot"] == pytest.approx(report["final"]["zero_shot"])
     assert evaluation["student_tokens"] == 9 and evaluation["teacher_tokens"] == 17
