@@ -1,0 +1,127 @@
+"""Bootstrapping on the synthetic world: zero-shot retention at N = 1/4 and 1/9 of the teacher's patch tokens,
+and student training throughput with and without the teacher cache.
+
+    uv run python benchmarks/bootstrap_synthetic.py --teacher runs/bench/teacher --world runs/bench/train_default
+
+(the teacher and world of `benchmarks/synthetic_world.py`). Writes benchmarks/results/bootstrap_synthetic.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+from pathlib import Path
+
+import torch
+
+from bootstrap.train import main as bootstrap_main
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def run(args, out: Path, num_tokens: int, steps: int, *extra: str) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    spec = f"open_clip:{args.model}@{args.teacher / 'open_clip_model.safetensors'}"
+    bootstrap_main(
+        [
+            "--teacher",
+            spec,
+            "--num-tokens",
+            str(num_tokens),
+            "--data",
+            str(args.world),
+            "--out",
+            str(out),
+            "--steps",
+            str(steps),
+            "--batch-size",
+            str(args.batch_size),
+            "--lr",
+            str(args.lr),
+            "--warmup-steps",
+            str(max(1, steps // 20)),
+            *extra,
+        ]
+    )
+    return json.loads((out / "bootstrap_report.json").read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", type=Path, default=Path("runs/bench/teacher"))
+    parser.add_argument("--world", type=Path, default=Path("runs/bench/train_default"))
+    parser.add_argument("--work", type=Path, default=Path("runs/bench/bootstrap"))
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--throughput-steps", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    args.model = json.loads((args.teacher / "zero_shot.json").read_text())["model"]
+    patches = json.loads((args.teacher / "open_clip_config.json").read_text())["model_cfg"]["vision_cfg"]
+    num_patches = (patches["image_size"] // patches["patch_size"]) ** 2
+    budgets = {"1/4": num_patches // 4, "1/9": num_patches // 9}
+
+    # Throughput: the same short run with the teacher computed per batch, then from the cache (cache built first).
+    no_cache = run(args, args.work / "throughput_no_cache", budgets["1/4"], args.throughput_steps)
+    cached = run(args, args.work / "throughput_cache", budgets["1/4"], args.throughput_steps, "--cache-teacher")
+    throughput = {
+        "without_cache_images_per_s": no_cache["images_per_second_this_run"],
+        "with_cache_images_per_s": cached["images_per_second_this_run"],
+    }
+    throughput["speedup"] = throughput["with_cache_images_per_s"] / throughput["without_cache_images_per_s"]
+
+    results = {}
+    for fraction, tokens in budgets.items():
+        report = run(args, args.work / f"n{tokens}", tokens, args.steps, "--cache-teacher")
+        results[fraction] = {
+            "num_tokens": tokens,
+            "steps": report["steps"],
+            **report["final"],
+            "train_seconds": report["train_seconds_this_run"],
+        }
+    report = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} (CPU)",
+        "teacher": str(args.teacher),
+        "teacher_patch_tokens": num_patches,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "throughput": throughput,
+        "results": results,
+    }
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "bootstrap_synthetic.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = [
+        "# Bootstrapping on the synthetic world",
+        "",
+        f"Machine: {report['machine']}. Teacher: `{args.model}` "
+        f"({num_patches} patch tokens). {args.steps} steps of {args.batch_size}.",
+        "",
+        "| budget | tokens | teacher top-1 | student top-1 | retention | held-out cosine "
+        "| GFLOPs (student / teacher) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for fraction, row in results.items():
+        z = row["zero_shot"]
+        retention = "n/a" if z["retention"] is None else f"{z['retention'] * 100:.1f}%"
+        lines.append(
+            f"| {fraction} | {row['num_tokens']} | {z['teacher'] * 100:.1f}% | {z['student'] * 100:.1f}% | "
+            f"{retention} | {row['held_out_cosine']:.3f} | {row['student_gflops']:.2f} / "
+            f"{row['teacher_gflops']:.2f} |"
+        )
+    lines += [
+        "",
+        f"Student training throughput: {throughput['without_cache_images_per_s']:.1f} images/s with the "
+        f"teacher run per batch, {throughput['with_cache_images_per_s']:.1f} images/s from the teacher cache "
+        f"({throughput['speedup']:.2f}×).",
+    ]
+    (args.out_dir / "bootstrap_synthetic.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
