@@ -22,8 +22,11 @@ from bootstrap.train import main as bootstrap_main
 RESULTS = Path(__file__).parent / "results"
 
 
-def run(args, out: Path, num_tokens: int, steps: int, *extra: str) -> dict:
+def run(args, out: Path, num_tokens: int, steps: int, *extra: str, cache: Path | None = None) -> dict:
     shutil.rmtree(out, ignore_errors=True)
+    if cache is not None:  # teacher targets depend on the teacher and the images only: share one cache
+        out.mkdir(parents=True)
+        shutil.copy(cache, out / cache.name)
     spec = f"open_clip:{args.model}@{args.teacher / 'open_clip_model.safetensors'}"
     bootstrap_main(
         [
@@ -76,7 +79,14 @@ def main(argv: list[str] | None = None) -> int:
 
     results = {}
     for fraction, tokens in budgets.items():
-        report = run(args, args.work / f"n{tokens}", tokens, args.steps, "--cache-teacher")
+        report = run(
+            args,
+            args.work / f"n{tokens}",
+            tokens,
+            args.steps,
+            "--cache-teacher",
+            cache=args.work / "throughput_cache" / "teacher_cache.safetensors",
+        )
         results[fraction] = {
             "num_tokens": tokens,
             "steps": report["steps"],
