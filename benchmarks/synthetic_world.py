@@ -26,8 +26,9 @@ import torch
 import bootstrap
 from bootstrap.train_teacher import main as train_teacher
 from bootstrap.zero_shot import question_probe_report, zero_shot_report
+from mllm_sparse.files import read_jsonl
 from mllm_sparse.synth import generate_world
-from mllm_sparse.synth.dataset import SyntheticWorld, read_jsonl
+from mllm_sparse.synth.dataset import SyntheticWorld
 from mllm_sparse.synth.world import DIFFICULTIES
 
 RESULTS = Path(__file__).parent / "results"

@@ -6,13 +6,13 @@ Each item is one image preprocessed twice, for the student and for the teacher, 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
+from mllm_sparse.files import read_json
 from mllm_sparse.images import load_image, preprocess
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -29,15 +29,12 @@ def list_images(data: str | Path, split: str = "train", image_folder: str | Path
     if not data.exists():
         raise FileNotFoundError(f"Bootstrap data not found: {data}")
     if data.is_dir() and (data / "world.json").is_file():
-        labels = json.loads((data / "labels.json").read_text())
+        labels = read_json(data / "labels.json")
         paths = [data / r["image"] for r in labels["images"] if r["split"] == split]
     elif data.is_dir():
         paths = sorted(p for p in data.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     elif data.suffix == ".json":
-        try:
-            records = json.loads(data.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"Malformed JSON in {data}: {err}") from err
+        records = read_json(data)
         if not isinstance(records, list):
             raise ValueError(f"{data} must hold a JSON list of LLaVA records")
         root = Path(image_folder) if image_folder else data.parent

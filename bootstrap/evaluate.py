@@ -18,7 +18,9 @@ from mllm_sparse import SparseFormerModel, profile
 from mllm_sparse.profiling import count_gflops
 
 from .data import TwoViewImages, list_images
+from .targets import TeacherTargets
 from .teachers import Teacher, load_teacher
+from .zero_shot import text_classifier
 
 
 @torch.no_grad()
@@ -42,10 +44,7 @@ def zero_shot_side_by_side(student, teacher: Teacher, world_dir: Path, image_siz
     from mllm_sparse.synth.dataset import SyntheticWorld
 
     world = SyntheticWorld(world_dir)
-    texts = [[t.format(c) for t in world.templates] for c in world.class_names]
-    classifier = torch.stack(
-        [F.normalize(F.normalize(teacher.encode_text(t).float(), dim=-1).mean(0), dim=0) for t in texts], dim=1
-    )
+    classifier = text_classifier(teacher.encode_text, world.class_names, world.templates)
     paths = list_images(world_dir, "test")
     arch = teacher.arch
     data = TwoViewImages(paths, image_size, arch.mean, arch.std, arch.image_size, arch.mean, arch.std)
@@ -73,17 +72,13 @@ def evaluate_encoder(
     example = torch.randn(1, 3, arch.image_size, arch.image_size, device=device)
     result = {
         "student_gflops": profile(student, image_size).gflops,
-        "teacher_gflops": count_gflops(lambda x: teacher.encode_image(x), example),
+        "teacher_gflops": count_gflops(teacher.encode_image, example),
         "student_tokens": student.num_tokens,
         "teacher_tokens": arch.num_patches + 1,
     }
     if len(loader.dataset):
-
-        def embed(x):
-            with autocast():
-                return {"embeds": teacher.encode_image(x).float()}
-
-        result["held_out_cosine"] = held_out_cosine(student, embed, loader, device, autocast)
+        targets = TeacherTargets(teacher, need_patches=False, autocast=autocast)
+        result["held_out_cosine"] = held_out_cosine(student, targets.compute, loader, device, autocast)
     if world_dir is not None:
         result["zero_shot"] = zero_shot_side_by_side(student, teacher, world_dir, image_size, device)
     return result

@@ -18,17 +18,19 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from mllm_sparse import SparseFormerModel
-from mllm_sparse.synth.generate import write_json
+from mllm_sparse.files import write_json
 
 from .data import TwoViewImages, list_images
 from .evaluate import evaluate_encoder, held_out_cosine
 from .inherit import inherit
-from .teachers import Teacher, load_teacher
+from .optim import param_groups
+from .targets import TeacherTargets
+from .teachers import load_teacher
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,15 +108,6 @@ def lr_lambda(warmup: int, total: int):
     return fn
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim < 2 or "embedding" in name or "initial_roi" in name else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def epoch_order(num_items: int, seed: int, epoch: int) -> torch.Tensor:
     """The data order of an epoch, a function of (seed, epoch) only, so a resumed run replays it exactly."""
     return torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
@@ -143,41 +136,6 @@ def save_checkpoint(out: Path, student: SparseFormerModel, optimizer, scheduler,
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
-
-
-class TeacherTargets:
-    """Teacher embeddings (and patch tokens for the token term) per dataset index, cached or computed per batch."""
-
-    def __init__(self, teacher: Teacher, need_patches: bool, autocast):
-        self.teacher, self.need_patches, self.autocast = teacher, need_patches, autocast
-        self.cache: dict[str, torch.Tensor] | None = None
-
-    @torch.no_grad()
-    def compute(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        with self.autocast():
-            out = {"embeds": self.teacher.encode_image(pixels).float()}
-            if self.need_patches:
-                out["patches"] = self.teacher.patch_tokens(pixels, -1).float()
-        return out
-
-    def build_cache(self, loader: DataLoader, path: Path, device) -> None:
-        """Compute every training image's targets once (or load them from `path`)."""
-        if path.is_file():
-            self.cache = load_file(path)
-            return
-        parts: dict[str, list[torch.Tensor]] = {}
-        for _, _, teacher_pixels in tqdm(loader, desc="teacher cache", unit="batch"):
-            for key, value in self.compute(teacher_pixels.to(device)).items():
-                parts.setdefault(key, []).append(value.cpu())
-        self.cache = {key: torch.cat(values) for key, values in parts.items()}
-        tmp = path.with_suffix(".tmp")
-        save_file(self.cache, tmp)
-        os.replace(tmp, path)
-
-    def get(self, index: torch.Tensor, teacher_pixels: torch.Tensor, device) -> dict[str, torch.Tensor]:
-        if self.cache is not None:
-            return {key: value[index].to(device) for key, value in self.cache.items()}
-        return self.compute(teacher_pixels.to(device))
 
 
 def alignment_loss(student: SparseFormerModel, pixels, targets, token_weight: float, token_layer: int):

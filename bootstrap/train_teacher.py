@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import time
 from pathlib import Path
 
@@ -24,9 +23,10 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from mllm_sparse.configuration import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from mllm_sparse.files import atomic_path, write_json
 from mllm_sparse.synth.dataset import SyntheticWorld
-from mllm_sparse.synth.generate import write_json
 
+from .optim import param_groups
 from .teacher_models import TEACHER_MODELS, register_teacher_configs
 from .zero_shot import zero_shot_report
 
@@ -60,17 +60,6 @@ def lr_at(progress: float, base_lr: float, warmup: float) -> float:
     return base_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warmup) / (1 - warmup))))
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: not on gains, biases, embeddings of position or class, nor the logit scale."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.ndim < 2 or "embedding" in name or "logit_scale" in name or name.endswith("class_embedding"):
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def save_teacher(model: torch.nn.Module, name: str, out: Path, image_size: int) -> None:
     """Write the weights and both config files (see the module docstring), atomically."""
     out.mkdir(parents=True, exist_ok=True)
@@ -82,9 +71,8 @@ def save_teacher(model: torch.nn.Module, name: str, out: Path, image_size: int) 
         "interpolation": "bicubic",
         "resize_mode": "shortest",
     }
-    tmp = out / ".open_clip_model.safetensors.tmp"
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp)
-    os.replace(tmp, out / "open_clip_model.safetensors")
+    with atomic_path(out / "open_clip_model.safetensors") as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp)
     write_json(out / f"{name}.json", model_cfg)
     write_json(out / "open_clip_config.json", {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg})
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-import torch
-from open_clip import build_zero_shot_classifier
+from collections.abc import Callable
 
-from mllm_sparse.synth.dataset import SyntheticWorld, read_json
+import torch
+import torch.nn.functional as F
+
+from mllm_sparse.files import read_json
+from mllm_sparse.synth.dataset import SyntheticWorld
 from mllm_sparse.synth.text import NUMBER_WORDS
 
 
@@ -20,13 +23,25 @@ def image_features(encode, images, device: torch.device, batch_size: int = 128) 
 
 
 @torch.no_grad()
+def text_classifier(encode_text: Callable[[list[str]], torch.Tensor], class_names, templates) -> torch.Tensor:
+    """[D, K] zero-shot weights: per class, the normalised mean of its normalised template embeddings."""
+    weights = []
+    for name in class_names:
+        texts = F.normalize(encode_text([t.format(name) for t in templates]).float(), dim=-1)
+        weights.append(F.normalize(texts.mean(0), dim=0))
+    return torch.stack(weights, dim=1)
+
+
+@torch.no_grad()
 def zero_shot_report(model, tokenizer, world: SyntheticWorld, split: str, image_size: int, device, encode=None) -> dict:
     """Top-1 of `encode` (default: the CLIP model's own image tower) against the text tower's class embeddings,
     overall and by the size class of each image's principal object."""
-    classifier = build_zero_shot_classifier(model, tokenizer, world.class_names, world.templates, device=device)
+    classifier = text_classifier(
+        lambda texts: model.encode_text(tokenizer(texts).to(device)), world.class_names, world.templates
+    )
     images = world.captioned_images(split, image_size)
     feats = image_features(encode or model.encode_image, images, device)
-    correct = (feats @ classifier.float()).argmax(dim=-1).cpu() == images.labels
+    correct = (feats @ classifier).argmax(dim=-1).cpu() == images.labels
     sizes = [r["scene"]["objects"][0]["size"] if r.get("scene") else "unknown" for r in world.records(split)]
     by_size = {}
     for size in sorted(set(sizes)):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,30 +12,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from ..configuration import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from ..files import read_json, read_jsonl
 from ..images import load_image
-
-
-def read_json(path: Path):
-    if not path.is_file():
-        raise FileNotFoundError(f"Missing {path.name} in {path.parent} (is it a world written by `mllm-sparse synth`?)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"Malformed JSON in {path}: {err}") from err
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise FileNotFoundError(f"Missing {path.name} in {path.parent} (is it a world written by `mllm-sparse synth`?)")
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"Malformed JSON in {path} line {number}: {err}") from err
-    return rows
 
 
 @dataclass

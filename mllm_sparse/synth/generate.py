@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
@@ -13,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ..files import write_json, write_jsonl
 from .png import write_png
 from .text import QUESTION_TYPES, ZERO_SHOT_TEMPLATES, captions, scene_conversations, text_only_record
 from .world import COLORS, SHAPES, WorldSettings, class_names, make_scene
@@ -54,22 +53,6 @@ def _render_chunk(args: tuple[str, WorldSettings, int, int, list[int], int]) -> 
             }
         )
     return records
-
-
-def write_json(path: Path, data) -> None:
-    """Write JSON atomically (temp file, then rename)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
 
 
 def generate_world(

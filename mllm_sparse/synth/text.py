@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .world import COLOR_NAMES, COLORS, SHAPES, Scene, SceneObject, class_names
+from .world import COLOR_NAMES, SHAPES, Scene, SceneObject, class_names
 
 QUESTION_TYPES = ("color", "count", "position", "existence", "largest")
 ONE_WORD = "Answer with a single word."
@@ -102,7 +102,7 @@ def make_question(scene: Scene, qtype: str, rng: np.random.Generator) -> dict | 
             answer = sum(o.shape == shape for o in scene.objects)
             question = f"How many {_plural(shape)} are there? {ONE_NUMBER}"
             return _qa(question, str(answer), qtype, "none", _plural(shape), COUNTS)
-        color = str(rng.choice(list(COLORS)))
+        color = str(rng.choice(COLOR_NAMES))
         answer = sum(o.color == color for o in scene.objects)
         question = f"How many {color} objects are there? {ONE_NUMBER}"
         return _qa(question, str(answer), qtype, "none", f"{color} objects", COUNTS)
@@ -127,7 +127,7 @@ def make_question(scene: Scene, qtype: str, rng: np.random.Generator) -> dict | 
             return _qa(
                 f"Is there a {obj.name} in the image? {YES_NO}", "yes", qtype, obj.size, obj.name, YES_NO_CHOICES
             )
-        absent = [f"{c} {s}" for c in COLORS for s in SHAPES if f"{c} {s}" not in present]
+        absent = [name for name in class_names() if name not in present]
         name = absent[int(rng.integers(len(absent)))]
         return _qa(f"Is there a {name} in the image? {YES_NO}", "no", qtype, "none", name, YES_NO_CHOICES)
     if qtype == "largest":
