@@ -156,3 +156,49 @@ def hf_clip_visual_to_sparseformer(state_dict: dict[str, Tensor], layer_map: dic
             continue
         vision[key.removeprefix("vision_model.")] = value
     return _convert(vision, HF_CLIP_VISUAL, HF_CLIP_HEAD, HF_CLIP_IGNORE, layer_map, "HF CLIP vision")
+
+
+# open_clip VisionTransformer → HF `CLIPVisionModel` (transformers 5 keys, no "vision_model." prefix). The projection is
+# dropped: a LLaVA tower hands hidden states to the projector and never uses the CLIP embedding.
+OPEN_CLIP_TO_HF_CLIP_VISION = {
+    "conv1.weight": "embeddings.patch_embedding.weight",
+    "class_embedding": "embeddings.class_embedding",
+    "positional_embedding": "embeddings.position_embedding.weight",
+    "ln_pre.weight": "pre_layrnorm.weight",
+    "ln_pre.bias": "pre_layrnorm.bias",
+    "transformer.resblocks.{}.ln_1.weight": "encoder.layers.{}.layer_norm1.weight",
+    "transformer.resblocks.{}.ln_1.bias": "encoder.layers.{}.layer_norm1.bias",
+    "transformer.resblocks.{}.attn.in_proj_weight": "encoder.layers.{}.self_attn.{}_proj.weight",
+    "transformer.resblocks.{}.attn.in_proj_bias": "encoder.layers.{}.self_attn.{}_proj.bias",
+    "transformer.resblocks.{}.attn.out_proj.weight": "encoder.layers.{}.self_attn.out_proj.weight",
+    "transformer.resblocks.{}.attn.out_proj.bias": "encoder.layers.{}.self_attn.out_proj.bias",
+    "transformer.resblocks.{}.ln_2.weight": "encoder.layers.{}.layer_norm2.weight",
+    "transformer.resblocks.{}.ln_2.bias": "encoder.layers.{}.layer_norm2.bias",
+    "transformer.resblocks.{}.mlp.c_fc.weight": "encoder.layers.{}.mlp.fc1.weight",
+    "transformer.resblocks.{}.mlp.c_fc.bias": "encoder.layers.{}.mlp.fc1.bias",
+    "transformer.resblocks.{}.mlp.c_proj.weight": "encoder.layers.{}.mlp.fc2.weight",
+    "transformer.resblocks.{}.mlp.c_proj.bias": "encoder.layers.{}.mlp.fc2.bias",
+    "ln_post.weight": "post_layernorm.weight",
+    "ln_post.bias": "post_layernorm.bias",
+}
+OPEN_CLIP_TO_HF_CLIP_VISION_IGNORE = {"proj"}
+
+
+def open_clip_visual_to_hf_clip_vision(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """open_clip `visual` state_dict → HF `CLIPVisionModel` state_dict (fused in_proj split into q/k/v)."""
+    out: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        if key in OPEN_CLIP_TO_HF_CLIP_VISION_IGNORE:
+            continue
+        hit = _match(OPEN_CLIP_TO_HF_CLIP_VISION, key)
+        if hit is None:
+            raise KeyError(f"open_clip visual: unexpected key {key!r}; not in the HF CLIP key table or ignore set")
+        target, index = hit
+        if key == "positional_embedding" and value.ndim == 3:
+            value = value[0]
+        if ".{}_proj." in target:  # in_proj packs q, k and v along the output dimension
+            for part, chunk in zip("qkv", value.chunk(3, dim=0), strict=True):
+                out[target.format(index, part)] = chunk.contiguous()
+        else:
+            out[target.format(index)] = value
+    return out

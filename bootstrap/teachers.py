@@ -13,7 +13,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .converters import hf_clip_visual_to_sparseformer, open_clip_visual_to_sparseformer
+from .converters import (
+    hf_clip_visual_to_sparseformer,
+    open_clip_visual_to_hf_clip_vision,
+    open_clip_visual_to_sparseformer,
+)
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,33 @@ class Teacher(ABC):
         """[B, P, C] patch tokens (CLS dropped) after block `layer`."""
         return self.tokens(pixels, layer)[:, 1:]
 
+    @abstractmethod
+    def vision_state_dict(self) -> dict[str, Tensor]:
+        """The vision tower's weights in HF `CLIPVisionModel` keys."""
+
+    def to_hf_clip_vision(self):
+        """The vision tower as an HF `CLIPVisionModel` (e.g. the full-token baseline tower of a LLaVA model).
+
+        Its `hidden_states[k + 1]` equal `tokens(pixels, k)`: hidden_states[0] is the embedding output.
+        """
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+
+        arch = self.arch
+        config = CLIPVisionConfig(
+            hidden_size=arch.width,
+            intermediate_size=round(arch.width * arch.mlp_ratio),
+            num_hidden_layers=arch.layers,
+            num_attention_heads=arch.heads,
+            image_size=arch.image_size,
+            patch_size=arch.patch_size,
+            hidden_act="quick_gelu" if arch.quick_gelu else "gelu",
+            layer_norm_eps=arch.ln_eps,
+            projection_dim=arch.proj_dim,
+        )
+        model = CLIPVisionModel(config)
+        model.load_state_dict(self.vision_state_dict(), strict=True)
+        return model.eval()
+
 
 class OpenClipTeacher(Teacher):
     def __init__(self, spec: str, model: nn.Module, tokenizer, preprocess_cfg: dict):
@@ -116,6 +147,9 @@ class OpenClipTeacher(Teacher):
     def to_sparseformer(self, layer_map: dict[int, int]) -> dict[str, Tensor]:
         return open_clip_visual_to_sparseformer(self.model.visual.state_dict(), layer_map)
 
+    def vision_state_dict(self) -> dict[str, Tensor]:
+        return open_clip_visual_to_hf_clip_vision(self.model.visual.state_dict())
+
     def encode_text(self, texts: list[str]) -> Tensor:
         return self.model.encode_text(self.tokenizer(texts))
 
@@ -160,6 +194,9 @@ class HFClipTeacher(Teacher):
 
     def to_sparseformer(self, layer_map: dict[int, int]) -> dict[str, Tensor]:
         return hf_clip_visual_to_sparseformer(self.model.state_dict(), layer_map)
+
+    def vision_state_dict(self) -> dict[str, Tensor]:
+        return dict(self._vision.state_dict())
 
     def encode_text(self, texts: list[str]) -> Tensor:
         if not hasattr(self.model, "get_text_features") or self.tokenizer is None:

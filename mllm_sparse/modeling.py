@@ -15,6 +15,9 @@ from transformers.utils import ModelOutput
 from .configuration import SparseFormerConfig
 from .modules import AdaptiveMixing, EarlyConvolution, SparseFormerUnit, WidthTransition
 
+# Flags transformers passes to every vision tower (e.g. from LlavaModel); accepted and ignored.
+HF_PLUMBING_KWARGS = {"output_attentions", "interpolate_pos_encoding", "use_cache"}
+
 
 @dataclass
 class SparseFormerOutput(ModelOutput):
@@ -59,6 +62,10 @@ class SparseFormerPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         """The reference initialisation, written through `transformers.initialization` so loaded weights stay."""
+        if any(hasattr(p, "ds_id") for p in module.parameters()):
+            # Partitioned by DeepSpeed ZeRO-3 (`from_pretrained` under zero.Init): each rank holds an empty shard
+            # and the checkpoint's weights are loaded into the gathered parameters afterwards.
+            return
         if isinstance(module, nn.Linear):
             init.trunc_normal_(module.weight, std=0.02)
             if module.bias is not None:
@@ -140,7 +147,9 @@ class SparseFormerModel(SparseFormerPreTrainedModel):
         self.initial_embedding = nn.Embedding(1 if config.same_token_embedding else config.num_latent_tokens, widths[0])
         self.cls_embedding = nn.Embedding(1, widths[-1]) if config.has_cls_token else None
 
-        rates = torch.linspace(0.0, config.drop_path_rate, sum(config.repeats)).tolist()
+        total = sum(config.repeats)
+        # Plain floats, not torch.linspace: the model must also build on the "meta" device.
+        rates = [config.drop_path_rate * i / max(1, total - 1) for i in range(total)]
         self.layers = nn.ModuleList()
         self.unit_layer_indices: list[int] = []
         start = 0
@@ -221,7 +230,7 @@ class SparseFormerModel(SparseFormerPreTrainedModel):
             kwargs: HF plumbing flags (e.g. `output_attentions`), accepted for pipeline compatibility; attention
                 maps are not materialised because attention runs through SDPA.
         """
-        unknown = set(kwargs) - {"output_attentions", "interpolate_pos_encoding"}
+        unknown = set(kwargs) - HF_PLUMBING_KWARGS
         if unknown:
             raise TypeError(f"SparseFormerModel.forward got unexpected arguments: {sorted(unknown)}")
         if output_hidden_states is None:

@@ -152,3 +152,15 @@ def test_open_clip_teacher_exposes_preprocessing_and_text(open_clip_teacher):
     text = open_clip_teacher.encode_text(["a red circle", "a blue square"])
     assert text.shape == (2, 32)
     assert bootstrap.TeacherArch is type(arch)
+
+
+@pytest.mark.parametrize("which", ["open_clip_teacher", "hf_teacher"])
+def test_hf_clip_vision_tower_reproduces_the_teacher_tokens(which, request):
+    """The full-token LLaVA baseline tower (key-table converted to HF CLIP) gives the teacher's tokens exactly."""
+    teacher = request.getfixturevalue(which)
+    tower = teacher.to_hf_clip_vision()
+    pixels = torch.randn(2, 3, teacher.arch.image_size, teacher.arch.image_size)
+    with torch.no_grad():
+        hidden = tower(pixel_values=pixels, output_hidden_states=True).hidden_states
+        for layer in (0, teacher.arch.layers - 2, teacher.arch.layers - 1):
+            torch.testing.assert_close(hidden[layer + 1], teacher.tokens(pixels, layer), rtol=1e-4, atol=1e-5)

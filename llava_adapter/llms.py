@@ -1,0 +1,103 @@
+"""The language model of a VLM: any HF causal LM (hub id or folder), or a tiny one built from a config.
+
+Tiny LLMs (`tiny-llama`, `tiny-qwen2`, `tiny-phi3`) are the real transformers classes at toy size, with a
+byte-level BPE tokenizer trained on a corpus (e.g. the synthetic world's text), so the whole pipeline runs on a
+laptop and in tests without downloading anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    Phi3Config,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Qwen2Config,
+)
+
+from mllm_sparse.files import read_json, read_jsonl
+
+# Shared toy dimensions: big enough to learn the synthetic world's QA, small enough for 2 CPU cores.
+_TINY = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+TINY_LLMS: dict[str, type[PretrainedConfig]] = {
+    "tiny-llama": LlamaConfig,
+    "tiny-qwen2": Qwen2Config,
+    "tiny-phi3": Phi3Config,
+}
+
+
+def tiny_llm_config(name: str, tokenizer: PreTrainedTokenizerBase, max_positions: int = 1024, **overrides):
+    """The config of tiny LLM `name`, sized to the tokenizer's vocabulary."""
+    if name not in TINY_LLMS:
+        raise ValueError(f"Unknown tiny LLM {name!r}; choose from {sorted(TINY_LLMS)}")
+    fields = dict(_TINY, max_position_embeddings=max_positions, vocab_size=len(tokenizer), tie_word_embeddings=True)
+    fields.update(overrides)
+    return TINY_LLMS[name](
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **fields,
+    )
+
+
+def corpus_texts(path: str | Path) -> Iterator[str]:
+    """Every text of a corpus: a synthetic-world folder (LLaVA JSON + captions), a LLaVA JSON file or a text file."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("llava_*.json")) + sorted(path.glob("captions.jsonl"))
+        if not files:
+            raise FileNotFoundError(f"Corpus folder {path} has no llava_*.json or captions.jsonl")
+        for file in files:
+            yield from corpus_texts(file)
+    elif path.suffix == ".json":
+        for record in read_json(path):
+            for turn in record.get("conversations", []):
+                yield turn["value"].replace("<image>", "")
+    elif path.suffix == ".jsonl":
+        for row in read_jsonl(path):
+            captions = row.get("captions", row.get("caption", []))
+            yield from [captions] if isinstance(captions, str) else captions
+    elif path.is_file():
+        yield from path.read_text().splitlines()
+    else:
+        raise FileNotFoundError(f"Corpus not found: {path}")
+
+
+def load_llm(
+    name_or_dir: str,
+    tokenizer_corpus: str | Path | None = None,
+    vocab_size: int = 1024,
+    seed: int = 0,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A causal LM and its tokenizer.
+
+    Args:
+        name_or_dir: a tiny LLM name (see `TINY_LLMS`), a local folder or a hub id (`AutoModelForCausalLM`).
+        tokenizer_corpus: for tiny LLMs, the text the tokenizer is trained on (see `corpus_texts`).
+        vocab_size: tiny LLMs' BPE vocabulary size.
+    """
+    if name_or_dir in TINY_LLMS:
+        import torch
+
+        from .tokenizer import train_tokenizer
+
+        if tokenizer_corpus is None:
+            raise ValueError(f"Tiny LLM {name_or_dir!r} needs --tokenizer-corpus (e.g. a synthetic world folder)")
+        tokenizer = train_tokenizer(corpus_texts(tokenizer_corpus), vocab_size=vocab_size)
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(tiny_llm_config(name_or_dir, tokenizer)), tokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_dir)
+        model = AutoModelForCausalLM.from_pretrained(name_or_dir)
+    except OSError as err:
+        raise FileNotFoundError(
+            f"LLM {name_or_dir!r} could not be loaded ({err}). Offline, pass a local folder holding config.json, "
+            f"the weights and the tokenizer, or a tiny LLM: {', '.join(TINY_LLMS)}"
+        ) from err
+    return model, tokenizer

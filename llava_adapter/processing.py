@@ -1,0 +1,119 @@
+"""`SparseLlavaProcessor`: LLaVA's processor with the placeholder count taken from the vision tower, not a formula.
+
+transformers' `LlavaProcessor` inserts `(H // patch)·(W // patch) + extra − (1 if "default")` placeholders per image,
+a ViT assumption that is wrong for a SparseFormer (or a pooled ViT). This processor inserts exactly
+`num_image_tokens` placeholders, a number `build_processor` derives from the tower config and the feature selection
+(`towers.num_image_tokens`). It saves and loads like any processor and resolves through `AutoProcessor` after
+`import llava_adapter` (or `import mllm_sparse`, which imports it).
+
+Image preprocessing is transformers' `LlavaImageProcessor` with the tower's normalisation, in one of LLaVA's modes:
+`pad` (pad to a square with the mean colour, then resize; LLaVA-1.5's `--image_aspect_ratio pad`), `resize` (squash to
+a square) or `crop` (resize the shorter side, centre-crop; CLIP's own preprocessing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from transformers import AutoProcessor, LlavaImageProcessor, LlavaProcessor, PreTrainedTokenizerBase
+from transformers.processing_utils import MultiModalData
+
+from mllm_sparse import SparseFormerConfig
+
+IMAGE_ASPECT_RATIOS = ("pad", "resize", "crop")
+IMAGE_TOKEN = "<image>"
+
+
+class SparseLlavaProcessor(LlavaProcessor):
+    """Tokenizer + image processor that expands each `<image>` into exactly `num_image_tokens` placeholders.
+
+    Args:
+        image_processor: an HF image processor (see `build_image_processor`).
+        tokenizer: the LLM's tokenizer, holding `image_token` as a special token.
+        num_image_tokens: placeholders per image, N; must equal the features the model's tower yields.
+        chat_template: optional Jinja template for `apply_chat_template`.
+        image_token: the placeholder token string.
+    """
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        num_image_tokens: int | None = None,
+        chat_template: str | None = None,
+        image_token: str = IMAGE_TOKEN,
+        **kwargs,
+    ):
+        if num_image_tokens is None or int(num_image_tokens) < 1:
+            raise ValueError(f"SparseLlavaProcessor needs num_image_tokens >= 1, got {num_image_tokens!r}")
+        self.num_image_tokens = int(num_image_tokens)
+        super().__init__(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            chat_template=chat_template,
+            image_token=image_token,
+            **kwargs,
+        )
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        return self.image_token * self.num_image_tokens
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs) -> MultiModalData:
+        if image_sizes is None:
+            return MultiModalData()
+        count = len(image_sizes)
+        return MultiModalData(num_image_tokens=[self.num_image_tokens] * count, num_image_patches=[1] * count)
+
+
+def build_image_processor(
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    image_aspect_ratio: str = "pad",
+) -> LlavaImageProcessor:
+    """An HF image processor giving [3, S, S] pixels normalised with the tower's `mean` / `std`."""
+    if image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
+        raise ValueError(f"image_aspect_ratio must be one of {IMAGE_ASPECT_RATIOS}, got {image_aspect_ratio!r}")
+    square = {"height": image_size, "width": image_size}
+    if image_aspect_ratio == "resize":
+        size, crop = square, False
+    else:
+        size, crop = {"shortest_edge": image_size}, True
+    return LlavaImageProcessor(
+        do_pad=image_aspect_ratio == "pad",
+        size=size,
+        do_center_crop=crop,
+        crop_size=square,
+        image_mean=list(mean),
+        image_std=list(std),
+        do_convert_rgb=True,
+    )
+
+
+def tower_normalisation(vision_config, fallback_mean: Sequence[float], fallback_std: Sequence[float]):
+    """(mean, std): a SparseFormer config carries its own; a CLIP tower's come from its teacher (`fallback_*`)."""
+    if isinstance(vision_config, SparseFormerConfig):
+        return tuple(vision_config.image_mean), tuple(vision_config.image_std)
+    return tuple(fallback_mean), tuple(fallback_std)
+
+
+def build_processor(
+    tokenizer: PreTrainedTokenizerBase,
+    image_processor: LlavaImageProcessor,
+    num_image_tokens: int,
+    image_token: str = IMAGE_TOKEN,
+) -> SparseLlavaProcessor:
+    if image_token not in tokenizer.get_vocab():
+        raise ValueError(f"The tokenizer has no {image_token!r} token; add it (build_vlm does) before the processor")
+    return SparseLlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        num_image_tokens=num_image_tokens,
+        chat_template=getattr(tokenizer, "chat_template", None),
+        image_token=image_token,
+    )
+
+
+# AutoProcessor resolves a saved processor by its class name among registered processors; the key is only
+# a registry slot (an encoder folder itself has no processor to load).
+AutoProcessor.register(SparseFormerConfig, SparseLlavaProcessor, exist_ok=True)

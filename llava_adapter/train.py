@@ -1,0 +1,308 @@
+"""Training LLaVA-style models with the HF `Trainer` (under `deepspeed` or `torchrun`), LLaVA-compatible arguments.
+
+Stage 1 (`--tune_mm_mlp_adapter True`): only the projector trains; `OUT/mm_projector.safetensors` is all it saves.
+Stage 2: the LLM trains (full, or LoRA with `--lora_enable True`) with the projector; the vision tower is frozen,
+except its last `--tune_vision_last_k` blocks. Full runs save an HF model folder; LoRA runs save the adapter, the
+non-LoRA trainables (`non_lora_trainables.safetensors`) and the base they apply to, and `mllm-sparse merge-lora`
+folds them into one model.
+
+`--model_name_or_path` is a LLaVA folder (from `mllm-sparse build-vlm`, a llava-hf checkpoint or a merged model). As
+in LLaVA, it may instead be a causal LM with `--vision_tower`; with a LLaVA folder, `--vision_tower` swaps its tower.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from transformers import (
+    AutoProcessor,
+    HfArgumentParser,
+    LlavaForConditionalGeneration,
+    Trainer,
+    TrainingArguments,
+)
+
+from mllm_sparse.files import atomic_path, write_json
+
+from .conversation import TEMPLATES
+from .data import DataCollatorForLlava, LlavaJsonDataset, ModalityLengthGroupedSampler
+from .llms import load_llm
+from .modeling import (
+    _gathered,
+    build_vlm,
+    load_projector,
+    projector_state_dict,
+    replace_tower,
+    save_projector,
+)
+from .processing import IMAGE_ASPECT_RATIOS, build_image_processor, build_processor
+from .towers import load_tower
+
+NON_LORA_FILE = "non_lora_trainables.safetensors"
+LORA_BASE_DIR = "base"
+# LLaVA's `--mm_vision_select_feature` → transformers' `vision_feature_select_strategy`.
+SELECT_FEATURES = {"patch": "default", "cls_patch": "full"}
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(metadata={"help": "a LLaVA folder, or a causal LM (with --vision_tower)"})
+    vision_tower: str | None = field(
+        default=None, metadata={"help": "encoder folder or CLIP teacher spec (open_clip:…, hf:…)"}
+    )
+    pool_tokens: int | None = field(default=None, metadata={"help": "pool a CLIP tower's patch tokens to this many"})
+    mm_projector_type: str = field(default="mlp2x_gelu", metadata={"help": "mlp2x_gelu or linear"})
+    mm_vision_select_layer: int | None = field(default=None, metadata={"help": "tower layer to project (e.g. -2)"})
+    mm_vision_select_feature: str | None = field(
+        default=None, metadata={"help": "patch (drop CLS) or cls_patch (keep all tokens)"}
+    )
+    pretrain_mm_mlp_adapter: str | None = field(
+        default=None, metadata={"help": "stage-1 mm_projector.safetensors (or LLaVA's mm_projector.bin)"}
+    )
+    tokenizer_corpus: str | None = field(default=None, metadata={"help": "tiny LLMs: tokenizer training text"})
+
+
+@dataclass
+class DataArguments:
+    data_path: str = field(metadata={"help": "LLaVA-format JSON"})
+    image_folder: str | None = field(default=None, metadata={"help": "root of the records' image paths"})
+    image_aspect_ratio: str = field(default="pad", metadata={"help": f"one of {IMAGE_ASPECT_RATIOS}"})
+    version: str = field(default="vicuna_v1", metadata={"help": f"conversation template: {', '.join(TEMPLATES)}"})
+    skip_bad_records: bool = field(default=False, metadata={"help": "skip (and count) bad records instead of failing"})
+
+
+@dataclass
+class VlmTrainingArguments(TrainingArguments):
+    model_max_length: int = field(default=2048, metadata={"help": "truncate longer sequences (never mid-image)"})
+    tune_mm_mlp_adapter: bool = field(default=False, metadata={"help": "stage 1: train only the projector"})
+    tune_vision_last_k: int = field(default=0, metadata={"help": "stage 2: also train the tower's last k blocks"})
+    mm_projector_lr: float | None = field(default=None, metadata={"help": "projector learning rate (default: lr)"})
+    group_by_modality_length: bool = field(default=False, metadata={"help": "batches of one modality and length"})
+    lora_enable: bool = False
+    lora_r: int = 64
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_bias: str = "none"
+    remove_unused_columns: bool = False
+
+
+def parse_args(argv: list[str] | None):
+    parser = HfArgumentParser((ModelArguments, DataArguments, VlmTrainingArguments))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    if data_args.version not in TEMPLATES:
+        raise ValueError(f"--version must be one of {TEMPLATES}, got {data_args.version!r}")
+    if model_args.mm_vision_select_feature not in (None, *SELECT_FEATURES):
+        raise ValueError(f"--mm_vision_select_feature must be one of {sorted(SELECT_FEATURES)}")
+    if training_args.tune_mm_mlp_adapter and training_args.lora_enable:
+        raise ValueError("--tune_mm_mlp_adapter (stage 1) and --lora_enable (stage 2) exclude each other")
+    return model_args, data_args, training_args
+
+
+def is_llava_folder(path: str) -> bool:
+    config = Path(path) / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("model_type") == "llava"
+
+
+def load_model(model_args: ModelArguments, data_args: DataArguments):
+    """(model, processor, assembled): assembled is True when the model was put together here rather than loaded."""
+    strategy = SELECT_FEATURES.get(model_args.mm_vision_select_feature)
+    layer = model_args.mm_vision_select_layer
+    if is_llava_folder(model_args.model_name_or_path):
+        model = LlavaForConditionalGeneration.from_pretrained(model_args.model_name_or_path)
+        processor = AutoProcessor.from_pretrained(model_args.model_name_or_path)
+        if model_args.vision_tower is None:
+            return model, processor, False
+        tower = load_tower(model_args.vision_tower, model_args.pool_tokens)
+        model = replace_tower(model, tower.model, model_args.mm_projector_type, layer, strategy)
+        tokenizer = processor.tokenizer
+    else:
+        if model_args.vision_tower is None:
+            raise ValueError(
+                f"{model_args.model_name_or_path} is not a LLaVA folder; give --vision_tower to build one from it"
+            )
+        tower = load_tower(model_args.vision_tower, model_args.pool_tokens)
+        llm, tokenizer = load_llm(model_args.model_name_or_path, model_args.tokenizer_corpus)
+        model = build_vlm(tower.model, llm, tokenizer, model_args.mm_projector_type, layer, strategy)
+    image_processor = build_image_processor(
+        tower.model.config.image_size, tower.mean, tower.std, data_args.image_aspect_ratio
+    )
+    return model, build_processor(tokenizer, image_processor, model.config.image_seq_length), True
+
+
+def vision_blocks(tower: nn.Module) -> list[nn.Module]:
+    """The tower's blocks in order: SparseFormer units, or a CLIP encoder's layers."""
+    if hasattr(tower, "layers"):
+        return list(tower.layers)
+    vit = getattr(tower, "vit", tower)
+    encoder = getattr(vit, "vision_model", vit).encoder
+    return list(encoder.layers)
+
+
+def set_trainable(model: LlavaForConditionalGeneration, args: VlmTrainingArguments) -> None:
+    """The freeze policy: stage 1 trains the projector; stage 2 also the LLM (unless LoRA adds its own trainables)
+    and optionally the tower's last k blocks."""
+    model.requires_grad_(False)
+    model.model.multi_modal_projector.requires_grad_(True)
+    if args.tune_mm_mlp_adapter:
+        return
+    if not args.lora_enable:
+        model.model.language_model.requires_grad_(True)
+        model.lm_head.requires_grad_(True)
+    if args.tune_vision_last_k > 0:
+        for block in vision_blocks(model.model.vision_tower)[-args.tune_vision_last_k :]:
+            block.requires_grad_(True)
+
+
+def apply_lora(model: LlavaForConditionalGeneration, args: VlmTrainingArguments):
+    """LoRA on the LLM's linear layers only (not the tower, not the projector, not lm_head)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name, module in model.model.language_model.named_modules()
+            if isinstance(module, nn.Linear)
+        }
+    )
+    config = LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        bias=args.lora_bias,
+        # A regex over full names keeps LoRA inside the language model even where the tower has same-named linears.
+        target_modules=rf"model\.language_model\..*\.({'|'.join(targets)})",
+        task_type="CAUSAL_LM",
+    )
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    peft_model = get_peft_model(model, config)
+    # get_peft_model freezes everything but the adapters; the projector (and tower blocks) stay trainable.
+    for name, param in peft_model.base_model.model.named_parameters():
+        if name in trainable:
+            param.requires_grad_(True)
+    return peft_model
+
+
+def trainable_state_dicts(model) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(LoRA weights under the PeftModel's keys, other trainables under the base model's keys), gathered first
+    under ZeRO-3 (collective: every rank calls it), where peft's own `save_pretrained` would write empty shards."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    with _gathered(list(params.values())):
+        state = {n: p.detach().cpu().clone().contiguous() for n, p in params.items()}
+    lora = {n: v for n, v in state.items() if "lora_" in n}
+    prefix = "base_model.model."
+    other = {n.removeprefix(prefix): v for n, v in state.items() if "lora_" not in n}
+    return lora, other
+
+
+class VlmTrainer(Trainer):
+    """`Trainer` with a projector learning rate and modality-grouped batches."""
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None and self.args.mm_projector_lr is not None:
+            decay = set(self.get_decay_parameter_names(self.model))
+            groups = []
+            for is_projector in (False, True):
+                for with_decay in (True, False):
+                    params = [
+                        p
+                        for n, p in self.model.named_parameters()
+                        if p.requires_grad
+                        and ("multi_modal_projector" in n) == is_projector
+                        and (n in decay) == with_decay
+                    ]
+                    if params:
+                        group = {"params": params, "weight_decay": self.args.weight_decay if with_decay else 0.0}
+                        if is_projector:
+                            group["lr"] = self.args.mm_projector_lr
+                        groups.append(group)
+            optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, self.model)
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+            return self.optimizer
+        return super().create_optimizer(model)
+
+    def _get_train_sampler(self, train_dataset=None):
+        if not self.args.group_by_modality_length:
+            return super()._get_train_sampler(train_dataset)
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return ModalityLengthGroupedSampler(
+            dataset.modality_lengths,
+            batch_size=self.args.per_device_train_batch_size,
+            world_size=self.args.world_size * self.args.gradient_accumulation_steps,
+            seed=self.args.seed,
+        )
+
+
+def save_outputs(trainer: VlmTrainer, model, processor, model_args, training_args, assembled: bool) -> None:
+    """Final outputs: the projector (stage 1), adapter + non-LoRA trainables + base (LoRA), or a full model.
+
+    Every rank takes part (gathering ZeRO-3 partitions is collective); only rank 0 writes.
+    """
+    out = Path(training_args.output_dir)
+    rank0 = trainer.is_world_process_zero()
+    if training_args.tune_mm_mlp_adapter:
+        state = projector_state_dict(model)
+        if rank0:
+            save_projector(state, model.config, out)
+        return
+    if training_args.lora_enable:
+        lora, other = trainable_state_dicts(model)
+        if rank0:
+            model.save_pretrained(out, state_dict=lora)
+            with atomic_path(out / NON_LORA_FILE) as tmp:
+                save_file(other, str(tmp))
+            base = str(out / LORA_BASE_DIR) if assembled else model_args.model_name_or_path
+            write_json(out / "lora_base.json", {"base": base})
+    else:
+        trainer.save_model(str(out))  # the Trainer gathers ZeRO-3 weights (stage3_gather_16bit_weights_on_model_save)
+    if rank0:
+        processor.save_pretrained(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    model_args, data_args, training_args = parse_args(argv)
+    model, processor, assembled = load_model(model_args, data_args)
+    if model_args.pretrain_mm_mlp_adapter:
+        load_projector(model, model_args.pretrain_mm_mlp_adapter)
+    if training_args.lora_enable and assembled and training_args.process_index == 0:
+        # The adapter needs a base it can be merged into later: the model as assembled here, before LoRA.
+        model.save_pretrained(Path(training_args.output_dir) / LORA_BASE_DIR)
+        processor.save_pretrained(Path(training_args.output_dir) / LORA_BASE_DIR)
+    set_trainable(model, training_args)
+    if training_args.gradient_checkpointing:
+        training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+        model.enable_input_require_grads()
+    if training_args.lora_enable:
+        model = apply_lora(model, training_args)
+    dataset = LlavaJsonDataset(
+        data_args.data_path,
+        data_args.image_folder,
+        processor.tokenizer,
+        processor.image_processor,
+        data_args.version,
+        model.config.image_seq_length,
+        training_args.model_max_length,
+        skip_bad_records=data_args.skip_bad_records,
+        image_token_id=model.config.image_token_id,
+    )
+    trainer = VlmTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset,
+        data_collator=DataCollatorForLlava(processor.tokenizer, image_token_id=model.config.image_token_id),
+    )
+    resume = training_args.resume_from_checkpoint
+    if resume is None and _has_checkpoint(training_args.output_dir):
+        resume = True
+    trainer.train(resume_from_checkpoint=resume)
+    save_outputs(trainer, model, processor, model_args, training_args, assembled)
+    return 0
+
+
+def _has_checkpoint(output_dir: str) -> bool:
+    return any(Path(output_dir).glob("checkpoint-*")) if os.path.isdir(output_dir) else False

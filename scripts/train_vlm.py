@@ -1,0 +1,16 @@
+"""Train a LLaVA-style model (stage 1 or 2); run under `deepspeed`, `torchrun` or plain python.
+
+    deepspeed scripts/train_vlm.py --deepspeed scripts/zero2.json --model_name_or_path runs/vlm \
+        --data_path runs/world/llava_train.json --image_folder runs/world --version plain \
+        --tune_mm_mlp_adapter True --output_dir runs/stage1 ...
+
+All arguments: `python scripts/train_vlm.py --help` (see llava_adapter/train.py).
+"""
+
+import sys
+
+import mllm_sparse  # noqa: F401  (registers the SparseFormer and pooled towers and the processor)
+from llava_adapter.train import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""The LLaVA model and processor: build, save, reload in a fresh process, towers, swap, projector I/O."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+import mllm_sparse
+from llava_adapter import swap
+from llava_adapter.modeling import build_vlm, load_projector, projector_state_dict, save_projector
+from llava_adapter.processing import build_image_processor, build_processor
+from llava_adapter.towers import PooledVisionConfig, PooledVisionModel, num_image_tokens
+
+LLM = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+
+
+def tiny_llm(tokenizer, family=LlamaForCausalLM, config=LlamaConfig):
+    torch.manual_seed(0)
+    return family(config(vocab_size=len(tokenizer), max_position_embeddings=256, **LLM))
+
+
+def tiny_vlm(tokenizer, projector="mlp2x_gelu", family=LlamaForCausalLM, config=LlamaConfig):
+    encoder = mllm_sparse.create_model("test_sparseformer_btsp")
+    model = build_vlm(encoder, tiny_llm(tokenizer, family, config), tokenizer, projector).eval()
+    image_processor = build_image_processor(64, encoder.config.image_mean, encoder.config.image_std, "pad")
+    return model, build_processor(tokenizer, image_processor, model.config.image_seq_length)
+
+
+def red_image(size=(80, 40)) -> Image.Image:
+    return Image.new("RGB", size, (220, 30, 30))
+
+
+@pytest.mark.parametrize("projector", ["mlp2x_gelu", "linear"])
+def test_build_save_and_reload_in_a_fresh_process_then_generate(tokenizer, tmp_path, projector):
+    model, processor = tiny_vlm(tokenizer, projector)
+    n = model.config.image_seq_length
+    assert n == model.model.vision_tower.config.num_tokens == 16  # N from the encoder config: 15 latent + CLS
+    batch = processor(images=[red_image()], text=["<image>\nWhat colour is the circle?"], return_tensors="pt")
+    assert int((batch["input_ids"] == model.config.image_token_id).sum()) == n
+    expected = model.generate(**batch, max_new_tokens=6, do_sample=False)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    image_path = tmp_path / "red.png"
+    red_image().save(image_path)
+    code = f"""
+import json, mllm_sparse
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+model = AutoModelForImageTextToText.from_pretrained({str(tmp_path)!r}).eval()
+processor = AutoProcessor.from_pretrained({str(tmp_path)!r})
+batch = processor(images=[Image.open({str(image_path)!r})], text=["<image>\\nWhat colour is the circle?"],
+                  return_tensors="pt")
+out = model.generate(**batch, max_new_tokens=6, do_sample=False)
+print(json.dumps([type(model).__name__, type(processor).__name__, out.tolist()]))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    model_class, processor_class, generated = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (model_class, processor_class) == ("LlavaForConditionalGeneration", "SparseLlavaProcessor")
+    assert generated == expected.tolist()
+
+
+def test_linear_projector_is_one_linear_map(tokenizer):
+    model, _ = tiny_vlm(tokenizer, "linear")
+    projector = model.model.multi_modal_projector
+    x = torch.randn(3, projector.linear_1.in_features)
+    combined = projector.linear_2.weight @ projector.linear_1.weight
+    bias = projector.linear_2.weight @ projector.linear_1.bias + projector.linear_2.bias
+    torch.testing.assert_close(projector(x), x @ combined.T + bias)
+
+
+def test_qwen2_llm_works_too(tokenizer):
+    model, processor = tiny_vlm(tokenizer, family=Qwen2ForCausalLM, config=Qwen2Config)
+    batch = processor(images=[red_image()], text=["<image>\nWhat colour?"], return_tensors="pt")
+    assert torch.isfinite(model(**batch).logits).all()
+
+
+def test_placeholder_count_that_does_not_match_fails_clearly(tokenizer):
+    model, processor = tiny_vlm(tokenizer)
+    pixels = processor(images=[red_image()], text=["<image>"], return_tensors="pt")["pixel_values"]
+    image_id = model.config.image_token_id
+    wrong = torch.tensor([[image_id] * (model.config.image_seq_length - 1) + [5, 6]])
+    with pytest.raises(ValueError, match="Image features and image tokens do not match"):
+        model(input_ids=wrong, pixel_values=pixels)
+
+
+def test_processor_takes_n_from_the_tower_not_a_patch_formula(tokenizer):
+    """A 64-px tower with patch-free tokens: LLaVA's formula would give (64 // 14)**2 = 16 only by accident."""
+    model, _ = tiny_vlm(tokenizer)
+    vision = model.config.vision_config
+    assert num_image_tokens(vision, -2, "full") == vision.num_latent_tokens + 1
+    assert num_image_tokens(vision, -2, "default") == vision.num_latent_tokens
+    with pytest.raises(ValueError, match="no CLS token to drop"):
+        num_image_tokens(vision, 0, "default")  # before the CLS token is inserted
+    clip = CLIPVisionConfig(image_size=64, patch_size=16)
+    assert num_image_tokens(clip, -2, "default") == 16
+    assert num_image_tokens(PooledVisionConfig(clip, num_tokens=4), -2, "default") == 4
+
+
+def test_pooled_tower_averages_patch_grids():
+    torch.manual_seed(0)
+    clip = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=64, patch_size=16
+    )
+    tower = PooledVisionModel(PooledVisionConfig(clip, num_tokens=4)).eval()
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        full = tower.vit(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
+        pooled = tower(pixel_values=pixels, output_hidden_states=-2).hidden_states[-2]
+    grid = full[:, 1:].reshape(2, 4, 4, 32)
+    top_left = grid[:, :2, :2].mean(dim=(1, 2))
+    assert pooled.shape == (2, 5, 32)
+    torch.testing.assert_close(pooled[:, 0], full[:, 0])
+    torch.testing.assert_close(pooled[:, 1], top_left)
+    with pytest.raises(ValueError, match="square number"):
+        PooledVisionConfig(clip, num_tokens=5)
+
+
+def test_projector_round_trip_and_llava_bin_keys(tokenizer, tmp_path):
+    model, _ = tiny_vlm(tokenizer)
+    path = save_projector(projector_state_dict(model), model.config, tmp_path)
+    other, _ = tiny_vlm(tokenizer)
+    with torch.no_grad():
+        other.model.multi_modal_projector.linear_1.weight.zero_()
+    load_projector(other, path)
+    for key, value in projector_state_dict(model).items():
+        torch.testing.assert_close(projector_state_dict(other)[key], value)
+    # haotian-liu/LLaVA's stage-1 output: model.mm_projector.{0,2}.* in a pickle
+    state = model.model.multi_modal_projector.state_dict()
+    llava_keys = {
+        f"model.mm_projector.{0 if k.startswith('linear_1') else 2}.{k.split('.')[-1]}": v for k, v in state.items()
+    }
+    torch.save(llava_keys, tmp_path / "mm_projector.bin")
+    load_projector(other, tmp_path / "mm_projector.bin")
+    # wrong sizes name the file
+    wrong = {f"model.multi_modal_projector.{k}": torch.zeros(3, *v.shape[1:]) for k, v in state.items()}
+    from safetensors.torch import save_file
+
+    save_file(wrong, tmp_path / "wrong.safetensors")
+    with pytest.raises(ValueError, match="wrong.safetensors.*shape mismatch"):
+        load_projector(other, tmp_path / "wrong.safetensors")
+
+
+def make_llava_hf(tokenizer, folder):
+    """A tiny checkpoint in the llava-hf layout (CLIP tower, LlavaProcessor), made with transformers' own classes."""
+    torch.manual_seed(0)
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    clip = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    text = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=256, **LLM)
+    config = LlavaConfig(
+        vision_config=clip, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>")
+    )
+    model = LlavaForConditionalGeneration(config)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default"
+    )
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return model
+
+
+def test_swap_keeps_llm_and_tokenizer_and_says_projector_is_untrained(tokenizer, tmp_path, capsys):
+    source = make_llava_hf(tokenizer, tmp_path / "llava-hf")
+    encoder_dir = tmp_path / "encoder"
+    mllm_sparse.create_model("test_sparseformer_btsp").save_pretrained(encoder_dir)
+    out = tmp_path / "swapped"
+    assert swap.main(["--llava", str(tmp_path / "llava-hf"), "--encoder", str(encoder_dir), "--out", str(out)]) == 0
+    assert "UNTRAINED" in capsys.readouterr().out
+    assert "stage-1" in json.loads((out / "swap_report.json").read_text())["projector"]
+    model = AutoModelForImageTextToText.from_pretrained(out).eval()
+    processor = AutoProcessor.from_pretrained(out)
+    assert model.config.vision_config.model_type == "sparseformer"
+    assert model.config.image_seq_length == processor.num_image_tokens == 16
+    for name, value in source.model.language_model.state_dict().items():
+        torch.testing.assert_close(model.model.language_model.state_dict()[name], value)
+    assert processor.tokenizer.get_vocab() == tokenizer.get_vocab()
+    assert model.model.multi_modal_projector.linear_1.in_features == 64  # sized for the SparseFormer
+    batch = processor(images=[red_image()], text=["<image>\nWhat colour?"], return_tensors="pt")
+    assert int((batch["input_ids"] == model.config.image_token_id).sum()) == 16
+    assert model.generate(**batch, max_new_tokens=3, do_sample=False).shape[1] == batch["input_ids"].shape[1] + 3
+
+
+def test_bad_feature_layer_width_fails_clearly(tokenizer):
+    encoder = mllm_sparse.create_model("test_sparseformer_btsp")
+    with pytest.raises(ValueError, match="width 32"):
+        build_vlm(encoder, tiny_llm(tokenizer), tokenizer, feature_layer=0, select_strategy="full")
