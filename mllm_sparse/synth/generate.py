@@ -13,7 +13,14 @@ from tqdm import tqdm
 
 from ..files import write_json, write_jsonl
 from .png import write_png
-from .text import QUESTION_TYPES, ZERO_SHOT_TEMPLATES, captions, scene_conversations, text_only_record
+from .text import (
+    QUESTION_TYPES,
+    ZERO_SHOT_TEMPLATES,
+    caption_record,
+    captions,
+    scene_conversations,
+    text_only_record,
+)
 from .world import COLORS, SHAPES, WorldSettings, class_names, make_scene
 
 SPLITS = ("train", "val", "test")
@@ -67,7 +74,8 @@ def generate_world(
     """Generate a world into `out` and return its `world.json` content.
 
     Writes `images/*.png`, `scenes.jsonl` (ground truth), `captions.jsonl`, `labels.json`,
-    `llava_{train,val,test}.json` and `world.json`. The same arguments give the same bytes, whatever `workers`.
+    `llava_{train,val,test}.json`, `llava_pretrain.json` (stage-1 caption records of the train split) and
+    `world.json`. The same arguments give the same bytes, whatever `workers`.
     """
     settings = WorldSettings.for_difficulty(difficulty)
     if num_images < 10:
@@ -119,6 +127,14 @@ def generate_world(
             "templates": list(ZERO_SHOT_TEMPLATES),
             "images": [{"image": image_path(r["index"]), "label": r["label"], "split": r["split"]} for r in records],
         },
+    )
+    write_json(
+        out / "llava_pretrain.json",
+        [
+            caption_record(f"caption-{r['index']:07d}", image_path(r["index"]), r["captions"][0], r["index"])
+            for r in records
+            if r["split"] == "train"
+        ],
     )
     split_sizes = {}
     for split in SPLITS:

@@ -189,3 +189,26 @@ def scene_conversations(scene: Scene, record_id: str, image: str, rng: np.random
 def text_only_record(record_id: str, rng: np.random.Generator) -> dict:
     question, answer = TEXT_ONLY_QA[int(rng.integers(len(TEXT_ONLY_QA)))]
     return conversation_record(record_id, None, [_qa(question, answer, "text", "none")])
+
+
+# Stage-1 (projector pre-training) instructions, in the style of LLaVA's caption data; the `plain` template drops
+# them and trains on the caption alone.
+CAPTION_INSTRUCTIONS = (
+    "Describe the image briefly.",
+    "Give a short description of the picture.",
+    "What does the image show?",
+    "Summarize the scene in one sentence.",
+)
+
+
+def caption_record(record_id: str, image: str, caption_text: str, index: int) -> dict:
+    """A single-turn LLaVA caption record for stage 1 (the instruction is picked by `index`, deterministically)."""
+    instruction = CAPTION_INSTRUCTIONS[index % len(CAPTION_INSTRUCTIONS)]
+    return {
+        "id": record_id,
+        "image": image,
+        "conversations": [
+            {"from": "human", "value": f"<image>\n{instruction}"},
+            {"from": "gpt", "value": caption_text},
+        ],
+    }

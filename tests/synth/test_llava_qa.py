@@ -97,3 +97,17 @@ def test_generated_questions_are_unambiguous_on_many_scenes():
                 assert qa["target_size"] in ("small", "medium", "large", "none")
     with pytest.raises(ValueError, match="unknown question type"):
         make_question(scene, "weather", rng)
+
+
+def test_pretrain_captions_are_single_turn_train_records_for_stage1(small_world):
+    records = json.loads((small_world / "llava_pretrain.json").read_text())
+    captions = {
+        row["image"]: row["caption"]
+        for row in map(json.loads, (small_world / "captions.jsonl").read_text().splitlines())
+        if row["split"] == "train"
+    }
+    assert sorted(r["image"] for r in records) == sorted(captions)
+    for record in records:
+        human, gpt = record["conversations"]
+        assert human["from"] == "human" and human["value"].startswith("<image>\n")
+        assert gpt == {"from": "gpt", "value": captions[record["image"]]}
