@@ -1,0 +1,338 @@
+"""`mllm-sparse eval-vlm`: exact-match accuracy and throughput of a LLaVA model on a LLaVA-format test set.
+
+    mllm-sparse eval-vlm --model runs/vlm --data runs/world/llava_test.json --image_folder runs/world
+    mllm-sparse eval-vlm --model runs/vlm --data test.json --image_folder images --batch-size 16 --limit 200 --out rep
+
+Scoring. Every human turn of every record is one question. Turn k is asked with the record's earlier turns as context,
+with the gold answers (not the model's own), as LLaVA's multi-turn evaluations do; its prediction is compared with the
+gold answer after `normalize_answer` (lowercase, punctuation and extra whitespace removed, number words as digits:
+"Red." == "red", "Three" == "3"). Text-only records are scored like the others.
+
+Breakdowns: by question type (`qa_meta[k]["type"]` of the synthetic world's records; "text" for a text-only record
+without it; else "unknown"), by the size of the object asked about (`qa_meta[k]["target_size"]`: small / medium /
+large; turns about no single object, "none", are left out of this breakdown), by turn (1 = first question) and by
+modality.
+
+Batching. With gold answers as context the questions are independent, so they are batched freely: all first turns
+first (records in file order, image and text records in separate batches), then all second turns, and so on, in
+batches of `--batch-size` through `ChatEngine.generate_batch`. Each question encodes its image once; a record's
+follow-up turns encode it again (so `images_encoded` counts image questions, not image files).
+
+Outputs, written atomically into `--out` (default: the model folder): `eval_vlm.json` (summary, breakdowns,
+throughput and every prediction) and `eval_vlm.md` (the tables, also printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import string
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from mllm_sparse.files import atomic_path, read_json, write_json
+from mllm_sparse.images import ImageLoadError, load_image
+
+from .chat import ChatEngine, Timings
+from .conversation import TEMPLATES, RecordError, has_image, record_name, validate_record
+
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+_PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
+NO_TARGET = ("", "none")
+JSON_NAME = "eval_vlm.json"
+MD_NAME = "eval_vlm.md"
+
+
+def normalize_answer(text: str) -> str:
+    """Lowercase, punctuation removed, whitespace collapsed, number words zero–ten as digits ("Three." → "3")."""
+    words = _PUNCTUATION.sub(" ", text.lower()).split()
+    return " ".join(str(NUMBER_WORDS.index(w)) if w in NUMBER_WORDS else w for w in words)
+
+
+def is_correct(prediction: str, gold: str) -> bool:
+    return normalize_answer(prediction) == normalize_answer(gold)
+
+
+@dataclass(frozen=True)
+class Question:
+    """One scored turn: turn `turn` (0-based human-turn index) of record `record_index`."""
+
+    record_index: int
+    record_id: str
+    turn: int
+    prompt: dict[str, Any]  # the record up to and including this human turn, gold answers before it
+    question: str
+    gold: str
+    qtype: str
+    target_size: str | None
+    image: Path | None
+
+
+def load_records(data: str | Path, image_folder: str | Path | None = None, limit: int | None = None) -> list[dict]:
+    """Read and check a LLaVA JSON test set: a list of valid records (`conversation.validate_record`) whose images
+    exist. Errors name the file and the record."""
+    data = Path(data)
+    records = read_json(data)  # FileNotFoundError / malformed JSON: ValueError naming the file
+    if not isinstance(records, list):
+        raise ValueError(f"{data}: expected a JSON list of LLaVA records, got a JSON {type(records).__name__}")
+    if limit is not None:
+        if limit < 1:
+            raise ValueError(f"--limit must be positive, got {limit}")
+        records = records[:limit]
+    if not records:
+        raise ValueError(f"{data}: no records to evaluate")
+    folder = Path(image_folder) if image_folder is not None else data.parent
+    for index, record in enumerate(records):
+        try:
+            validate_record(record, index)
+            if has_image(record) and not (folder / record["image"]).is_file():
+                raise RecordError(record_name(record, index), f"image file not found: {folder / record['image']}")
+            meta = record.get("qa_meta")
+            if meta is not None and not (isinstance(meta, list) and all(isinstance(m, Mapping) for m in meta)):
+                raise RecordError(record_name(record, index), "'qa_meta' must be a list of objects, one per question")
+        except RecordError as err:
+            raise RecordError(f"{err.record} of {data}", err.detail) from None
+    return records
+
+
+def questions(records: Sequence[Mapping], image_folder: Path) -> list[Question]:
+    """Every human turn of every record as a `Question`, in record order, then turn order."""
+    out = []
+    for index, record in enumerate(records):
+        turns = record["conversations"]
+        start = 1 if turns[0]["from"] == "system" else 0
+        meta = record.get("qa_meta") or []
+        for k, i in enumerate(range(start, len(turns), 2)):
+            info = meta[k] if k < len(meta) else {}
+            qtype = info.get("type") or ("text" if not has_image(record) else "unknown")
+            size = info.get("target_size")
+            prompt = {key: value for key, value in record.items() if key not in ("conversations", "qa_meta")}
+            prompt["conversations"] = [dict(turn) for turn in turns[: i + 1]]
+            out.append(
+                Question(
+                    record_index=index,
+                    record_id=str(record["id"]),
+                    turn=k,
+                    prompt=prompt,
+                    question=turns[i]["value"],
+                    gold=turns[i + 1]["value"],
+                    qtype=str(qtype),
+                    target_size=None if size is None or str(size).lower() in NO_TARGET else str(size),
+                    image=image_folder / record["image"] if has_image(record) else None,
+                )
+            )
+    return out
+
+
+def batches(items: Sequence[Question], batch_size: int) -> list[list[int]]:
+    """Indices of `items` in batches: by turn, then modality (image first), then file order."""
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be positive, got {batch_size}")
+    groups: dict[tuple[int, bool], list[int]] = {}
+    for i, item in enumerate(items):
+        groups.setdefault((item.turn, item.image is None), []).append(i)
+    out = []
+    for key in sorted(groups):
+        group = groups[key]
+        out += [group[s : s + batch_size] for s in range(0, len(group), batch_size)]
+    return out
+
+
+def _load_question_image(item: Question) -> Image.Image | None:
+    if item.image is None:
+        return None
+    try:
+        return load_image(item.image)
+    except (FileNotFoundError, ImageLoadError) as err:
+        raise RecordError(f"record {item.record_id!r}", str(err)) from err
+
+
+def _bucket(rows: Sequence[Mapping], key: Callable[[Mapping], Any]) -> dict[str, dict[str, float | int]]:
+    out: dict[str, dict[str, float | int]] = {}
+    for row in rows:
+        value = key(row)
+        if value is None:
+            continue
+        entry = out.setdefault(str(value), {"correct": 0, "total": 0})
+        entry["correct"] += int(row["correct"])
+        entry["total"] += 1
+    for entry in out.values():
+        entry["accuracy"] = entry["correct"] / entry["total"]
+    return dict(sorted(out.items()))
+
+
+def evaluate(
+    engine: ChatEngine,
+    records: Sequence[Mapping],
+    image_folder: str | Path,
+    batch_size: int = 8,
+    max_new_tokens: int = 16,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Ask every question of `records` (see the module docstring) and score the answers.
+
+    Returns:
+        The report: `accuracy`, `correct`, `num_answers`, breakdowns `by_type`, `by_target_size`, `by_turn`,
+        `by_modality` ({key: {"correct", "total", "accuracy"}}), `throughput` and `predictions` (one row per
+        question: id, turn, type, target_size, question, gold, prediction, correct).
+    """
+    items = questions(records, Path(image_folder))
+    predictions: list[str | None] = [None] * len(items)
+    timings: list[Timings] = []
+    start = time.perf_counter()
+    for batch in tqdm(batches(items, batch_size), desc="eval-vlm", disable=not progress, unit="batch"):
+        prompts = [items[i].prompt for i in batch]
+        images = [_load_question_image(items[i]) for i in batch]
+        answers = engine.generate_batch(prompts, images, max_new_tokens=max_new_tokens)
+        if len(answers) != len(batch):
+            raise RuntimeError(f"generate_batch returned {len(answers)} answers for {len(batch)} questions")
+        for i, answer in zip(batch, answers, strict=True):
+            predictions[i] = answer
+        if engine.last_timings is not None:
+            timings.append(engine.last_timings)
+    wall_s = time.perf_counter() - start
+
+    rows = [
+        {
+            "id": item.record_id,
+            "turn": item.turn + 1,
+            "type": item.qtype,
+            "target_size": item.target_size,
+            "modality": "text" if item.image is None else "image",
+            "question": item.question,
+            "gold": item.gold,
+            "prediction": prediction,
+            "correct": is_correct(prediction, item.gold),
+        }
+        for item, prediction in zip(items, predictions, strict=True)
+    ]
+    correct = sum(row["correct"] for row in rows)
+    return {
+        "num_records": len(records),
+        "num_answers": len(rows),
+        "correct": correct,
+        "accuracy": correct / len(rows) if rows else 0.0,
+        "by_type": _bucket(rows, lambda row: row["type"]),
+        "by_target_size": _bucket(rows, lambda row: row["target_size"]),
+        "by_turn": _bucket(rows, lambda row: row["turn"]),
+        "by_modality": _bucket(rows, lambda row: row["modality"]),
+        "throughput": throughput(timings, wall_s, rows, engine, batch_size),
+        "predictions": rows,
+    }
+
+
+def throughput(
+    timings: Sequence[Timings], wall_s: float, rows: Sequence[Mapping], engine: ChatEngine, batch_size: int
+) -> dict[str, Any]:
+    """Rates over the whole run (wall clock: image loading, preprocessing and generation) and the stage means."""
+    images = sum(t.num_images for t in timings)
+    encode_s = sum(t.encode_s for t in timings)
+    decode_s = sum(t.decode_s for t in timings)
+    decoded = sum(t.tokens_per_s * t.decode_s for t in timings)
+    calls = max(1, len(timings))
+    device = engine.device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    return {
+        "device": f"{device} ({name})",
+        "dtype": str(engine.model.dtype).removeprefix("torch."),
+        "num_image_tokens": engine.num_image_tokens,
+        "batch_size": batch_size,
+        "batches": len(timings),
+        "wall_s": wall_s,
+        "answers_per_s": len(rows) / wall_s if wall_s > 0 else 0.0,
+        "images_encoded": images,
+        "images_per_s": images / wall_s if wall_s > 0 else 0.0,
+        "encode_ms_per_image": 1000 * encode_s / images if images else 0.0,
+        "mean_encode_s": encode_s / calls,
+        "mean_prefill_s": sum(t.prefill_s for t in timings) / calls,
+        "mean_decode_s": decode_s / calls,
+        "decode_tokens_per_s": decoded / decode_s if decode_s > 0 else 0.0,
+        "prompt_tokens": sum(t.prompt_tokens for t in timings),
+        "new_tokens": sum(t.new_tokens for t in timings),
+    }
+
+
+def to_markdown(report: Mapping[str, Any]) -> str:
+    """The report's tables: accuracy overall and by type / target size / turn / modality, then throughput."""
+    lines = [
+        f"# eval-vlm: {report.get('model', '')}",
+        "",
+        f"Data: `{report.get('data', '')}`, template `{report.get('template', '')}`: "
+        f"{report['num_records']} records, {report['num_answers']} answers.",
+        "",
+        "| split | key | correct | total | accuracy |",
+        "|---|---|---|---|---|",
+        f"| overall | all | {report['correct']} | {report['num_answers']} | {100 * report['accuracy']:.1f}% |",
+    ]
+    for split in ("by_type", "by_target_size", "by_turn", "by_modality"):
+        for key, entry in report[split].items():
+            lines.append(
+                f"| {split.removeprefix('by_')} | {key} | {entry['correct']} | {entry['total']} | "
+                f"{100 * entry['accuracy']:.1f}% |"
+            )
+    t = report["throughput"]
+    lines += [
+        "",
+        f"Throughput on {t['device']}, {t['dtype']}, batch {t['batch_size']}, N = {t['num_image_tokens']} image "
+        "tokens per image (stage means are per batch):",
+        "",
+        "| answers/s | images/s | encode ms/image | mean encode s | mean prefill s | mean decode s | decode tok/s |",
+        "|---|---|---|---|---|---|---|",
+        f"| {t['answers_per_s']:.2f} | {t['images_per_s']:.2f} | {t['encode_ms_per_image']:.2f} | "
+        f"{t['mean_encode_s']:.4f} | {t['mean_prefill_s']:.4f} | {t['mean_decode_s']:.4f} | "
+        f"{t['decode_tokens_per_s']:.1f} |",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mllm-sparse eval-vlm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", type=Path, required=True, help="a saved LLaVA folder (model + processor)")
+    parser.add_argument("--data", type=Path, required=True, help="LLaVA JSON test set (e.g. a world's llava_test.json)")
+    parser.add_argument(
+        "--image_folder", "--image-folder", type=Path, help="where the records' images are (default: --data's folder)"
+    )
+    parser.add_argument("--template", choices=TEMPLATES, default="vicuna_v1", help="the template the model trained on")
+    parser.add_argument("--batch-size", "--batch_size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=16)
+    parser.add_argument("--limit", type=int, help="evaluate only the first N records")
+    parser.add_argument("--out", type=Path, help=f"where {JSON_NAME} and {MD_NAME} go (default: --model)")
+    parser.add_argument("--device", help="cuda, cpu, cuda:1, ... (default: cuda if available)")
+    parser.add_argument("--dtype", help="cast the model, e.g. bfloat16 (default: as saved)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    image_folder = args.image_folder if args.image_folder is not None else args.data.parent
+    for name in ("batch_size", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    records = load_records(args.data, image_folder, args.limit)  # data errors surface before the model loads
+    engine = ChatEngine.from_pretrained(args.model, template=args.template, device=args.device, dtype=args.dtype)
+    report = {
+        "model": str(args.model),
+        "data": str(args.data),
+        "image_folder": str(image_folder),
+        "template": args.template,
+        "max_new_tokens": args.max_new_tokens,
+        "limit": args.limit,
+    }
+    report |= evaluate(engine, records, image_folder, args.batch_size, args.max_new_tokens, not args.no_progress)
+    markdown = to_markdown(report)
+    out = args.out if args.out is not None else args.model
+    write_json(out / JSON_NAME, report)
+    with atomic_path(out / MD_NAME) as tmp:
+        tmp.write_text(markdown)
+    print(markdown, end="")
+    return 0
