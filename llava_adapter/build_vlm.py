@@ -16,8 +16,8 @@ import torch
 
 from .llms import TINY_LLMS, load_llm
 from .modeling import PROJECTORS, build_vlm
-from .processing import IMAGE_ASPECT_RATIOS, build_image_processor, build_processor
-from .towers import SELECT_STRATEGIES, load_tower
+from .processing import IMAGE_ASPECT_RATIOS
+from .towers import SELECT_STRATEGIES, load_tower, processor_for
 
 
 def add_tower_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,10 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     model = build_vlm(
         tower.model, llm, tokenizer, args.projector, args.vision_feature_layer, args.vision_select_strategy
     )
-    image_processor = build_image_processor(
-        tower.model.config.image_size, tower.mean, tower.std, args.image_aspect_ratio
-    )
-    processor = build_processor(tokenizer, image_processor, model.config.image_seq_length)
+    processor = processor_for(tower, tokenizer, model.config.image_seq_length, args.image_aspect_ratio)
     model.save_pretrained(args.out)
     processor.save_pretrained(args.out)
     print(describe(model, args.out))

@@ -176,7 +176,7 @@ def projector_state_dict(model) -> dict[str, torch.Tensor]:
     """The projector weights under their full model keys (gathered first under ZeRO-3; collective there)."""
     base = model.base_model.model if hasattr(model, "peft_config") else model
     projector = base.model.multi_modal_projector
-    with _gathered(list(projector.parameters())):
+    with gathered(list(projector.parameters())):
         return {PROJECTOR_PREFIX + k: v.detach().cpu().clone() for k, v in projector.state_dict().items()}
 
 
@@ -237,7 +237,7 @@ def load_projector(model: LlavaForConditionalGeneration, path: str | Path) -> No
     if wrong:
         raise ValueError(f"{path}: projector shape mismatch (checkpoint vs model): {wrong}")
     params = dict(projector.named_parameters())
-    with _gathered(list(params.values()), modifier_rank=0):
+    with gathered(list(params.values()), modifier_rank=0):
         if _is_rank_zero():
             with torch.no_grad():
                 for name, param in params.items():
@@ -253,7 +253,7 @@ def _is_rank_zero() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
-def _gathered(params: list[torch.Tensor], modifier_rank: int | None = None):
+def gathered(params: list[torch.Tensor], modifier_rank: int | None = None):
     """`deepspeed.zero.GatheredParameters` when the parameters are ZeRO-3 partitioned, else a no-op."""
     if not any(hasattr(p, "ds_id") for p in params):
         return nullcontext()

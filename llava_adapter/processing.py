@@ -90,13 +90,6 @@ def build_image_processor(
     )
 
 
-def tower_normalisation(vision_config, fallback_mean: Sequence[float], fallback_std: Sequence[float]):
-    """(mean, std): a SparseFormer config carries its own; a CLIP tower's come from its teacher (`fallback_*`)."""
-    if isinstance(vision_config, SparseFormerConfig):
-        return tuple(vision_config.image_mean), tuple(vision_config.image_std)
-    return tuple(fallback_mean), tuple(fallback_std)
-
-
 def build_processor(
     tokenizer: PreTrainedTokenizerBase,
     image_processor: LlavaImageProcessor,

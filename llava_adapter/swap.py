@@ -17,8 +17,7 @@ from mllm_sparse.files import write_json
 
 from .build_vlm import add_tower_arguments, describe
 from .modeling import replace_tower
-from .processing import build_image_processor, build_processor
-from .towers import load_tower
+from .towers import load_tower, processor_for
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,10 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     old = (model.config.vision_config.model_type, model.config.image_seq_length)
     tower = load_tower(args.encoder, args.pool_tokens)
     model = replace_tower(model, tower.model, args.projector, args.vision_feature_layer, args.vision_select_strategy)
-    image_processor = build_image_processor(
-        tower.model.config.image_size, tower.mean, tower.std, args.image_aspect_ratio
-    )
-    processor = build_processor(tokenizer, image_processor, model.config.image_seq_length)
+    processor = processor_for(tower, tokenizer, model.config.image_seq_length, args.image_aspect_ratio)
     model.save_pretrained(args.out)
     processor.save_pretrained(args.out)
     write_json(

@@ -21,6 +21,9 @@ from transformers import AutoConfig, AutoModel, CLIPVisionConfig, PretrainedConf
 from transformers.utils import ModelOutput
 
 from mllm_sparse import SparseFormerConfig
+from mllm_sparse.modeling import selected_hidden_states
+
+from .processing import build_image_processor, build_processor
 
 SELECT_STRATEGIES = ("default", "full")
 
@@ -102,17 +105,13 @@ class PooledVisionModel(PreTrainedModel):
         only those entries are pooled and the others are None."""
         out = self.vit(pixel_values=pixel_values, output_hidden_states=True, return_dict=True)
         hidden = out.hidden_states
-        if output_hidden_states is None or output_hidden_states is False:
-            keep = set()
-        elif output_hidden_states is True:
-            keep = set(range(len(hidden)))
-        else:
-            picks = [output_hidden_states] if isinstance(output_hidden_states, int) else output_hidden_states
-            keep = {i % len(hidden) for i in picks}
+        keep = selected_hidden_states(output_hidden_states, len(hidden))
         return PooledVisionOutput(
             last_hidden_state=self.pool(out.last_hidden_state),
             pooler_output=out.pooler_output,
-            hidden_states=tuple(self.pool(h) if i in keep else None for i, h in enumerate(hidden)) if keep else None,
+            hidden_states=None
+            if keep is None
+            else tuple(self.pool(h) if i in keep else None for i, h in enumerate(hidden)),
         )
 
 
@@ -152,11 +151,6 @@ def num_image_tokens(vision_config: PretrainedConfig, feature_layer: int, select
             f"Unsupported vision tower {type(vision_config).__name__}; expected a SparseFormer, CLIP or pooled tower"
         )
     return tokens - (1 if select_strategy == "default" else 0)
-
-
-def tower_image_size(vision_config: PretrainedConfig) -> int:
-    """The square input side the tower (and its teacher's preprocessing) expects."""
-    return vision_config.image_size
 
 
 @dataclass
@@ -202,3 +196,9 @@ def load_tower(spec: str, pool_tokens: int | None = None) -> LoadedTower:
     if isinstance(model.config, SparseFormerConfig):
         return LoadedTower(model, tuple(model.config.image_mean), tuple(model.config.image_std))
     return LoadedTower(model, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+
+
+def processor_for(tower: LoadedTower, tokenizer, num_tokens: int, image_aspect_ratio: str = "pad"):
+    """The `SparseLlavaProcessor` of a model with this tower: its image size and normalisation, N placeholders."""
+    image_processor = build_image_processor(tower.model.config.image_size, tower.mean, tower.std, image_aspect_ratio)
+    return build_processor(tokenizer, image_processor, num_tokens)

@@ -34,15 +34,15 @@ from .conversation import TEMPLATES
 from .data import DataCollatorForLlava, LlavaJsonDataset, ModalityLengthGroupedSampler
 from .llms import load_llm
 from .modeling import (
-    _gathered,
     build_vlm,
+    gathered,
     load_projector,
     projector_state_dict,
     replace_tower,
     save_projector,
 )
-from .processing import IMAGE_ASPECT_RATIOS, build_image_processor, build_processor
-from .towers import load_tower
+from .processing import IMAGE_ASPECT_RATIOS
+from .towers import load_tower, processor_for
 
 NON_LORA_FILE = "non_lora_trainables.safetensors"
 LORA_BASE_DIR = "base"
@@ -129,10 +129,7 @@ def load_model(model_args: ModelArguments, data_args: DataArguments):
         tower = load_tower(model_args.vision_tower, model_args.pool_tokens)
         llm, tokenizer = load_llm(model_args.model_name_or_path, model_args.tokenizer_corpus)
         model = build_vlm(tower.model, llm, tokenizer, model_args.mm_projector_type, layer, strategy)
-    image_processor = build_image_processor(
-        tower.model.config.image_size, tower.mean, tower.std, data_args.image_aspect_ratio
-    )
-    return model, build_processor(tokenizer, image_processor, model.config.image_seq_length), True
+    return model, processor_for(tower, tokenizer, model.config.image_seq_length, data_args.image_aspect_ratio), True
 
 
 def vision_blocks(tower: nn.Module) -> list[nn.Module]:
@@ -192,7 +189,7 @@ def trainable_state_dicts(model) -> tuple[dict[str, torch.Tensor], dict[str, tor
     """(LoRA weights under the PeftModel's keys, other trainables under the base model's keys), gathered first
     under ZeRO-3 (collective: every rank calls it), where peft's own `save_pretrained` would write empty shards."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    with _gathered(list(params.values())):
+    with gathered(list(params.values())):
         state = {n: p.detach().cpu().clone().contiguous() for n, p in params.items()}
     lora = {n: v for n, v in state.items() if "lora_" in n}
     prefix = "base_model.model."

@@ -235,7 +235,7 @@ class SparseFormerModel(SparseFormerPreTrainedModel):
             raise TypeError(f"SparseFormerModel.forward got unexpected arguments: {sorted(unknown)}")
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
-        keep = _selected_units(output_hidden_states, self.config.num_units)
+        keep = selected_hidden_states(output_hidden_states, self.config.num_units)
         record = keep is not None
         tokens, rois, unit_tokens, unit_rois, unit_points = self._run_units(
             pixel_values, self.config.num_units - 1, record, output_sampling_points
@@ -271,8 +271,9 @@ class SparseFormerModel(SparseFormerPreTrainedModel):
         return tokens
 
 
-def _selected_units(output_hidden_states: bool | int | list[int] | None, num_units: int) -> set[int] | None:
-    """Unit indices whose hidden states to keep, or None when none are asked for."""
+def selected_hidden_states(output_hidden_states: bool | int | list[int] | None, num_units: int) -> set[int] | None:
+    """Indices of the hidden states to keep, or None when none are asked for. An int or list of ints (negative
+    counts from the end) is HF's `vision_feature_layer`, which transformers passes as `output_hidden_states`."""
     if output_hidden_states is None or output_hidden_states is False:
         return None
     if output_hidden_states is True:

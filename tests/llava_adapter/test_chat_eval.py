@@ -7,15 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_vlm import save_tiny_vlm
 
-import mllm_sparse
 from llava_adapter.chat import ChatEngine
 from llava_adapter.conversation import RecordError
 from llava_adapter.evaluate import load_records, normalize_answer
-from llava_adapter.modeling import build_vlm
-from llava_adapter.processing import build_image_processor, build_processor
 from mllm_sparse.cli import main as cli_main
 
 N_TOKENS = 16  # test_sparseformer_btsp: 15 latent tokens + CLS
@@ -24,28 +20,7 @@ GEN = dict(max_new_tokens=6, min_new_tokens=3)  # at least 3 tokens: decoding ti
 
 @pytest.fixture(scope="module")
 def vlm_dir(tokenizer, tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    tower = mllm_sparse.create_model("test_sparseformer_btsp")
-    llm_config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = build_vlm(tower, LlamaForCausalLM(llm_config), tokenizer)
-    config = tower.config
-    image_processor = build_image_processor(config.image_size, config.image_mean, config.image_std)
-    processor = build_processor(tokenizer, image_processor, model.config.image_seq_length)
-    out = tmp_path_factory.mktemp("vlm")
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+    return save_tiny_vlm(tokenizer, tmp_path_factory.mktemp("vlm"))
 
 
 @pytest.fixture(scope="module")

@@ -14,30 +14,19 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import AutoModelForImageTextToText, LlamaConfig, LlamaForCausalLM
+from tiny_vlm import save_tiny_vlm
+from transformers import AutoModelForImageTextToText
 
-import mllm_sparse
 from llava_adapter import train
 from llava_adapter.merge_lora import merge_lora
-from llava_adapter.modeling import PROJECTOR_FILE, build_vlm, projector_state_dict
-from llava_adapter.processing import build_image_processor, build_processor
+from llava_adapter.modeling import PROJECTOR_FILE, projector_state_dict
 
 REPO = Path(__file__).resolve().parents[2]
-LLM = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
 
 @pytest.fixture
 def vlm_dir(tokenizer, tmp_path):
-    torch.manual_seed(0)
-    encoder = mllm_sparse.create_model("test_sparseformer_btsp")
-    llm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=256, **LLM))
-    model = build_vlm(encoder, llm, tokenizer)
-    image_processor = build_image_processor(64, encoder.config.image_mean, encoder.config.image_std)
-    processor = build_processor(tokenizer, image_processor, model.config.image_seq_length)
-    folder = tmp_path / "vlm"
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
+    return save_tiny_vlm(tokenizer, tmp_path / "vlm")
 
 
 @pytest.fixture

@@ -9,13 +9,13 @@ import sys
 import pytest
 import torch
 from PIL import Image
+from tiny_vlm import LLM_SIZES, tiny_llm, tiny_vlm
 from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
     CLIPImageProcessor,
     CLIPVisionConfig,
     LlamaConfig,
-    LlamaForCausalLM,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
@@ -26,22 +26,7 @@ from transformers import (
 import mllm_sparse
 from llava_adapter import swap
 from llava_adapter.modeling import build_vlm, load_projector, projector_state_dict, save_projector
-from llava_adapter.processing import build_image_processor, build_processor
 from llava_adapter.towers import PooledVisionConfig, PooledVisionModel, num_image_tokens
-
-LLM = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-
-
-def tiny_llm(tokenizer, family=LlamaForCausalLM, config=LlamaConfig):
-    torch.manual_seed(0)
-    return family(config(vocab_size=len(tokenizer), max_position_embeddings=256, **LLM))
-
-
-def tiny_vlm(tokenizer, projector="mlp2x_gelu", family=LlamaForCausalLM, config=LlamaConfig):
-    encoder = mllm_sparse.create_model("test_sparseformer_btsp")
-    model = build_vlm(encoder, tiny_llm(tokenizer, family, config), tokenizer, projector).eval()
-    image_processor = build_image_processor(64, encoder.config.image_mean, encoder.config.image_std, "pad")
-    return model, build_processor(tokenizer, image_processor, model.config.image_seq_length)
 
 
 def red_image(size=(80, 40)) -> Image.Image:
@@ -165,7 +150,7 @@ def make_llava_hf(tokenizer, folder):
     clip = CLIPVisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
     )
-    text = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=256, **LLM)
+    text = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=256, **LLM_SIZES)
     config = LlavaConfig(
         vision_config=clip, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>")
     )

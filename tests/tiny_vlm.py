@@ -1,0 +1,47 @@
+"""Tiny LLaVA models for tests: the test SparseFormer (16 tokens) + a 2-layer LLM built from a config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import mllm_sparse
+from llava_adapter.modeling import build_vlm
+from llava_adapter.processing import build_image_processor, build_processor
+
+LLM_SIZES = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+)
+
+
+def tiny_llm(tokenizer, family=LlamaForCausalLM, config=LlamaConfig):
+    torch.manual_seed(0)
+    return family(
+        config(
+            vocab_size=len(tokenizer),
+            max_position_embeddings=512,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **LLM_SIZES,
+        )
+    )
+
+
+def tiny_vlm(tokenizer, projector: str = "mlp2x_gelu", family=LlamaForCausalLM, config=LlamaConfig):
+    """(model in eval mode, its SparseLlavaProcessor)."""
+    torch.manual_seed(0)
+    encoder = mllm_sparse.create_model("test_sparseformer_btsp")
+    model = build_vlm(encoder, tiny_llm(tokenizer, family, config), tokenizer, projector).eval()
+    enc = encoder.config
+    image_processor = build_image_processor(enc.image_size, enc.image_mean, enc.image_std)
+    return model, build_processor(tokenizer, image_processor, model.config.image_seq_length)
+
+
+def save_tiny_vlm(tokenizer, folder: Path) -> Path:
+    model, processor = tiny_vlm(tokenizer)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
