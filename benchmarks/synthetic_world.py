@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("runs/benchmark_synthetic_world"))
     parser.add_argument("--teacher", type=Path, help="a trained teacher folder (skips training)")
-    parser.add_argument("--model", default="synth-vit-t-16")
+    parser.add_argument("--model", default="synth-vit-t-8")
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--train-images", type=int, default=12000)
     parser.add_argument("--speed-images", type=int, default=2000)
@@ -142,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     model_name = trained["model"]
     model = open_clip.create_model(model_name, pretrained=str(teacher_dir / "open_clip_model.safetensors")).eval()
     tokenizer = open_clip.get_tokenizer(model_name)
+    size = model.visual.image_size
+    image_size = size[0] if isinstance(size, tuple) else size
 
     accuracy = {}
     for difficulty in DIFFICULTIES:
@@ -149,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         if not (root / "world.json").is_file():
             generate_world(root, args.eval_images, 224, seed=2, difficulty=difficulty, progress=False)
         world = SyntheticWorld(root)
-        zero_shot = zero_shot_report(model, tokenizer, world, "test", 224, "cpu")
-        probe = question_probe_report(model, tokenizer, world, "test", 224, "cpu")
+        zero_shot = zero_shot_report(model, tokenizer, world, "test", image_size, "cpu")
+        probe = question_probe_report(model, tokenizer, world, "test", image_size, "cpu")
         accuracy[difficulty] = {"zero_shot_top1": zero_shot["top1"], "zero_shot": zero_shot, "probe": probe}
         print(difficulty, f"zero-shot {zero_shot['top1']:.3f}", f"probe {probe['overall']:.3f}", flush=True)
 

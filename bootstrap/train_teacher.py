@@ -20,6 +20,7 @@ import numpy as np
 import open_clip
 import torch
 from safetensors.torch import save_file
+from torch import Tensor
 from tqdm import tqdm
 
 from mllm_sparse.configuration import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
@@ -38,19 +39,41 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", type=Path, required=True, help="a world written by `mllm-sparse synth`")
     parser.add_argument("--out", type=Path, required=True, help="output folder for the teacher")
     parser.add_argument(
-        "--model", default="synth-vit-t-16", help=f"open_clip architecture ({', '.join(TEACHER_MODELS)})"
+        "--model", default="synth-vit-t-8", help=f"open_clip architecture ({', '.join(TEACHER_MODELS)})"
     )
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--minutes", type=float, help="train for this long (the schedule follows the clock)")
     budget.add_argument("--steps", type=int, help="train for this many steps")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    # Small batches: on a CPU the budget is optimiser steps, and 32 captions still hold most of the 48 classes.
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--warmup", type=float, default=0.05, help="warm-up fraction of the budget")
+    parser.add_argument(
+        "--caption-weights",
+        type=float,
+        nargs="+",
+        default=[0.0, 0.0, 1.0],
+        help="sampling weight of each caption of an image (full, principal + two, principal alone)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser
+
+
+def caption_weights(weights: list[float], per_image: int) -> Tensor:
+    """[K] sampling weights of an image's captions (K = len(weights) >= `per_image`, the most captions an image has).
+
+    The default trains on the principal-object caption alone: only it makes the principal's shape matter in a
+    batch, where colours and positions tell full captions apart; with every caption sampled alike a small ViT
+    learns colours and stays near chance on shapes."""
+    if len(weights) < per_image:
+        raise ValueError(f"--caption-weights gives {len(weights)} weights, but images have {per_image} captions")
+    w = torch.tensor(weights, dtype=torch.float)
+    if (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"--caption-weights must be non-negative with a positive sum, got {weights}")
+    return w
 
 
 def lr_at(progress: float, base_lr: float, warmup: float) -> float:
@@ -96,9 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     image_size = model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else model.visual.image_size
     world = SyntheticWorld(args.data)
     train = world.captioned_images("train", image_size)
-    # [N, K, L]: every caption of every image, tokenised once; each step samples one caption per image.
-    per_image = max(len(c) for c in train.captions)
-    tokens = torch.stack([tokenizer([c[k % len(c)] for k in range(per_image)]) for c in train.captions])
+    # [N, K, L]: K caption slots per image (one per weight; an image with fewer captions repeats them), tokenised
+    # once; each step samples one slot per image.
+    weights = caption_weights(args.caption_weights, max(len(c) for c in train.captions))
+    tokens = torch.stack([tokenizer([c[k % len(c)] for k in range(len(weights))]) for c in train.captions])
     print(
         f"teacher {args.model}: {sum(p.numel() for p in model.visual.parameters()) / 1e6:.2f} M visual params, "
         f"{model.visual.grid_size[0] * model.visual.grid_size[1]} patch tokens; {len(train)} training images"
@@ -124,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         idx = order[cursor : cursor + args.batch_size]
         cursor += args.batch_size
         pixels = train.pixels(idx).to(device)
-        choice = torch.randint(per_image, (len(idx),), generator=generator)
+        choice = torch.multinomial(weights, len(idx), replacement=True, generator=generator)
         out = model(pixels, tokens[idx, choice].to(device))
         loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
         if not torch.isfinite(loss):

@@ -15,11 +15,11 @@ from ..files import write_json, write_jsonl
 from .png import write_png
 from .text import (
     QUESTION_TYPES,
-    ZERO_SHOT_TEMPLATES,
     caption_record,
     captions,
     scene_conversations,
     text_only_record,
+    zero_shot_templates,
 )
 from .world import COLORS, SHAPES, WorldSettings, class_names, make_scene
 
@@ -124,7 +124,7 @@ def generate_world(
         out / "labels.json",
         {
             "classes": class_names(),
-            "templates": list(ZERO_SHOT_TEMPLATES),
+            "templates": list(zero_shot_templates(settings.principal_sizes)),
             "images": [{"image": image_path(r["index"]), "label": r["label"], "split": r["split"]} for r in records],
         },
     )

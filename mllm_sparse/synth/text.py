@@ -15,11 +15,6 @@ QUESTION_TYPES = ("color", "count", "position", "existence", "largest")
 ONE_WORD = "Answer with a single word."
 ONE_NUMBER = "Answer with a number."
 YES_NO = "Answer yes or no."
-ZERO_SHOT_TEMPLATES = (
-    "a picture of a {}.",
-    "a large {} with other shapes.",
-    "a synthetic scene with a {}.",
-)
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight")
 COUNTS = tuple(str(n) for n in range(len(NUMBER_WORDS)))
 YES_NO_CHOICES = ("yes", "no")
@@ -71,6 +66,13 @@ def captions(scene: Scene, rng: np.random.Generator) -> list[str]:
     if others:
         middle += " and " + " and ".join(f"a {o.size} {o.name}" for o in others[:2])
     return [caption(scene, rng), middle + ".", f"a {principal.size} {principal.name}."]
+
+
+def zero_shot_templates(principal_sizes: tuple[str, ...]) -> tuple[str, ...]:
+    """Zero-shot prompts in the words of the principal-object caption, "a large {}.", one per size the world's
+    principal object can take: as CLIP's "a photo of a {}." follows its training captions, words that no caption
+    holds would only add untrained noise to the class embeddings."""
+    return tuple(f"a {size} {{}}." for size in principal_sizes)
 
 
 def _plural(shape: str) -> str:

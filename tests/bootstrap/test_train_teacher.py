@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import bootstrap  # noqa: F401  (registers the teacher architectures)
-from bootstrap.train_teacher import lr_at
+from bootstrap.train_teacher import caption_weights, lr_at
 from bootstrap.train_teacher import main as train_teacher
 from mllm_sparse.synth.dataset import SyntheticWorld
 
@@ -39,9 +39,9 @@ def trained_teacher(tmp_path_factory):
 
 
 def test_teacher_architectures_are_registered_and_vit_like():
-    for name in ("synth-vit-t-16", "synth-vit-s-16"):
+    for name in ("synth-vit-t-8", "synth-vit-t-16", "synth-vit-s-16"):
         model = open_clip.create_model(name)
-        assert tuple(model.visual.grid_size) == (14, 14)  # 196 patch tokens at 224 px
+        assert tuple(model.visual.grid_size) == (14, 14)  # 196 patch tokens: 224 px / 16 or 112 px / 8
 
 
 def test_training_writes_open_clip_checkpoints_that_load(trained_teacher):
@@ -91,6 +91,15 @@ def test_training_moves_the_weights_and_lowers_the_loss(tmp_path, trained_teache
     )
     curve = json.loads((out / "zero_shot.json").read_text())["loss_curve"]
     assert curve[-1] < curve[0]
+
+
+def test_caption_weights():
+    torch.testing.assert_close(caption_weights([0.0, 0.0, 1.0], 3), torch.tensor([0.0, 0.0, 1.0]))
+    assert caption_weights([0.0, 0.0, 1.0], 1).shape == (3,)  # one-caption worlds repeat their caption
+    with pytest.raises(ValueError, match="images have 3 captions"):
+        caption_weights([1.0], 3)
+    with pytest.raises(ValueError, match="non-negative with a positive sum"):
+        caption_weights([0.0, 0.0, 0.0], 3)
 
 
 def test_schedule():

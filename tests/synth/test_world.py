@@ -56,7 +56,9 @@ def test_rendered_objects_have_their_ground_truth_colour():
         scene, image = make_scene(settings, 1, index, 224)
         pixels = np.asarray(image, dtype=float)
         for obj in scene.objects:
-            rgb = pixels[int(obj.cy * 224), int(obj.cx * 224)]
+            # A ring's centre is its hole: look in the middle of its band.
+            dx = 0.75 * obj.radius if obj.shape == "ring" else 0.0
+            rgb = pixels[int(obj.cy * 224), int((obj.cx + dx) * 224)]
             assert names[int(np.argmin(((palette - rgb) ** 2).sum(1)))] == obj.color
             checked += 1
     assert checked > 150
@@ -80,7 +82,8 @@ def test_files_and_labels(small_world):
     assert world["num_images"] == 40 and world["splits"]["train"]["images"] == 32
     labels = json.loads((small_world / "labels.json").read_text())
     assert labels["classes"] == class_names() and len(labels["classes"]) == 48
-    assert all("{}" in t for t in labels["templates"])
+    # Zero-shot prompts speak like the principal-object caption: "a large {}." in the default world.
+    assert labels["templates"] == ["a large {}."]
     scenes = {json.loads(line)["image"]: json.loads(line) for line in (small_world / "scenes.jsonl").open()}
     for row in labels["images"]:
         principal = scenes[row["image"]]["objects"][0]
@@ -91,6 +94,7 @@ def test_files_and_labels(small_world):
     for row in captions:
         principal = scenes[row["image"]]["objects"][0]
         assert row["caption"].startswith(f"a {principal['size']} {principal['color']} {principal['shape']}")
+        assert row["captions"][-1] == labels["templates"][0].format(f"{principal['color']} {principal['shape']}")
 
 
 def test_png_writer_round_trips():
@@ -131,3 +135,23 @@ def test_reading_a_broken_world_names_the_file(tmp_path, small_world):
     assert images.images.shape == (4, 3, 32, 32) and len(images.captions) == 4
     with pytest.raises(ValueError, match="no images in split 'dev'"):
         world.records("dev")
+
+
+def test_objects_have_a_dark_outline_whatever_their_colour():
+    from PIL import ImageDraw
+
+    from mllm_sparse.synth.world import OUTLINE_COLOR, SceneObject, _draw_shape
+
+    for shape in SHAPES:
+        image = Image.new("RGB", (224, 224), (200, 200, 200))
+        _draw_shape(ImageDraw.Draw(image), SceneObject(shape, "yellow", "large", 0.5, 0.5, 0.2), 224, (235, 215, 40))
+        pixels = np.asarray(image)
+        inside = 112 - (34 if shape == "ring" else 0)  # a ring's colour is in its band, around the hole
+        assert tuple(pixels[112, inside]) == (235, 215, 40)
+        # Walking left from inside, the fill meets the outline before the background.
+        row = [tuple(p) for p in pixels[112, : inside + 1][::-1]]
+        first_other = next(p for p in row if p != (235, 215, 40))
+        assert first_other == OUTLINE_COLOR, shape
+    ring = Image.new("RGB", (224, 224), (200, 200, 200))
+    _draw_shape(ImageDraw.Draw(ring), SceneObject("ring", "yellow", "large", 0.5, 0.5, 0.2), 224, (235, 215, 40))
+    assert tuple(np.asarray(ring)[112, 112]) == (200, 200, 200)  # the hole shows the background
