@@ -1,15 +1,17 @@
 """Bootstrapping on the synthetic world: zero-shot retention at N = 1/4 and 1/9 of the teacher's patch tokens,
 and student training throughput with and without the teacher cache.
 
-    uv run python benchmarks/bootstrap_synthetic.py --teacher runs/bench/teacher --world runs/bench/train_default
+    uv run python benchmarks/bootstrap_synthetic.py --teacher runs/sw/teacher --world runs/sw/train_default
 
-(the teacher and world of `benchmarks/synthetic_world.py`). Writes benchmarks/results/bootstrap_synthetic.{json,md}.
+(the teacher and world of `uv run python benchmarks/synthetic_world.py --work runs/sw`). N = 1/9 is 16 tokens for
+a 196-token teacher (a square number, so the pooled baseline of the VLM benchmark matches it). Writes benchmarks/results/bootstrap_synthetic.{json,md}.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -54,11 +56,12 @@ def run(args, out: Path, num_tokens: int, steps: int, *extra: str, cache: Path |
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--teacher", type=Path, default=Path("runs/bench/teacher"))
-    parser.add_argument("--world", type=Path, default=Path("runs/bench/train_default"))
-    parser.add_argument("--work", type=Path, default=Path("runs/bench/bootstrap"))
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--throughput-steps", type=int, default=8)
+    parser.add_argument("--teacher", type=Path, default=Path("runs/sw/teacher"))
+    parser.add_argument("--world", type=Path, default=Path("runs/sw/train_default"))
+    parser.add_argument("--work", type=Path, default=Path("runs/sw/bootstrap"))
+    parser.add_argument("--steps", type=int, default=2400, help="per budget; about 15 min at 112 px on 2 cores")
+    parser.add_argument("--eval-every", type=int, default=400, help="held-out cosine every this many steps")
+    parser.add_argument("--throughput-steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
@@ -66,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     args.model = json.loads((args.teacher / "zero_shot.json").read_text())["model"]
     patches = json.loads((args.teacher / "open_clip_config.json").read_text())["model_cfg"]["vision_cfg"]
     num_patches = (patches["image_size"] // patches["patch_size"]) ** 2
-    budgets = {"1/4": num_patches // 4, "1/9": num_patches // 9}
+    budgets = {"1/4": num_patches // 4, "1/9": math.isqrt(num_patches // 9) ** 2}
 
     # Throughput: the same short run with the teacher computed per batch, then from the cache (cache built first).
     no_cache = run(args, args.work / "throughput_no_cache", budgets["1/4"], args.throughput_steps)
@@ -85,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             tokens,
             args.steps,
             "--cache-teacher",
+            "--eval-every",
+            str(args.eval_every),
             cache=args.work / "throughput_cache" / "teacher_cache.safetensors",
         )
         results[fraction] = {
@@ -92,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             "steps": report["steps"],
             **report["final"],
             "train_seconds": report["train_seconds_this_run"],
+            "held_out_cosine_curve": report["evals"],
         }
     report = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} (CPU)",

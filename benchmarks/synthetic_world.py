@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher", type=Path, help="a trained teacher folder (skips training)")
     parser.add_argument("--model", default="synth-vit-t-8")
     parser.add_argument("--minutes", type=float, default=10.0)
-    parser.add_argument("--train-images", type=int, default=12000)
+    parser.add_argument("--train-images", type=int, default=15000)
     parser.add_argument("--speed-images", type=int, default=2000)
     parser.add_argument("--eval-images", type=int, default=3000, help="per difficulty; 10% form the test split")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)

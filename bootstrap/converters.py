@@ -126,9 +126,9 @@ def _convert(
                 block[f"qkv.{part}"] = torch.cat([block.pop(f"{p}.{part}") for p in ("q", "k", "v")])
         for name, value in block.items():
             out[f"layers.{student_index}.{_BLOCK[name]}"] = value
-    for name in ("norm.weight", "norm.bias", "proj.weight"):
-        if name not in head:
-            raise KeyError(f"{source}: missing the final LayerNorm or projection ({name})")
+    missing_head = sorted(set(head_table.values()) - set(head))
+    if missing_head:
+        raise KeyError(f"{source}: missing head weights {missing_head} (final LayerNorm, pooling, projection)")
     out.update(head)
     return out
 
@@ -156,6 +156,44 @@ def hf_clip_visual_to_sparseformer(state_dict: dict[str, Tensor], layer_map: dic
             continue
         vision[key.removeprefix("vision_model.")] = value
     return _convert(vision, HF_CLIP_VISUAL, HF_CLIP_HEAD, HF_CLIP_IGNORE, layer_map, "HF CLIP vision")
+
+
+# Hugging Face SiglipVisionModel / SiglipModel, vision side: the blocks have HF CLIP's keys; there is no CLS token
+# and no projection, and the attention-pooling head maps one to one onto the student's `head` (HEAD_OPS "map").
+HF_SIGLIP_HEAD = {
+    "post_layernorm.weight": "norm.weight",
+    "post_layernorm.bias": "norm.bias",
+    "head.probe": "head.probe",
+    "head.attention.in_proj_weight": "head.qkv.weight",
+    "head.attention.in_proj_bias": "head.qkv.bias",
+    "head.attention.out_proj.weight": "head.proj.weight",
+    "head.attention.out_proj.bias": "head.proj.bias",
+    "head.layernorm.weight": "head.norm.weight",
+    "head.layernorm.bias": "head.norm.bias",
+    "head.mlp.fc1.weight": "head.mlp.fc1.weight",
+    "head.mlp.fc1.bias": "head.mlp.fc1.bias",
+    "head.mlp.fc2.weight": "head.mlp.fc2.weight",
+    "head.mlp.fc2.bias": "head.mlp.fc2.bias",
+}
+HF_SIGLIP_IGNORE = {
+    "embeddings.patch_embedding.weight",
+    "embeddings.patch_embedding.bias",
+    "embeddings.position_embedding.weight",
+    "embeddings.position_ids",
+}
+
+
+def hf_siglip_visual_to_sparseformer(state_dict: dict[str, Tensor], layer_map: dict[int, int]) -> dict[str, Tensor]:
+    """HF SigLIP vision state_dict (`SiglipVisionModel` or `SiglipModel`) → SparseFormer keys.
+
+    Text-tower keys of a `SiglipModel` are ignored; the vision keys may carry the "vision_model." prefix.
+    """
+    vision = {}
+    for key, value in state_dict.items():
+        if key.startswith("text_model.") or key in ("logit_scale", "logit_bias"):
+            continue
+        vision[key.removeprefix("vision_model.")] = value
+    return _convert(vision, HF_CLIP_VISUAL, HF_SIGLIP_HEAD, HF_SIGLIP_IGNORE, layer_map, "HF SigLIP vision")
 
 
 # open_clip VisionTransformer → HF `CLIPVisionModel` (transformers 5 keys, no "vision_model." prefix). The projection is

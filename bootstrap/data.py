@@ -56,29 +56,31 @@ def list_images(data: str | Path, split: str = "train", image_folder: str | Path
 
 
 class TwoViewImages(Dataset):
-    """(index, student pixels [3, S, S], teacher pixels [3, T, T]) for each image."""
+    """(index, student pixels [3, S, S], teacher pixels [3, T, T]) for each image.
+
+    Both views are the teacher's preprocessing (resize the shorter side, centre crop, the teacher's mean/std), at
+    the student's and the teacher's input sizes: the student is aligned with what the teacher saw, not with a
+    tighter crop of it. At equal sizes the image is preprocessed once and both views are the same tensor.
+    """
 
     def __init__(
         self,
         paths: Sequence[Path],
         student_size: int,
-        student_mean: Sequence[float],
-        student_std: Sequence[float],
         teacher_size: int,
-        teacher_mean: Sequence[float],
-        teacher_std: Sequence[float],
+        mean: Sequence[float],
+        std: Sequence[float],
     ):
         self.paths = list(paths)
-        self.student = (student_size, tuple(student_mean), tuple(student_std))
-        self.teacher = (teacher_size, tuple(teacher_mean), tuple(teacher_std))
+        self.student_size, self.teacher_size = student_size, teacher_size
+        self.mean, self.std = tuple(mean), tuple(std)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor, torch.Tensor]:
-        image = load_image(self.paths[index], draft_size=max(self.student[0], self.teacher[0]))
-        size, mean, std = self.student
-        student = preprocess(image, size, mean, std)  # the reference evaluation crop (87.5%)
-        size, mean, std = self.teacher
-        teacher = preprocess(image, size, mean, std, crop_pct=1.0)  # CLIP's resize-and-centre-crop
-        return index, student, teacher
+        image = load_image(self.paths[index], draft_size=max(self.student_size, self.teacher_size))
+        teacher = preprocess(image, self.teacher_size, self.mean, self.std, crop_pct=1.0)
+        if self.student_size == self.teacher_size:
+            return index, teacher, teacher
+        return index, preprocess(image, self.student_size, self.mean, self.std, crop_pct=1.0), teacher

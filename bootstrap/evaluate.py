@@ -47,7 +47,7 @@ def zero_shot_side_by_side(student, teacher: Teacher, world_dir: Path, image_siz
     classifier = text_classifier(teacher.encode_text, world.class_names, world.templates)
     paths = list_images(world_dir, "test")
     arch = teacher.arch
-    data = TwoViewImages(paths, image_size, arch.mean, arch.std, arch.image_size, arch.mean, arch.std)
+    data = TwoViewImages(paths, image_size, arch.image_size, arch.mean, arch.std)
     labels = {r["image"]: r["label"] for r in world.labels["images"]}
     hits: dict[str, list[torch.Tensor]] = {"teacher": [], "student": []}
     for index, pixels, teacher_pixels in DataLoader(data, batch_size=64):
@@ -74,7 +74,7 @@ def evaluate_encoder(
         "student_gflops": profile(student, image_size).gflops,
         "teacher_gflops": count_gflops(teacher.encode_image, example),
         "student_tokens": student.num_tokens,
-        "teacher_tokens": arch.num_patches + 1,
+        "teacher_tokens": arch.num_patches + int(arch.has_cls),
     }
     if len(loader.dataset):
         targets = TeacherTargets(teacher, need_patches=False, autocast=autocast)
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     world = args.data.is_dir() and (args.data / "world.json").is_file()
     paths = list_images(args.data, "test" if world else "train", args.image_folder)
     arch, size = teacher.arch, student.config.image_size
-    data = TwoViewImages(paths, size, arch.mean, arch.std, arch.image_size, arch.mean, arch.std)
+    data = TwoViewImages(paths, size, arch.image_size, arch.mean, arch.std)
     result = evaluate_encoder(
         student,
         teacher,
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         size,
         device,
         lambda: torch.autocast(device.type, enabled=False),
-        args.data if world else None,
+        args.data if world and teacher.has_text else None,
     )
     text = json.dumps(result, indent=2)
     if args.out:

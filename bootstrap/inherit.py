@@ -2,7 +2,8 @@
 
 Following the paper, the cortex takes teacher blocks N/3 … N−1 and the teacher's final LayerNorm and projection;
 the first N/3 blocks (and the patch embedding) are replaced by the new focusing transformer. By default blocks
-N/3 … 2N/3−1 are fine-tuned and 2N/3 … N−1, the final norm and the projection stay frozen.
+N/3 … 2N/3−1 are fine-tuned and 2N/3 … N−1, the final norm, the pooling head (SigLIP) and the projection stay
+frozen. Teachers: CLIP with CLS or average pooling (open_clip, HF) and SigLIP (no CLS, attention-pooling head).
 """
 
 from __future__ import annotations
@@ -44,17 +45,19 @@ def student_config(arch: TeacherArch, num_latent_tokens: int, image_size: int = 
         num_latent_tokens=num_latent_tokens,
         num_sampling_points=16,
         same_token_embedding=True,
-        cls_token_insert_layer=2,
+        # A CLS token where the teacher has one (inserted before the cortex, initialised from the teacher's).
+        cls_token_insert_layer=2 if arch.has_cls else -1,
         width_configs=[focus_width, arch.width] + [arch.width] * num_cortex,
         repeats=[4, 1] + [1] * num_cortex,
         ops_list=bootstrapped_ops_list(num_cortex),
         num_attention_heads=[max(1, focus_width // head_width), arch.heads] + [arch.heads] * num_cortex,
-        head_op="cls",
+        head_op={"cls": "cls", "avg": "latent_avg", "map": "map"}[arch.pool],
         proj_dim=arch.proj_dim,
         proj_bias=arch.proj_bias,
         mlp_ratio=arch.mlp_ratio,
         ln_eps=arch.ln_eps,
-        clip_quick_gelu=arch.quick_gelu,
+        clip_quick_gelu=arch.act == "quick_gelu",
+        gelu_approximate="tanh" if arch.act == "gelu_tanh" else "none",
         pg_inner_dim=128,
         image_mean=arch.mean,
         image_std=arch.std,
@@ -70,7 +73,7 @@ def inherit(
     """Build a student from `teacher`, copy blocks N/3 … N−1 and the head, and set the freeze policy.
 
     Args:
-        num_latent_tokens: latent tokens (the student outputs one more, the CLS token).
+        num_latent_tokens: latent tokens (the student outputs one more, the CLS token, when the teacher has one).
         trainable_cortex: how many of the first cortex blocks are fine-tuned (default: half, the paper's split);
             the rest, the final norm and the projection are frozen.
         config_overrides: `SparseFormerConfig` fields, plus `focus_width`.
@@ -86,13 +89,20 @@ def inherit(
     result = student.load_state_dict(weights, strict=False)
     if result.unexpected_keys:
         raise KeyError(f"teacher {teacher.spec}: converted keys the student lacks: {result.unexpected_keys}")
-    with torch.no_grad():
-        student.cls_embedding.weight.copy_(teacher.cls_input().detach().view(1, -1))
+    from_teacher = []
+    if arch.has_cls:
+        with torch.no_grad():
+            student.cls_embedding.weight.copy_(teacher.cls_input().detach().view(1, -1))
+        from_teacher.append("cls_embedding.weight")
 
     trainable_cortex = num_cortex // 2 if trainable_cortex is None else trainable_cortex
     if not 0 <= trainable_cortex <= num_cortex:
         raise ValueError(f"trainable_cortex must be in [0, {num_cortex}], got {trainable_cortex}")
-    frozen_prefixes = tuple(f"layers.{layer}." for layer in cortex_layers[trainable_cortex:]) + ("norm.", "proj.")
+    frozen_prefixes = tuple(f"layers.{layer}." for layer in cortex_layers[trainable_cortex:]) + (
+        "norm.",
+        "head.",
+        "proj.",
+    )
     names = [name for name, _ in student.named_parameters()]
     for name, param in student.named_parameters():
         param.requires_grad_(not name.startswith(frozen_prefixes))
@@ -101,8 +111,8 @@ def inherit(
         teacher=teacher.spec,
         layer_map=layer_map,
         inherited=inherited,
-        initialised_from_teacher=["cls_embedding.weight"],
-        new=[n for n in names if n not in weights and n != "cls_embedding.weight"],
+        initialised_from_teacher=from_teacher,
+        new=[n for n in names if n not in weights and n not in from_teacher],
         frozen=[n for n, p in student.named_parameters() if not p.requires_grad],
         trained=[n for n, p in student.named_parameters() if p.requires_grad],
     )

@@ -29,8 +29,8 @@ class TeacherTargets:
                 out["patches"] = self.teacher.patch_tokens(pixels, -1).float()
         return out
 
-    def build_cache(self, loader: DataLoader, path: Path, device) -> None:
-        """Compute every training image's targets once (or load them from `path`)."""
+    def build_cache(self, loader: DataLoader | None, path: Path, device) -> None:
+        """Compute every training image's targets once (or load them from `path`; `loader` may then be None)."""
         if path.is_file():
             self.cache = load_file(path)
             return

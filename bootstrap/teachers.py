@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from .converters import (
     hf_clip_visual_to_sparseformer,
+    hf_siglip_visual_to_sparseformer,
     open_clip_visual_to_hf_clip_vision,
     open_clip_visual_to_sparseformer,
 )
@@ -30,12 +31,16 @@ class TeacherArch:
     mlp_ratio: float
     patch_size: int
     image_size: int
-    quick_gelu: bool
+    act: str  # MLP activation: "quick_gelu", "gelu" or "gelu_tanh"
     ln_eps: float
-    proj_dim: int
+    proj_dim: int | None  # None: no projection after the pooling (SigLIP)
     proj_bias: bool
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    # The embedding is the final CLS token's ("cls"), the mean of the final patch tokens ("avg"), or an attention
+    # pool over them ("map", SigLIP).
+    pool: str = "cls"
+    has_cls: bool = True
 
     @property
     def num_patches(self) -> int:
@@ -55,11 +60,13 @@ class Teacher(ABC):
 
     @abstractmethod
     def tokens(self, pixels: Tensor, layer: int) -> Tensor:
-        """[B, 1 + P, C] tokens (CLS first) after block `layer` (negative counts from the end)."""
+        """[B, 1 + P, C] tokens (CLS first; [B, P, C] without a CLS token) after block `layer` (negative counts
+        from the end)."""
 
-    @abstractmethod
-    def cls_input(self) -> Tensor:
-        """[C] the CLS token as it enters the first block (class embedding + its position, after the pre-norm)."""
+    def cls_input(self) -> Tensor | None:
+        """[C] the CLS token as it enters the first block (class embedding + its position, after the pre-norm), or
+        None for a teacher without one."""
+        return None
 
     @abstractmethod
     def to_sparseformer(self, layer_map: dict[int, int]) -> dict[str, Tensor]:
@@ -69,18 +76,26 @@ class Teacher(ABC):
     def encode_text(self, texts: list[str]) -> Tensor:
         """[K, proj_dim] text embeddings, for zero-shot evaluation."""
 
+    @property
+    def has_text(self) -> bool:
+        """Whether `encode_text` works (a vision-only checkpoint has no text tower)."""
+        return True
+
     def patch_tokens(self, pixels: Tensor, layer: int = -1) -> Tensor:
         """[B, P, C] patch tokens (CLS dropped) after block `layer`."""
-        return self.tokens(pixels, layer)[:, 1:]
+        return self.tokens(pixels, layer)[:, int(self.arch.has_cls) :]
 
     @abstractmethod
     def vision_state_dict(self) -> dict[str, Tensor]:
-        """The vision tower's weights in HF `CLIPVisionModel` keys."""
+        """The vision tower's weights in the keys of the HF model `to_hf_vision` builds."""
 
-    def to_hf_clip_vision(self):
-        """The vision tower as an HF `CLIPVisionModel` (e.g. the full-token baseline tower of a LLaVA model).
+    def to_hf_vision(self):
+        """The vision tower as an HF vision model (e.g. the full-token baseline tower of a LLaVA model): a
+        `CLIPVisionModel`, or the `SiglipVisionModel` of a SigLIP teacher.
 
-        Its `hidden_states[k + 1]` equal `tokens(pixels, k)`: hidden_states[0] is the embedding output.
+        Its `hidden_states[k + 1]` equal `tokens(pixels, k)`: hidden_states[0] is the embedding output. Its
+        `pooler_output` is HF CLIP's (the final CLS token), whatever `arch.pool` is: LLaVA towers read hidden states
+        only, and `encode_image` stays the teacher's embedding.
         """
         from transformers import CLIPVisionConfig, CLIPVisionModel
 
@@ -92,7 +107,7 @@ class Teacher(ABC):
             num_attention_heads=arch.heads,
             image_size=arch.image_size,
             patch_size=arch.patch_size,
-            hidden_act="quick_gelu" if arch.quick_gelu else "gelu",
+            hidden_act="quick_gelu" if arch.act == "quick_gelu" else "gelu",
             layer_norm_eps=arch.ln_eps,
             projection_dim=arch.proj_dim,
         )
@@ -115,12 +130,13 @@ class OpenClipTeacher(Teacher):
             mlp_ratio=block.mlp.c_fc.out_features / visual.transformer.width,
             patch_size=patch,
             image_size=image_size,
-            quick_gelu=type(block.mlp.gelu).__name__ == "QuickGELU",
+            act="quick_gelu" if type(block.mlp.gelu).__name__ == "QuickGELU" else "gelu",
             ln_eps=block.ln_1.eps,
             proj_dim=visual.proj.shape[1],
             proj_bias=False,
             mean=tuple(preprocess_cfg.get("mean", (0.48145466, 0.4578275, 0.40821073))),
             std=tuple(preprocess_cfg.get("std", (0.26862954, 0.26130258, 0.27577711))),
+            pool=_open_clip_pool(spec, visual),
         )
 
     def encode_image(self, pixels: Tensor) -> Tensor:
@@ -140,7 +156,7 @@ class OpenClipTeacher(Teacher):
             x = block(x)
         return x
 
-    def cls_input(self) -> Tensor:
+    def cls_input(self) -> Tensor | None:
         visual = self.model.visual
         return visual.ln_pre(visual.class_embedding + visual.positional_embedding[0])
 
@@ -152,6 +168,16 @@ class OpenClipTeacher(Teacher):
 
     def encode_text(self, texts: list[str]) -> Tensor:
         return self.model.encode_text(self.tokenizer(texts))
+
+
+def _open_clip_pool(spec: str, visual: nn.Module) -> str:
+    """The teacher's pooling as a student head can mirror it, or a clear error for heads it cannot."""
+    pool_type = getattr(visual, "pool_type", "tok")
+    if getattr(visual, "attn_pool", None) is not None or getattr(visual, "final_ln_after_pool", False):
+        raise ValueError(f"Teacher {spec!r}: attention-pool or LayerNorm-after-pool heads cannot be inherited")
+    if pool_type not in ("tok", "avg") or not hasattr(visual, "class_embedding"):
+        raise ValueError(f"Teacher {spec!r}: open_clip pool_type {pool_type!r} cannot be inherited (tok, avg)")
+    return "cls" if pool_type == "tok" else "avg"
 
 
 class HFClipTeacher(Teacher):
@@ -167,7 +193,7 @@ class HFClipTeacher(Teacher):
             mlp_ratio=config.intermediate_size / config.hidden_size,
             patch_size=config.patch_size,
             image_size=size.get("height", config.image_size) if isinstance(size, dict) else config.image_size,
-            quick_gelu=config.hidden_act == "quick_gelu",
+            act="quick_gelu" if config.hidden_act == "quick_gelu" else "gelu",
             ln_eps=config.layer_norm_eps,
             proj_dim=proj_dim,
             proj_bias=model.visual_projection.bias is not None,
@@ -187,7 +213,7 @@ class HFClipTeacher(Teacher):
         hidden = self._vision(pixel_values=pixels, output_hidden_states=True).hidden_states
         return hidden[1:][layer]  # hidden_states[0] is the embedding output
 
-    def cls_input(self) -> Tensor:
+    def cls_input(self) -> Tensor | None:
         embeddings = self._vision.embeddings
         x = embeddings.class_embedding + embeddings.position_embedding.weight[0]
         return self._vision.pre_layrnorm(x)
@@ -198,11 +224,78 @@ class HFClipTeacher(Teacher):
     def vision_state_dict(self) -> dict[str, Tensor]:
         return dict(self._vision.state_dict())
 
+    @property
+    def has_text(self) -> bool:
+        return hasattr(self.model, "get_text_features") and self.tokenizer is not None
+
     def encode_text(self, texts: list[str]) -> Tensor:
-        if not hasattr(self.model, "get_text_features") or self.tokenizer is None:
+        if not self.has_text:
             raise ValueError(f"{self.spec} has no text tower (load a CLIPModel for zero-shot evaluation)")
         batch = self.tokenizer(texts, padding=True, return_tensors="pt")
         return self.model.get_text_features(**batch)
+
+
+class HFSiglipTeacher(Teacher):
+    """A SigLIP teacher: no CLS token, no projection, an attention-pooling head (`SiglipModel` or
+    `SiglipVisionModel`)."""
+
+    def __init__(self, spec: str, model: nn.Module, tokenizer, image_processor):
+        self.spec, self.model, self.tokenizer = spec, model.eval(), tokenizer
+        config = model.config.vision_config if hasattr(model.config, "vision_config") else model.config
+        if not getattr(config, "vision_use_head", True):
+            raise ValueError(f"Teacher {spec!r}: a SigLIP tower without its pooling head has no embedding to align")
+        size = getattr(image_processor, "size", None) or {}
+        self.arch = TeacherArch(
+            width=config.hidden_size,
+            layers=config.num_hidden_layers,
+            heads=config.num_attention_heads,
+            mlp_ratio=config.intermediate_size / config.hidden_size,
+            patch_size=config.patch_size,
+            image_size=size.get("height", config.image_size) if isinstance(size, dict) else config.image_size,
+            act={"gelu_pytorch_tanh": "gelu_tanh", "quick_gelu": "quick_gelu"}.get(config.hidden_act, "gelu"),
+            ln_eps=config.layer_norm_eps,
+            proj_dim=None,
+            proj_bias=False,
+            mean=tuple(getattr(image_processor, "image_mean", None) or (0.5, 0.5, 0.5)),
+            std=tuple(getattr(image_processor, "image_std", None) or (0.5, 0.5, 0.5)),
+            pool="map",
+            has_cls=False,
+        )
+
+    @property
+    def _vision(self) -> nn.Module:
+        # SiglipModel wraps the tower as `vision_model`; transformers 5's SiglipVisionModel is the tower itself.
+        return getattr(self.model, "vision_model", self.model)
+
+    def encode_image(self, pixels: Tensor) -> Tensor:
+        return self._vision(pixel_values=pixels).pooler_output
+
+    def tokens(self, pixels: Tensor, layer: int) -> Tensor:
+        return self._vision(pixel_values=pixels, output_hidden_states=True).hidden_states[1:][layer]
+
+    def to_sparseformer(self, layer_map: dict[int, int]) -> dict[str, Tensor]:
+        return hf_siglip_visual_to_sparseformer(self.model.state_dict(), layer_map)
+
+    def vision_state_dict(self) -> dict[str, Tensor]:
+        return dict(self._vision.state_dict())
+
+    def to_hf_vision(self):
+        from transformers import SiglipVisionModel
+
+        model = SiglipVisionModel(self._vision.config)
+        model.load_state_dict(self.vision_state_dict(), strict=True)
+        return model.eval()
+
+    @property
+    def has_text(self) -> bool:
+        return hasattr(self.model, "get_text_features") and self.tokenizer is not None
+
+    def encode_text(self, texts: list[str]) -> Tensor:
+        if not self.has_text:
+            raise ValueError(f"{self.spec} has no text tower (load a SiglipModel for zero-shot evaluation)")
+        # SigLIP's text tower was trained on inputs padded to its full length.
+        batch = self.tokenizer(texts, padding="max_length", truncation=True, return_tensors="pt")
+        return self.model.get_text_features(input_ids=batch["input_ids"])
 
 
 def load_teacher(spec: str) -> Teacher:
@@ -211,7 +304,8 @@ def load_teacher(spec: str) -> Teacher:
     Specs:
         `open_clip:NAME` (random weights), `open_clip:NAME@TAG` (an open_clip pretrained tag, e.g.
         `ViT-L-14-336@openai`), `open_clip:NAME@/path/to/checkpoint`, `open_clip:local-dir:/path/to/dir`;
-        `hf:HUB_ID` or `hf:/path/to/dir` (CLIPModel or CLIPVisionModelWithProjection).
+        `hf:HUB_ID` or `hf:/path/to/dir` (CLIPModel, CLIPVisionModelWithProjection, SiglipModel or
+        SiglipVisionModel).
     """
     kind, _, rest = spec.partition(":")
     if kind == "open_clip" and rest:
@@ -250,7 +344,15 @@ def _load_open_clip(spec: str, rest: str) -> Teacher:
 
 
 def _load_hf(spec: str, rest: str) -> Teacher:
-    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, CLIPModel, CLIPVisionModelWithProjection
+    from transformers import (
+        AutoConfig,
+        AutoImageProcessor,
+        AutoTokenizer,
+        CLIPModel,
+        CLIPVisionModelWithProjection,
+        SiglipModel,
+        SiglipVisionModel,
+    )
 
     try:
         config = AutoConfig.from_pretrained(rest)
@@ -263,9 +365,16 @@ def _load_hf(spec: str, rest: str) -> Teacher:
         model, tokenizer = CLIPModel.from_pretrained(rest), _optional(AutoTokenizer, rest)
     elif config.model_type == "clip_vision_model":
         model, tokenizer = CLIPVisionModelWithProjection.from_pretrained(rest), None
+    elif config.model_type == "siglip":
+        model, tokenizer = SiglipModel.from_pretrained(rest), _optional(AutoTokenizer, rest)
+        return HFSiglipTeacher(spec, model, tokenizer, _optional(AutoImageProcessor, rest))
+    elif config.model_type == "siglip_vision_model":
+        model = SiglipVisionModel.from_pretrained(rest)
+        return HFSiglipTeacher(spec, model, None, _optional(AutoImageProcessor, rest))
     else:
         raise ValueError(
-            f"Teacher {spec!r}: model_type {config.model_type!r} is not a CLIP ViT (clip, clip_vision_model)"
+            f"Teacher {spec!r}: model_type {config.model_type!r} is not a CLIP or SigLIP ViT "
+            "(clip, clip_vision_model, siglip, siglip_vision_model)"
         )
     return HFClipTeacher(spec, model, tokenizer, _optional(AutoImageProcessor, rest))
 

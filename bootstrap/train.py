@@ -5,11 +5,16 @@
 DIR becomes the encoder (`AutoModel.from_pretrained(DIR)` after `import mllm_sparse`) with
 `bootstrap_report.{json,md}`; intermediate checkpoints go to DIR/checkpoints/step_*/ and `--resume` continues
 from the newest one exactly (same data order, same optimizer and RNG state).
+
+Data parallel: `torchrun --nproc_per_node G -m mllm_sparse.cli bootstrap ...` (add `--nnodes`/`--rdzv-endpoint`
+for several nodes). `--batch-size` stays the global batch, split across ranks, so a run gives the same result
+on any number of ranks.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import shutil
@@ -19,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -26,6 +32,7 @@ from mllm_sparse import SparseFormerModel
 from mllm_sparse.files import write_json
 
 from .data import TwoViewImages, list_images
+from .distributed import World, init_world
 from .evaluate import evaluate_encoder, held_out_cosine
 from .inherit import inherit
 from .optim import param_groups
@@ -45,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=int)
     budget.add_argument("--epochs", type=float)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="global batch (all ranks, all accumulation steps)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)
@@ -61,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--token-loss-layer", type=int, default=-1, help="student unit whose tokens the term aligns")
     p.add_argument("--trainable-cortex", type=int, help="cortex blocks to fine-tune (default: half, as the paper)")
-    p.add_argument("--image-size", type=int, default=224, help="student input size")
+    p.add_argument("--image-size", type=int, help="student input size (default: the teacher's)")
     p.add_argument("--val-fraction", type=float, default=0.05, help="held-out share of an image folder")
     p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: only at the end)")
     p.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: only at the end)")
@@ -138,13 +145,17 @@ def save_checkpoint(out: Path, student: SparseFormerModel, optimizer, scheduler,
     return final
 
 
-def alignment_loss(student: SparseFormerModel, pixels, targets, token_weight: float, token_layer: int):
-    """1 − cos(student embedding, teacher embedding), plus the optional token-level term."""
-    out = student(pixels, output_hidden_states=token_layer if token_weight > 0 else None)
+def alignment_loss(model, num_latent_tokens: int, pixels, targets, token_weight: float, token_layer: int):
+    """1 − cos(student embedding, teacher embedding), plus the optional token-level term.
+
+    Args:
+        model: the student, or its DistributedDataParallel wrapper (the forward must go through it).
+    """
+    out = model(pixels, output_hidden_states=token_layer if token_weight > 0 else None)
     loss = 1 - F.cosine_similarity(out.image_embeds.float(), targets["embeds"], dim=-1).mean()
     if token_weight > 0:
         tokens = out.hidden_states[token_layer]
-        latent = tokens[:, -student.config.num_latent_tokens :]
+        latent = tokens[:, -num_latent_tokens:]
         pooled = roi_pooled_patches(targets["patches"], out.hidden_rois[token_layer].detach())
         if latent.shape[-1] != pooled.shape[-1]:
             raise ValueError(
@@ -155,23 +166,49 @@ def alignment_loss(student: SparseFormerModel, pixels, targets, token_weight: fl
     return loss
 
 
+def rank_indices(order: torch.Tensor, start: int, end: int, batch_size: int, world: World) -> list[int]:
+    """Dataset indices this rank reads for the global batches order[start:end], batch after batch.
+
+    Every rank replays the same global order (a function of seed and epoch), so the global batch, and hence the
+    run, is the same for any number of ranks, and resuming needs only the position in that order.
+    """
+    return torch.cat([world.shard(order[i : i + batch_size]) for i in range(start, end, batch_size)]).tolist()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.num_tokens < 2:
         raise ValueError(f"--num-tokens counts the CLS token too, so it must be >= 2, got {args.num_tokens}")
     if args.steps is None and args.epochs is None:
         args.steps = 1000
+    world = init_world(args.device)
+    try:
+        return train(args, world)
+    finally:
+        world.close()
+
+
+def train(args: argparse.Namespace, world: World) -> int:
     torch.manual_seed(args.seed)
-    device = torch.device(args.device)
+    device = world.device
     autocast = (
         (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
         if args.bf16
         else (lambda: torch.autocast(device.type, enabled=False))
     )
+    per_rank, rest = divmod(args.batch_size, world.size * args.grad_accum)
+    if per_rank < 1 or rest:
+        raise ValueError(
+            f"--batch-size {args.batch_size} must be a multiple of ranks × --grad-accum = "
+            f"{world.size} × {args.grad_accum}"
+        )
 
     teacher = load_teacher(args.teacher)
     teacher.model.to(device).requires_grad_(False)
-    student, report = inherit(teacher, args.num_tokens - 1, args.trainable_cortex, image_size=args.image_size)
+    arch = teacher.arch
+    image_size = args.image_size or arch.image_size
+    num_latent = args.num_tokens - int(arch.has_cls)  # --num-tokens counts the CLS token where there is one
+    student, report = inherit(teacher, num_latent, args.trainable_cortex, image_size=image_size)
     student.to(device).train()
 
     world_like = (args.data / "world.json").is_file() if args.data.is_dir() else False
@@ -181,22 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         num_val = int(len(train_paths) * args.val_fraction)
         train_paths, val_paths = train_paths[num_val:], train_paths[:num_val]
-    arch = teacher.arch
-    views = dict(
-        student_size=args.image_size,
-        student_mean=arch.mean,
-        student_std=arch.std,
-        teacher_size=arch.image_size,
-        teacher_mean=arch.mean,
-        teacher_std=arch.std,
-    )
-    train_set = TwoViewImages(train_paths, **views)
-    val_loader = DataLoader(TwoViewImages(val_paths, **views), batch_size=args.batch_size, num_workers=args.workers)
-
-    micro = args.batch_size // args.grad_accum
-    if micro < 1 or args.batch_size % args.grad_accum:
-        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of --grad-accum {args.grad_accum}")
-    steps_per_epoch = max(1, len(train_set) // args.batch_size)
+    train_set = TwoViewImages(train_paths, image_size, arch.image_size, arch.mean, arch.std)
+    val_set = TwoViewImages(val_paths, image_size, arch.image_size, arch.mean, arch.std)
+    val_loader = DataLoader(val_set, batch_size=args.batch_size, num_workers=args.workers)
+    if len(train_set) < args.batch_size:
+        raise ValueError(f"--batch-size {args.batch_size} exceeds the {len(train_set)} training images in {args.data}")
+    steps_per_epoch = len(train_set) // args.batch_size
     total_steps = args.steps or max(1, round(args.epochs * steps_per_epoch))
 
     optimizer = torch.optim.AdamW(param_groups(student, args.weight_decay), lr=args.lr, betas=(0.9, 0.999))
@@ -212,42 +239,58 @@ def main(argv: list[str] | None = None) -> int:
         scheduler.load_state_dict(saved["scheduler"])
         state = saved["state"]
         torch.set_rng_state(saved["torch_rng"])
-        print(f"resumed from {checkpoint} at step {state['step']}")
+        if world.is_main:
+            print(f"resumed from {checkpoint} at step {state['step']}")
+    model = student if world.size == 1 else DistributedDataParallel(student)
 
     targets = TeacherTargets(teacher, args.token_loss_weight > 0, autocast)
     if args.cache_teacher:
-        args.out.mkdir(parents=True, exist_ok=True)
-        cache_loader = DataLoader(train_set, batch_size=args.batch_size, num_workers=args.workers)
-        targets.build_cache(cache_loader, args.out / "teacher_cache.safetensors", device)
+        # The main rank computes the cache; the others load the file it wrote.
+        cache_path = args.out / "teacher_cache.safetensors"
+        if world.is_main:
+            args.out.mkdir(parents=True, exist_ok=True)
+            targets.build_cache(
+                DataLoader(train_set, batch_size=args.batch_size, num_workers=args.workers), cache_path, device
+            )
+        world.barrier()
+        if not world.is_main:
+            targets.build_cache(None, cache_path, device)
 
     start = time.perf_counter()
     seen = 0
-    bar = tqdm(total=total_steps, initial=state["step"], unit="step", desc="bootstrap")
+    bar = tqdm(total=total_steps, initial=state["step"], unit="step", desc="bootstrap", disable=not world.is_main)
     while state["step"] < total_steps:
         order = epoch_order(len(train_set), args.seed, state["epoch"])
         usable = len(order) // args.batch_size * args.batch_size
         if state["position"] >= usable:
             state["epoch"], state["position"] = state["epoch"] + 1, 0
             continue
-        remaining = order[state["position"] : usable].tolist()
-        micro_batches = iter(DataLoader(train_set, batch_size=micro, sampler=remaining, num_workers=args.workers))
+        mine = rank_indices(order, state["position"], usable, args.batch_size, world)
+        micro_batches = iter(DataLoader(train_set, batch_size=per_rank, sampler=mine, num_workers=args.workers))
         while state["position"] < usable and state["step"] < total_steps:
             optimizer.zero_grad(set_to_none=True)
             total = 0.0
-            for _ in range(args.grad_accum):
+            for k in range(args.grad_accum):
                 index, pixels, teacher_pixels = next(micro_batches)
                 batch_targets = targets.get(index, teacher_pixels, device)
-                with autocast():
-                    loss = (
-                        alignment_loss(
-                            student, pixels.to(device), batch_targets, args.token_loss_weight, args.token_loss_layer
+                last = k == args.grad_accum - 1
+                # Gradients are averaged across ranks once per optimizer step, on the last micro-batch.
+                with contextlib.nullcontext() if last or world.size == 1 else model.no_sync():
+                    with autocast():
+                        loss = alignment_loss(
+                            model,
+                            student.config.num_latent_tokens,
+                            pixels.to(device),
+                            batch_targets,
+                            args.token_loss_weight,
+                            args.token_loss_layer,
                         )
-                        / args.grad_accum
-                    )
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"bootstrap: loss became {loss.item()} at step {state['step']}")
-                loss.backward()
+                    loss = loss / args.grad_accum
+                    loss.backward()
                 total += loss.item()
+            total = world.mean(total)
+            if not math.isfinite(total):
+                raise FloatingPointError(f"bootstrap: loss became {total} at step {state['step']}")
             torch.nn.utils.clip_grad_norm_([p for p in student.parameters() if p.requires_grad], args.clip_grad)
             optimizer.step()
             scheduler.step()
@@ -257,24 +300,36 @@ def main(argv: list[str] | None = None) -> int:
             seen += args.batch_size
             bar.update(1)
             bar.set_postfix(loss=f"{total:.4f}", img_s=f"{seen / (time.perf_counter() - start):.1f}")
-            if args.eval_every and state["step"] % args.eval_every == 0 and len(val_paths):
+            if args.eval_every and state["step"] % args.eval_every == 0 and len(val_paths) and world.is_main:
                 cosine = held_out_cosine(student, targets.compute, val_loader, device, autocast)
                 state["evals"].append({"step": state["step"], "cosine": cosine})
             if args.save_every and state["step"] % args.save_every == 0:
-                save_checkpoint(args.out, student, optimizer, scheduler, state)
+                if world.is_main:
+                    save_checkpoint(args.out, student, optimizer, scheduler, state)
+                world.barrier()
     bar.close()
     seconds = time.perf_counter() - start
+    if not world.is_main:
+        world.barrier()  # wait for the main rank's final checkpoint and evaluation
+        return 0
 
     student.eval()
     save_checkpoint(args.out, student, optimizer, scheduler, state)
     student.save_pretrained(args.out)
     final = evaluate_encoder(
-        student, teacher, val_loader, args.image_size, device, autocast, args.data if world_like else None
+        student,
+        teacher,
+        val_loader,
+        image_size,
+        device,
+        autocast,
+        args.data if world_like and teacher.has_text else None,
     )
     result = {
         "teacher": args.teacher,
         "num_tokens": args.num_tokens,
         "steps": state["step"],
+        "ranks": world.size,
         "train_seconds_this_run": round(seconds, 1),
         "images_per_second_this_run": round(seen / max(seconds, 1e-9), 2),
         "teacher_cache": args.cache_teacher,
@@ -286,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.out / "bootstrap_report.json", result)
     (args.out / "bootstrap_report.md").write_text(report_markdown(result))
     print(report_markdown(result))
+    world.barrier()
     return 0
 
 

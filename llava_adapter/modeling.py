@@ -49,9 +49,9 @@ def default_feature_selection(vision_config: PretrainedConfig) -> tuple[int, str
     """(vision_feature_layer, select_strategy), LLaVA-like: the second-to-last layer.
 
     A ViT drops its CLS token ("default"), as LLaVA-1.5 does. A SparseFormer keeps all N tokens ("full"): its CLS
-    token is one of the N the budget pays for.
+    token is one of the N the budget pays for. A SigLIP ViT has no CLS token to drop ("full").
     """
-    if isinstance(vision_config, SparseFormerConfig):
+    if isinstance(vision_config, SparseFormerConfig) or vision_config.model_type == "siglip_vision_model":
         return -2, "full"
     return -2, "default"
 

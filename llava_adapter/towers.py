@@ -17,7 +17,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from transformers import AutoConfig, AutoModel, CLIPVisionConfig, PretrainedConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    CLIPVisionConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    SiglipVisionConfig,
+)
 from transformers.utils import ModelOutput
 
 from mllm_sparse import SparseFormerConfig
@@ -146,9 +153,14 @@ def num_image_tokens(vision_config: PretrainedConfig, feature_layer: int, select
         tokens = 1 + vision_config.num_tokens
     elif isinstance(vision_config, CLIPVisionConfig):
         tokens = 1 + (vision_config.image_size // vision_config.patch_size) ** 2
+    elif isinstance(vision_config, SiglipVisionConfig):
+        tokens = (vision_config.image_size // vision_config.patch_size) ** 2
+        if select_strategy == "default":
+            raise ValueError("A SigLIP tower has no CLS token to drop; use vision_feature_select_strategy='full'")
     else:
         raise ValueError(
-            f"Unsupported vision tower {type(vision_config).__name__}; expected a SparseFormer, CLIP or pooled tower"
+            f"Unsupported vision tower {type(vision_config).__name__}; expected a SparseFormer, CLIP, SigLIP or "
+            "pooled tower"
         )
     return tokens - (1 if select_strategy == "default" else 0)
 
@@ -167,8 +179,8 @@ def load_tower(spec: str, pool_tokens: int | None = None) -> LoadedTower:
 
     Args:
         spec: a saved tower folder (a bootstrapped SparseFormer, or any `AutoModel` vision tower), or a CLIP teacher
-            spec (`open_clip:…`, `hf:…`, see `bootstrap.load_teacher`), which becomes an HF `CLIPVisionModel`: the
-            full-token baseline.
+            spec (`open_clip:…`, `hf:…`, see `bootstrap.load_teacher`), which becomes an HF `CLIPVisionModel` (or
+            `SiglipVisionModel`): the full-token baseline.
         pool_tokens: with a CLIP spec, average-pool its patch tokens to this many (a square number): the pooling
             baseline at the same token budget as a SparseFormer.
     """
@@ -176,7 +188,9 @@ def load_tower(spec: str, pool_tokens: int | None = None) -> LoadedTower:
         from bootstrap import load_teacher
 
         teacher = load_teacher(spec)
-        clip = teacher.to_hf_clip_vision()
+        clip = teacher.to_hf_vision()
+        if pool_tokens is not None and not isinstance(clip.config, CLIPVisionConfig):
+            raise ValueError(f"--pool-tokens: the pooling baseline needs a CLIP ViT teacher; {spec} is not one")
         if pool_tokens is not None:
             tower = PooledVisionModel(PooledVisionConfig(clip.config, num_tokens=pool_tokens))
             tower.vit.load_state_dict(clip.state_dict(), strict=True)

@@ -10,7 +10,7 @@ from transformers import PretrainedConfig
 OPS = ("ATTN", "MLP", "SAMPLING_M", "ROI_ADJ", "PE_INJECT")
 # Ops that read or write RoIs, so they only make sense before the CLS token joins the sequence.
 ROI_OPS = ("SAMPLING_M", "ROI_ADJ", "PE_INJECT")
-HEAD_OPS = ("avg", "cls")
+HEAD_OPS = ("avg", "cls", "latent_avg", "map")
 PADDING_MODES = ("zeros", "border", "reflection")
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -32,8 +32,13 @@ class SparseFormerConfig(PretrainedConfig):
         width_configs: width of each unit; a change of width inserts a linear transition.
         repeats: how many times each unit runs (weights shared across repeats).
         ops_list: per unit, the op names it applies in order (see `OPS`).
-        head_op: "avg" (mean over tokens) or "cls" (first token).
-        proj_dim / proj_bias: the final projection after the head and final LayerNorm.
+        head_op: how the head pools the final tokens before its LayerNorm and projection: "cls" (the first token),
+            "avg" (LayerNorm of the mean over all tokens, as the official v1 models), or "latent_avg" (mean of the
+            LayerNormed latent tokens, CLS excluded: open_clip's `pool_type="avg"`, for students of average-pooled
+            CLIP teachers), or "map" (a learned probe attends over the LayerNormed tokens, then a residual MLP:
+            SigLIP's attention-pooling head).
+        proj_dim / proj_bias: the final projection after the head and final LayerNorm; `proj_dim=None` for none
+            (SigLIP: the pooled token is the embedding).
         mlp_ratio: MLP hidden width over unit width.
         drop_path_rate: stochastic depth, linear over all unit repeats.
         type_num_attn_heads: 1 gives 64 heads at every width (v1); 2 gives width // 64 heads (bootstrapped).
@@ -46,6 +51,7 @@ class SparseFormerConfig(PretrainedConfig):
         ln_eps: LayerNorm epsilon of the units, transitions and final norm.
         use_stage_embedding: a learned embedding per repeat, for units that repeat.
         clip_quick_gelu: QuickGELU in the MLPs of single-repeat units (CLIP-inherited blocks).
+        gelu_approximate: otherwise those MLPs use `nn.GELU(approximate=...)`: "none", or "tanh" (SigLIP).
         restrict_grad_norm: clamp the gradient of each sampling coordinate to one feature-map pixel.
         grid_sample_padding: `grid_sample` padding mode for points outside the image.
         image_mean / image_std / image_size: the preprocessing the weights expect.
@@ -64,7 +70,7 @@ class SparseFormerConfig(PretrainedConfig):
         repeats: Sequence[int] = (4, 1) + (1,) * 8,
         ops_list: Sequence[Sequence[str]] | None = None,
         head_op: str = "cls",
-        proj_dim: int = 512,
+        proj_dim: int | None = 512,
         proj_bias: bool = False,
         mlp_ratio: float = 4.0,
         drop_path_rate: float = 0.0,
@@ -77,6 +83,7 @@ class SparseFormerConfig(PretrainedConfig):
         ln_eps: float = 1e-5,
         use_stage_embedding: bool = True,
         clip_quick_gelu: bool = True,
+        gelu_approximate: str = "none",
         restrict_grad_norm: bool = False,
         grid_sample_padding: str = "border",
         image_mean: Sequence[float] = OPENAI_CLIP_MEAN,
@@ -108,6 +115,7 @@ class SparseFormerConfig(PretrainedConfig):
         self.ln_eps = ln_eps
         self.use_stage_embedding = use_stage_embedding
         self.clip_quick_gelu = clip_quick_gelu
+        self.gelu_approximate = gelu_approximate
         self.restrict_grad_norm = restrict_grad_norm
         self.grid_sample_padding = grid_sample_padding
         self.image_mean = [float(m) for m in image_mean]
@@ -191,6 +199,10 @@ class SparseFormerConfig(PretrainedConfig):
             raise ValueError(f"SparseFormerConfig: head_op must be one of {HEAD_OPS}, got {self.head_op!r}")
         if self.head_op == "cls" and not self.has_cls_token:
             raise ValueError("SparseFormerConfig: head_op='cls' needs a CLS token (cls_token_insert_layer > 0)")
+        if self.gelu_approximate not in ("none", "tanh"):
+            raise ValueError(
+                f"SparseFormerConfig: gelu_approximate must be 'none' or 'tanh', got {self.gelu_approximate!r}"
+            )
         if self.type_num_attn_heads not in (1, 2):
             raise ValueError(f"SparseFormerConfig: type_num_attn_heads must be 1 or 2, got {self.type_num_attn_heads}")
         if self.type_op_adjust not in (1, 2):

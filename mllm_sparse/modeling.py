@@ -13,7 +13,14 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .configuration import SparseFormerConfig
-from .modules import AdaptiveMixing, EarlyConvolution, SparseFormerUnit, WidthTransition
+from .modules import (
+    AdaptiveMixing,
+    AttentionPoolHead,
+    EarlyConvolution,
+    SparseFormerUnit,
+    WidthTransition,
+    mlp_activation,
+)
 
 # Flags transformers passes to every vision tower (e.g. from LlavaModel); accepted and ignored.
 HF_PLUMBING_KWARGS = {"output_attentions", "interpolate_pos_encoding", "use_cache"}
@@ -88,6 +95,8 @@ class SparseFormerPreTrainedModel(PreTrainedModel):
             if module.m_beta is not None:
                 init.zeros_(module.m_beta)
                 init.zeros_(module.s_beta)
+        elif isinstance(module, AttentionPoolHead):
+            init.normal_(module.probe)
         elif isinstance(module, SparseFormerUnit):
             if hasattr(module, "stage_embedding"):
                 init.normal_(module.stage_embedding.weight)
@@ -160,7 +169,20 @@ class SparseFormerModel(SparseFormerPreTrainedModel):
             self.layers.append(SparseFormerUnit(config, i, rates[start : start + config.repeats[i]]))
             start += config.repeats[i]
         self.norm = nn.LayerNorm(widths[-1], eps=config.ln_eps)
-        self.proj = nn.Linear(widths[-1], config.proj_dim, bias=config.proj_bias)
+        self.head = (
+            AttentionPoolHead(
+                widths[-1],
+                config.unit_attention_heads(config.num_units - 1),
+                int(widths[-1] * config.mlp_ratio),
+                config.ln_eps,
+                mlp_activation(config, config.repeats[-1]),
+            )
+            if config.head_op == "map"
+            else None
+        )
+        self.proj = (
+            nn.Identity() if config.proj_dim is None else nn.Linear(widths[-1], config.proj_dim, bias=config.proj_bias)
+        )
         self.post_init()
 
     @property
@@ -199,7 +221,7 @@ class SparseFormerModel(SparseFormerPreTrainedModel):
             if not isinstance(layer, SparseFormerUnit):
                 tokens = layer(tokens)
                 continue
-            if unit == self.config.cls_token_insert_layer:
+            if self.config.has_cls_token and unit == self.config.cls_token_insert_layer:
                 cls = self.cls_embedding.weight.to(tokens.dtype).unsqueeze(0).expand(tokens.shape[0], -1, -1)
                 tokens = torch.cat([cls, tokens], dim=1)
             tokens, rois, points = layer(feature_map, tokens, rois)
@@ -240,8 +262,7 @@ class SparseFormerModel(SparseFormerPreTrainedModel):
         tokens, rois, unit_tokens, unit_rois, unit_points = self._run_units(
             pixel_values, self.config.num_units - 1, record, output_sampling_points
         )
-        pooled = tokens[:, 0] if self.config.head_op == "cls" else tokens.mean(dim=1)
-        pooled = self.norm(pooled)
+        pooled = self.pool(tokens)
         output = SparseFormerOutput(
             image_embeds=self.proj(pooled),
             last_hidden_state=tokens,
@@ -254,6 +275,16 @@ class SparseFormerModel(SparseFormerPreTrainedModel):
         if return_dict is False or (return_dict is None and not self.config.return_dict):
             return output.to_tuple()
         return output
+
+    def pool(self, tokens: Tensor) -> Tensor:
+        """[B, T, C] final tokens → [B, C] the head's normed summary, before the projection (see `head_op`)."""
+        if self.config.head_op == "cls":
+            return self.norm(tokens[:, 0])
+        if self.config.head_op == "avg":
+            return self.norm(tokens.mean(dim=1))
+        if self.config.head_op == "map":
+            return self.head(self.norm(tokens))
+        return self.norm(tokens[:, int(self.config.has_cls_token) :]).mean(dim=1)
 
     def get_feature_tokens(self, pixel_values: Tensor, feature_layer: int = -1) -> Tensor:
         """Tokens after unit `feature_layer` (negative counts from the end), skipping every later unit.

@@ -6,6 +6,9 @@ Submodule names reproduce the official checkpoint keys (e.g. `adaptive_mixing.pa
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -84,6 +87,16 @@ class AdaptiveMixing(nn.Module):
         return self.out_proj(x.reshape(batch, num_tokens, -1))
 
 
+def mlp_activation(config, repeats: int) -> Callable[[], nn.Module]:
+    """The MLP activation of a unit: single-repeat units (the blocks a CLIP teacher hands down) use the teacher's
+    (QuickGELU, or GELU with `config.gelu_approximate`); the focusing units use exact GELU, as the reference."""
+    if repeats > 1:
+        return nn.GELU
+    if config.clip_quick_gelu:
+        return QuickGELU
+    return partial(nn.GELU, approximate=config.gelu_approximate)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection, computed by SDPA."""
 
@@ -99,6 +112,30 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(batch, num_tokens, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
         x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
         return self.proj(x.transpose(1, 2).reshape(batch, num_tokens, dim))
+
+
+class AttentionPoolHead(nn.Module):
+    """Multihead attention pooling (SigLIP's "MAP" head): a learned probe attends over the tokens, then a residual
+    MLP. Weights map one to one from HF `SiglipMultiheadAttentionPoolingHead` (its fused `in_proj` is `qkv`)."""
+
+    def __init__(self, dim: int, num_heads: int, hidden_dim: int, eps: float, act_layer: Callable[[], nn.Module]):
+        super().__init__()
+        self.num_heads = num_heads
+        self.probe = nn.Parameter(torch.zeros(1, 1, dim))
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, hidden_dim, act_layer)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """[B, T, D] (already normed) → [B, D]."""
+        batch, num_tokens, dim = x.shape
+        heads, head_dim = self.num_heads, dim // self.num_heads
+        w, b = self.qkv.weight, self.qkv.bias
+        q = F.linear(self.probe.to(x.dtype), w[:dim], b[:dim]).view(1, heads, 1, head_dim).expand(batch, -1, -1, -1)
+        kv = F.linear(x, w[dim:], b[dim:]).view(batch, num_tokens, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
+        pooled = self.proj(F.scaled_dot_product_attention(q, kv[0], kv[1]).reshape(batch, dim))
+        return pooled + self.mlp(self.norm(pooled))
 
 
 class Mlp(nn.Module):
@@ -151,9 +188,8 @@ class SparseFormerUnit(nn.Module):
             self.norm1 = nn.LayerNorm(dim, eps=eps)
             self.attn = Attention(dim, config.unit_attention_heads(index))
         if "MLP" in ops:
-            act = QuickGELU if (self.repeats == 1 and config.clip_quick_gelu) else nn.GELU
             self.norm2 = nn.LayerNorm(dim, eps=eps)
-            self.mlp = Mlp(dim, int(dim * config.mlp_ratio), act)
+            self.mlp = Mlp(dim, int(dim * config.mlp_ratio), mlp_activation(config, self.repeats))
         if "ROI_ADJ" in ops:
             if config.type_op_adjust == 1:
                 self.roi_adjust_module = nn.Sequential(nn.LayerNorm(dim, eps=eps), nn.Linear(dim, 4, bias=False))

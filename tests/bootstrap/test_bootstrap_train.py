@@ -1,6 +1,10 @@
 """`mllm-sparse bootstrap` end to end on a tiny teacher and a tiny synthetic world."""
 
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import open_clip
 import pytest
@@ -68,6 +72,27 @@ def test_two_steps_through_the_cli_into_a_checkpoint_that_reloads(setup, tmp_pat
     assert evaluation["student_tokens"] == 9 and evaluation["teacher_tokens"] == 17
 
 
+def test_a_siglip_teacher_bootstraps_through_the_cli(setup, tmp_path):
+    """SigLIP: no CLS token (all --num-tokens are latent), attention-pool head; a vision-only checkpoint has no
+    text tower, so the report carries cosine but no zero-shot."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    root, _ = setup
+    torch.manual_seed(0)
+    config = SiglipVisionConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2, image_size=64, patch_size=16
+    )
+    SiglipVisionModel(config).save_pretrained(tmp_path / "siglip")
+    out = tmp_path / "enc"
+    args = _args((root, f"hf:{tmp_path / 'siglip'}"), out, "--steps", "2")
+    assert cli_main(["bootstrap", *args]) == 0
+    model = AutoModel.from_pretrained(out)
+    assert model.config.num_tokens == 9 and not model.config.has_cls_token and model.config.head_op == "map"
+    report = json.loads((out / "bootstrap_report.json").read_text())
+    assert "zero_shot" not in report["final"] and report["final"]["teacher_tokens"] == 16
+    assert report["final"]["held_out_cosine"] > -1
+
+
 def test_resume_matches_an_uninterrupted_run(setup, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     cli_main(["bootstrap", *_args(setup, straight, "--steps", "4", "--save-every", "2")])
@@ -104,6 +129,41 @@ def test_token_loss_and_grad_accumulation_run(setup, tmp_path):
         ]
     )
     assert json.loads((out / "bootstrap_report.json").read_text())["steps"] == 2
+
+
+def test_torchrun_with_two_cpu_ranks_matches_one_process(setup, tmp_path):
+    """Data parallel through a real `torchrun` launch (2 CPU ranks, gloo): same global batch, same training."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    extra = ("--steps", "3", "--grad-accum", "2", "--cache-teacher")
+    assert cli_main(["bootstrap", *_args(setup, one, *extra)]) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [*launch, "-m", "mllm_sparse.cli", "bootstrap", *_args(setup, two, *extra)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    report_one = json.loads((one / "bootstrap_report.json").read_text())
+    report_two = json.loads((two / "bootstrap_report.json").read_text())
+    assert report_two["ranks"] == 2 and report_one["ranks"] == 1
+    assert report_two["loss_curve"] == pytest.approx(report_one["loss_curve"], abs=1e-5)
+    # Weights agree to float noise: AdamW turns the noise-level gradients of parameters the loss barely sees (a
+    # key bias: softmax ignores it) into steps of up to lr, so the bound is a small fraction of 3 steps × lr 3e-3.
+    a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=3e-4, rtol=1e-4, msg=key)
+    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["step_00000003"]
+
+
+def test_batch_must_split_over_ranks_and_accumulation(setup, tmp_path):
+    with pytest.raises(ValueError, match="multiple of ranks × --grad-accum = 1 × 3"):
+        train_module.main(_args(setup, tmp_path / "b", "--steps", "1", "--grad-accum", "3"))
 
 
 def test_roi_pooling_averages_the_patches_inside_each_box():

@@ -1,30 +1,48 @@
 """Inheritance from tiny open_clip and HF CLIP teachers that the tests build and save themselves."""
 
+import json
+from pathlib import Path
+
 import open_clip
 import pytest
 import torch
-from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+from safetensors.torch import save_file
+from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, SiglipVisionConfig, SiglipVisionModel
 
 import bootstrap
 from bootstrap import inherit, load_teacher
 from bootstrap.converters import hf_clip_visual_to_sparseformer, open_clip_visual_to_sparseformer
+from bootstrap.teacher_models import MODEL_CONFIG_DIR
 
 NAME = "synth-vit-test-16"  # 3 blocks, width 64, 2 heads, 64 px
 
 
-@pytest.fixture(scope="module")
-def open_clip_teacher(tmp_path_factory):
+def saved_open_clip_teacher(name: str, folder: Path):
     torch.manual_seed(0)
-    model = open_clip.create_model(NAME)
+    model = open_clip.create_model(name)
     with torch.no_grad():  # non-trivial LayerNorm and bias values, so a mixed-up mapping shows
         for p in model.parameters():
             if p.ndim == 1:
                 p.add_(torch.randn_like(p) * 0.1)
-    path = tmp_path_factory.mktemp("oc") / "teacher.safetensors"
-    from safetensors.torch import save_file
+    save_file(model.state_dict(), folder / "teacher.safetensors")
+    return load_teacher(f"open_clip:{name}@{folder / 'teacher.safetensors'}")
 
-    save_file(model.state_dict(), path)
-    return load_teacher(f"open_clip:{NAME}@{path}")
+
+@pytest.fixture(scope="module")
+def open_clip_teacher(tmp_path_factory):
+    return saved_open_clip_teacher(NAME, tmp_path_factory.mktemp("oc"))
+
+
+@pytest.fixture(scope="module")
+def open_clip_avg_teacher(tmp_path_factory):
+    """The tiny teacher with open_clip's average pooling (as the synthetic-world teacher)."""
+    folder = tmp_path_factory.mktemp("oc_avg")
+    config = json.loads((MODEL_CONFIG_DIR / f"{NAME}.json").read_text())
+    config["vision_cfg"]["pool_type"] = "avg"
+    (folder / f"{NAME}-avg.json").write_text(json.dumps(config))
+    bootstrap.register_teacher_configs()
+    open_clip.add_model_config(folder / f"{NAME}-avg.json")
+    return saved_open_clip_teacher(f"{NAME}-avg", folder)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +68,34 @@ def hf_teacher(tmp_path_factory):
     return load_teacher(f"hf:{out}")
 
 
-@pytest.mark.parametrize("which", ["open_clip_teacher", "hf_teacher"])
+@pytest.fixture(scope="module")
+def siglip_teacher(tmp_path_factory):
+    """A tiny SigLIP vision tower: no CLS token, tanh-GELU, an attention-pooling head, no projection."""
+    torch.manual_seed(2)
+    config = SiglipVisionConfig(
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        image_size=64,
+        patch_size=16,
+        layer_norm_eps=1e-6,
+    )
+    model = SiglipVisionModel(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+        model.head.probe.normal_()
+    out = tmp_path_factory.mktemp("siglip")
+    model.save_pretrained(out)
+    return load_teacher(f"hf:{out}")
+
+
+TEACHERS = ["open_clip_teacher", "open_clip_avg_teacher", "hf_teacher", "siglip_teacher"]
+
+
+@pytest.mark.parametrize("which", TEACHERS)
 def test_inherited_cortex_and_head_reproduce_the_teacher(which, request):
     teacher = request.getfixturevalue(which)
     arch = teacher.arch
@@ -66,8 +111,10 @@ def test_inherited_cortex_and_head_reproduce_the_teacher(which, request):
             x = student.layers[layer](None, x, None)[0]
             torch.testing.assert_close(x, teacher.tokens(pixels, teacher_block), atol=1e-5, rtol=1e-5, msg=f"block {k}")
         torch.testing.assert_close(x, expected_final, atol=1e-5, rtol=1e-5)
-        # The inherited head maps the teacher's final CLS to the teacher's embedding.
-        embeds = student.proj(student.norm(expected_final[:, 0]))
+        # The inherited head maps the teacher's final tokens (its CLS, the mean of its patch tokens for an
+        # average-pooled teacher, SigLIP's attention pool) to the teacher's embedding.
+        assert student.config.head_op == {"cls": "cls", "avg": "latent_avg", "map": "map"}[arch.pool]
+        embeds = student.proj(student.pool(expected_final))
         torch.testing.assert_close(embeds, teacher.encode_image(pixels), atol=1e-5, rtol=1e-5)
 
 
@@ -154,13 +201,46 @@ def test_open_clip_teacher_exposes_preprocessing_and_text(open_clip_teacher):
     assert bootstrap.TeacherArch is type(arch)
 
 
-@pytest.mark.parametrize("which", ["open_clip_teacher", "hf_teacher"])
-def test_hf_clip_vision_tower_reproduces_the_teacher_tokens(which, request):
-    """The full-token LLaVA baseline tower (key-table converted to HF CLIP) gives the teacher's tokens exactly."""
+@pytest.mark.parametrize("which", ["open_clip_teacher", "hf_teacher", "siglip_teacher"])
+def test_hf_vision_tower_reproduces_the_teacher_tokens(which, request):
+    """The full-token LLaVA baseline tower (HF CLIP, key-table converted from open_clip; HF SigLIP) gives the
+    teacher's tokens exactly."""
     teacher = request.getfixturevalue(which)
-    tower = teacher.to_hf_clip_vision()
+    tower = teacher.to_hf_vision()
     pixels = torch.randn(2, 3, teacher.arch.image_size, teacher.arch.image_size)
     with torch.no_grad():
         hidden = tower(pixel_values=pixels, output_hidden_states=True).hidden_states
         for layer in (0, teacher.arch.layers - 2, teacher.arch.layers - 1):
             torch.testing.assert_close(hidden[layer + 1], teacher.tokens(pixels, layer), rtol=1e-4, atol=1e-5)
+
+
+def test_siglip_student_has_no_cls_and_inherits_the_pooling_head(siglip_teacher):
+    arch = siglip_teacher.arch
+    assert (arch.has_cls, arch.pool, arch.act, arch.proj_dim, arch.mean) == (
+        False,
+        "map",
+        "gelu_tanh",
+        None,
+        (0.5,) * 3,
+    )
+    student, report = inherit(siglip_teacher, num_latent_tokens=9)
+    cfg = student.config
+    assert not cfg.has_cls_token and cfg.num_tokens == 9 and cfg.gelu_approximate == "tanh" and cfg.proj_dim is None
+    assert report.initialised_from_teacher == [] and "head.probe" in report.inherited
+    assert {"head.probe", "head.qkv.weight", "norm.weight"} <= set(report.frozen)
+    with torch.no_grad():
+        out = student(torch.randn(2, 3, 64, 64))
+    assert out.last_hidden_state.shape == (2, 9, 64) and out.image_embeds.shape == (2, 64)
+    assert siglip_teacher.patch_tokens(torch.randn(1, 3, 64, 64)).shape == (1, 16, 64)  # no CLS to drop
+    with pytest.raises(ValueError, match="no text tower"):
+        siglip_teacher.encode_text(["a red circle"])
+
+
+@pytest.mark.parametrize("which", TEACHERS)
+def test_students_save_and_reload(which, request, tmp_path):
+    student, _ = inherit(request.getfixturevalue(which), num_latent_tokens=4)
+    student.save_pretrained(tmp_path)
+    reloaded = type(student).from_pretrained(tmp_path)
+    pixels = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(pixels).image_embeds, student(pixels).image_embeds)
