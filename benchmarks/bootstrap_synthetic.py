@@ -4,7 +4,8 @@ and student training throughput with and without the teacher cache.
     uv run python benchmarks/bootstrap_synthetic.py --teacher runs/sw/teacher --world runs/sw/train_default
 
 (the teacher and world of `uv run python benchmarks/synthetic_world.py --work runs/sw`). N = 1/9 is 16 tokens for
-a 196-token teacher (a square number, so the pooled baseline of the VLM benchmark matches it). Writes benchmarks/results/bootstrap_synthetic.{json,md}.
+a 196-token teacher (a square number, so the pooled baseline of the VLM benchmark matches it).
+Writes benchmarks/results/bootstrap_synthetic.{json,md}.
 """
 
 from __future__ import annotations
@@ -12,16 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import shutil
 from pathlib import Path
 
-import torch
+from results_io import RESULTS, machine, write_results
 
 from bootstrap.train import main as bootstrap_main
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def run(args, out: Path, num_tokens: int, steps: int, *extra: str, cache: Path | None = None) -> dict:
@@ -100,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             "held_out_cosine_curve": report["evals"],
         }
     report = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} (CPU)",
+        "machine": machine(),
         "teacher": str(args.teacher),
         "teacher_patch_tokens": num_patches,
         "steps": args.steps,
@@ -108,8 +105,6 @@ def main(argv: list[str] | None = None) -> int:
         "throughput": throughput,
         "results": results,
     }
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "bootstrap_synthetic.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [
         "# Bootstrapping on the synthetic world",
         "",
@@ -134,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         f"teacher run per batch, {throughput['with_cache_images_per_s']:.1f} images/s from the teacher cache "
         f"({throughput['speedup']:.2f}×).",
     ]
-    (args.out_dir / "bootstrap_synthetic.md").write_text("\n".join(lines) + "\n")
+    write_results(args.out_dir, "bootstrap_synthetic", report, "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

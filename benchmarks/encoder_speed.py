@@ -13,21 +13,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import open_clip
 import torch
+from results_io import RESULTS, cpu_name, write_results
 
 import mllm_sparse
 from mllm_sparse.profiling import count_gflops
 
 SPARSEFORMER = "sparseformer_btsp_openai_clip_large"
 VIT = "ViT-L-14-336"
-RESULTS = Path(__file__).parent / "results"
 
 
 def cpu_has_native_bf16() -> bool:
@@ -37,14 +35,6 @@ def cpu_has_native_bf16() -> bool:
     except OSError:
         return False
     return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo where there is one (Linux), else what `platform` knows."""
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
-    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    return names[0] if names else platform.processor() or "unknown"
 
 
 def build_models(device: torch.device) -> dict[str, torch.nn.Module]:
@@ -173,9 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
         "notes": notes,
     }
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out_dir / f"{args.name}.md").write_text(to_markdown(report))
+    write_results(args.out_dir, args.name, report, to_markdown(report))
     print(to_markdown(report))
     return 0
 

@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 from pathlib import Path
 
 import open_clip
-import torch
+from results_io import RESULTS, machine, write_results
 
 import bootstrap
 from bootstrap.train_teacher import main as train_teacher
@@ -30,8 +28,6 @@ from mllm_sparse.files import read_jsonl
 from mllm_sparse.synth import generate_world
 from mllm_sparse.synth.dataset import SyntheticWorld
 from mllm_sparse.synth.world import DIFFICULTIES
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def scene_stats(root: Path) -> dict:
@@ -157,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         print(difficulty, f"zero-shot {zero_shot['top1']:.3f}", f"probe {probe['overall']:.3f}", flush=True)
 
     report = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} (CPU)",
+        "machine": machine(),
         "generation": generation,
         "teacher": {
             **{k: trained[k] for k in ("model", "steps", "batch_size", "train_seconds", "images_per_second")},
@@ -167,9 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         "question_types": sorted(accuracy["default"]["probe"]["by_type"]),
         "accuracy": accuracy,
     }
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "synthetic_world.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out_dir / "synthetic_world.md").write_text(to_markdown(report))
+    write_results(args.out_dir, "synthetic_world", report, to_markdown(report))
     print(to_markdown(report))
     return 0
 

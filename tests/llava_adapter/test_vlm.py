@@ -189,3 +189,29 @@ def test_bad_feature_layer_width_fails_clearly(tokenizer):
     encoder = mllm_sparse.create_model("test_sparseformer_btsp")
     with pytest.raises(ValueError, match="width 32"):
         build_vlm(encoder, tiny_llm(tokenizer), tokenizer, feature_layer=0, select_strategy="full")
+
+
+def test_siglip_teacher_is_a_full_token_tower(tokenizer, tmp_path):
+    """A SigLIP teacher spec gives HF's SiglipVisionModel: every patch token ("full"; it has no CLS to drop)."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    from llava_adapter.modeling import default_feature_selection
+    from llava_adapter.towers import load_tower
+
+    config = SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=64, patch_size=16
+    )
+    SiglipVisionModel(config).save_pretrained(tmp_path / "siglip")
+    tower = load_tower(f"hf:{tmp_path / 'siglip'}")
+    assert type(tower.model).__name__ == "SiglipVisionModel" and tower.mean == (0.5, 0.5, 0.5)
+    assert default_feature_selection(tower.model.config) == (-2, "full")
+    assert num_image_tokens(tower.model.config, -2, "full") == 16
+    with pytest.raises(ValueError, match="no CLS token to drop"):
+        num_image_tokens(tower.model.config, -2, "default")
+    with pytest.raises(ValueError, match="needs a CLIP ViT teacher"):
+        load_tower(f"hf:{tmp_path / 'siglip'}", pool_tokens=4)
+    model = build_vlm(tower.model, tiny_llm(tokenizer), tokenizer, "mlp2x_gelu").eval()
+    assert model.config.image_seq_length == 16
+    with torch.no_grad():
+        features = model.get_image_features(pixel_values=torch.randn(1, 3, 64, 64), return_dict=True).pooler_output
+    assert [f.shape for f in features] == [(16, LLM_SIZES["hidden_size"])]

@@ -1,0 +1,216 @@
+"""The LLaVA pipeline on the synthetic world: full ViT tokens vs SparseFormer vs pooled ViT tokens, same LLM.
+
+    uv run python benchmarks/vlm_synthetic.py          # after synthetic_world.py and bootstrap_synthetic.py
+    uv run python benchmarks/vlm_synthetic.py --epochs 0.05 --eval-limit 40 --work runs/vlm_smoke  # a smoke run
+
+Arms, each a stock `LlavaForConditionalGeneration` built by `mllm-sparse build-vlm` with the same tiny LLM (same
+seed, same tokenizer) and an `mlp2x_gelu` projector, trained by `scripts/train_vlm.py` on the world's
+`llava_train.json` with the same data, steps and schedule (LLM + projector; the tower frozen), then scored by
+`mllm-sparse eval-vlm` on `llava_test.json`:
+
+  (a) `vit`:             the teacher ViT's full patch tokens (LLaVA-style, CLS dropped);
+  (b) `sparseformer-N`:  the SparseFormer bootstrapped from that teacher at N tokens (N = 1/4 and 1/9);
+  (c) `pooled-N`:        the teacher's patch tokens average-pooled to an n×n grid, the same N.
+
+Afterwards every trained arm is loaded side by side and timed on the same test questions, round-robin in one
+process: vision encode, LLM prefill, and time to first token (encode + prefill), batch 1, KV cache on.
+Writes benchmarks/results/vlm_synthetic.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from results_io import RESULTS, machine, write_results
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def arms(args) -> dict[str, list[str]]:
+    """Arm name → the `build-vlm` tower arguments."""
+    teacher = f"open_clip:{args.teacher_model}@{args.teacher / 'open_clip_model.safetensors'}"
+    out = {"vit": ["--encoder", teacher]}
+    for spec in args.students:
+        tokens, _, folder = spec.partition("=")
+        out[f"sparseformer-{tokens}"] = ["--encoder", folder]
+        out[f"pooled-{tokens}"] = ["--encoder", teacher, "--pool-tokens", tokens]
+    return out
+
+
+def run(command: list[str], log: Path) -> float:
+    """Run a pipeline command as a user would (its own process); seconds taken. Output goes to `log`."""
+    start = time.perf_counter()
+    with log.open("w") as f:
+        done = subprocess.run(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env={**os.environ})
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(command[:4])} ... failed ({done.returncode}); see {log}")
+    return time.perf_counter() - start
+
+
+def train_arm(args, name: str, tower_args: list[str]) -> dict:
+    work = args.work / name
+    work.mkdir(parents=True, exist_ok=True)
+    python = [sys.executable]
+    base, model, evaluation = work / "base", work / "model", work / "eval"
+    if not (base / "config.json").is_file():
+        run(
+            [*python, "-m", "mllm_sparse.cli", "build-vlm", *tower_args, "--llm", args.llm, "--tokenizer-corpus",
+             str(args.world), "--projector", "mlp2x_gelu", "--out", str(base), "--seed", "0"],
+            work / "build.log",
+        )  # fmt: skip
+    train_s = None
+    if not (model / "config.json").is_file():
+        train_s = run(
+            [*python, "scripts/train_vlm.py", "--model_name_or_path", str(base),
+             "--data_path", str(args.world / "llava_train.json"), "--image_folder", str(args.world),
+             "--version", "chat_template", "--output_dir", str(model), "--num_train_epochs", str(args.epochs),
+             "--per_device_train_batch_size", str(args.batch_size), "--learning_rate", str(args.lr),
+             "--lr_scheduler_type", "cosine", "--warmup_steps", "0.03", "--weight_decay", "0.0",
+             "--logging_steps", "50", "--save_strategy", "no", "--report_to", "none", "--seed", "0",
+             "--model_max_length", "512", "--dataloader_num_workers", "0"],
+            work / "train.log",
+        )  # fmt: skip
+    if not (evaluation / "eval_vlm.json").is_file():
+        limit = ["--limit", str(args.eval_limit)] if args.eval_limit else []
+        run(
+            [*python, "-m", "mllm_sparse.cli", "eval-vlm", "--model", str(model),
+             "--data", str(args.world / "llava_test.json"), "--image_folder", str(args.world),
+             "--template", "chat_template", "--batch-size", "32", "--max-new-tokens", "8", "--out", str(evaluation),
+             "--no-progress", *limit],
+            work / "eval.log",
+        )  # fmt: skip
+    report = json.loads((evaluation / "eval_vlm.json").read_text())
+    config = json.loads((model / "config.json").read_text())
+    # The Trainer's closing summary line, e.g. {'train_runtime': '20.61', ..., 'train_loss': '3.513', ...}
+    summary = re.findall(r"'train_loss': '?([0-9.]+)", (work / "train.log").read_text())
+    return {
+        "image_tokens": config["image_seq_length"],
+        "train_seconds": train_s,
+        "accuracy": report["accuracy"],
+        "by_type": {k: v["accuracy"] for k, v in report["by_type"].items()},
+        "by_target_size": {k: v["accuracy"] for k, v in report["by_target_size"].items()},
+        "questions": report["num_answers"],
+        "mean_train_loss": float(summary[-1]) if summary else None,
+    }
+
+
+@torch.no_grad()
+def time_side_by_side(args, names: list[str]) -> dict:
+    """Median encode / prefill / time-to-first-token per arm, the arms interleaved question by question."""
+    from llava_adapter.chat import ChatEngine
+    from mllm_sparse.files import read_json
+
+    torch.set_num_threads(args.threads)
+    engines = {n: ChatEngine.from_pretrained(args.work / n / "model", template="chat_template", device="cpu")
+               for n in names}  # fmt: skip
+    records = [r for r in read_json(args.world / "llava_test.json") if "image" in r][: args.timing_questions]
+    samples: dict[str, dict[str, list[float]]] = {n: {"encode": [], "prefill": [], "ttft": []} for n in names}
+    for warm in (True, False):
+        for record in records[:2] if warm else records:
+            question = record["conversations"][0]["value"]
+            for name, engine in engines.items():
+                engine.reset()
+                reply = engine.chat(question, args.world / record["image"], max_new_tokens=1)
+                if not warm:
+                    t = reply.timings
+                    samples[name]["encode"].append(t.encode_s)
+                    samples[name]["prefill"].append(t.prefill_s)
+                    samples[name]["ttft"].append(t.encode_s + t.prefill_s)
+    return {
+        n: {f"{k}_ms": statistics.median(v) * 1000 for k, v in s.items()} | {"questions": len(records)}
+        for n, s in samples.items()
+    }
+
+
+def to_markdown(report: dict) -> str:
+    results, timing = report["arms"], report["timing"]
+    types = sorted({t for r in results.values() for t in r["by_type"]})
+    base = results["vit"]["accuracy"]
+    lines = [
+        "# LLaVA pipeline on the synthetic world",
+        "",
+        f"Machine: {report['machine']}. LLM `{report['llm']}` (random init, tiny), {report['epochs']} epoch(s) of "
+        f"`llava_train.json`, batch {report['batch_size']}, lr {report['lr']}; the tower frozen. "
+        f"Test questions: {results['vit']['questions']}.",
+        "",
+        "| arm | image tokens | accuracy | vs (a) | " + " | ".join(types) + " | small objects | train s |",
+        "|---|---:|---:|---:|" + "---:|" * len(types) + "---:|---:|",
+    ]
+    for name, r in results.items():
+        small = r["by_target_size"].get("small")
+        lines.append(
+            f"| {name} | {r['image_tokens']} | **{r['accuracy'] * 100:.1f}%** | "
+            + (f"{r['accuracy'] / base * 100:.0f}%" if base else "n/a")
+            + " | "
+            + " | ".join(f"{r['by_type'].get(t, float('nan')) * 100:.1f}%" for t in types)
+            + f" | {'n/a' if small is None else f'{small * 100:.1f}%'} | "
+            + ("n/a" if r["train_seconds"] is None else f"{r['train_seconds']:.0f}")
+            + " |"
+        )
+    vit = timing["vit"]
+    lines += [
+        "",
+        f"## Time to first token (batch 1, median of {vit['questions']} questions, arms interleaved in one process)",
+        "",
+        "| arm | image tokens | encode ms | LLM prefill ms | TTFT ms | TTFT vs (a) | prefill vs (a) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, t in timing.items():
+        lines.append(
+            f"| {name} | {results[name]['image_tokens']} | {t['encode_ms']:.1f} | {t['prefill_ms']:.1f} | "
+            f"{t['ttft_ms']:.1f} | {t['ttft_ms'] / vit['ttft_ms']:.2f}× | {t['prefill_ms'] / vit['prefill_ms']:.2f}× |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", type=Path, default=Path("runs/sw/teacher"))
+    parser.add_argument("--world", type=Path, default=Path("runs/sw/train_default"))
+    parser.add_argument(
+        "--students",
+        nargs="+",
+        default=["49=runs/sw/bootstrap/n49", "16=runs/sw/bootstrap/n16"],
+        help="TOKENS=ENCODER_DIR for each bootstrapped SparseFormer (the pooled arm uses the same TOKENS)",
+    )
+    parser.add_argument("--work", type=Path, default=Path("runs/sw/vlm"))
+    parser.add_argument("--llm", default="tiny-llama")
+    parser.add_argument("--epochs", type=float, default=2.0)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--eval-limit", type=int, help="score only the first N test records")
+    parser.add_argument("--timing-questions", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    args.teacher_model = json.loads((args.teacher / "zero_shot.json").read_text())["model"]
+    results = {}
+    for name, tower_args in arms(args).items():
+        results[name] = train_arm(args, name, tower_args)
+        print(name, json.dumps(results[name]), flush=True)
+    report = {
+        "machine": machine(),
+        "llm": args.llm,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "teacher": str(args.teacher),
+        "arms": results,
+        "timing": time_side_by_side(args, list(results)),
+    }
+    write_results(args.out_dir, "vlm_synthetic", report, to_markdown(report))
+    print(to_markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
