@@ -145,16 +145,23 @@ def open_clip_visual_to_sparseformer(state_dict: dict[str, Tensor], layer_map: d
     return out
 
 
+def _hf_vision_side(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The vision keys of an HF CLIP / SigLIP state_dict, "vision_model." prefix removed; the text tower and the
+    logit scale / bias of a dual-tower model are dropped."""
+    text = ("text_model.", "text_projection.")
+    return {
+        key.removeprefix("vision_model."): value
+        for key, value in state_dict.items()
+        if not key.startswith(text) and key not in ("logit_scale", "logit_bias")
+    }
+
+
 def hf_clip_visual_to_sparseformer(state_dict: dict[str, Tensor], layer_map: dict[int, int]) -> dict[str, Tensor]:
     """HF CLIP vision state_dict (`CLIPVisionModelWithProjection` or `CLIPModel`) → SparseFormer keys.
 
     Text-tower keys of a `CLIPModel` are ignored; the vision keys may carry the "vision_model." prefix.
     """
-    vision = {}
-    for key, value in state_dict.items():
-        if key.startswith(("text_model.", "text_projection.")) or key == "logit_scale":
-            continue
-        vision[key.removeprefix("vision_model.")] = value
+    vision = _hf_vision_side(state_dict)
     return _convert(vision, HF_CLIP_VISUAL, HF_CLIP_HEAD, HF_CLIP_IGNORE, layer_map, "HF CLIP vision")
 
 
@@ -188,11 +195,7 @@ def hf_siglip_visual_to_sparseformer(state_dict: dict[str, Tensor], layer_map: d
 
     Text-tower keys of a `SiglipModel` are ignored; the vision keys may carry the "vision_model." prefix.
     """
-    vision = {}
-    for key, value in state_dict.items():
-        if key.startswith("text_model.") or key in ("logit_scale", "logit_bias"):
-            continue
-        vision[key.removeprefix("vision_model.")] = value
+    vision = _hf_vision_side(state_dict)
     return _convert(vision, HF_CLIP_VISUAL, HF_SIGLIP_HEAD, HF_SIGLIP_IGNORE, layer_map, "HF SigLIP vision")
 
 

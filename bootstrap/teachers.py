@@ -78,8 +78,10 @@ class Teacher(ABC):
 
     @property
     def has_text(self) -> bool:
-        """Whether `encode_text` works (a vision-only checkpoint has no text tower)."""
-        return True
+        """Whether `encode_text` works (a vision-only checkpoint, or one saved without its tokenizer, has none)."""
+        return getattr(self, "tokenizer", None) is not None and (
+            hasattr(self.model, "encode_text") or hasattr(self.model, "get_text_features")
+        )
 
     def patch_tokens(self, pixels: Tensor, layer: int = -1) -> Tensor:
         """[B, P, C] patch tokens (CLS dropped) after block `layer`."""
@@ -180,6 +182,21 @@ def _open_clip_pool(spec: str, visual: nn.Module) -> str:
     return "cls" if pool_type == "tok" else "avg"
 
 
+def _hf_vision_shape(config, processor_size) -> dict:
+    """The `TeacherArch` fields an HF ViT config (CLIP or SigLIP) gives alike; the input size is the image
+    processor's where it has one (`processor_size`: its `crop_size` or `size` dict)."""
+    size = processor_size.get("height") if isinstance(processor_size, dict) else None
+    return dict(
+        width=config.hidden_size,
+        layers=config.num_hidden_layers,
+        heads=config.num_attention_heads,
+        mlp_ratio=config.intermediate_size / config.hidden_size,
+        patch_size=config.patch_size,
+        image_size=size or config.image_size,
+        ln_eps=config.layer_norm_eps,
+    )
+
+
 class HFClipTeacher(Teacher):
     def __init__(self, spec: str, model: nn.Module, tokenizer, image_processor):
         self.spec, self.model, self.tokenizer = spec, model.eval(), tokenizer
@@ -187,14 +204,8 @@ class HFClipTeacher(Teacher):
         proj_dim = model.visual_projection.out_features
         size = getattr(image_processor, "crop_size", None) or {}
         self.arch = TeacherArch(
-            width=config.hidden_size,
-            layers=config.num_hidden_layers,
-            heads=config.num_attention_heads,
-            mlp_ratio=config.intermediate_size / config.hidden_size,
-            patch_size=config.patch_size,
-            image_size=size.get("height", config.image_size) if isinstance(size, dict) else config.image_size,
+            **_hf_vision_shape(config, size),
             act="quick_gelu" if config.hidden_act == "quick_gelu" else "gelu",
-            ln_eps=config.layer_norm_eps,
             proj_dim=proj_dim,
             proj_bias=model.visual_projection.bias is not None,
             mean=tuple(getattr(image_processor, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073)),
@@ -224,10 +235,6 @@ class HFClipTeacher(Teacher):
     def vision_state_dict(self) -> dict[str, Tensor]:
         return dict(self._vision.state_dict())
 
-    @property
-    def has_text(self) -> bool:
-        return hasattr(self.model, "get_text_features") and self.tokenizer is not None
-
     def encode_text(self, texts: list[str]) -> Tensor:
         if not self.has_text:
             raise ValueError(f"{self.spec} has no text tower (load a CLIPModel for zero-shot evaluation)")
@@ -246,14 +253,8 @@ class HFSiglipTeacher(Teacher):
             raise ValueError(f"Teacher {spec!r}: a SigLIP tower without its pooling head has no embedding to align")
         size = getattr(image_processor, "size", None) or {}
         self.arch = TeacherArch(
-            width=config.hidden_size,
-            layers=config.num_hidden_layers,
-            heads=config.num_attention_heads,
-            mlp_ratio=config.intermediate_size / config.hidden_size,
-            patch_size=config.patch_size,
-            image_size=size.get("height", config.image_size) if isinstance(size, dict) else config.image_size,
+            **_hf_vision_shape(config, size),
             act={"gelu_pytorch_tanh": "gelu_tanh", "quick_gelu": "quick_gelu"}.get(config.hidden_act, "gelu"),
-            ln_eps=config.layer_norm_eps,
             proj_dim=None,
             proj_bias=False,
             mean=tuple(getattr(image_processor, "image_mean", None) or (0.5, 0.5, 0.5)),
@@ -285,10 +286,6 @@ class HFSiglipTeacher(Teacher):
         model = SiglipVisionModel(self._vision.config)
         model.load_state_dict(self.vision_state_dict(), strict=True)
         return model.eval()
-
-    @property
-    def has_text(self) -> bool:
-        return hasattr(self.model, "get_text_features") and self.tokenizer is not None
 
     def encode_text(self, texts: list[str]) -> Tensor:
         if not self.has_text:
