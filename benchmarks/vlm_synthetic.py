@@ -59,18 +59,17 @@ def run(command: list[str], log: Path) -> float:
 def train_arm(args, name: str, tower_args: list[str]) -> dict:
     work = args.work / name
     work.mkdir(parents=True, exist_ok=True)
-    python = [sys.executable]
     base, model, evaluation = work / "base", work / "model", work / "eval"
     if not (base / "config.json").is_file():
         run(
-            [*python, "-m", "mllm_sparse.cli", "build-vlm", *tower_args, "--llm", args.llm, "--tokenizer-corpus",
+            [sys.executable, "-m", "mllm_sparse.cli", "build-vlm", *tower_args, "--llm", args.llm, "--tokenizer-corpus",
              str(args.world), "--projector", "mlp2x_gelu", "--out", str(base), "--seed", "0"],
             work / "build.log",
         )  # fmt: skip
     train_s = None
     if not (model / "config.json").is_file():
         train_s = run(
-            [*python, "scripts/train_vlm.py", "--model_name_or_path", str(base),
+            [sys.executable, "scripts/train_vlm.py", "--model_name_or_path", str(base),
              "--data_path", str(args.world / "llava_train.json"), "--image_folder", str(args.world),
              "--version", "chat_template", "--output_dir", str(model), "--num_train_epochs", str(args.epochs),
              "--per_device_train_batch_size", str(args.batch_size), "--learning_rate", str(args.lr),
@@ -82,7 +81,7 @@ def train_arm(args, name: str, tower_args: list[str]) -> dict:
     if not (evaluation / "eval_vlm.json").is_file():
         limit = ["--limit", str(args.eval_limit)] if args.eval_limit else []
         run(
-            [*python, "-m", "mllm_sparse.cli", "eval-vlm", "--model", str(model),
+            [sys.executable, "-m", "mllm_sparse.cli", "eval-vlm", "--model", str(model),
              "--data", str(args.world / "llava_test.json"), "--image_folder", str(args.world),
              "--template", "chat_template", "--batch-size", "32", "--max-new-tokens", "8", "--out", str(evaluation),
              "--no-progress", *limit],
@@ -110,8 +109,7 @@ def time_side_by_side(args, names: list[str]) -> dict:
     from mllm_sparse.files import read_json
 
     torch.set_num_threads(args.threads)
-    engines = {n: ChatEngine.from_pretrained(args.work / n / "model", template="chat_template", device="cpu")
-               for n in names}  # fmt: skip
+    engines = {n: ChatEngine.from_pretrained(args.work / n / "model", template="chat_template") for n in names}
     records = [r for r in read_json(args.world / "llava_test.json") if "image" in r][: args.timing_questions]
     samples: dict[str, dict[str, list[float]]] = {n: {"encode": [], "prefill": [], "ttft": []} for n in names}
     for warm in (True, False):

@@ -67,7 +67,7 @@ def evaluate_encoder(
     student, teacher: Teacher, loader: DataLoader, image_size: int, device, autocast, world_dir: Path | None
 ) -> dict:
     """Held-out cosine to the teacher (over `loader`), GFLOPs and tokens of both, and zero-shot side by side when
-    `world_dir` is a synthetic world."""
+    `world_dir` is a synthetic world and the teacher has a text tower."""
     arch = teacher.arch
     example = torch.randn(1, 3, arch.image_size, arch.image_size, device=device)
     result = {
@@ -79,7 +79,7 @@ def evaluate_encoder(
     if len(loader.dataset):
         targets = TeacherTargets(teacher, need_patches=False, autocast=autocast)
         result["held_out_cosine"] = held_out_cosine(student, targets.compute, loader, device, autocast)
-    if world_dir is not None:
+    if world_dir is not None and teacher.has_text:
         result["zero_shot"] = zero_shot_side_by_side(student, teacher, world_dir, image_size, device)
     return result
 
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         size,
         device,
         lambda: torch.autocast(device.type, enabled=False),
-        args.data if world and teacher.has_text else None,
+        args.data if world else None,
     )
     text = json.dumps(result, indent=2)
     if args.out:

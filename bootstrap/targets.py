@@ -29,10 +29,14 @@ class TeacherTargets:
                 out["patches"] = self.teacher.patch_tokens(pixels, -1).float()
         return out
 
-    def build_cache(self, loader: DataLoader | None, path: Path, device) -> None:
-        """Compute every training image's targets once (or load them from `path`; `loader` may then be None)."""
+    def load_cache(self, path: Path) -> None:
+        """Use the targets a `build_cache` call wrote to `path`."""
+        self.cache = load_file(path)
+
+    def build_cache(self, loader: DataLoader, path: Path, device) -> None:
+        """Compute every training image's targets once (or load them from `path` if it exists)."""
         if path.is_file():
-            self.cache = load_file(path)
+            self.load_cache(path)
             return
         parts: dict[str, list[torch.Tensor]] = {}
         for _, _, teacher_pixels in tqdm(loader, desc="teacher cache", unit="batch"):

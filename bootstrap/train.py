@@ -254,7 +254,7 @@ def train(args: argparse.Namespace, world: World) -> int:
             )
         world.barrier()
         if not world.is_main:
-            targets.build_cache(None, cache_path, device)
+            targets.load_cache(cache_path)
 
     start = time.perf_counter()
     seen = 0
@@ -323,7 +323,7 @@ def train(args: argparse.Namespace, world: World) -> int:
         image_size,
         device,
         autocast,
-        args.data if world_like and teacher.has_text else None,
+        args.data if world_like else None,
     )
     result = {
         "teacher": args.teacher,

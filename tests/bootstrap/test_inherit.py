@@ -17,13 +17,18 @@ from bootstrap.teacher_models import MODEL_CONFIG_DIR
 NAME = "synth-vit-test-16"  # 3 blocks, width 64, 2 heads, 64 px
 
 
+@torch.no_grad()
+def perturb_vectors(model):
+    """Non-trivial LayerNorm and bias values (they start at 1 and 0), so a mixed-up mapping shows."""
+    for p in model.parameters():
+        if p.ndim == 1:
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
 def saved_open_clip_teacher(name: str, folder: Path):
     torch.manual_seed(0)
-    model = open_clip.create_model(name)
-    with torch.no_grad():  # non-trivial LayerNorm and bias values, so a mixed-up mapping shows
-        for p in model.parameters():
-            if p.ndim == 1:
-                p.add_(torch.randn_like(p) * 0.1)
+    model = perturb_vectors(open_clip.create_model(name))
     save_file(model.state_dict(), folder / "teacher.safetensors")
     return load_teacher(f"open_clip:{name}@{folder / 'teacher.safetensors'}")
 
@@ -58,11 +63,7 @@ def hf_teacher(tmp_path_factory):
         projection_dim=32,
         hidden_act="quick_gelu",
     )
-    model = CLIPVisionModelWithProjection(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 1:
-                p.add_(torch.randn_like(p) * 0.1)
+    model = perturb_vectors(CLIPVisionModelWithProjection(config))
     out = tmp_path_factory.mktemp("hf")
     model.save_pretrained(out)
     return load_teacher(f"hf:{out}")
@@ -81,11 +82,8 @@ def siglip_teacher(tmp_path_factory):
         patch_size=16,
         layer_norm_eps=1e-6,
     )
-    model = SiglipVisionModel(config)
+    model = perturb_vectors(SiglipVisionModel(config))
     with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 1:
-                p.add_(torch.randn_like(p) * 0.1)
         model.head.probe.normal_()
     out = tmp_path_factory.mktemp("siglip")
     model.save_pretrained(out)
