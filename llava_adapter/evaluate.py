@@ -154,7 +154,8 @@ def _load_question_image(item: Question) -> Image.Image | None:
         raise RecordError(f"record {item.record_id!r}", str(err)) from err
 
 
-def _bucket(rows: Sequence[Mapping], key: Callable[[Mapping], Any]) -> dict[str, dict[str, float | int]]:
+def accuracy_by(rows: Sequence[Mapping], key: Callable[[Mapping], Any]) -> dict[str, dict[str, float | int]]:
+    """{value: {"correct", "total", "accuracy"}} over scored rows, grouped by `key(row)` (None: left out)."""
     out: dict[str, dict[str, float | int]] = {}
     for row in rows:
         value = key(row)
@@ -219,10 +220,10 @@ def evaluate(
         "num_answers": len(rows),
         "correct": correct,
         "accuracy": correct / len(rows) if rows else 0.0,
-        "by_type": _bucket(rows, lambda row: row["type"]),
-        "by_target_size": _bucket(rows, lambda row: row["target_size"]),
-        "by_turn": _bucket(rows, lambda row: row["turn"]),
-        "by_modality": _bucket(rows, lambda row: row["modality"]),
+        "by_type": accuracy_by(rows, lambda row: row["type"]),
+        "by_target_size": accuracy_by(rows, lambda row: row["target_size"]),
+        "by_turn": accuracy_by(rows, lambda row: row["turn"]),
+        "by_modality": accuracy_by(rows, lambda row: row["modality"]),
         "throughput": throughput(timings, wall_s, rows, engine, batch_size),
         "predictions": rows,
     }

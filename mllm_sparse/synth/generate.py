@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +56,9 @@ def _render_chunk(args: tuple[str, WorldSettings, int, int, list[int], int]) -> 
                 "scene": scene.to_dict(),
                 "label": class_names().index(scene.principal.name),
                 "captions": captions(scene, text_rng),
-                "conversation": scene_conversations(scene, f"synth-{index:07d}", image_path(index), text_rng),
+                "conversation": scene_conversations(
+                    scene, f"synth-{index:07d}", image_path(index), text_rng, settings.max_turns
+                ),
             }
         )
     return records
@@ -70,6 +72,7 @@ def generate_world(
     difficulty: str = "default",
     workers: int | None = None,
     progress: bool = True,
+    max_turns: int | None = None,
 ) -> dict:
     """Generate a world into `out` and return its `world.json` content.
 
@@ -78,6 +81,10 @@ def generate_world(
     `world.json`. The same arguments give the same bytes, whatever `workers`.
     """
     settings = WorldSettings.for_difficulty(difficulty)
+    if max_turns is not None:
+        if max_turns < 1:
+            raise ValueError(f"max_turns must be >= 1 (questions per image record), got {max_turns}")
+        settings = replace(settings, max_turns=max_turns)
     if num_images < 10:
         raise ValueError(f"num_images must be >= 10 so that every split gets images, got {num_images}")
     if image_size < 32:

@@ -99,12 +99,14 @@ def make_question(scene: Scene, qtype: str, rng: np.random.Generator) -> dict | 
         obj = candidates[int(rng.integers(len(candidates)))]
         return _qa(f"What colour is the {obj.shape}? {ONE_WORD}", obj.color, qtype, obj.size, obj.shape, COLOR_NAMES)
     if qtype == "count":
+        # Half the time the counted shape or colour is drawn from the scene, so that "0" does not dominate.
+        drawn = scene.objects[int(rng.integers(len(scene.objects)))] if rng.random() < 0.5 else None
         if rng.random() < 0.5:
-            shape = str(rng.choice(SHAPES))
+            shape = drawn.shape if drawn else str(rng.choice(SHAPES))
             answer = sum(o.shape == shape for o in scene.objects)
             question = f"How many {_plural(shape)} are there? {ONE_NUMBER}"
             return _qa(question, str(answer), qtype, "none", _plural(shape), COUNTS)
-        color = str(rng.choice(COLOR_NAMES))
+        color = drawn.color if drawn else str(rng.choice(COLOR_NAMES))
         answer = sum(o.color == color for o in scene.objects)
         question = f"How many {color} objects are there? {ONE_NUMBER}"
         return _qa(question, str(answer), qtype, "none", f"{color} objects", COUNTS)
@@ -175,16 +177,19 @@ def conversation_record(record_id: str, image: str | None, qas: list[dict]) -> d
     return record
 
 
-def scene_conversations(scene: Scene, record_id: str, image: str, rng: np.random.Generator) -> dict:
-    """A single-turn (60%) or multi-turn (2-3 questions) record about one scene."""
-    turns = 1 if rng.random() < 0.6 else int(rng.integers(2, 4))
+def scene_conversations(scene: Scene, record_id: str, image: str, rng: np.random.Generator, max_turns: int) -> dict:
+    """A record about one scene: one question (a tenth of records) or 2..`max_turns` distinct ones of random types,
+    the way LLaVA's instruction mix groups all of an image's VQA questions into one conversation."""
+    turns = 1 if max_turns == 1 or rng.random() < 0.1 else int(rng.integers(2, max_turns + 1))
     qas: list[dict] = []
-    for qtype in rng.permutation(QUESTION_TYPES):
-        if len(qas) == turns:
-            break
-        qa = make_question(scene, str(qtype), rng)
-        if qa is not None:
+    asked: set[str] = set()
+    for _ in range(4 * turns):  # a small scene may run out of distinct questions
+        qa = make_question(scene, str(rng.choice(QUESTION_TYPES)), rng)
+        if qa is not None and qa["question"] not in asked:
+            asked.add(qa["question"])
             qas.append(qa)
+            if len(qas) == turns:
+                break
     return conversation_record(record_id, image, qas)
 
 

@@ -54,6 +54,8 @@ class WorldSettings:
     colored_clutter: bool = False
     # Per-object colour jitter (std, in 0-255 units), which blurs the line between neighbouring colours.
     color_jitter: float = 12.0
+    # Questions per image record: 1, or 2..max_turns (see `text.scene_conversations`).
+    max_turns: int = 12
 
     @classmethod
     def for_difficulty(cls, difficulty: str) -> WorldSettings:

@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 
-from mllm_sparse.synth import QUESTION_TYPES, WorldSettings, make_question, make_scene
+from mllm_sparse.synth import QUESTION_TYPES, WorldSettings, generate_world, make_question, make_scene
 from mllm_sparse.synth.text import TEXT_ONLY_QA
 
 
@@ -111,3 +111,33 @@ def test_pretrain_captions_are_single_turn_train_records_for_stage1(small_world)
         human, gpt = record["conversations"]
         assert human["from"] == "human" and human["value"].startswith("<image>\n")
         assert gpt == {"from": "gpt", "value": captions[record["image"]]}
+
+
+def test_image_records_ask_up_to_max_turns_distinct_questions(small_world):
+    turns = []
+    for split in ("train", "val", "test"):
+        for record in _load(small_world, split):
+            if "image" in record:
+                questions = [t["value"].removeprefix("<image>\n") for t in record["conversations"][0::2]]
+                assert len(set(questions)) == len(questions)
+                turns.append(len(questions))
+    settings = WorldSettings.for_difficulty("default")
+    assert max(turns) <= settings.max_turns and min(turns) == 1
+    assert sum(turns) / len(turns) > 3  # dense, as LLaVA's per-image VQA conversations
+
+
+def test_max_turns_one_gives_single_question_records(tmp_path):
+    generate_world(tmp_path / "w", num_images=20, image_size=32, seed=1, workers=1, progress=False, max_turns=1)
+    records = _load(tmp_path / "w", "train")
+    assert all(len(r["conversations"]) == 2 for r in records)
+    assert json.loads((tmp_path / "w" / "world.json").read_text())["settings"]["max_turns"] == 1
+    with pytest.raises(ValueError, match="max_turns must be >= 1"):
+        generate_world(tmp_path / "x", num_images=20, image_size=32, max_turns=0, progress=False)
+
+
+def test_count_answers_are_not_dominated_by_zero():
+    rng = np.random.default_rng(0)
+    settings = WorldSettings.for_difficulty("default")
+    answers = [make_question(make_scene(settings, 2, i, 32)[0], "count", rng)["answer"] for i in range(400)]
+    assert answers.count("0") < 0.45 * len(answers)
+    assert len(set(answers)) >= 4
