@@ -50,44 +50,34 @@ def open_clip_avg_teacher(tmp_path_factory):
     return saved_open_clip_teacher(f"{NAME}-avg", folder)
 
 
+# The tiny HF vision towers share their shape; each teacher adds its own family's fields.
+TINY_VISION = dict(
+    hidden_size=64, intermediate_size=256, num_hidden_layers=6, num_attention_heads=4, image_size=64, patch_size=16
+)
+
+
+def saved_hf_teacher(model, out):
+    model.save_pretrained(out)
+    return load_teacher(f"hf:{out}")
+
+
 @pytest.fixture(scope="module")
 def hf_teacher(tmp_path_factory):
     torch.manual_seed(1)
-    config = CLIPVisionConfig(
-        hidden_size=64,
-        intermediate_size=256,
-        num_hidden_layers=6,
-        num_attention_heads=4,
-        image_size=64,
-        patch_size=16,
-        projection_dim=32,
-        hidden_act="quick_gelu",
-    )
+    config = CLIPVisionConfig(**TINY_VISION, projection_dim=32, hidden_act="quick_gelu")
     model = perturb_vectors(CLIPVisionModelWithProjection(config))
-    out = tmp_path_factory.mktemp("hf")
-    model.save_pretrained(out)
-    return load_teacher(f"hf:{out}")
+    return saved_hf_teacher(model, tmp_path_factory.mktemp("hf"))
 
 
 @pytest.fixture(scope="module")
 def siglip_teacher(tmp_path_factory):
     """A tiny SigLIP vision tower: no CLS token, tanh-GELU, an attention-pooling head, no projection."""
     torch.manual_seed(2)
-    config = SiglipVisionConfig(
-        hidden_size=64,
-        intermediate_size=256,
-        num_hidden_layers=6,
-        num_attention_heads=4,
-        image_size=64,
-        patch_size=16,
-        layer_norm_eps=1e-6,
-    )
+    config = SiglipVisionConfig(**TINY_VISION, layer_norm_eps=1e-6)
     model = perturb_vectors(SiglipVisionModel(config))
     with torch.no_grad():
         model.head.probe.normal_()
-    out = tmp_path_factory.mktemp("siglip")
-    model.save_pretrained(out)
-    return load_teacher(f"hf:{out}")
+    return saved_hf_teacher(model, tmp_path_factory.mktemp("siglip"))
 
 
 TEACHERS = ["open_clip_teacher", "open_clip_avg_teacher", "hf_teacher", "siglip_teacher"]
