@@ -82,8 +82,6 @@ def generate_world(
     """
     settings = WorldSettings.for_difficulty(difficulty)
     if max_turns is not None:
-        if max_turns < 1:
-            raise ValueError(f"max_turns must be >= 1 (questions per image record), got {max_turns}")
         settings = replace(settings, max_turns=max_turns)
     if num_images < 10:
         raise ValueError(f"num_images must be >= 10 so that every split gets images, got {num_images}")

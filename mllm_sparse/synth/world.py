@@ -57,6 +57,10 @@ class WorldSettings:
     # Questions per image record: 1, or 2..max_turns (see `text.scene_conversations`).
     max_turns: int = 12
 
+    def __post_init__(self) -> None:
+        if self.max_turns < 1:
+            raise ValueError(f"max_turns must be >= 1 (questions per image record), got {self.max_turns}")
+
     @classmethod
     def for_difficulty(cls, difficulty: str) -> WorldSettings:
         if difficulty == "easy":
