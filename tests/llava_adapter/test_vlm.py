@@ -25,6 +25,7 @@ from transformers import (
 
 import mllm_sparse
 from llava_adapter import swap
+from llava_adapter.llms import TINY_LLMS, load_llm
 from llava_adapter.modeling import build_vlm, load_projector, projector_state_dict, save_projector
 from llava_adapter.towers import PooledVisionConfig, PooledVisionModel, num_image_tokens
 
@@ -215,3 +216,20 @@ def test_siglip_teacher_is_a_full_token_tower(tokenizer, tmp_path):
     with torch.no_grad():
         features = model.get_image_features(pixel_values=torch.randn(1, 3, 64, 64), return_dict=True).pooler_output
     assert [f.shape for f in features] == [(16, LLM_SIZES["hidden_size"])]
+
+
+@pytest.mark.parametrize("name", sorted(TINY_LLMS))
+def test_tiny_llm_from_a_corpus_inits_at_one_over_sqrt_width(name, tmp_path):
+    """`load_llm("tiny-…")` trains its tokenizer on the corpus and initialises at std 1/sqrt(hidden_size): HF's 0.02
+    keeps a from-scratch toy LLM's attention uniform for thousands of steps."""
+    corpus = tmp_path / "corpus.txt"
+    shapes, colours = ("circle", "square", "star"), ("red", "green", "blue")
+    corpus.write_text("\n".join(f"What colour is the {s}? The {s} is {c}." for s in shapes for c in colours))
+    model, tokenizer = load_llm(name, tokenizer_corpus=corpus, vocab_size=300)
+    width = model.config.hidden_size
+    assert model.config.initializer_range == pytest.approx(width**-0.5)
+    assert model.get_input_embeddings().num_embeddings == len(tokenizer)
+    weights = torch.cat([p.detach().flatten() for n, p in model.named_parameters() if n.endswith("proj.weight")])
+    assert weights.std().item() == pytest.approx(width**-0.5, rel=0.05)
+    with pytest.raises(ValueError, match="tokenizer-corpus"):
+        load_llm(name)
