@@ -23,8 +23,12 @@ from transformers import (
 
 from mllm_sparse.files import read_json, read_jsonl
 
-# Shared toy dimensions: big enough to learn the synthetic world's QA, small enough for 2 CPU cores.
-_TINY = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+# Shared toy dimensions: big enough to learn the synthetic world's QA, small enough for 2 CPU cores. Eight heads of
+# width 16, not four of 32: a from-scratch LLM answers "what colour is the X" only once some head has learnt to look
+# up the image token that matches X, and more, narrower heads find that lookup far sooner. Measured with one
+# ground-truth token per object in place of the image (batch 64 single questions, lr 2e-3): colour 91.8% after 500
+# steps with 8 heads, 36.5% with 4 (with or without GQA); 4 heads needed ~4,000 steps for 94%.
+_TINY = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8)
 
 
 def tiny_init_std(hidden_size: int) -> float:
