@@ -1,0 +1,198 @@
+"""Which objects can be read from each tower's image tokens? A probe on the frozen tokens, by object size.
+
+    uv run python benchmarks/token_probe.py                      # after synthetic_world.py, bootstrap_synthetic.py
+    uv run python benchmarks/token_probe.py --train-images 1000 --test-images 200 --epochs 2  # a smoke run
+
+For each arm of `benchmarks/vlm_synthetic.py` (same towers, same feature layer: the tokens the projector receives)
+and for the scene's ground truth as tokens (one token per object: one-hot shape, colour and size, centre, radius),
+an attention probe is trained to say which of the world's colour × shape combinations are in the image. It has one
+learned query per combination over the tokens, i.e. one lookup, the operation an LLM must learn to answer "is there a
+red star?". Reported on test images: recall of the combinations present only as small objects, of those present
+as a large or medium object, and the false-positive rate. Tokens that do not carry an object cap every LLM's
+accuracy on questions about it, however long the LLM trains, so this separates the towers without LLM training.
+Writes benchmarks/results/token_probe.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from results_io import RESULTS, machine, write_results
+from torch import Tensor, nn
+from vlm_synthetic import ROOT, arms, run
+
+from mllm_sparse.files import read_json, read_jsonl
+from mllm_sparse.images import load_image
+
+SIZES = ("small", "medium", "large")
+
+
+def scene_targets(world: dict, objects: list[dict]) -> tuple[Tensor, Tensor]:
+    """Presence of each colour × shape (shape-major), and 1 where present only as small objects, 2 where larger."""
+    shapes, colors = world["shapes"], world["colors"]
+    present = torch.zeros(len(shapes) * len(colors))
+    size = torch.zeros(len(present), dtype=torch.long)
+    for o in objects:
+        k = shapes.index(o["shape"]) * len(colors) + colors.index(o["color"])
+        present[k] = 1
+        size[k] = max(int(size[k]), 1 if o["size"] == "small" else 2)
+    return present, size
+
+
+def truth_tokens(world: dict, objects: list[dict], slots: int) -> Tensor:
+    """The scene as tokens: one per object (at most `slots`), one-hot shape, colour and size, then cx, cy, radius."""
+    shapes, colors = world["shapes"], world["colors"]
+    tokens = torch.zeros(slots, len(shapes) + len(colors) + len(SIZES) + 3)
+    for row, o in zip(tokens, objects[:slots], strict=False):
+        row[shapes.index(o["shape"])] = 1
+        row[len(shapes) + colors.index(o["color"])] = 1
+        row[len(shapes) + len(colors) + SIZES.index(o["size"])] = 1
+        row[-3:] = torch.tensor([o["cx"], o["cy"], o["radius"]])
+    return tokens
+
+
+@torch.no_grad()
+def tower_tokens(base: Path, images: list[Path], batch_size: int) -> Tensor:
+    """[len(images), N, D] the tokens the VLM in `base` feeds its projector (feature layer and selection applied)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(base).eval()
+    model.model.multi_modal_projector = nn.Identity()
+    processor = AutoProcessor.from_pretrained(base).image_processor
+    out = []
+    for i in range(0, len(images), batch_size):
+        pixels = processor([load_image(p) for p in images[i : i + batch_size]], return_tensors="pt")["pixel_values"]
+        features = model.model.get_image_features(pixel_values=pixels).pooler_output  # per image, or one tensor
+        out.append(torch.stack(list(features)).float())
+    return torch.cat(out)
+
+
+class LookupProbe(nn.Module):
+    """One learned query per target over the tokens; the attended value scored against a learned output vector.
+
+    tokens [B, N, D] → logits [B, targets]."""
+
+    def __init__(self, dim: int, targets: int, width: int = 64):
+        super().__init__()
+        self.key, self.value = nn.Linear(dim, width), nn.Linear(dim, width)
+        self.query = nn.Parameter(torch.randn(targets, width) / width**0.5)
+        self.out = nn.Parameter(torch.randn(targets, width) / width**0.5)
+        self.bias = nn.Parameter(torch.zeros(targets))
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        attn = torch.softmax(torch.einsum("bnw,tw->btn", self.key(tokens), self.query), dim=-1)
+        return torch.einsum("btn,bnw,tw->bt", attn, self.value(F.gelu(tokens)), self.out) + self.bias
+
+
+def probe(train: Tensor, y_train: Tensor, test: Tensor, y_test: Tensor, size_test: Tensor, epochs: int) -> dict:
+    """Train a `LookupProbe` on standardised tokens; recall by object size and false positives on `test`."""
+    torch.manual_seed(0)
+    mean, std = train.mean((0, 1)), train.std((0, 1)) + 1e-5
+    train, test = (train - mean) / std, (test - mean) / std
+    model = LookupProbe(train.shape[-1], y_train.shape[-1])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-2)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(train)).split(256):
+            loss = F.binary_cross_entropy_with_logits(model(train[idx]), y_train[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        said = torch.cat([model(chunk) for chunk in test.split(512)]) > 0
+    return {
+        "recall_small_only": said[size_test == 1].float().mean().item(),
+        "recall_large_or_medium": said[size_test == 2].float().mean().item(),
+        "false_positive_rate": said[y_test == 0].float().mean().item(),
+        "final_train_loss": loss.item(),
+    }
+
+
+def to_markdown(report: dict) -> str:
+    lines = [
+        "# Which objects each tower's tokens carry (attention probe on frozen tokens)",
+        "",
+        f"Machine: {report['machine']}. World `{report['world']}`: {report['train_images']} training and "
+        f"{report['test_images']} test images, {report['epochs']} probe epochs. Recall: share of the colour × shape "
+        "combinations in a test image that the probe says are there.",
+        "",
+        "| tokens | count | recall, small-only objects | recall, large/medium objects | false positives | s |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in report["arms"].items():
+        lines.append(
+            f"| {name} | {r['image_tokens']} | **{r['recall_small_only'] * 100:.1f}%** | "
+            f"{r['recall_large_or_medium'] * 100:.1f}% | {r['false_positive_rate'] * 100:.1f}% | {r['seconds']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", type=Path, default=Path("runs/sw/teacher"))
+    parser.add_argument("--world", type=Path, default=Path("runs/sw/train_default"))
+    parser.add_argument("--students", nargs="+", default=["49=runs/sw/bootstrap/n49", "16=runs/sw/bootstrap/n16"])
+    parser.add_argument("--work", type=Path, default=Path("runs/sw/vlm"), help="where the arms' VLMs are (or go)")
+    parser.add_argument("--llm", default="tiny-llama", help="only for building a missing arm; the probe skips it")
+    parser.add_argument("--train-images", type=int, default=6000)
+    parser.add_argument("--test-images", type=int, default=1500)
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    args.teacher_model = json.loads((args.teacher / "zero_shot.json").read_text())["model"]
+    world = read_json(args.world / "world.json")
+    scenes = read_jsonl(args.world / "scenes.jsonl")
+    split = {s: [r for r in scenes if r["split"] == s] for s in ("train", "test")}
+    split["train"], split["test"] = split["train"][: args.train_images], split["test"][: args.test_images]
+    targets = {s: [scene_targets(world, r["objects"]) for r in rows] for s, rows in split.items()}
+    y = {s: torch.stack([t[0] for t in rows]) for s, rows in targets.items()}
+    size_test = torch.stack([t[1] for t in targets["test"]])
+
+    results = {}
+    slots = max(len(r["objects"]) for r in scenes)
+    towers = {"scene ground truth": None, **arms(args)}
+    for name, tower_args in towers.items():
+        start = time.perf_counter()
+        if tower_args is None:
+            tokens = {
+                s: torch.stack([truth_tokens(world, r["objects"], slots) for r in rows]) for s, rows in split.items()
+            }
+        else:
+            base = args.work / name / "base"
+            if not (base / "config.json").is_file():
+                base.parent.mkdir(parents=True, exist_ok=True)
+                run(
+                    [sys.executable, "-m", "mllm_sparse.cli", "build-vlm", *tower_args, "--llm", args.llm,
+                     "--tokenizer-corpus", str(args.world), "--out", str(base), "--seed", "0"],
+                    base.parent / "build.log",
+                )  # fmt: skip
+            tokens = {
+                s: tower_tokens(ROOT / base, [args.world / r["image"] for r in rows], args.batch_size)
+                for s, rows in split.items()
+            }
+        results[name] = {"image_tokens": tokens["test"].shape[1]} | probe(
+            tokens["train"], y["train"], tokens["test"], y["test"], size_test, args.epochs
+        )
+        results[name]["seconds"] = time.perf_counter() - start
+        print(name, json.dumps(results[name]), flush=True)
+    report = {
+        "machine": machine(),
+        "world": str(args.world),
+        "train_images": len(split["train"]),
+        "test_images": len(split["test"]),
+        "epochs": args.epochs,
+        "arms": results,
+    }
+    write_results(args.out_dir, "token_probe", report, to_markdown(report))
+    print(to_markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
