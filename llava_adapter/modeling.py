@@ -70,6 +70,13 @@ def vlm_config(
     default_layer, default_strategy = default_feature_selection(vision_config)
     feature_layer = default_layer if feature_layer is None else feature_layer
     select_strategy = default_strategy if select_strategy is None else select_strategy
+    if feature_layer == 0:
+        # transformers' LLaVA passes the layer on as `output_hidden_states`, where 0 reads as "none": it would build,
+        # then fail at the first forward. The same hidden state counted from the end works.
+        raise ValueError(
+            "vision_feature_layer 0 does not work in transformers' LLaVA (it reads as 'no hidden states');"
+            " count the same hidden state from the end instead (its index minus the number of hidden states)"
+        )
     width = feature_width(vision_config, feature_layer)
     if width != vision_config.hidden_size:
         raise ValueError(

@@ -186,9 +186,12 @@ def test_swap_keeps_llm_and_tokenizer_and_says_projector_is_untrained(tokenizer,
     assert model.generate(**batch, max_new_tokens=3, do_sample=False).shape[1] == batch["input_ids"].shape[1] + 3
 
 
-def test_bad_feature_layer_width_fails_clearly(tokenizer):
+def test_bad_feature_layer_fails_clearly(tokenizer):
     encoder = mllm_sparse.create_model("test_sparseformer_btsp")
+    first_unit = -encoder.config.num_units  # the early unit, narrower than the cortex
     with pytest.raises(ValueError, match="width 32"):
+        build_vlm(encoder, tiny_llm(tokenizer), tokenizer, feature_layer=first_unit, select_strategy="full")
+    with pytest.raises(ValueError, match="vision_feature_layer 0 .* from the end"):
         build_vlm(encoder, tiny_llm(tokenizer), tokenizer, feature_layer=0, select_strategy="full")
 
 
