@@ -8,8 +8,11 @@ and for the scene's ground truth as tokens (one token per object: one-hot shape,
 an attention probe is trained to say which of the world's colour × shape combinations are in the image. It has one
 learned query per combination over the tokens, i.e. one lookup, the operation an LLM must learn to answer "is there a
 red star?". Reported on test images: recall of the combinations present only as small objects, of those present
-as a large or medium object, and the false-positive rate. Tokens that do not carry an object cap every LLM's
-accuracy on questions about it, however long the LLM trains, so this separates the towers without LLM training.
+as a large or medium object, and the false-positive rate. An object no single token holds in a form one lookup
+can find is one the LLM must assemble from several tokens, which a tiny LLM trained for minutes does not learn; so
+this separates the towers without LLM training.
+The teacher ViT is also probed at other hidden states (`--teacher-layers`; for the 4-block synthetic teacher -5 is
+the patch embeddings, -1 the last block), to show where its blocks gather objects into tokens.
 Writes benchmarks/results/token_probe.{json,md}.
 """
 
@@ -139,6 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--students", nargs="+", default=["49=runs/sw/bootstrap/n49", "16=runs/sw/bootstrap/n16"])
     parser.add_argument("--work", type=Path, default=Path("runs/sw/vlm"), help="where the arms' VLMs are (or go)")
     parser.add_argument("--llm", default="tiny-llama", help="only for building a missing arm; the probe skips it")
+    parser.add_argument(
+        "--teacher-layers",
+        type=int,
+        nargs="*",
+        default=[-5, -4, -1],
+        help="also probe the teacher ViT's tokens at these hidden states (counted from the end; -2 is arm (a))",
+    )
     parser.add_argument("--train-images", type=int, default=6000)
     parser.add_argument("--test-images", type=int, default=1500)
     parser.add_argument("--epochs", type=int, default=15)
@@ -157,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     slots = max(len(r["objects"]) for r in scenes)
     towers = {"scene ground truth": None, **arms(args)}
+    for layer in args.teacher_layers:
+        towers[f"vit, hidden state {layer}"] = [*towers["vit"], "--vision-feature-layer", str(layer)]
     for name, tower_args in towers.items():
         start = time.perf_counter()
         if tower_args is None:
@@ -164,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                 s: torch.stack([truth_tokens(world, r["objects"], slots) for r in rows]) for s, rows in split.items()
             }
         else:
-            base = args.work / name / "base"
+            base = args.work / name.replace(", hidden state ", "@") / "base"
             if not (base / "config.json").is_file():
                 base.parent.mkdir(parents=True, exist_ok=True)
                 run(
