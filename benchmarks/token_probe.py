@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from results_io import RESULTS, machine, write_results
 from torch import Tensor, nn
-from vlm_synthetic import ROOT, arms, run
+from vlm_synthetic import ROOT, add_arm_arguments, arms, build_arm
 
 from mllm_sparse.files import read_json, read_jsonl
 from mllm_sparse.images import load_image
@@ -137,11 +136,7 @@ def to_markdown(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--teacher", type=Path, default=Path("runs/sw/teacher"))
-    parser.add_argument("--world", type=Path, default=Path("runs/sw/train_default"))
-    parser.add_argument("--students", nargs="+", default=["49=runs/sw/bootstrap/n49", "16=runs/sw/bootstrap/n16"])
-    parser.add_argument("--work", type=Path, default=Path("runs/sw/vlm"), help="where the arms' VLMs are (or go)")
-    parser.add_argument("--llm", default="tiny-llama", help="only for building a missing arm; the probe skips it")
+    add_arm_arguments(parser)  # the LLM only matters for building a missing arm: the probe reads the tower alone
     parser.add_argument(
         "--teacher-layers",
         type=int,
@@ -155,7 +150,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    args.teacher_model = json.loads((args.teacher / "zero_shot.json").read_text())["model"]
     world = read_json(args.world / "world.json")
     scenes = read_jsonl(args.world / "scenes.jsonl")
     split = {s: [r for r in scenes if r["split"] == s] for s in ("train", "test")}
@@ -177,13 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             }
         else:
             base = args.work / name.replace(", hidden state ", "@") / "base"
-            if not (base / "config.json").is_file():
-                base.parent.mkdir(parents=True, exist_ok=True)
-                run(
-                    [sys.executable, "-m", "mllm_sparse.cli", "build-vlm", *tower_args, "--llm", args.llm,
-                     "--tokenizer-corpus", str(args.world), "--out", str(base), "--seed", "0"],
-                    base.parent / "build.log",
-                )  # fmt: skip
+            build_arm(args, tower_args, base)
             tokens = {
                 s: tower_tokens(ROOT / base, [args.world / r["image"] for r in rows], args.batch_size)
                 for s, rows in split.items()

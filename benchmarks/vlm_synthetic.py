@@ -42,9 +42,24 @@ from mllm_sparse.files import read_json
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def add_arm_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments that define the arms and where their VLMs live (shared with token_probe.py)."""
+    parser.add_argument("--teacher", type=Path, default=Path("runs/sw/teacher"))
+    parser.add_argument("--world", type=Path, default=Path("runs/sw/train_default"))
+    parser.add_argument(
+        "--students",
+        nargs="+",
+        default=["49=runs/sw/bootstrap/n49", "16=runs/sw/bootstrap/n16"],
+        help="TOKENS=ENCODER_DIR for each bootstrapped SparseFormer (the pooled arm uses the same TOKENS)",
+    )
+    parser.add_argument("--work", type=Path, default=Path("runs/sw/vlm"))
+    parser.add_argument("--llm", default="tiny-llama")
+
+
 def arms(args) -> dict[str, list[str]]:
     """Arm name → the `build-vlm` tower arguments."""
-    teacher = f"open_clip:{args.teacher_model}@{args.teacher / 'open_clip_model.safetensors'}"
+    teacher_model = json.loads((args.teacher / "zero_shot.json").read_text())["model"]
+    teacher = f"open_clip:{teacher_model}@{args.teacher / 'open_clip_model.safetensors'}"
     out = {"vit": ["--encoder", teacher]}
     for spec in args.students:
         tokens, _, folder = spec.partition("=")
@@ -63,16 +78,22 @@ def run(command: list[str], log: Path) -> float:
     return time.perf_counter() - start
 
 
+def build_arm(args, tower_args: list[str], base: Path) -> None:
+    """`build-vlm` an arm's untrained VLM (tower, `mlp2x_gelu` projector, `args.llm`) into `base` unless there."""
+    if not (base / "config.json").is_file():
+        base.parent.mkdir(parents=True, exist_ok=True)
+        run(
+            [sys.executable, "-m", "mllm_sparse.cli", "build-vlm", *tower_args, "--llm", args.llm, "--tokenizer-corpus",
+             str(args.world), "--projector", "mlp2x_gelu", "--out", str(base), "--seed", "0"],
+            base.parent / "build.log",
+        )  # fmt: skip
+
+
 def train_arm(args, name: str, tower_args: list[str]) -> dict:
     work = args.work / name
     work.mkdir(parents=True, exist_ok=True)
     base, model, evaluation = work / "base", work / "model", work / "eval"
-    if not (base / "config.json").is_file():
-        run(
-            [sys.executable, "-m", "mllm_sparse.cli", "build-vlm", *tower_args, "--llm", args.llm, "--tokenizer-corpus",
-             str(args.world), "--projector", "mlp2x_gelu", "--out", str(base), "--seed", "0"],
-            work / "build.log",
-        )  # fmt: skip
+    build_arm(args, tower_args, base)
     train_s = None
     if not (model / "config.json").is_file():
         train_s = run(
@@ -208,16 +229,7 @@ def to_markdown(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--teacher", type=Path, default=Path("runs/sw/teacher"))
-    parser.add_argument("--world", type=Path, default=Path("runs/sw/train_default"))
-    parser.add_argument(
-        "--students",
-        nargs="+",
-        default=["49=runs/sw/bootstrap/n49", "16=runs/sw/bootstrap/n16"],
-        help="TOKENS=ENCODER_DIR for each bootstrapped SparseFormer (the pooled arm uses the same TOKENS)",
-    )
-    parser.add_argument("--work", type=Path, default=Path("runs/sw/vlm"))
-    parser.add_argument("--llm", default="tiny-llama")
+    add_arm_arguments(parser)
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -226,7 +238,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    args.teacher_model = json.loads((args.teacher / "zero_shot.json").read_text())["model"]
     results = {}
     for name, tower_args in arms(args).items():
         results[name] = train_arm(args, name, tower_args)
