@@ -60,19 +60,23 @@ def truth_tokens(world: dict, objects: list[dict], slots: int) -> Tensor:
 
 
 @torch.no_grad()
-def tower_tokens(base: Path, images: list[Path], batch_size: int) -> Tensor:
-    """[len(images), N, D] the tokens the VLM in `base` feeds its projector (feature layer and selection applied)."""
+def tower_tokens(base: Path, images: dict[str, list[Path]], batch_size: int) -> dict[str, Tensor]:
+    """Split → [len(images), N, D], the tokens the VLM in `base` feeds its projector (feature layer and selection
+    applied); the VLM is loaded once for all splits."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     model = AutoModelForImageTextToText.from_pretrained(base).eval()
     model.model.multi_modal_projector = nn.Identity()
     processor = AutoProcessor.from_pretrained(base).image_processor
-    out = []
-    for i in range(0, len(images), batch_size):
-        pixels = processor([load_image(p) for p in images[i : i + batch_size]], return_tensors="pt")["pixel_values"]
-        features = model.model.get_image_features(pixel_values=pixels).pooler_output  # per image, or one tensor
-        out.append(torch.stack(list(features)).float())
-    return torch.cat(out)
+    out: dict[str, Tensor] = {}
+    for split, paths in images.items():
+        chunks = []
+        for i in range(0, len(paths), batch_size):
+            pixels = processor([load_image(p) for p in paths[i : i + batch_size]], return_tensors="pt")["pixel_values"]
+            features = model.model.get_image_features(pixel_values=pixels).pooler_output  # per image, or one tensor
+            chunks.append(torch.stack(list(features)).float())
+        out[split] = torch.cat(chunks)
+    return out
 
 
 class LookupProbe(nn.Module):
@@ -172,10 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             base = args.work / name.replace(", hidden state ", "@") / "base"
             build_arm(args, tower_args, base)
-            tokens = {
-                s: tower_tokens(ROOT / base, [args.world / r["image"] for r in rows], args.batch_size)
-                for s, rows in split.items()
-            }
+            images = {s: [args.world / r["image"] for r in rows] for s, rows in split.items()}
+            tokens = tower_tokens(ROOT / base, images, args.batch_size)
         results[name] = {"image_tokens": tokens["test"].shape[1]} | probe(
             tokens["train"], y["train"], tokens["test"], y["test"], size_test, args.epochs
         )
