@@ -76,6 +76,32 @@ def caption_weights(weights: list[float], per_image: int) -> Tensor:
     return w
 
 
+def cut_captions_warning(
+    tokenizer, captions: list[list[str]], weights: Tensor, paths: list[str], model_name: str
+) -> str | None:
+    """A warning naming how many of the captions that training samples (weight > 0) are longer than the text
+    context and so lose their ends, with the longest one's image; None when every such caption fits.
+
+    The synthetic world's full captions list the objects largest first, so a short context drops the small ones;
+    open_clip's tokenizer cuts without a word."""
+    context = tokenizer.context_length
+    slots = [k for k in range(len(weights)) if weights[k] > 0]
+    texts = [(path, c[k % len(c)]) for path, c in zip(paths, captions, strict=True) for k in slots]
+    # Token counts, measured in a context far longer than any caption (0 pads: open_clip's SimpleTokenizer).
+    chunks = [[t for _, t in texts[i : i + 1024]] for i in range(0, len(texts), 1024)]
+    lengths = torch.cat([(tokenizer(chunk, context_length=512) != 0).sum(1) for chunk in chunks])
+    cut = int((lengths > context).sum())
+    if not cut:
+        return None
+    longest = int(lengths.argmax())
+    return (
+        f"train-teacher: {cut} of the {len(texts)} captions sampled for training are longer than {model_name}'s "
+        f"{context}-token text context and lose their ends (the longest, for {texts[longest][0]}, has "
+        f"{int(lengths[longest])} tokens); give the long captions weight 0 in --caption-weights, or use a model with a "
+        "longer context_length"
+    )
+
+
 def lr_at(progress: float, base_lr: float, warmup: float) -> float:
     """Linear warm-up over the first `warmup` fraction, then cosine decay to zero; `progress` in [0, 1]."""
     if progress < warmup:
@@ -123,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     # once; each step samples one slot per image.
     weights = caption_weights(args.caption_weights, max(len(c) for c in train.captions))
     tokens = torch.stack([tokenizer([c[k % len(c)] for k in range(len(weights))]) for c in train.captions])
+    if warning := cut_captions_warning(tokenizer, train.captions, weights, train.paths, args.model):
+        print(warning)
     print(
         f"teacher {args.model}: {sum(p.numel() for p in model.visual.parameters()) / 1e6:.2f} M visual params, "
         f"{model.visual.grid_size[0] * model.visual.grid_size[1]} patch tokens; {len(train)} training images"

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import bootstrap  # noqa: F401  (registers the teacher architectures)
-from bootstrap.train_teacher import caption_weights, lr_at
+from bootstrap.train_teacher import caption_weights, cut_captions_warning, lr_at
 from bootstrap.train_teacher import main as train_teacher
 from mllm_sparse.synth.dataset import SyntheticWorld
 
@@ -134,3 +134,15 @@ def test_question_probe_scores_every_image_question(trained_teacher):
     assert probe_prompt("count", "circles", "3") == "three circles"
     with pytest.raises(ValueError, match="no CLIP probe"):
         probe_prompt("text", "", "")
+
+
+def test_captions_longer_than_the_text_context_are_reported():
+    tokenizer = open_clip.get_tokenizer("synth-vit-t-8")  # 32-token context
+    full = "a large red star" + ", a small blue ring at the top right" * 6 + "."
+    captions = [[full, "a large red star."], ["a large green cross.", "a large green cross."]]
+    paths = ["images/0000000.png", "images/0000001.png"]
+    warning = cut_captions_warning(tokenizer, captions, torch.tensor([1.0, 1.0]), paths, "synth-vit-t-8")
+    assert warning is not None
+    assert "1 of the 4 captions" in warning and "images/0000000.png" in warning and "32-token" in warning
+    # Training only on the short captions cuts nothing.
+    assert cut_captions_warning(tokenizer, captions, torch.tensor([0.0, 1.0]), paths, "synth-vit-t-8") is None
