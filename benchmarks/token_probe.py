@@ -7,12 +7,13 @@ For each arm of `benchmarks/vlm_synthetic.py` (same towers, same feature layer: 
 and for the scene's ground truth as tokens (one token per object: one-hot shape, colour and size, centre, radius),
 an attention probe is trained to say which of the world's colour × shape combinations are in the image. It has one
 learned query per combination over the tokens, i.e. one lookup, the operation an LLM must learn to answer "is there a
-red star?". Reported on test images: recall of the combinations present only as small objects, of those present
-as a large or medium object, and the false-positive rate. An object no single token holds in a form one lookup
-can find is one the LLM must assemble from several tokens, which a tiny LLM trained for minutes does not learn; so
-this separates the towers without LLM training.
+red star?". Two readouts (`--readouts`): `lookup` reads linear features of the tokens; `mlp-lookup` first passes
+each token through a two-layer MLP, as the VLM's `mlp2x_gelu` projector does, so it also finds what a token holds
+nonlinearly. Reported on test images: recall and AUC of the combinations present only as small objects and of those
+present as a large or medium object, and the false-positive rate. AUC does not depend on the probe's threshold, so
+it shows information the thresholded recall hides (0.5: none). This separates the towers without LLM training.
 The teacher ViT is also probed at other hidden states (`--teacher-layers`; for the 4-block synthetic teacher -5 is
-the patch embeddings, -1 the last block), to show where its blocks gather objects into tokens.
+the patch embeddings, -1 the last block), to show what its blocks keep of each object.
 Writes benchmarks/results/token_probe.{json,md}.
 """
 
@@ -82,39 +83,68 @@ def tower_tokens(base: Path, images: dict[str, list[Path]], batch_size: int) -> 
 class LookupProbe(nn.Module):
     """One learned query per target over the tokens; the attended value scored against a learned output vector.
 
-    tokens [B, N, D] → logits [B, targets]."""
+    `readout="lookup"` keys and values are linear in the tokens; `readout="mlp-lookup"` first passes each token
+    through a two-layer GELU MLP, as the VLM's `mlp2x_gelu` projector does before the LLM's attention, so features
+    that a token holds nonlinearly can still be looked up. tokens [B, N, D] → logits [B, targets]."""
 
-    def __init__(self, dim: int, targets: int, width: int = 64):
+    def __init__(self, dim: int, targets: int, readout: str = "lookup", width: int = 64, hidden: int = 128):
         super().__init__()
+        if readout == "mlp-lookup":
+            self.pre: nn.Module = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU())
+            dim = hidden
+        elif readout == "lookup":
+            self.pre = nn.Identity()
+        else:
+            raise ValueError(f"readout must be 'lookup' or 'mlp-lookup', got {readout!r}")
         self.key, self.value = nn.Linear(dim, width), nn.Linear(dim, width)
         self.query = nn.Parameter(torch.randn(targets, width) / width**0.5)
         self.out = nn.Parameter(torch.randn(targets, width) / width**0.5)
         self.bias = nn.Parameter(torch.zeros(targets))
 
     def forward(self, tokens: Tensor) -> Tensor:
+        tokens = self.pre(tokens)
         attn = torch.softmax(torch.einsum("bnw,tw->btn", self.key(tokens), self.query), dim=-1)
         return torch.einsum("btn,bnw,tw->bt", attn, self.value(F.gelu(tokens)), self.out) + self.bias
 
 
-def probe(train: Tensor, y_train: Tensor, test: Tensor, y_test: Tensor, size_test: Tensor, epochs: int) -> dict:
-    """Train a `LookupProbe` on standardised tokens; recall by object size and false positives on `test`."""
+def auc(scores: Tensor, positive: Tensor, negative: Tensor) -> float:
+    """Area under the ROC curve of `scores` separating the `positive` entries from the `negative` ones (bool masks
+    of `scores`' shape): the chance that a present combination outscores an absent one, 0.5 for no information."""
+    pos, neg = scores[positive], scores[negative]
+    ranks = torch.cat([pos, neg]).argsort().argsort().double() + 1  # scores are continuous: ties are negligible
+    n_pos, n_neg = len(pos), len(neg)
+    return ((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)).item()
+
+
+def probe(
+    train: Tensor, y_train: Tensor, test: Tensor, y_test: Tensor, size_test: Tensor, epochs: int, readout: str
+) -> dict:
+    """Train a `LookupProbe` on standardised tokens (one-cycle schedule); recall and AUC by object size and the
+    false-positive rate on `test`."""
     torch.manual_seed(0)
     mean, std = train.mean((0, 1)), train.std((0, 1)) + 1e-5
     train, test = (train - mean) / std, (test - mean) / std
-    model = LookupProbe(train.shape[-1], y_train.shape[-1])
+    model = LookupProbe(train.shape[-1], y_train.shape[-1], readout)
+    batches = torch.arange(len(train)).split(256)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-2)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=epochs * len(batches))
     for _ in range(epochs):
         for idx in torch.randperm(len(train)).split(256):
             loss = F.binary_cross_entropy_with_logits(model(train[idx]), y_train[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
+            schedule.step()
     with torch.no_grad():
-        said = torch.cat([model(chunk) for chunk in test.split(512)]) > 0
+        scores = torch.cat([model(chunk) for chunk in test.split(512)])
+    said, absent = scores > 0, y_test == 0
     return {
+        "readout": readout,
         "recall_small_only": said[size_test == 1].float().mean().item(),
         "recall_large_or_medium": said[size_test == 2].float().mean().item(),
-        "false_positive_rate": said[y_test == 0].float().mean().item(),
+        "false_positive_rate": said[absent].float().mean().item(),
+        "auc_small_only": auc(scores, size_test == 1, absent),
+        "auc_large_or_medium": auc(scores, size_test == 2, absent),
         "final_train_loss": loss.item(),
     }
 
@@ -125,16 +155,21 @@ def to_markdown(report: dict) -> str:
         "",
         f"Machine: {report['machine']}. World `{report['world']}`: {report['train_images']} training and "
         f"{report['test_images']} test images, {report['epochs']} probe epochs. Recall: share of the colour × shape "
-        "combinations in a test image that the probe says are there.",
+        "combinations in a test image that the probe says are there. AUC: chance that such a combination scores above "
+        "an absent one (0.5: the tokens tell the probe nothing). Readout `lookup`: one attention lookup of linear "
+        "features; `mlp-lookup`: each token through a two-layer MLP first, like the VLM's projector.",
         "",
-        "| tokens | count | recall, small-only objects | recall, large/medium objects | false positives | s |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| tokens | count | readout | recall, small-only | AUC, small-only | recall, large/medium | AUC, large/medium "
+        "| false positives | s |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, r in report["arms"].items():
-        lines.append(
-            f"| {name} | {r['image_tokens']} | **{r['recall_small_only'] * 100:.1f}%** | "
-            f"{r['recall_large_or_medium'] * 100:.1f}% | {r['false_positive_rate'] * 100:.1f}% | {r['seconds']:.0f} |"
-        )
+    for name, arm in report["arms"].items():
+        for r in arm["readouts"]:
+            lines.append(
+                f"| {name} | {arm['image_tokens']} | {r['readout']} | {r['recall_small_only'] * 100:.1f}% | "
+                f"**{r['auc_small_only']:.3f}** | {r['recall_large_or_medium'] * 100:.1f}% | "
+                f"{r['auc_large_or_medium']:.3f} | {r['false_positive_rate'] * 100:.1f}% | {r['seconds']:.0f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -145,12 +180,20 @@ def main(argv: list[str] | None = None) -> int:
         "--teacher-layers",
         type=int,
         nargs="*",
-        default=[-5, -4, -1],
-        help="also probe the teacher ViT's tokens at these hidden states (counted from the end; -2 is arm (a))",
+        default=[-5],
+        help="also probe the teacher ViT's tokens at these hidden states (counted from the end; -2 is arm (a), -5 the "
+        "synthetic teacher's patch embeddings)",
     )
     parser.add_argument("--train-images", type=int, default=6000)
     parser.add_argument("--test-images", type=int, default=1500)
-    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument(
+        "--readouts",
+        nargs="+",
+        default=["lookup", "mlp-lookup"],
+        choices=["lookup", "mlp-lookup"],
+        help="probe readouts to train on every tower's tokens (see LookupProbe)",
+    )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -178,10 +221,13 @@ def main(argv: list[str] | None = None) -> int:
             build_arm(args, tower_args, base)
             images = {s: [args.world / r["image"] for r in rows] for s, rows in split.items()}
             tokens = tower_tokens(ROOT / base, images, args.batch_size)
-        results[name] = {"image_tokens": tokens["test"].shape[1]} | probe(
-            tokens["train"], y["train"], tokens["test"], y["test"], size_test, args.epochs
-        )
-        results[name]["seconds"] = time.perf_counter() - start
+        results[name] = {"image_tokens": tokens["test"].shape[1], "readouts": []}
+        for readout in args.readouts:
+            started = time.perf_counter()
+            r = probe(tokens["train"], y["train"], tokens["test"], y["test"], size_test, args.epochs, readout)
+            # the first readout's time includes reading the tokens
+            r["seconds"] = time.perf_counter() - (start if not results[name]["readouts"] else started)
+            results[name]["readouts"].append(r)
         print(name, json.dumps(results[name]), flush=True)
     report = {
         "machine": machine(),
