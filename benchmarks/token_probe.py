@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -125,9 +126,8 @@ def probe(
     mean, std = train.mean((0, 1)), train.std((0, 1)) + 1e-5
     train, test = (train - mean) / std, (test - mean) / std
     model = LookupProbe(train.shape[-1], y_train.shape[-1], readout)
-    batches = torch.arange(len(train)).split(256)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-2)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=epochs * len(batches))
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=epochs * math.ceil(len(train) / 256))
     for _ in range(epochs):
         for idx in torch.randperm(len(train)).split(256):
             loss = F.binary_cross_entropy_with_logits(model(train[idx]), y_train[idx])
