@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import open_clip
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor
 from tqdm import tqdm
@@ -28,6 +29,7 @@ from mllm_sparse.files import atomic_path, write_json
 from mllm_sparse.synth.dataset import SyntheticWorld
 
 from .optim import param_groups
+from .region_captions import RegionCaptions, box_weights, region_loss
 from .teacher_models import TEACHER_MODELS, register_teacher_configs
 from .zero_shot import zero_shot_report
 
@@ -55,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=[0.0, 0.0, 1.0],
         help="sampling weight of each caption of an image (full, principal + two, principal alone)",
+    )
+    parser.add_argument(
+        "--region-weight",
+        type=float,
+        default=1.0,
+        help="weight of the region-caption term: each object's caption at its box, from scenes.jsonl "
+        "(bootstrap/region_captions.py); 0 trains on whole-image captions alone",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch CPU threads")
@@ -135,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         args.minutes = 10.0
     if (args.minutes is not None and args.minutes <= 0) or (args.steps is not None and args.steps <= 0):
         raise ValueError("--minutes and --steps must be positive")
+    if args.region_weight < 0:
+        raise ValueError(f"--region-weight must be >= 0, got {args.region_weight}")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -156,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{model.visual.grid_size[0] * model.visual.grid_size[1]} patch tokens; {len(train)} training images"
     )
 
+    regions = RegionCaptions.from_scenes(train.scenes, train.paths) if args.region_weight > 0 else None
+    region_text = tokenizer(regions.texts) if regions is not None else None
+    grid = model.visual.grid_size[0]
+
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
     loss_fn = open_clip.ClipLoss()
     generator = torch.Generator().manual_seed(args.seed)
@@ -164,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     bar = tqdm(total=args.steps if args.steps else None, unit="step", desc="train-teacher")
     model.train()
+    model.visual.output_tokens = True  # (pooled, final patch tokens) for the region term
     while True:
         elapsed = time.perf_counter() - start
         progress = step / args.steps if args.steps else elapsed / (args.minutes * 60)
@@ -177,8 +193,24 @@ def main(argv: list[str] | None = None) -> int:
         cursor += args.batch_size
         pixels = train.pixels(idx).to(device)
         choice = torch.multinomial(weights, len(idx), replacement=True, generator=generator)
-        out = model(pixels, tokens[idx, choice].to(device))
-        loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
+        pooled, patches = model.visual(pixels)
+        texts = tokens[idx, choice]
+        if regions is not None:
+            rows, position = regions.rows_of(idx)
+            captions, target = regions.caption[rows].unique(return_inverse=True)
+            texts = torch.cat([texts, region_text[captions]])
+        text_features = model.encode_text(texts.to(device), normalize=True)
+        loss = loss_fn(F.normalize(pooled, dim=-1), text_features[: len(idx)], model.logit_scale.exp())
+        if regions is not None:
+            loss = loss + args.region_weight * region_loss(
+                patches,
+                model.visual.proj,
+                box_weights(regions.boxes[rows], grid).to(device),
+                position.to(device),
+                text_features[len(idx) :],
+                target.to(device),
+                model.logit_scale,
+            )
         if not torch.isfinite(loss):
             raise FloatingPointError(f"train-teacher: loss became {loss.item()} at step {step}")
         optimizer.zero_grad(set_to_none=True)
@@ -196,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     bar.close()
     train_seconds = time.perf_counter() - start
 
+    model.visual.output_tokens = False
     model.eval()
     save_teacher(model, args.model, args.out, image_size)
     report = zero_shot_report(model, tokenizer, world, "test", image_size, device)
@@ -204,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         data=str(args.data),
         steps=step,
         batch_size=args.batch_size,
+        region_weight=args.region_weight,
         train_seconds=round(train_seconds, 1),
         images_per_second=round(step * args.batch_size / train_seconds, 1),
         loss_curve=[round(float(np.mean(losses[i : i + 10])), 4) for i in range(0, len(losses), 10)],

@@ -24,6 +24,7 @@ class CaptionedImages:
     captions: list[list[str]]  # one or more captions per image, the full one first
     labels: Tensor  # [N] int64
     paths: list[str]
+    scenes: list[dict | None]  # scenes.jsonl rows (every object's shape, colour, size, centre, radius); None if absent
     mean: tuple[float, ...] = OPENAI_CLIP_MEAN
     std: tuple[float, ...] = OPENAI_CLIP_STD
 
@@ -81,4 +82,5 @@ class SyntheticWorld:
             captions=[r["captions"] for r in rows],
             labels=torch.tensor([r["label"] for r in rows]),
             paths=[r["image"] for r in rows],
+            scenes=[r["scene"] for r in rows],
         )

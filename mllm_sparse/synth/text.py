@@ -65,7 +65,13 @@ def captions(scene: Scene, rng: np.random.Generator) -> list[str]:
     middle = f"a {principal.size} {principal.name} {where(principal)}"
     if others:
         middle += " and " + " and ".join(f"a {o.size} {o.name}" for o in others[:2])
-    return [caption(scene, rng), middle + ".", f"a {principal.size} {principal.name}."]
+    return [caption(scene, rng), middle + ".", object_caption(principal)]
+
+
+def object_caption(obj: SceneObject) -> str:
+    """One object in the words of the principal-object caption, "a small red ring."; also the region caption
+    the teacher learns at the object's box (`bootstrap.region_captions`)."""
+    return f"a {obj.size} {obj.name}."
 
 
 def zero_shot_templates(principal_sizes: tuple[str, ...]) -> tuple[str, ...]:
