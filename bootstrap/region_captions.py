@@ -26,14 +26,12 @@ class RegionCaptions:
     """Every object of a set of images as a box and a caption id.
 
     boxes: [R, 4] normalised (x1, y1, x2, y2), clamped to the image.
-    image: [R] index of the object's image.
     caption: [R] index into `texts`.
     offsets: [N + 1]; the objects of image i are rows offsets[i]:offsets[i + 1].
     texts: the distinct region captions.
     """
 
     boxes: Tensor
-    image: Tensor
     caption: Tensor
     offsets: Tensor
     texts: list[str]
@@ -41,8 +39,8 @@ class RegionCaptions:
     @classmethod
     def from_scenes(cls, scenes: list[dict | None], paths: list[str]) -> RegionCaptions:
         """Objects of `scenes` (scenes.jsonl rows, one per image); `paths` name an image with no scene."""
-        boxes, image, names, counts = [], [], [], []
-        for i, (row, path) in enumerate(zip(scenes, paths, strict=True)):
+        boxes, names, counts = [], [], []
+        for row, path in zip(scenes, paths, strict=True):
             if row is None or "objects" not in row:
                 raise ValueError(
                     f"region captions need every object of {path}, but scenes.jsonl has no entry for it "
@@ -52,13 +50,11 @@ class RegionCaptions:
             counts.append(len(objects))
             for obj in objects:
                 boxes.append([obj.cx - obj.radius, obj.cy - obj.radius, obj.cx + obj.radius, obj.cy + obj.radius])
-                image.append(i)
                 names.append(object_caption(obj))
         texts = sorted(set(names))
         index = {t: k for k, t in enumerate(texts)}
         return cls(
             boxes=torch.tensor(boxes, dtype=torch.float).clamp(0, 1).reshape(-1, 4),
-            image=torch.tensor(image, dtype=torch.long),
             caption=torch.tensor([index[n] for n in names], dtype=torch.long),
             offsets=torch.tensor([0, *counts]).cumsum(0),
             texts=texts,
