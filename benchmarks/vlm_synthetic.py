@@ -9,7 +9,8 @@ seed, same tokenizer) and an `mlp2x_gelu` projector, trained by `scripts/train_v
 `mllm-sparse eval-vlm` on `llava_test.json`:
 
   (a) `vit`:             the teacher ViT's full patch tokens (LLaVA-style, CLS dropped);
-  (b) `sparseformer-N`:  the SparseFormer bootstrapped from that teacher at N tokens (N = 1/4 and 1/9);
+  (b) `sparseformer-N`:  the SparseFormer bootstrapped from that teacher at N tokens (N = 1/4 and 1/9,
+                         rounded down to a square: 49 and 16 for 196 patches);
   (c) `pooled-N`:        the teacher's patch tokens average-pooled to an n×n grid, the same N.
 
 The table opens with the question-only prior: each test question answered with the training split's most frequent

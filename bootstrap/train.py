@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-loss-layer", type=int, default=-1, help="student unit whose tokens the term aligns")
     p.add_argument("--trainable-cortex", type=int, help="cortex blocks to fine-tune (default: half, as the paper)")
     p.add_argument("--image-size", type=int, help="student input size (default: the teacher's)")
+    p.add_argument(
+        "--num-sampling-points",
+        type=int,
+        default=16,
+        help="sampling points per latent token (default 16, the paper's)",
+    )
     p.add_argument("--val-fraction", type=float, default=0.05, help="held-out share of an image folder")
     p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: only at the end)")
     p.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: only at the end)")
@@ -208,7 +214,9 @@ def train(args: argparse.Namespace, world: World) -> int:
     arch = teacher.arch
     image_size = args.image_size or arch.image_size
     num_latent = args.num_tokens - int(arch.has_cls)  # --num-tokens counts the CLS token where there is one
-    student, report = inherit(teacher, num_latent, args.trainable_cortex, image_size=image_size)
+    student, report = inherit(
+        teacher, num_latent, args.trainable_cortex, image_size=image_size, num_sampling_points=args.num_sampling_points
+    )
     student.to(device).train()
 
     world_like = (args.data / "world.json").is_file() if args.data.is_dir() else False

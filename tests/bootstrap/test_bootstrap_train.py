@@ -120,15 +120,16 @@ def test_teacher_cache_gives_the_same_training(setup, tmp_path):
     assert la == pytest.approx(lb, abs=1e-5)
 
 
-def test_token_loss_and_grad_accumulation_run(setup, tmp_path):
+def test_token_loss_grad_accumulation_and_sampling_points_run(setup, tmp_path):
     out = tmp_path / "tok"
-    cli_main(
-        [
-            "bootstrap",
-            *_args(setup, out, "--steps", "2", "--token-loss-weight", "0.5", "--grad-accum", "2", "--cache-teacher"),
-        ]
-    )
+    extra = ("--token-loss-weight", "0.5", "--grad-accum", "2", "--cache-teacher", "--num-sampling-points", "9")
+    cli_main(["bootstrap", *_args(setup, out, "--steps", "2", *extra)])
     assert json.loads((out / "bootstrap_report.json").read_text())["steps"] == 2
+    model = AutoModel.from_pretrained(out)
+    assert model.config.num_sampling_points == 9
+    with torch.no_grad():
+        points = model(torch.randn(1, 3, 64, 64), output_sampling_points=True).sampling_points
+    assert {p.shape[-2] for p in points if p is not None} == {9}
 
 
 def test_torchrun_with_two_cpu_ranks_matches_one_process(setup, tmp_path):
