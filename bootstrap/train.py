@@ -36,6 +36,7 @@ from .distributed import World, init_world
 from .evaluate import evaluate_encoder, held_out_cosine
 from .inherit import inherit
 from .optim import param_groups
+from .region_distill import random_boxes, region_distill_loss
 from .targets import TeacherTargets
 from .teachers import load_teacher
 
@@ -66,7 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="weight of the token-level term (latent tokens vs RoI-pooled teacher patches)",
     )
-    p.add_argument("--token-loss-layer", type=int, default=-1, help="student unit whose tokens the term aligns")
+    p.add_argument(
+        "--region-distill-weight",
+        type=float,
+        default=0.0,
+        help="weight of the region term (random boxes, down to one teacher patch: RoI-weighted student tokens vs "
+        "the teacher's patches under the box)",
+    )
+    p.add_argument("--region-boxes", type=int, default=16, help="random boxes per image for the region term")
+    p.add_argument("--token-loss-layer", type=int, default=-1, help="student unit whose tokens the token terms align")
     p.add_argument("--trainable-cortex", type=int, help="cortex blocks to fine-tune (default: half, as the paper)")
     p.add_argument("--image-size", type=int, help="student input size (default: the teacher's)")
     p.add_argument(
@@ -151,17 +160,34 @@ def save_checkpoint(out: Path, student: SparseFormerModel, optimizer, scheduler,
     return final
 
 
-def alignment_loss(model, num_latent_tokens: int, pixels, targets, token_weight: float, token_layer: int):
-    """1 − cos(student embedding, teacher embedding), plus the optional token-level term.
+def alignment_loss(
+    model,
+    num_latent_tokens: int,
+    pixels,
+    targets,
+    token_weight: float,
+    token_layer: int,
+    region_weight: float = 0.0,
+    region_boxes: int = 16,
+    box_keys: torch.Tensor | None = None,
+):
+    """1 − cos(student embedding, teacher embedding), plus the optional token-level and region terms.
 
     Args:
         model: the student, or its DistributedDataParallel wrapper (the forward must go through it).
+        box_keys: [B] one key per image for the region term's random boxes (`region_distill.random_boxes`).
     """
-    out = model(pixels, output_hidden_states=token_layer if token_weight > 0 else None)
+    need_tokens = token_weight > 0 or region_weight > 0
+    out = model(pixels, output_hidden_states=token_layer if need_tokens else None)
     loss = 1 - F.cosine_similarity(out.image_embeds.float(), targets["embeds"], dim=-1).mean()
+    if need_tokens:
+        latent = out.hidden_states[token_layer][:, -num_latent_tokens:]
+    if region_weight > 0:
+        grid = math.isqrt(targets["patches"].shape[1])
+        boxes = random_boxes(box_keys.to(pixels.device), region_boxes, 1 / grid)
+        rois = out.hidden_rois[token_layer]
+        loss = loss + region_weight * region_distill_loss(latent, rois, targets["patches"], boxes)
     if token_weight > 0:
-        tokens = out.hidden_states[token_layer]
-        latent = tokens[:, -num_latent_tokens:]
         pooled = roi_pooled_patches(targets["patches"], out.hidden_rois[token_layer].detach())
         if latent.shape[-1] != pooled.shape[-1]:
             raise ValueError(
@@ -251,7 +277,7 @@ def train(args: argparse.Namespace, world: World) -> int:
             print(f"resumed from {checkpoint} at step {state['step']}")
     model = student if world.size == 1 else DistributedDataParallel(student)
 
-    targets = TeacherTargets(teacher, args.token_loss_weight > 0, autocast)
+    targets = TeacherTargets(teacher, args.token_loss_weight > 0 or args.region_distill_weight > 0, autocast)
     if args.cache_teacher:
         # The main rank computes the cache; the others load the file it wrote.
         cache_path = args.out / "teacher_cache.safetensors"
@@ -292,6 +318,10 @@ def train(args: argparse.Namespace, world: World) -> int:
                             batch_targets,
                             args.token_loss_weight,
                             args.token_loss_layer,
+                            args.region_distill_weight,
+                            args.region_boxes,
+                            # the image and the step pick the boxes, so any number of ranks draws the same ones
+                            index * total_steps + state["step"],
                         )
                     loss = loss / args.grad_accum
                     loss.backward()

@@ -133,9 +133,10 @@ def test_token_loss_grad_accumulation_and_sampling_points_run(setup, tmp_path):
 
 
 def test_torchrun_with_two_cpu_ranks_matches_one_process(setup, tmp_path):
-    """Data parallel through a real `torchrun` launch (2 CPU ranks, gloo): same global batch, same training."""
+    """Data parallel through a real `torchrun` launch (2 CPU ranks, gloo): same global batch, same training, the
+    region term's random boxes included."""
     one, two = tmp_path / "one", tmp_path / "two"
-    extra = ("--steps", "3", "--grad-accum", "2", "--cache-teacher")
+    extra = ("--steps", "3", "--grad-accum", "2", "--cache-teacher", "--region-distill-weight", "0.5")
     assert cli_main(["bootstrap", *_args(setup, one, *extra)]) == 0
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
