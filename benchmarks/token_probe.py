@@ -159,6 +159,8 @@ def to_markdown(report: dict) -> str:
         "an absent one (0.5: the tokens tell the probe nothing). Readout `lookup`: one attention lookup of linear "
         "features; `mlp-lookup`: each token through a two-layer MLP first, like the VLM's projector.",
         "",
+        f"Teacher `{report['teacher']}`; students {', '.join(f'`{s}`' for s in report['students']) or 'none'}.",
+        "",
         "| tokens | count | readout | recall, small-only | AUC, small-only | recall, large/medium | AUC, large/medium "
         "| false positives | s |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|",
@@ -232,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "machine": machine(),
         "world": str(args.world),
+        "teacher": str(args.teacher),
+        "students": list(args.students),
         "train_images": len(split["train"]),
         "test_images": len(split["test"]),
         "epochs": args.epochs,

@@ -16,7 +16,6 @@ from torch.special import log_ndtr
 
 from .region_captions import box_weights
 
-
 _MASK = 0x7FFFFFFF  # 31-bit hash state: every product below stays inside int64
 
 

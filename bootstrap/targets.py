@@ -32,6 +32,11 @@ class TeacherTargets:
     def load_cache(self, path: Path) -> None:
         """Use the targets a `build_cache` call wrote to `path`."""
         self.cache = load_file(path)
+        if self.need_patches and "patches" not in self.cache:
+            raise ValueError(
+                f"teacher cache {path} holds no patch tokens (it was built without a token or region term); "
+                "delete it to rebuild it with them"
+            )
 
     def build_cache(self, loader: DataLoader, path: Path, device) -> None:
         """Compute every training image's targets once (or load them from `path` if it exists)."""

@@ -118,6 +118,11 @@ def test_teacher_cache_gives_the_same_training(setup, tmp_path):
     la = json.loads((tmp_path / "a" / "bootstrap_report.json").read_text())["loss_curve"]
     lb = json.loads((tmp_path / "b" / "bootstrap_report.json").read_text())["loss_curve"]
     assert la == pytest.approx(lb, abs=1e-5)
+    # A cache built without patch tokens cannot serve a token-level term: it says so, naming the file.
+    with pytest.raises(ValueError, match=r"teacher_cache\.safetensors holds no patch tokens"):
+        train_module.main(
+            _args(setup, tmp_path / "b", "--steps", "2", "--cache-teacher", "--region-distill-weight", "1")
+        )
 
 
 def test_token_loss_grad_accumulation_and_sampling_points_run(setup, tmp_path):
