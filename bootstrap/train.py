@@ -371,6 +371,12 @@ def train(args: argparse.Namespace, world: World) -> int:
         "train_seconds_this_run": round(seconds, 1),
         "images_per_second_this_run": round(seen / max(seconds, 1e-9), 2),
         "teacher_cache": args.cache_teacher,
+        "loss_terms": {
+            "token_loss_weight": args.token_loss_weight,
+            "region_distill_weight": args.region_distill_weight,
+            "region_boxes": args.region_boxes,
+            "token_loss_layer": args.token_loss_layer,
+        },
         "loss_curve": state["losses"],
         "evals": state["evals"],
         "final": final,

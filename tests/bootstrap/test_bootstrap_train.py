@@ -129,7 +129,8 @@ def test_token_loss_grad_accumulation_and_sampling_points_run(setup, tmp_path):
     out = tmp_path / "tok"
     extra = ("--token-loss-weight", "0.5", "--grad-accum", "2", "--cache-teacher", "--num-sampling-points", "9")
     cli_main(["bootstrap", *_args(setup, out, "--steps", "2", *extra)])
-    assert json.loads((out / "bootstrap_report.json").read_text())["steps"] == 2
+    report = json.loads((out / "bootstrap_report.json").read_text())
+    assert report["steps"] == 2 and report["loss_terms"]["token_loss_weight"] == 0.5
     model = AutoModel.from_pretrained(out)
     assert model.config.num_sampling_points == 9
     with torch.no_grad():
