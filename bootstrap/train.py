@@ -167,9 +167,9 @@ def alignment_loss(
     targets,
     token_weight: float,
     token_layer: int,
-    region_weight: float = 0.0,
-    region_boxes: int = 16,
-    box_keys: torch.Tensor | None = None,
+    region_weight: float,
+    region_boxes: int,
+    box_keys: torch.Tensor,
 ):
     """1 − cos(student embedding, teacher embedding), plus the optional token-level and region terms.
 
@@ -181,14 +181,13 @@ def alignment_loss(
     out = model(pixels, output_hidden_states=token_layer if need_tokens else None)
     loss = 1 - F.cosine_similarity(out.image_embeds.float(), targets["embeds"], dim=-1).mean()
     if need_tokens:
-        latent = out.hidden_states[token_layer][:, -num_latent_tokens:]
+        latent, rois = out.hidden_states[token_layer][:, -num_latent_tokens:], out.hidden_rois[token_layer]
     if region_weight > 0:
         grid = math.isqrt(targets["patches"].shape[1])
         boxes = random_boxes(box_keys.to(pixels.device), region_boxes, 1 / grid)
-        rois = out.hidden_rois[token_layer]
         loss = loss + region_weight * region_distill_loss(latent, rois, targets["patches"], boxes)
     if token_weight > 0:
-        pooled = roi_pooled_patches(targets["patches"], out.hidden_rois[token_layer].detach())
+        pooled = roi_pooled_patches(targets["patches"], rois.detach())
         if latent.shape[-1] != pooled.shape[-1]:
             raise ValueError(
                 f"token loss: student unit {token_layer} width {latent.shape[-1]} differs from the "
