@@ -1,11 +1,13 @@
 """The LLaVA pipeline on the synthetic world: full ViT tokens vs SparseFormer vs pooled ViT tokens, same LLM.
 
     uv run python benchmarks/vlm_synthetic.py --eval-limit 800  # after synthetic_world.py, bootstrap_synthetic.py
+                                                                # and mllm-sparse pretrain-llm
     uv run python benchmarks/vlm_synthetic.py --epochs 0.05 --eval-limit 40 --work runs/vlm_smoke  # a smoke run
 
-Arms, each a stock `LlavaForConditionalGeneration` built by `mllm-sparse build-vlm` with the same tiny LLM (same
-seed, same tokenizer) and an `mlp2x_gelu` projector, trained by `scripts/train_vlm.py` on the world's
-`llava_train.json` with the same data, steps and schedule (LLM + projector; the tower frozen), then scored by
+Arms, each a stock `LlavaForConditionalGeneration` built by `mllm-sparse build-vlm` with the same LLM (by default
+the scene-pretrained tiny Llama of `mllm-sparse pretrain-llm`, the world's stand-in for Vicuna) and an `mlp2x_gelu`
+projector, trained by `scripts/train_vlm.py` on the world's `llava_train.json` with the same data, steps and
+schedule (by default the projector only, the LLM frozen, as in LLaVA's stage 1; the tower frozen), then scored by
 `mllm-sparse eval-vlm` on `llava_test.json`:
 
   (a) `vit`:             the teacher ViT's full patch tokens (LLaVA-style, CLS dropped);
@@ -38,6 +40,7 @@ from pathlib import Path
 import torch
 from results_io import RESULTS, machine, write_results
 
+from llava_adapter.llms import TINY_LLMS
 from mllm_sparse.files import read_json
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,7 +57,12 @@ def add_arm_arguments(parser: argparse.ArgumentParser) -> None:
         help="TOKENS=ENCODER_DIR for each bootstrapped SparseFormer (the pooled arm uses the same TOKENS)",
     )
     parser.add_argument("--work", type=Path, default=Path("runs/sw/vlm"))
-    parser.add_argument("--llm", default="tiny-llama")
+    parser.add_argument(
+        "--llm",
+        default="runs/sw/scene_llm",
+        help="the LLM every arm starts from: a folder (default: the scene-pretrained tiny Llama of `mllm-sparse "
+        "pretrain-llm`) or a tiny LLM name for one trained from scratch",
+    )
 
 
 def arms(args) -> dict[str, list[str]]:
@@ -102,6 +110,7 @@ def train_arm(args, name: str, tower_args: list[str]) -> dict:
              "--data_path", str(args.world / "llava_train.json"), "--image_folder", str(args.world),
              "--version", "chat_template", "--output_dir", str(model), "--num_train_epochs", str(args.epochs),
              "--per_device_train_batch_size", str(args.batch_size), "--learning_rate", str(args.lr),
+             "--mm_projector_lr", str(args.projector_lr),
              "--lr_scheduler_type", "cosine", "--warmup_steps", "0.03", "--weight_decay", "0.0",
              "--logging_steps", "50", "--save_strategy", "no", "--report_to", "none", "--seed", "0",
              "--model_max_length", "512", "--dataloader_num_workers", "0"],
@@ -187,6 +196,18 @@ def time_side_by_side(args, names: list[str]) -> dict:
     }
 
 
+def llm_origin(llm: str) -> str:
+    """How the arms' LLM came about, in words, for the report."""
+    if llm in TINY_LLMS:
+        return "tiny, random init"
+    pretrain = Path(llm) / "scene_pretrain.json"
+    if pretrain.is_file():
+        report = json.loads(pretrain.read_text())
+        by_type = ", ".join(f"{t} {v:.0f}%" for t, v in report["final"]["by_type"].items())
+        return f"scene-pretrained, {report['steps']} steps; on scene tokens: {by_type}"
+    return "pretrained"
+
+
 def to_markdown(report: dict) -> str:
     results, timing = report["arms"], report["timing"]
     types = sorted({t for r in results.values() for t in r["by_type"]})
@@ -194,8 +215,9 @@ def to_markdown(report: dict) -> str:
     lines = [
         "# LLaVA pipeline on the synthetic world",
         "",
-        f"Machine: {report['machine']}. LLM `{report['llm']}` (random init, tiny), {report['epochs']} epoch(s) of "
-        f"`llava_train.json`, batch {report['batch_size']}, lr {report['lr']}; the tower frozen. "
+        f"Machine: {report['machine']}. LLM `{report['llm']}` ({report['llm_origin']}), {report['epochs']} epoch(s) of "
+        f"`llava_train.json`, batch {report['batch_size']}, LLM lr {report['lr']} (0: frozen), projector lr "
+        f"{report.get('projector_lr', report['lr'])}; the tower frozen. "
         f"Test questions: {results['vit']['questions']}.",
         "",
         "| arm | image tokens | accuracy | vs (a) | " + " | ".join(types) + " | small objects | train s |",
@@ -233,12 +255,24 @@ def main(argv: list[str] | None = None) -> int:
     add_arm_arguments(parser)
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=0.0,
+        help="the LLM's learning rate; 0 (default) keeps the scene-pretrained LLM frozen, as LLaVA's stage 1 does; "
+        "use 2e-3 with --llm tiny-llama",
+    )
+    parser.add_argument("--projector-lr", type=float, default=2e-3)
     parser.add_argument("--eval-limit", type=int, help="score only the first N test records")
     parser.add_argument("--timing-questions", type=int, default=32)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    if args.llm not in TINY_LLMS and not (Path(args.llm) / "config.json").is_file():
+        parser.error(
+            f"--llm {args.llm}: no LLM there; run `mllm-sparse pretrain-llm --data {args.world} --out {args.llm}` "
+            "first, or pass --llm tiny-llama for an LLM trained from scratch"
+        )
     results = {}
     for name, tower_args in arms(args).items():
         results[name] = train_arm(args, name, tower_args)
@@ -246,9 +280,11 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "machine": machine(),
         "llm": args.llm,
+        "llm_origin": llm_origin(args.llm),
         "epochs": args.epochs,
         "batch_size": args.batch_size,
         "lr": args.lr,
+        "projector_lr": args.projector_lr,
         "teacher": str(args.teacher),
         "arms": results,
         "blind": blind_baseline(

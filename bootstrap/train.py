@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -28,8 +26,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from mllm_sparse import SparseFormerModel
 from mllm_sparse.files import write_json
+from mllm_sparse.training import epoch_order, latest_checkpoint, load_trainer_state, lr_lambda, save_checkpoint
 
 from .data import TwoViewImages, list_images
 from .distributed import World, init_world
@@ -121,43 +119,13 @@ def roi_pooled_patches(patches: torch.Tensor, rois: torch.Tensor) -> torch.Tenso
     return weights @ patches.float()
 
 
-def lr_lambda(warmup: int, total: int):
-    def fn(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-    return fn
-
-
-def epoch_order(num_items: int, seed: int, epoch: int) -> torch.Tensor:
-    """The data order of an epoch, a function of (seed, epoch) only, so a resumed run replays it exactly."""
-    return torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    checkpoints = sorted((out / "checkpoints").glob("step_*"))
-    return checkpoints[-1] if checkpoints else None
-
-
-def save_checkpoint(out: Path, student: SparseFormerModel, optimizer, scheduler, state: dict) -> Path:
-    """Write DIR/checkpoints/step_N atomically: into a temporary folder, then one rename."""
-    final = out / "checkpoints" / f"step_{state['step']:08d}"
-    tmp = out / "checkpoints" / f".tmp_step_{state['step']:08d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    student.save_pretrained(tmp)
-    torch.save(
-        {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "state": state,
-            "torch_rng": torch.get_rng_state(),
-        },
-        tmp / "trainer_state.pt",
-    )
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    return final
+def trainer_state(optimizer, scheduler, state: dict) -> dict:
+    return {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "state": state,
+        "torch_rng": torch.get_rng_state(),
+    }
 
 
 def alignment_loss(
@@ -267,7 +235,7 @@ def train(args: argparse.Namespace, world: World) -> int:
         raise FileNotFoundError(f"--resume: no checkpoint in {args.out / 'checkpoints'}")
     if checkpoint is not None:
         student.load_state_dict(load_file(checkpoint / "model.safetensors"), strict=True)
-        saved = torch.load(checkpoint / "trainer_state.pt", map_location="cpu", weights_only=True)
+        saved = load_trainer_state(checkpoint)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = saved["state"]
@@ -342,7 +310,9 @@ def train(args: argparse.Namespace, world: World) -> int:
                 state["evals"].append({"step": state["step"], "cosine": cosine})
             if args.save_every and state["step"] % args.save_every == 0:
                 if world.is_main:
-                    save_checkpoint(args.out, student, optimizer, scheduler, state)
+                    save_checkpoint(
+                        args.out, state["step"], student.save_pretrained, trainer_state(optimizer, scheduler, state)
+                    )
                 world.barrier()
     bar.close()
     seconds = time.perf_counter() - start
@@ -351,7 +321,7 @@ def train(args: argparse.Namespace, world: World) -> int:
         return 0
 
     student.eval()
-    save_checkpoint(args.out, student, optimizer, scheduler, state)
+    save_checkpoint(args.out, state["step"], student.save_pretrained, trainer_state(optimizer, scheduler, state))
     student.save_pretrained(args.out)
     final = evaluate_encoder(
         student,

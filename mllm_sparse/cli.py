@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-teacher": ("bootstrap.train_teacher", "train a small open_clip CLIP on a synthetic world's captions"),
     "bootstrap": ("bootstrap.train", "bootstrap a SparseFormer from a CLIP ViT teacher (no labels)"),
     "eval-encoder": ("bootstrap.evaluate", "compare a bootstrapped encoder with its teacher"),
+    "pretrain-llm": ("llava_adapter.pretrain_llm", "scene pretraining: teach a tiny LLM the world's QA on its scenes"),
     "build-vlm": ("llava_adapter.build_vlm", "assemble a LLaVA model: vision tower + projector + causal LM"),
     "swap": ("llava_adapter.swap", "replace the vision tower of a llava-hf checkpoint (keeps LLM and tokenizer)"),
     "merge-lora": ("llava_adapter.merge_lora", "fold a LoRA training run into one full LLaVA model"),

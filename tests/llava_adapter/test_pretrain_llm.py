@@ -1,0 +1,175 @@
+"""Scene pretraining (`mllm-sparse pretrain-llm`): scene tokens, the question records, a real run on a tiny world,
+exact resume, the LLM it leaves for `build_vlm`, and clear errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import mllm_sparse
+from llava_adapter.conversation import RecordError
+from llava_adapter.data import DataCollatorForLlava
+from llava_adapter.llms import load_llm
+from llava_adapter.modeling import build_vlm
+from llava_adapter.pretrain_llm import (
+    SceneRecords,
+    answer_spans,
+    scene_forward,
+    scene_projector,
+    split_questions,
+    turn_types,
+)
+from llava_adapter.scene_tokens import SCENE_FEATURES, object_features, scene_tokens
+from mllm_sparse.cli import main as cli
+from mllm_sparse.synth import generate_world
+from mllm_sparse.synth.world import COLOR_NAMES, SHAPES
+
+OBJECTS = [
+    {"shape": "star", "color": "red", "size": "large", "cx": 0.3, "cy": 0.7, "radius": 0.15},
+    {"shape": "ring", "color": "cyan", "size": "small", "cx": 0.8, "cy": 0.2, "radius": 0.04},
+]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scene_world") / "world"
+    generate_world(root, num_images=40, image_size=64, seed=3, progress=False, max_turns=3, workers=1)
+    return root
+
+
+def run(world, out, *extra):
+    return cli(["pretrain-llm", "--data", str(world), "--out", str(out), "--question-batch-size", "8",
+                "--record-batch-size", "4", "--threads", "1", "--eval-records", "3", *extra])  # fmt: skip
+
+
+def test_object_features_encode_each_object():
+    rows = object_features(OBJECTS)
+    assert rows.shape == (2, SCENE_FEATURES)
+    star, ring = rows
+    assert star[SHAPES.index("star")] == 1 and star[:6].sum() == 1
+    assert star[6 + COLOR_NAMES.index("red")] == 1 and ring[6 + COLOR_NAMES.index("cyan")] == 1
+    assert star[6:14].sum() == 1 and ring[6:14].sum() == 1
+    # Left/top flags: the star is on the left and at the bottom, the ring on the right and at the top.
+    assert star[17:19].tolist() == [1.0, 0.0] and ring[17:19].tolist() == [0.0, 1.0]
+
+
+def test_scene_tokens_pad_shuffle_and_reject_crowded_scenes():
+    a = scene_tokens(OBJECTS, 5, torch.Generator().manual_seed(1))
+    b = scene_tokens(OBJECTS, 5, torch.Generator().manual_seed(1))
+    assert a.shape == (5, SCENE_FEATURES) and torch.equal(a, b)
+    assert int(a[:, -1].sum()) == 3  # three empty tokens
+    objects = a[a[:, -1] == 0]
+    assert sorted(map(tuple, objects.tolist())) == sorted(map(tuple, object_features(OBJECTS).tolist()))
+    orders = {tuple(scene_tokens(OBJECTS, 5, torch.Generator().manual_seed(s))[:, -1].tolist()) for s in range(20)}
+    assert len(orders) > 1, "the empty tokens always sit at the same places"
+    with pytest.raises(ValueError, match="images/x.png has 2 objects, more than the 1 scene tokens"):
+        scene_tokens(OBJECTS, 1, torch.Generator(), "images/x.png")
+    with pytest.raises(ValueError, match="images/y.png: object 0"):
+        object_features([{**OBJECTS[0], "shape": "hexagon"}], "images/y.png")
+
+
+def test_turn_types_single_questions_and_answer_spans():
+    record = {
+        "id": "r1",
+        "image": "images/0.png",
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat colour is the star?"},
+            {"from": "gpt", "value": "red"},
+            {"from": "human", "value": "Is there a cyan ring in the image?"},
+            {"from": "gpt", "value": "yes"},
+        ],
+        "qa_meta": [{"type": "color"}, {"type": "existence"}],
+    }
+    assert turn_types(record) == ["color", "existence"]
+    singles = split_questions(record)
+    assert [s["id"] for s in singles] == ["r1#0", "r1#1"] and [turn_types(s) for s in singles] == [
+        ["color"],
+        ["existence"],
+    ]
+    assert all(s["image"] == "images/0.png" for s in singles)
+    assert singles[1]["conversations"] == [
+        {"from": "human", "value": "<image>\nIs there a cyan ring in the image?"},
+        {"from": "gpt", "value": "yes"},
+    ]
+    assert turn_types({"id": "t", "conversations": record["conversations"][2:]}) == ["text"]
+    labels = torch.tensor([-100, -100, 7, 2, -100, -100, 9, 9, 2, -100])
+    assert answer_spans(labels) == [slice(2, 4), slice(6, 9)]
+    assert answer_spans(torch.tensor([5, -100, 6])) == [slice(0, 1), slice(2, 3)]
+
+
+def test_batches_widen_the_placeholder_to_the_most_objects(world):
+    llm, tokenizer = load_llm("tiny-llama", world)
+    data = SceneRecords(world, "test", tokenizer, "chat_template")
+    image_items = [i for i, item in enumerate(data.items) if item["objects"] is not None]
+    sizes = {i: len(data.items[i]["objects"]) for i in image_items}
+    pair = [min(sizes, key=sizes.get), max(sizes, key=sizes.get)]
+    assert sizes[pair[0]] < sizes[pair[1]], "the test world needs scenes of different sizes"
+    collator = DataCollatorForLlava(tokenizer)
+    batch = data.batch(pair, collator, seed=0)
+    width = sizes[pair[1]]
+    assert batch["scene_tokens"].shape == (2, width, SCENE_FEATURES)
+    # The smaller scene is padded with empty tokens (last feature), the larger one is not.
+    assert batch["scene_tokens"][:, :, -1].sum(-1).tolist() == [width - sizes[pair[0]], 0]
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    assert ((batch["input_ids"] == image_id).sum(-1) == width).all()
+    assert (batch["labels"][batch["input_ids"] == image_id] == -100).all()
+    for row, i in enumerate(pair):  # the text around the placeholders is unchanged
+        kept = batch["input_ids"][row][batch["attention_mask"][row].bool()]
+        original = data.items[i]["input_ids"]
+        assert torch.equal(kept[kept != image_id], original[original != image_id])
+
+    projector = scene_projector(llm.config.hidden_size)
+    llm.eval()
+    with torch.no_grad():
+        logits = scene_forward(llm, projector, batch, image_id).logits
+        changed = scene_forward(
+            llm, projector, dict(batch, scene_tokens=torch.ones_like(batch["scene_tokens"])), image_id
+        )
+    first = int((batch["input_ids"][0] == image_id).nonzero()[0])
+    assert torch.allclose(logits[0, :first], changed.logits[0, :first])  # before the image: causal, untouched
+    assert not torch.allclose(logits[0, -1], changed.logits[0, -1])  # after it: reads the scene tokens
+
+
+def test_pretrain_llm_runs_resumes_exactly_and_feeds_build_vlm(world, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    steps = ["--question-steps", "2", "--record-steps", "2", "--eval-every", "1"]
+    assert run(world, straight, *steps) == 0
+    assert run(world, resumed, *steps) == 0
+    shutil.rmtree(resumed / "checkpoints" / "step_00000004")
+    shutil.rmtree(resumed / "checkpoints" / "step_00000003")  # resume in phase 2's first step: from step 2
+    assert run(world, resumed, *steps, "--resume") == 0
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    report = json.loads((straight / "scene_pretrain.json").read_text())
+    assert report["steps"] == 4 and [e["step"] for e in report["evals"]] == [1, 2, 3, 4]
+    assert report["train_questions"] > report["train_records"]
+    assert set(report["final"]["by_type"]) <= {"color", "count", "existence", "largest", "position", "text"}
+    tokenizer = AutoTokenizer.from_pretrained(straight)
+    answers = sum(len(item["types"]) for item in SceneRecords(world, "test", tokenizer, "chat_template").items[:3])
+    assert report["final"]["answers"] == answers
+    table = (straight / "scene_pretrain.md").read_text()
+    assert "| 2 |" in table and table.count("| 4 |") == 1 and "2 steps of 8 single questions, then 2 of 4" in table
+
+    llm = AutoModelForCausalLM.from_pretrained(straight)
+    vlm = build_vlm(mllm_sparse.create_model("test_sparseformer_btsp"), llm, tokenizer).eval()
+    torch.testing.assert_close(vlm.get_input_embeddings().weight, llm.get_input_embeddings().weight)
+    ids = tokenizer("What colour is the star?", return_tensors="pt").input_ids
+    assert vlm(input_ids=ids).logits.shape == (1, ids.shape[1], len(tokenizer))
+
+
+def test_bad_worlds_fail_clearly(world, tmp_path, capsys):
+    assert cli(["pretrain-llm", "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "is not a synthetic world (no scenes.jsonl)" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    shutil.copytree(world, broken, ignore=shutil.ignore_patterns("images"))
+    scenes = (broken / "scenes.jsonl").read_text().splitlines()
+    (broken / "scenes.jsonl").write_text("\n".join(scenes[1:]) + "\n")  # the first image loses its scene
+    _, tokenizer = load_llm("tiny-llama", broken)
+    with pytest.raises(RecordError, match=r"synth-0000000.*of .*llava_train.json.*images/0000000.png is not in scenes"):
+        SceneRecords(broken, "train", tokenizer, "chat_template", 16)
