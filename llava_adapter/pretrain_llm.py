@@ -240,7 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup-steps", type=int, default=100, help="per phase; each phase then decays to 0 (cosine)")
     p.add_argument("--eval-every", type=int, default=500, help="test accuracy and a checkpoint every this many steps")
-    p.add_argument("--eval-records", type=int, default=500, help="test records scored (the first ones)")
+    p.add_argument(
+        "--eval-records", type=int, default=500, help="test records scored (phase 1: that many single questions)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT/checkpoints")
@@ -277,7 +279,12 @@ def main(argv: list[str] | None = None) -> int:
         "questions": SceneRecords(args.data, "train", tokenizer, args.template, single_questions=True),
         "records": SceneRecords(args.data, "train", tokenizer, args.template),
     }
-    test = SceneRecords(args.data, "test", tokenizer, args.template, limit=args.eval_records)
+    test = {  # each phase is scored in its own format: a single-question LLM is lost in a conversation
+        "questions": SceneRecords(
+            args.data, "test", tokenizer, args.template, single_questions=True, limit=args.eval_records
+        ),
+        "records": SceneRecords(args.data, "test", tokenizer, args.template, limit=args.eval_records),
+    }
     for phase, (steps, size) in phases.items():
         if steps and len(train[phase]) < size:
             raise ValueError(f"--{phase[:-1]}-batch-size {size} exceeds the {len(train[phase])} training {phase}")
@@ -338,9 +345,10 @@ def main(argv: list[str] | None = None) -> int:
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if args.eval_every and state["step"] % args.eval_every == 0:
-            result = evaluate(model, projector, test, collator, image_token_id)
-            state["evals"].append({"step": state["step"], **result})
-            bar.write(f"step {state['step']}: test accuracy {result['accuracy']}% {result['by_type']}")
+            scored_on = state["phase"]
+            result = evaluate(model, projector, test[scored_on], collator, image_token_id)
+            state["evals"].append({"step": state["step"], "on": scored_on, **result})
+            bar.write(f"step {state['step']}: test accuracy ({scored_on}) {result['accuracy']}% {result['by_type']}")
             state["seconds"] += time.perf_counter() - start
             start = time.perf_counter()
             checkpoint_now()
@@ -348,10 +356,10 @@ def main(argv: list[str] | None = None) -> int:
     state["seconds"] += time.perf_counter() - start
 
     evals = state["evals"]
-    if evals and evals[-1]["step"] == state["step"]:
-        final = {k: v for k, v in evals[-1].items() if k != "step"}
+    if evals and evals[-1]["step"] == state["step"] and evals[-1]["on"] == "records":
+        final = {k: v for k, v in evals[-1].items() if k not in ("step", "on")}
     else:
-        final = evaluate(model, projector, test, collator, image_token_id)
+        final = evaluate(model, projector, test["records"], collator, image_token_id)
         checkpoint_now()
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out)
@@ -392,13 +400,14 @@ def to_markdown(report: Mapping) -> str:
         f"{report['train_seconds']} s. Scored on {report['final']['answers']} answers of the test records, scene "
         "tokens (one per object) in place of the images, answers teacher-forced.",
         "",
-        "| step | overall | " + " | ".join(types) + " |",
-        "|---:|---:|" + "---:|" * len(types),
+        "| step | scored on | overall | " + " | ".join(types) + " |",
+        "|---:|---|---:|" + "---:|" * len(types),
     ]
     rows = report["evals"]
     if not rows or rows[-1]["step"] != report["steps"]:
-        rows = [*rows, {"step": report["steps"], **report["final"]}]
+        rows = [*rows, {"step": report["steps"], "on": "records", **report["final"]}]
     for row in rows:
         cells = [f"{row['by_type'].get(t, float('nan')):.1f}%" for t in types]
-        lines.append(f"| {row['step']} | {row['accuracy']:.1f}% | " + " | ".join(cells) + " |")
+        on = "single questions" if row["on"] == "questions" else "records"
+        lines.append(f"| {row['step']} | {on} | {row['accuracy']:.1f}% | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -148,13 +148,18 @@ def test_pretrain_llm_runs_resumes_exactly_and_feeds_build_vlm(world, tmp_path):
 
     report = json.loads((straight / "scene_pretrain.json").read_text())
     assert report["steps"] == 4 and [e["step"] for e in report["evals"]] == [1, 2, 3, 4]
+    assert [e["on"] for e in report["evals"]] == ["questions", "questions", "records", "records"]
     assert report["train_questions"] > report["train_records"]
     assert set(report["final"]["by_type"]) <= {"color", "count", "existence", "largest", "position", "text"}
     tokenizer = AutoTokenizer.from_pretrained(straight)
     answers = sum(len(item["types"]) for item in SceneRecords(world, "test", tokenizer, "chat_template").items[:3])
     assert report["final"]["answers"] == answers
     table = (straight / "scene_pretrain.md").read_text()
-    assert "| 2 |" in table and table.count("| 4 |") == 1 and "2 steps of 8 single questions, then 2 of 4" in table
+    assert (
+        "| 2 | single questions |" in table
+        and table.count("| 4 | records |") == 1
+        and "2 steps of 8 single questions, then 2 of 4" in table
+    )
 
     llm = AutoModelForCausalLM.from_pretrained(straight)
     vlm = build_vlm(mllm_sparse.create_model("test_sparseformer_btsp"), llm, tokenizer).eval()
