@@ -92,6 +92,16 @@ def split_questions(record: Mapping) -> list[dict]:
     return singles
 
 
+def read_scenes(world: Path) -> dict[str, list]:
+    """`scenes.jsonl` of a world: image path → its objects."""
+    scenes: dict[str, list] = {}
+    for number, row in enumerate(read_jsonl(world / "scenes.jsonl"), start=1):
+        if not isinstance(row, dict) or "image" not in row or "objects" not in row:
+            raise ValueError(f"{world / 'scenes.jsonl'} line {number}: expected an object with image and objects")
+        scenes[row["image"]] = row["objects"]
+    return scenes
+
+
 class SceneRecords:
     """The records of a world's `llava_{split}.json`, encoded once, with their scenes' objects.
 
@@ -100,7 +110,8 @@ class SceneRecords:
         split: train, val or test.
         tokenizer: the LLM's tokenizer, knowing `<image>`.
         template: one of `TEMPLATES` (the one VLM training will use).
-        single_questions: one item per question and answer (`single_questions`) instead of one per record.
+        scenes: the world's `read_scenes`.
+        single_questions: one item per question and answer (`split_questions`) instead of one per record.
         limit: keep only the first this many records.
     """
 
@@ -110,14 +121,10 @@ class SceneRecords:
         split: str,
         tokenizer: PreTrainedTokenizerBase,
         template: str,
+        scenes: Mapping[str, list],
         single_questions: bool = False,
         limit: int | None = None,
     ):
-        scenes: dict[str, list] = {}
-        for number, row in enumerate(read_jsonl(world / "scenes.jsonl"), start=1):
-            if not isinstance(row, dict) or "image" not in row or "objects" not in row:
-                raise ValueError(f"{world / 'scenes.jsonl'} line {number}: expected an object with image and objects")
-            scenes[row["image"]] = row["objects"]
         data = world / f"llava_{split}.json"
         records = read_json(data)
         if not isinstance(records, list):
@@ -275,16 +282,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     projector = scene_projector(model.config.hidden_size)
     collator = DataCollatorForLlava(tokenizer)
-    train = {
-        "questions": SceneRecords(args.data, "train", tokenizer, args.template, single_questions=True),
-        "records": SceneRecords(args.data, "train", tokenizer, args.template),
-    }
-    test = {  # each phase is scored in its own format: a single-question LLM is lost in a conversation
-        "questions": SceneRecords(
-            args.data, "test", tokenizer, args.template, single_questions=True, limit=args.eval_records
-        ),
-        "records": SceneRecords(args.data, "test", tokenizer, args.template, limit=args.eval_records),
-    }
+    scenes = read_scenes(args.data)
+
+    def records(split: str, single_questions: bool, limit: int | None = None) -> SceneRecords:
+        return SceneRecords(args.data, split, tokenizer, args.template, scenes, single_questions, limit)
+
+    train = {"questions": records("train", True), "records": records("train", False)}
+    # Each phase is scored in its own format: a single-question LLM is lost in a conversation.
+    test = {"questions": records("test", True, args.eval_records), "records": records("test", False, args.eval_records)}
     for phase, (steps, size) in phases.items():
         if steps and len(train[phase]) < size:
             raise ValueError(f"--{phase[:-1]}-batch-size {size} exceeds the {len(train[phase])} training {phase}")
@@ -319,13 +324,15 @@ def main(argv: list[str] | None = None) -> int:
 
     model.train()
     start = time.perf_counter()
+    order, order_key = None, None
     bar = tqdm(total=total_steps, initial=state["step"], unit="step", desc="pretrain-llm")
     while state["step"] < total_steps:
         phase = "questions" if state["step"] < args.question_steps else "records"
         if phase != state["phase"]:
             state["phase"], state["epoch"], state["position"] = phase, 0, 0
         data, size = train[phase], phases[phase][1]
-        order = epoch_order(len(data), args.seed, state["epoch"])
+        if order_key != (phase, state["epoch"]):
+            order, order_key = epoch_order(len(data), args.seed, state["epoch"]), (phase, state["epoch"])
         if state["position"] + size > len(order):
             state["epoch"], state["position"] = state["epoch"] + 1, 0
             continue
@@ -404,7 +411,7 @@ def to_markdown(report: Mapping) -> str:
         "|---:|---|---:|" + "---:|" * len(types),
     ]
     rows = report["evals"]
-    if not rows or rows[-1]["step"] != report["steps"]:
+    if not rows or (rows[-1]["step"], rows[-1]["on"]) != (report["steps"], "records"):
         rows = [*rows, {"step": report["steps"], "on": "records", **report["final"]}]
     for row in rows:
         cells = [f"{row['by_type'].get(t, float('nan')):.1f}%" for t in types]

@@ -19,6 +19,7 @@ from llava_adapter.modeling import build_vlm
 from llava_adapter.pretrain_llm import (
     SceneRecords,
     answer_spans,
+    read_scenes,
     scene_forward,
     scene_projector,
     split_questions,
@@ -104,7 +105,7 @@ def test_turn_types_single_questions_and_answer_spans():
 
 def test_batches_widen_the_placeholder_to_the_most_objects(world):
     llm, tokenizer = load_llm("tiny-llama", world)
-    data = SceneRecords(world, "test", tokenizer, "chat_template")
+    data = SceneRecords(world, "test", tokenizer, "chat_template", read_scenes(world))
     image_items = [i for i, item in enumerate(data.items) if item["objects"] is not None]
     sizes = {i: len(data.items[i]["objects"]) for i in image_items}
     pair = [min(sizes, key=sizes.get), max(sizes, key=sizes.get)]
@@ -152,7 +153,10 @@ def test_pretrain_llm_runs_resumes_exactly_and_feeds_build_vlm(world, tmp_path):
     assert report["train_questions"] > report["train_records"]
     assert set(report["final"]["by_type"]) <= {"color", "count", "existence", "largest", "position", "text"}
     tokenizer = AutoTokenizer.from_pretrained(straight)
-    answers = sum(len(item["types"]) for item in SceneRecords(world, "test", tokenizer, "chat_template").items[:3])
+    answers = sum(
+        len(item["types"])
+        for item in SceneRecords(world, "test", tokenizer, "chat_template", read_scenes(world)).items[:3]
+    )
     assert report["final"]["answers"] == answers
     table = (straight / "scene_pretrain.md").read_text()
     assert (
@@ -177,4 +181,4 @@ def test_bad_worlds_fail_clearly(world, tmp_path, capsys):
     (broken / "scenes.jsonl").write_text("\n".join(scenes[1:]) + "\n")  # the first image loses its scene
     _, tokenizer = load_llm("tiny-llama", broken)
     with pytest.raises(RecordError, match=r"synth-0000000.*of .*llava_train.json.*images/0000000.png is not in scenes"):
-        SceneRecords(broken, "train", tokenizer, "chat_template", 16)
+        SceneRecords(broken, "train", tokenizer, "chat_template", read_scenes(broken))
