@@ -98,24 +98,25 @@ def build_arm(args, tower_args: list[str], base: Path) -> None:
         )  # fmt: skip
 
 
-def train_arm(args, name: str, tower_args: list[str]) -> dict:
-    work = args.work / name
-    work.mkdir(parents=True, exist_ok=True)
-    base, model, evaluation = work / "base", work / "model", work / "eval"
-    build_arm(args, tower_args, base)
-    train_s = None
-    if not (model / "config.json").is_file():
-        train_s = run(
-            [sys.executable, "scripts/train_vlm.py", "--model_name_or_path", str(base),
+def train_stage(args, start: Path, out: Path, log: Path, epochs: float, lr: float, projector_lr: float) -> None:
+    """`scripts/train_vlm.py` from the model in `start` into `out` (unless there): `lr` for the LLM, `projector_lr`
+    for the projector, the tower frozen."""
+    if not (out / "config.json").is_file():
+        run(
+            [sys.executable, "scripts/train_vlm.py", "--model_name_or_path", str(start),
              "--data_path", str(args.world / "llava_train.json"), "--image_folder", str(args.world),
-             "--version", "chat_template", "--output_dir", str(model), "--num_train_epochs", str(args.epochs),
-             "--per_device_train_batch_size", str(args.batch_size), "--learning_rate", str(args.lr),
-             "--mm_projector_lr", str(args.projector_lr),
+             "--version", "chat_template", "--output_dir", str(out), "--num_train_epochs", str(epochs),
+             "--per_device_train_batch_size", str(args.batch_size), "--learning_rate", str(lr),
+             "--mm_projector_lr", str(projector_lr),
              "--lr_scheduler_type", "cosine", "--warmup_steps", "0.03", "--weight_decay", "0.0",
              "--logging_steps", "50", "--save_strategy", "no", "--report_to", "none", "--seed", "0",
              "--model_max_length", "512", "--dataloader_num_workers", "0"],
-            work / "train.log",
+            log,
         )  # fmt: skip
+
+
+def evaluate_stage(args, model: Path, evaluation: Path, log: Path, train_log: Path) -> dict:
+    """`mllm-sparse eval-vlm` of `model` on the test split (unless done), summarised with its training run."""
     if not (evaluation / "eval_vlm.json").is_file():
         limit = ["--limit", str(args.eval_limit)] if args.eval_limit else []
         run(
@@ -123,21 +124,42 @@ def train_arm(args, name: str, tower_args: list[str]) -> dict:
              "--data", str(args.world / "llava_test.json"), "--image_folder", str(args.world),
              "--template", "chat_template", "--batch-size", "32", "--max-new-tokens", "8", "--out", str(evaluation),
              "--no-progress", *limit],
-            work / "eval.log",
+            log,
         )  # fmt: skip
     report = json.loads((evaluation / "eval_vlm.json").read_text())
     config = json.loads((model / "config.json").read_text())
-    # The Trainer's closing summary line, e.g. {'train_runtime': '20.61', ..., 'train_loss': '3.513', ...}
-    summary = re.findall(r"'train_loss': '?([0-9.]+)", (work / "train.log").read_text())
+    # The Trainer's closing summary line, e.g. {'train_runtime': '20.61', ..., 'train_loss': '3.513', ...}: read from
+    # the log so that an arm trained by an earlier run still reports its time
+    text = train_log.read_text()
+    runtime = re.findall(r"'train_runtime': '?([0-9.]+)", text)
+    loss = re.findall(r"'train_loss': '?([0-9.]+)", text)
     return {
         "image_tokens": config["image_seq_length"],
-        "train_seconds": train_s,
+        "train_seconds": float(runtime[-1]) if runtime else None,
         "accuracy": report["accuracy"],
         "by_type": {k: v["accuracy"] for k, v in report["by_type"].items()},
         "by_target_size": {k: v["accuracy"] for k, v in report["by_target_size"].items()},
         "questions": report["num_answers"],
-        "mean_train_loss": float(summary[-1]) if summary else None,
+        "mean_train_loss": float(loss[-1]) if loss else None,
     }
+
+
+def train_arm(args, name: str, tower_args: list[str]) -> dict:
+    """Build, train and score one arm: stage 1 (LLM at `--lr`, by default frozen), then, with `--stage2-epochs`,
+    stage 2 from the stage-1 model (LLM and projector at `--stage2-lr`). The result is the last stage's score, with
+    stage 1's under "stage1" when there is a stage 2."""
+    work = args.work / name
+    work.mkdir(parents=True, exist_ok=True)
+    base, model = work / "base", work / "model"
+    build_arm(args, tower_args, base)
+    train_stage(args, base, model, work / "train.log", args.epochs, args.lr, args.projector_lr)
+    stage1 = evaluate_stage(args, model, work / "eval", work / "eval.log", work / "train.log")
+    if not args.stage2_epochs:
+        return stage1
+    stage2_model, stage2_log = work / "model_stage2", work / "train_stage2.log"
+    train_stage(args, model, stage2_model, stage2_log, args.stage2_epochs, args.stage2_lr, args.stage2_lr)
+    stage2 = evaluate_stage(args, stage2_model, work / "eval_stage2", work / "eval_stage2.log", stage2_log)
+    return stage2 | {"train_seconds": (stage1["train_seconds"] or 0) + (stage2["train_seconds"] or 0), "stage1": stage1}
 
 
 def question_text(turn: str) -> str:
@@ -176,7 +198,8 @@ def time_side_by_side(args, names: list[str]) -> dict:
     from llava_adapter.chat import ChatEngine
 
     torch.set_num_threads(args.threads)
-    engines = {n: ChatEngine.from_pretrained(args.work / n / "model", template="chat_template") for n in names}
+    final = "model_stage2" if args.stage2_epochs else "model"
+    engines = {n: ChatEngine.from_pretrained(args.work / n / final, template="chat_template") for n in names}
     records = [r for r in read_json(args.world / "llava_test.json") if "image" in r][: args.timing_questions]
     samples: dict[str, dict[str, list[float]]] = {n: {"encode": [], "prefill": [], "ttft": []} for n in names}
     for warm in (True, False):
@@ -211,26 +234,50 @@ def llm_origin(llm: str) -> str:
 def to_markdown(report: dict) -> str:
     results, timing = report["arms"], report["timing"]
     types = sorted({t for r in results.values() for t in r["by_type"]})
-    base = results["vit"]["accuracy"]
+    sizes = ("small", "medium", "large")
+    base, prior = results["vit"]["accuracy"], report["blind"]["accuracy"]
+    staged = report.get("stage2_epochs")  # the rows then hold stage 2's scores, with stage 1's in a column
+
+    def percent(x: float | None) -> str:
+        return "n/a" if x is None else f"{x * 100:.1f}%"
+
+    def gain(accuracy: float) -> str:
+        """The arm's gain over the question-only prior as a share of (a)'s gain (n/a if (a) gains nothing)."""
+        return f"{(accuracy - prior) / (base - prior) * 100:.0f}%" if base > prior else "n/a"
+
     lines = [
         "# LLaVA pipeline on the synthetic world",
         "",
         f"Machine: {report['machine']}. LLM `{report['llm']}` ({report['llm_origin']}), {report['epochs']} epoch(s) of "
         f"`llava_train.json`, batch {report['batch_size']}, LLM lr {report['lr']} (0: frozen), projector lr "
-        f"{report.get('projector_lr', report['lr'])}; the tower frozen. "
-        f"Test questions: {results['vit']['questions']}.",
+        f"{report.get('projector_lr', report['lr'])}; "
+        + (
+            f"then stage 2: {staged} epoch(s) from that model, LLM and projector at lr {report['stage2_lr']}; "
+            if staged
+            else ""
+        )
+        + "the tower frozen. "
+        f"Test questions: {results['vit']['questions']}. *vs (a)*: accuracy as a share of (a)'s; *gain vs (a)*: the "
+        "gain over the question-only prior as a share of (a)'s gain. Last columns: accuracy by the size of the object "
+        "a question asks about.",
         "",
-        "| arm | image tokens | accuracy | vs (a) | " + " | ".join(types) + " | small objects | train s |",
-        "|---|---:|---:|---:|" + "---:|" * len(types) + "---:|---:|",
+        "| arm | image tokens | accuracy | "
+        + ("stage 1 | " if staged else "")
+        + "vs (a) | gain vs (a) | "
+        + " | ".join(types + [f"{s} objects" for s in sizes])
+        + " | train s |",
+        "|---|---:|---:|" + ("---:|" if staged else "") + "---:|---:|" + "---:|" * (len(types) + len(sizes)) + "---:|",
     ]
     for name, r in {"question-only prior": report["blind"], **results}.items():
-        small = r["by_target_size"].get("small")
         lines.append(
-            f"| {name} | {r['image_tokens']} | **{r['accuracy'] * 100:.1f}%** | "
+            f"| {name} | {r['image_tokens']} | **{percent(r['accuracy'])}** | "
+            + (f"{percent(r['stage1']['accuracy']) if 'stage1' in r else 'n/a'} | " if staged else "")
             + (f"{r['accuracy'] / base * 100:.0f}%" if base else "n/a")
+            + f" | {gain(r['accuracy'])} | "
+            + " | ".join(percent(r["by_type"].get(t)) for t in types)
             + " | "
-            + " | ".join(f"{r['by_type'].get(t, float('nan')) * 100:.1f}%" for t in types)
-            + f" | {'n/a' if small is None else f'{small * 100:.1f}%'} | "
+            + " | ".join(percent(r["by_target_size"].get(s)) for s in sizes)
+            + " | "
             + ("n/a" if r["train_seconds"] is None else f"{r['train_seconds']:.0f}")
             + " |"
         )
@@ -263,6 +310,13 @@ def main(argv: list[str] | None = None) -> int:
         "use 2e-3 with --llm tiny-llama",
     )
     parser.add_argument("--projector-lr", type=float, default=2e-3)
+    parser.add_argument(
+        "--stage2-epochs",
+        type=float,
+        default=0.0,
+        help="epochs of a stage 2 from each stage-1 model, LLM and projector trained (LLaVA's fine-tuning); 0: none",
+    )
+    parser.add_argument("--stage2-lr", type=float, default=2e-4, help="stage 2's learning rate, LLM and projector")
     parser.add_argument("--eval-limit", type=int, help="score only the first N test records")
     parser.add_argument("--timing-questions", type=int, default=32)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -285,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": args.batch_size,
         "lr": args.lr,
         "projector_lr": args.projector_lr,
+        "stage2_epochs": args.stage2_epochs,
+        "stage2_lr": args.stage2_lr,
         "teacher": str(args.teacher),
         "arms": results,
         "blind": blind_baseline(
