@@ -162,6 +162,25 @@ def train_arm(args, name: str, tower_args: list[str]) -> dict:
     return stage2 | {"train_seconds": (stage1["train_seconds"] or 0) + (stage2["train_seconds"] or 0), "stage1": stage1}
 
 
+def paired_comparisons(args, names: list[str], evaluation: str) -> list[dict]:
+    """Each SparseFormer arm against the pooled arm of the same N and against (a), and each pooled arm against (a):
+    accuracy differences on the same answers with a 95% cluster-bootstrap interval over test records."""
+    from llava_adapter.compare import paired_difference
+
+    def predictions(name: str) -> list[dict]:
+        return json.loads((args.work / name / evaluation / "eval_vlm.json").read_text())["predictions"]
+
+    pairs = []
+    for name in names:
+        if name.startswith("sparseformer-"):
+            pooled = name.replace("sparseformer-", "pooled-")
+            pairs += [(name, pooled)] if pooled in names else []
+            pairs.append((name, "vit"))
+        elif name.startswith("pooled-"):
+            pairs.append((name, "vit"))
+    return [{"a": a, "b": b, **paired_difference(predictions(a), predictions(b))} for a, b in pairs]
+
+
 def question_text(turn: str) -> str:
     return turn.replace("<image>", "").strip()
 
@@ -231,47 +250,32 @@ def llm_origin(llm: str) -> str:
     return "pretrained"
 
 
-def to_markdown(report: dict) -> str:
-    results, timing = report["arms"], report["timing"]
-    types = sorted({t for r in results.values() for t in r["by_type"]})
+def score_table(prior: dict, arms: dict[str, dict]) -> list[str]:
+    """Markdown rows scoring the arms (first the question-only prior), with (a) `vit` as the reference."""
+    types = sorted({t for r in arms.values() for t in r["by_type"]})
     sizes = ("small", "medium", "large")
-    base, prior = results["vit"]["accuracy"], report["blind"]["accuracy"]
-    staged = report.get("stage2_epochs")  # the rows then hold stage 2's scores, with stage 1's in a column
+    base = arms["vit"]["accuracy"]
 
     def percent(x: float | None) -> str:
         return "n/a" if x is None else f"{x * 100:.1f}%"
 
     def gain(accuracy: float) -> str:
         """The arm's gain over the question-only prior as a share of (a)'s gain (n/a if (a) gains nothing)."""
-        return f"{(accuracy - prior) / (base - prior) * 100:.0f}%" if base > prior else "n/a"
+        return (
+            f"{(accuracy - prior['accuracy']) / (base - prior['accuracy']) * 100:.0f}%"
+            if base > prior["accuracy"]
+            else "n/a"
+        )
 
     lines = [
-        "# LLaVA pipeline on the synthetic world",
-        "",
-        f"Machine: {report['machine']}. LLM `{report['llm']}` ({report['llm_origin']}), {report['epochs']} epoch(s) of "
-        f"`llava_train.json`, batch {report['batch_size']}, LLM lr {report['lr']} (0: frozen), projector lr "
-        f"{report.get('projector_lr', report['lr'])}; "
-        + (
-            f"then stage 2: {staged} epoch(s) from that model, LLM and projector at lr {report['stage2_lr']}; "
-            if staged
-            else ""
-        )
-        + "the tower frozen. "
-        f"Test questions: {results['vit']['questions']}. *vs (a)*: accuracy as a share of (a)'s; *gain vs (a)*: the "
-        "gain over the question-only prior as a share of (a)'s gain. Last columns: accuracy by the size of the object "
-        "a question asks about.",
-        "",
-        "| arm | image tokens | accuracy | "
-        + ("stage 1 | " if staged else "")
-        + "vs (a) | gain vs (a) | "
+        "| arm | image tokens | accuracy | vs (a) | gain vs (a) | "
         + " | ".join(types + [f"{s} objects" for s in sizes])
         + " | train s |",
-        "|---|---:|---:|" + ("---:|" if staged else "") + "---:|---:|" + "---:|" * (len(types) + len(sizes)) + "---:|",
+        "|---|---:|---:|---:|---:|" + "---:|" * (len(types) + len(sizes)) + "---:|",
     ]
-    for name, r in {"question-only prior": report["blind"], **results}.items():
+    for name, r in {"question-only prior": prior, **arms}.items():
         lines.append(
             f"| {name} | {r['image_tokens']} | **{percent(r['accuracy'])}** | "
-            + (f"{percent(r['stage1']['accuracy']) if 'stage1' in r else 'n/a'} | " if staged else "")
             + (f"{r['accuracy'] / base * 100:.0f}%" if base else "n/a")
             + f" | {gain(r['accuracy'])} | "
             + " | ".join(percent(r["by_type"].get(t)) for t in types)
@@ -281,6 +285,57 @@ def to_markdown(report: dict) -> str:
             + ("n/a" if r["train_seconds"] is None else f"{r['train_seconds']:.0f}")
             + " |"
         )
+    return lines
+
+
+def paired_table(pairs: list[dict]) -> list[str]:
+    """Markdown rows of `paired_comparisons`."""
+    lines = [
+        "| a | b | a − b | 95% interval | only a right | only b right |",
+        "|---|---|---:|---|---:|---:|",
+    ]
+    for p in pairs:
+        verdict = "a better" if p["low"] > 0 else "b better" if p["high"] < 0 else "no clear difference"
+        lines.append(
+            f"| {p['a']} | {p['b']} | {p['difference'] * 100:+.1f} pt | [{p['low'] * 100:+.1f}, {p['high'] * 100:+.1f}]"
+            f" ({verdict}) | {p['a_only']} | {p['b_only']} |"
+        )
+    return lines
+
+
+def to_markdown(report: dict) -> str:
+    results, timing = report["arms"], report["timing"]
+    staged = report.get("stage2_epochs")
+    lines = [
+        "# LLaVA pipeline on the synthetic world",
+        "",
+        f"Machine: {report['machine']}. LLM `{report['llm']}` ({report['llm_origin']}). Stage 1: {report['epochs']} "
+        f"epoch(s) of `llava_train.json`, batch {report['batch_size']}, LLM lr {report['lr']} (0: frozen), projector "
+        f"lr {report['projector_lr']}"
+        + (
+            f"; stage 2: {staged} epoch(s) from each stage-1 model, LLM and projector at lr {report['stage2_lr']}"
+            if staged
+            else ""
+        )
+        + f"; the tower frozen. Test questions: {results['vit']['questions']}. *vs (a)*: accuracy as a share of "
+        "(a)'s; *gain vs (a)*: the gain over the question-only prior as a share of (a)'s gain. Last columns: accuracy "
+        "by the size of the object a question asks about.",
+        "",
+    ]
+    if staged:
+        lines += ["## After stage 2 (train s: both stages)", "", *score_table(report["blind"], results), ""]
+        lines += ["## After stage 1", "", *score_table(report["blind"], {n: r["stage1"] for n, r in results.items()})]
+    else:
+        lines += score_table(report["blind"], results)
+    lines += [
+        "",
+        f"## Paired differences{' after stage 2' if staged else ''} (same answers; 95% interval of a cluster bootstrap "
+        "over test records, `llava_adapter.compare`)",
+        "",
+        *paired_table(report["paired"]),
+    ]
+    if staged:
+        lines += ["", "## Paired differences after stage 1", "", *paired_table(report["paired_stage1"])]
     vit = timing["vit"]
     lines += [
         "",
@@ -347,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
             args.world / "llava_train.json",
             json.loads((args.work / "vit" / "eval" / "eval_vlm.json").read_text())["predictions"],
         ),
+        "paired": paired_comparisons(args, list(results), "eval_stage2" if args.stage2_epochs else "eval"),
+        "paired_stage1": paired_comparisons(args, list(results), "eval") if args.stage2_epochs else None,
         "timing": time_side_by_side(args, list(results)),
     }
     write_results(args.out_dir, "vlm_synthetic", report, to_markdown(report))

@@ -1,0 +1,69 @@
+"""Is one model better than another on the same test questions? A paired bootstrap over test records.
+
+Two `eval-vlm` runs on the same data score the same questions, so their accuracies are compared question by question
+(paired), not as two independent proportions. A record's turns share one image and are not independent, so the
+bootstrap resamples whole records (a cluster bootstrap): each draw takes `len(records)` records with replacement and
+recomputes the accuracy difference over all their answers.
+
+    from llava_adapter.compare import paired_difference
+    paired_difference(report_a["predictions"], report_b["predictions"])  # {"difference": 0.010, "low": -0.008, ...}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+
+def answer_key(prediction: Mapping) -> tuple[str, int]:
+    """A scored answer's identity across runs: (record id, turn)."""
+    return str(prediction["id"]), int(prediction["turn"])
+
+
+def paired_difference(
+    a: Sequence[Mapping], b: Sequence[Mapping], samples: int = 2000, level: float = 0.95, seed: int = 0
+) -> dict[str, float | int]:
+    """Accuracy of run `a` minus that of run `b` on the same answers, with a cluster-bootstrap confidence interval.
+
+    Args:
+        a, b: the `predictions` of two `eval-vlm` reports (each with `id`, `turn`, `correct`), the same answers.
+        samples: bootstrap draws; level: the interval's coverage; seed: the draws' seed.
+    Returns:
+        difference (a − b, as a fraction), low / high (the interval), answers, records, and a_only / b_only (answers
+        only one of the two got right).
+    Raises:
+        ValueError: the two runs scored different answers (the first missing one is named) or nothing.
+    """
+    correct_a = {answer_key(p): bool(p["correct"]) for p in a}
+    correct_b = {answer_key(p): bool(p["correct"]) for p in b}
+    if correct_a.keys() != correct_b.keys():
+        missing = sorted(correct_a.keys() ^ correct_b.keys())[0]
+        side = "the first" if missing in correct_b else "the second"
+        raise ValueError(
+            f"the two runs scored different answers: record {missing[0]!r} turn {missing[1]} is missing from {side} "
+            "(evaluate both on the same data and --limit)"
+        )
+    if not correct_a:
+        raise ValueError("no answers to compare")
+    keys = sorted(correct_a)
+    records = sorted({record for record, _ in keys})
+    index = {record: i for i, record in enumerate(records)}
+    group = torch.tensor([index[record] for record, _ in keys])
+    delta = torch.tensor([float(correct_a[k]) - float(correct_b[k]) for k in keys], dtype=torch.float64)
+    per_record = torch.zeros(len(records), dtype=torch.float64).index_add_(0, group, delta)
+    answers_per_record = torch.bincount(group, minlength=len(records)).double()
+    generator = torch.Generator().manual_seed(seed)
+    draws = torch.randint(len(records), (samples, len(records)), generator=generator)
+    resampled = per_record[draws].sum(1) / answers_per_record[draws].sum(1)  # [samples]
+    tail = (1 - level) / 2
+    low, high = torch.quantile(resampled, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    return {
+        "difference": delta.mean().item(),
+        "low": low,
+        "high": high,
+        "answers": len(keys),
+        "records": len(records),
+        "a_only": int((delta > 0).sum()),
+        "b_only": int((delta < 0).sum()),
+    }

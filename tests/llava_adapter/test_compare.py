@@ -1,0 +1,82 @@
+"""The paired cluster bootstrap that says whether one arm beats another on the same test answers."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from llava_adapter.compare import paired_difference
+
+
+def predictions(correct: list[list[bool]]) -> list[dict]:
+    """`eval-vlm`-style predictions: record i's turns are correct[i]."""
+    return [
+        {"id": f"rec-{i}", "turn": t + 1, "correct": c} for i, turns in enumerate(correct) for t, c in enumerate(turns)
+    ]
+
+
+def test_identical_runs_differ_by_exactly_nothing():
+    rng = random.Random(0)
+    run = predictions([[rng.random() < 0.6 for _ in range(3)] for _ in range(50)])
+    result = paired_difference(run, list(reversed(run)))
+    assert result == {
+        "difference": 0.0,
+        "low": 0.0,
+        "high": 0.0,
+        "answers": 150,
+        "records": 50,
+        "a_only": 0,
+        "b_only": 0,
+    }
+
+
+def test_a_clear_win_excludes_zero_and_counts_the_discordant_answers():
+    rng = random.Random(1)
+    b = [[rng.random() < 0.5 for _ in range(2)] for _ in range(200)]
+    a = [[True if rng.random() < 0.5 else c for c in turns] for turns in b]  # a fixes about half of b's errors
+    result = paired_difference(predictions(a), predictions(b))
+    gained = sum(x and not y for ra, rb in zip(a, b, strict=True) for x, y in zip(ra, rb, strict=True))
+    assert result["a_only"] == gained and result["b_only"] == 0
+    assert result["difference"] == pytest.approx(gained / 400)
+    assert 0 < result["low"] < result["difference"] < result["high"]
+
+
+def test_one_answer_per_record_matches_the_normal_interval():
+    """With one answer per record the cluster bootstrap is the plain bootstrap of a mean: its 95% interval is close to
+    the normal one, difference ± 1.96 × sd / sqrt(n)."""
+    rng = random.Random(2)
+    a = [[rng.random() < 0.7] for _ in range(2000)]
+    b = [[rng.random() < 0.6] for _ in range(2000)]
+    result = paired_difference(predictions(a), predictions(b), samples=4000)
+    deltas = [float(x[0]) - float(y[0]) for x, y in zip(a, b, strict=True)]
+    mean = sum(deltas) / len(deltas)
+    sd = math.sqrt(sum((d - mean) ** 2 for d in deltas) / (len(deltas) - 1))
+    half = 1.96 * sd / math.sqrt(len(deltas))
+    assert result["low"] == pytest.approx(mean - half, abs=0.15 * half)
+    assert result["high"] == pytest.approx(mean + half, abs=0.15 * half)
+
+
+def test_records_cluster_widen_the_interval():
+    """Turns of one record that are right or wrong together carry less evidence than independent answers: the
+    interval is wider than for the same answers spread over one-turn records."""
+    rng = random.Random(3)
+    outcomes = [(rng.random() < 0.6, rng.random() < 0.5) for _ in range(300)]
+    clustered = paired_difference(
+        predictions([[x] * 5 for x, _ in outcomes]), predictions([[y] * 5 for _, y in outcomes])
+    )
+    spread = paired_difference(
+        predictions([[x] for x, _ in outcomes for _ in range(5)]),
+        predictions([[y] for _, y in outcomes for _ in range(5)]),
+    )
+    assert clustered["difference"] == pytest.approx(spread["difference"])
+    assert clustered["high"] - clustered["low"] > 1.8 * (spread["high"] - spread["low"])
+
+
+def test_different_answers_are_refused_with_the_record_named():
+    a = predictions([[True, False], [True]])
+    with pytest.raises(ValueError, match=r"'rec-1' turn 1 is missing from the second"):
+        paired_difference(a, a[:2])
+    with pytest.raises(ValueError, match="no answers"):
+        paired_difference([], [])
