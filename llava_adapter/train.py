@@ -101,6 +101,10 @@ def parse_args(argv: list[str] | None):
         raise ValueError(f"--mm_vision_select_feature must be one of {sorted(SELECT_FEATURES)}")
     if training_args.tune_mm_mlp_adapter and training_args.lora_enable:
         raise ValueError("--tune_mm_mlp_adapter (stage 1) and --lora_enable (stage 2) exclude each other")
+    if training_args.learning_rate == 0 and not training_args.mm_projector_lr:
+        raise ValueError("--learning_rate 0 without a --mm_projector_lr: nothing would train")
+    if training_args.learning_rate == 0 and training_args.lora_enable:
+        raise ValueError("--learning_rate 0 with --lora_enable: the LoRA adapters would never move")
     return model_args, data_args, training_args
 
 
@@ -143,10 +147,12 @@ def vision_blocks(tower: nn.Module) -> list[nn.Module]:
 
 def set_trainable(model: LlavaForConditionalGeneration, args: VlmTrainingArguments) -> None:
     """The freeze policy: stage 1 trains the projector; stage 2 also the LLM (unless LoRA adds its own trainables)
-    and optionally the tower's last k blocks."""
+    and optionally the tower's last k blocks. `--learning_rate 0` with a `--mm_projector_lr` also trains the projector
+    alone (and saves a full model): weights at a zero rate never move, so they are frozen, which spares their
+    gradients and keeps them out of the gradient-norm clip."""
     model.requires_grad_(False)
     model.model.multi_modal_projector.requires_grad_(True)
-    if args.tune_mm_mlp_adapter:
+    if args.tune_mm_mlp_adapter or args.learning_rate == 0:
         return
     if not args.lora_enable:
         model.model.language_model.requires_grad_(True)

@@ -58,6 +58,30 @@ def test_freeze_policy(vlm_dir):
     assert {n.split(".")[3] for n in trainable if ".vision_tower." in n} == {str(last)}
 
 
+def test_zero_learning_rate_trains_the_projector_alone_into_a_full_model(vlm_dir, data, image_folder, tmp_path):
+    """`--learning_rate 0 --mm_projector_lr X`: the LLM is frozen (not merely stepped at a zero rate) and the output is
+    a full model whose projector moved and whose LLM did not."""
+    model = AutoModelForImageTextToText.from_pretrained(vlm_dir)
+    args = train.VlmTrainingArguments(output_dir="unused", learning_rate=0.0, mm_projector_lr=1e-2, report_to="none")
+    train.set_trainable(model, args)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        n for n, _ in model.named_parameters() if ".multi_modal_projector." in n
+    }
+    out = tmp_path / "frozen_llm"
+    extra = ["--version", "vicuna_v1", "--learning_rate", "0", "--mm_projector_lr", "1e-2", "--use_cpu", "True"]
+    assert train.main(common_args(vlm_dir, data, image_folder, out, *extra)) == 0
+    before = AutoModelForImageTextToText.from_pretrained(vlm_dir).state_dict()
+    after = AutoModelForImageTextToText.from_pretrained(out).state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(".multi_modal_projector." in k for k in moved)
+    for bad, message in [
+        (["--learning_rate", "0"], "nothing would train"),
+        (["--learning_rate", "0", "--mm_projector_lr", "1e-2", "--lora_enable", "True"], "LoRA adapters would never"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            train.main(common_args(vlm_dir, data, image_folder, tmp_path / "bad", "--version", "vicuna_v1", *bad))
+
+
 def test_stage1_trains_only_the_projector_and_saves_it_alone(vlm_dir, data, image_folder, tmp_path):
     out = tmp_path / "stage1"
     args = ["--tune_mm_mlp_adapter", "True", "--version", "plain", "--learning_rate", "1e-2", "--use_cpu", "True"]
