@@ -162,9 +162,13 @@ def train_arm(args, name: str, tower_args: list[str]) -> dict:
     return stage2 | {"train_seconds": (stage1["train_seconds"] or 0) + (stage2["train_seconds"] or 0), "stage1": stage1}
 
 
+SIZES = ("small", "medium", "large")
+
+
 def paired_comparisons(args, names: list[str], evaluation: str) -> list[dict]:
     """Each SparseFormer arm against the pooled arm of the same N and against (a), and each pooled arm against (a):
-    accuracy differences on the same answers with a 95% cluster-bootstrap interval over test records."""
+    accuracy differences on the same answers, overall and by the size of the object asked about, each with a 95%
+    cluster-bootstrap interval over test records."""
     from llava_adapter.compare import paired_difference
 
     def predictions(name: str) -> list[dict]:
@@ -178,7 +182,17 @@ def paired_comparisons(args, names: list[str], evaluation: str) -> list[dict]:
             pairs.append((name, "vit"))
         elif name.startswith("pooled-"):
             pairs.append((name, "vit"))
-    return [{"a": a, "b": b, **paired_difference(predictions(a), predictions(b))} for a, b in pairs]
+    out = []
+    for a, b in pairs:
+        pa, pb = predictions(a), predictions(b)
+        by_size = {
+            size: paired_difference(
+                [p for p in pa if p["target_size"] == size], [p for p in pb if p["target_size"] == size]
+            )
+            for size in SIZES
+        }
+        out.append({"a": a, "b": b, "all": paired_difference(pa, pb), **by_size})
+    return out
 
 
 def question_text(turn: str) -> str:
@@ -253,7 +267,6 @@ def llm_origin(llm: str) -> str:
 def score_table(prior: dict, arms: dict[str, dict]) -> list[str]:
     """Markdown rows scoring the arms (first the question-only prior), with (a) `vit` as the reference."""
     types = sorted({t for r in arms.values() for t in r["by_type"]})
-    sizes = ("small", "medium", "large")
     base = arms["vit"]["accuracy"]
 
     def percent(x: float | None) -> str:
@@ -269,9 +282,9 @@ def score_table(prior: dict, arms: dict[str, dict]) -> list[str]:
 
     lines = [
         "| arm | image tokens | accuracy | vs (a) | gain vs (a) | "
-        + " | ".join(types + [f"{s} objects" for s in sizes])
+        + " | ".join(types + [f"{s} objects" for s in SIZES])
         + " | train s |",
-        "|---|---:|---:|---:|---:|" + "---:|" * (len(types) + len(sizes)) + "---:|",
+        "|---|---:|---:|---:|---:|" + "---:|" * (len(types) + len(SIZES)) + "---:|",
     ]
     for name, r in {"question-only prior": prior, **arms}.items():
         lines.append(
@@ -280,7 +293,7 @@ def score_table(prior: dict, arms: dict[str, dict]) -> list[str]:
             + f" | {gain(r['accuracy'])} | "
             + " | ".join(percent(r["by_type"].get(t)) for t in types)
             + " | "
-            + " | ".join(percent(r["by_target_size"].get(s)) for s in sizes)
+            + " | ".join(percent(r["by_target_size"].get(s)) for s in SIZES)
             + " | "
             + ("n/a" if r["train_seconds"] is None else f"{r['train_seconds']:.0f}")
             + " |"
@@ -289,17 +302,18 @@ def score_table(prior: dict, arms: dict[str, dict]) -> list[str]:
 
 
 def paired_table(pairs: list[dict]) -> list[str]:
-    """Markdown rows of `paired_comparisons`."""
+    """Markdown rows of `paired_comparisons`: a − b in points [95% interval], bold where the interval excludes 0."""
+
+    def cell(d: dict) -> str:
+        text = f"{d['difference'] * 100:+.1f} [{d['low'] * 100:+.1f}, {d['high'] * 100:+.1f}]"
+        return f"**{text}**" if d["low"] > 0 or d["high"] < 0 else text
+
     lines = [
-        "| a | b | a − b | 95% interval | only a right | only b right |",
-        "|---|---|---:|---|---:|---:|",
+        "| a | b | all questions | " + " | ".join(f"{s} objects" for s in SIZES) + " |",
+        "|---|---|---:|" + "---:|" * len(SIZES),
     ]
     for p in pairs:
-        verdict = "a better" if p["low"] > 0 else "b better" if p["high"] < 0 else "no clear difference"
-        lines.append(
-            f"| {p['a']} | {p['b']} | {p['difference'] * 100:+.1f} pt | [{p['low'] * 100:+.1f}, {p['high'] * 100:+.1f}]"
-            f" ({verdict}) | {p['a_only']} | {p['b_only']} |"
-        )
+        lines.append(f"| {p['a']} | {p['b']} | " + " | ".join(cell(p[k]) for k in ("all", *SIZES)) + " |")
     return lines
 
 
@@ -329,8 +343,10 @@ def to_markdown(report: dict) -> str:
         lines += score_table(report["blind"], results)
     lines += [
         "",
-        f"## Paired differences{' after stage 2' if staged else ''} (same answers; 95% interval of a cluster bootstrap "
-        "over test records, `llava_adapter.compare`)",
+        f"## Paired differences{' after stage 2' if staged else ''}",
+        "",
+        "a − b in accuracy points on the same answers, [95% interval] of a cluster bootstrap over test records "
+        "(`llava_adapter.compare`); bold: the interval excludes 0.",
         "",
         *paired_table(report["paired"]),
     ]
