@@ -2,13 +2,15 @@
 
     uv run python benchmarks/vlm_synthetic.py --eval-limit 800  # after synthetic_world.py, bootstrap_synthetic.py
                                                                 # and mllm-sparse pretrain-llm
-    uv run python benchmarks/vlm_synthetic.py --epochs 0.05 --eval-limit 40 --work runs/vlm_smoke  # a smoke run
+    uv run python benchmarks/vlm_synthetic.py --epochs 0.05 --stage2-epochs 0.05 --eval-limit 40 \
+        --work runs/vlm_smoke                                   # a smoke run
 
 Arms, each a stock `LlavaForConditionalGeneration` built by `mllm-sparse build-vlm` with the same LLM (by default
 the scene-pretrained tiny Llama of `mllm-sparse pretrain-llm`, the world's stand-in for Vicuna) and an `mlp2x_gelu`
 projector, trained by `scripts/train_vlm.py` on the world's `llava_train.json` with the same data, steps and
-schedule (by default the projector only, the LLM frozen, as in LLaVA's stage 1; the tower frozen), then scored by
-`mllm-sparse eval-vlm` on `llava_test.json`:
+schedule in LLaVA's two stages (stage 1: the projector only, the LLM frozen; stage 2, from the stage-1 model: LLM
+and projector; the tower frozen throughout), then scored by `mllm-sparse eval-vlm` on `llava_test.json` after each
+stage:
 
   (a) `vit`:             the teacher ViT's full patch tokens (LLaVA-style, CLS dropped);
   (b) `sparseformer-N`:  the SparseFormer bootstrapped from that teacher at N tokens (N = 1/4 and 1/9,
@@ -18,6 +20,10 @@ schedule (by default the projector only, the LLM frozen, as in LLaVA's stage 1; 
 The table opens with the question-only prior: each test question answered with the training split's most frequent
 answer to the same question text, i.e. the best an LLM that ignores the image can do; an arm has learned to read
 the image only where it beats that row.
+
+Each SparseFormer arm is compared with the pooled arm of its N and with (a), and each pooled arm with (a), on the
+same answers: the accuracy difference, overall and by the size of the object asked about, with a 95% interval of a
+cluster bootstrap over test records (`llava_adapter.compare`).
 
 Afterwards every trained arm is loaded side by side and timed on the same test questions, round-robin in one
 process: vision encode, LLM prefill, and time to first token (encode + prefill), batch 1, KV cache on.
@@ -384,8 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--stage2-epochs",
         type=float,
-        default=0.0,
-        help="epochs of a stage 2 from each stage-1 model, LLM and projector trained (LLaVA's fine-tuning); 0: none",
+        default=1.0,
+        help="epochs of stage 2 from each stage-1 model, LLM and projector trained (LLaVA's fine-tuning); 0: none",
     )
     parser.add_argument("--stage2-lr", type=float, default=2e-4, help="stage 2's learning rate, LLM and projector")
     parser.add_argument("--eval-limit", type=int, help="score only the first N test records")
