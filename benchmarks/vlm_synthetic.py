@@ -151,7 +151,7 @@ def evaluate_stage(args, model: Path, evaluation: Path, log: Path, train_log: Pa
 
 
 def train_arm(args, name: str, tower_args: list[str]) -> dict:
-    """Build, train and score one arm: stage 1 (LLM at `--lr`, by default frozen), then, with `--stage2-epochs`,
+    """Build, train and score one arm: stage 1 (LLM at `--lr`, by default frozen), then, unless `--stage2-epochs 0`,
     stage 2 from the stage-1 model (LLM and projector at `--stage2-lr`). The result is the last stage's score, with
     stage 1's under "stage1" when there is a stage 2."""
     work = args.work / name
@@ -188,13 +188,15 @@ def paired_comparisons(args, names: list[str], evaluation: str) -> list[dict]:
             pairs.append((name, "vit"))
         elif name.startswith("pooled-"):
             pairs.append((name, "vit"))
+
+    def compare(a: list[dict], b: list[dict]) -> dict | None:
+        return paired_difference(a, b) if a else None  # None: no question of that kind among the scored ones
+
     out = []
     for a, b in pairs:
         pa, pb = predictions(a), predictions(b)
         by_size = {
-            size: paired_difference(
-                [p for p in pa if p["target_size"] == size], [p for p in pb if p["target_size"] == size]
-            )
+            size: compare([p for p in pa if p["target_size"] == size], [p for p in pb if p["target_size"] == size])
             for size in SIZES
         }
         out.append({"a": a, "b": b, "all": paired_difference(pa, pb), **by_size})
@@ -310,7 +312,9 @@ def score_table(prior: dict, arms: dict[str, dict]) -> list[str]:
 def paired_table(pairs: list[dict]) -> list[str]:
     """Markdown rows of `paired_comparisons`: a − b in points [95% interval], bold where the interval excludes 0."""
 
-    def cell(d: dict) -> str:
+    def cell(d: dict | None) -> str:
+        if d is None:
+            return "n/a"
         text = f"{d['difference'] * 100:+.1f} [{d['low'] * 100:+.1f}, {d['high'] * 100:+.1f}]"
         return f"**{text}**" if d["low"] > 0 or d["high"] < 0 else text
 
