@@ -150,6 +150,11 @@ def evaluate_stage(args, model: Path, evaluation: Path, log: Path, train_log: Pa
     }
 
 
+def final_stage(args) -> tuple[str, str]:
+    """(model folder, evaluation folder) of an arm's last stage, inside its work folder."""
+    return ("model_stage2", "eval_stage2") if args.stage2_epochs else ("model", "eval")
+
+
 def train_arm(args, name: str, tower_args: list[str]) -> dict:
     """Build, train and score one arm: stage 1 (LLM at `--lr`, by default frozen), then, unless `--stage2-epochs 0`,
     stage 2 from the stage-1 model (LLM and projector at `--stage2-lr`). The result is the last stage's score, with
@@ -162,9 +167,9 @@ def train_arm(args, name: str, tower_args: list[str]) -> dict:
     stage1 = evaluate_stage(args, model, work / "eval", work / "eval.log", work / "train.log")
     if not args.stage2_epochs:
         return stage1
-    stage2_model, stage2_log = work / "model_stage2", work / "train_stage2.log"
-    train_stage(args, model, stage2_model, stage2_log, args.stage2_epochs, args.stage2_lr, args.stage2_lr)
-    stage2 = evaluate_stage(args, stage2_model, work / "eval_stage2", work / "eval_stage2.log", stage2_log)
+    (stage2_model, stage2_eval), stage2_log = final_stage(args), work / "train_stage2.log"
+    train_stage(args, model, work / stage2_model, stage2_log, args.stage2_epochs, args.stage2_lr, args.stage2_lr)
+    stage2 = evaluate_stage(args, work / stage2_model, work / stage2_eval, work / "eval_stage2.log", stage2_log)
     return stage2 | {"train_seconds": (stage1["train_seconds"] or 0) + (stage2["train_seconds"] or 0), "stage1": stage1}
 
 
@@ -239,7 +244,7 @@ def time_side_by_side(args, names: list[str]) -> dict:
     from llava_adapter.chat import ChatEngine
 
     torch.set_num_threads(args.threads)
-    final = "model_stage2" if args.stage2_epochs else "model"
+    final = final_stage(args)[0]
     engines = {n: ChatEngine.from_pretrained(args.work / n / final, template="chat_template") for n in names}
     records = [r for r in read_json(args.world / "llava_test.json") if "image" in r][: args.timing_questions]
     samples: dict[str, dict[str, list[float]]] = {n: {"encode": [], "prefill": [], "ttft": []} for n in names}
@@ -428,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
             args.world / "llava_train.json",
             json.loads((args.work / "vit" / "eval" / "eval_vlm.json").read_text())["predictions"],
         ),
-        "paired": paired_comparisons(args, list(results), "eval_stage2" if args.stage2_epochs else "eval"),
+        "paired": paired_comparisons(args, list(results), final_stage(args)[1]),
         "paired_stage1": paired_comparisons(args, list(results), "eval") if args.stage2_epochs else None,
         "timing": time_side_by_side(args, list(results)),
     }
