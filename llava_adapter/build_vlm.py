@@ -35,8 +35,8 @@ def add_tower_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--vision-select-strategy",
         choices=SELECT_STRATEGIES,
-        help="'default' drops the first (CLS) token, 'full' keeps all (default: 'full' for a SparseFormer, "
-        "'default' for a ViT)",
+        help="'default' drops the first (CLS) token, 'full' keeps all (default: 'default' where the layer has a CLS "
+        "token, so a SparseFormer gives its latent tokens; 'full' for SigLIP)",
     )
     parser.add_argument("--image-aspect-ratio", choices=IMAGE_ASPECT_RATIOS, default="pad")
 

@@ -31,7 +31,7 @@ from mllm_sparse import SparseFormerConfig
 from mllm_sparse.files import atomic_path
 
 from .processing import IMAGE_TOKEN
-from .towers import feature_width, num_image_tokens
+from .towers import feature_width, layer_has_cls, num_image_tokens
 
 PROJECTORS = {"mlp2x_gelu": "gelu", "linear": "linear"}
 PROJECTOR_FILE = "mm_projector.safetensors"
@@ -45,15 +45,19 @@ LLAVA_PROJECTOR_KEYS = {
 }
 
 
-def default_feature_selection(vision_config: PretrainedConfig) -> tuple[int, str]:
-    """(vision_feature_layer, select_strategy), LLaVA-like: the second-to-last layer.
+def default_feature_selection(vision_config: PretrainedConfig, feature_layer: int | None = None) -> tuple[int, str]:
+    """(vision_feature_layer, select_strategy), LLaVA-like: the second-to-last layer, its CLS token dropped.
 
-    A ViT drops its CLS token ("default"), as LLaVA-1.5 does. A SparseFormer keeps all N tokens ("full"): its CLS
-    token is one of the N the budget pays for. A SigLIP ViT has no CLS token to drop ("full").
+    Every tower drops a CLS token ("default"), as LLaVA-1.5 does for its ViT: a SparseFormer gives the LLM its N
+    latent tokens (its CLS token is the one bootstrapping aligns with the teacher's embedding). A tower or layer with
+    no CLS token keeps all its tokens ("full"): a SigLIP ViT, a SparseFormer unit before the CLS token is inserted.
     """
-    if isinstance(vision_config, SparseFormerConfig) or vision_config.model_type == "siglip_vision_model":
-        return -2, "full"
-    return -2, "default"
+    feature_layer = -2 if feature_layer is None else feature_layer
+    if isinstance(vision_config, SparseFormerConfig):
+        return feature_layer, "default" if layer_has_cls(vision_config, feature_layer) else "full"
+    if vision_config.model_type == "siglip_vision_model":
+        return feature_layer, "full"
+    return feature_layer, "default"
 
 
 def vlm_config(
@@ -67,8 +71,7 @@ def vlm_config(
     """The `LlavaConfig` for a tower + LLM pair, validated (projector, feature width, token count)."""
     if projector not in PROJECTORS:
         raise ValueError(f"projector must be one of {sorted(PROJECTORS)}, got {projector!r}")
-    default_layer, default_strategy = default_feature_selection(vision_config)
-    feature_layer = default_layer if feature_layer is None else feature_layer
+    feature_layer, default_strategy = default_feature_selection(vision_config, feature_layer)
     select_strategy = default_strategy if select_strategy is None else select_strategy
     if feature_layer == 0:
         # transformers' LLaVA passes the layer on as `output_hidden_states`, where 0 reads as "none": it would build,

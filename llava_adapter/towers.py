@@ -133,6 +133,12 @@ def feature_width(vision_config: PretrainedConfig, feature_layer: int) -> int:
     return vision_config.hidden_size
 
 
+def layer_has_cls(vision_config: SparseFormerConfig, feature_layer: int) -> bool:
+    """Whether a SparseFormer's unit `feature_layer` (counted from the end when negative) has the CLS token."""
+    unit = feature_layer % vision_config.num_units
+    return vision_config.has_cls_token and unit >= vision_config.cls_token_insert_layer
+
+
 def num_image_tokens(vision_config: PretrainedConfig, feature_layer: int, select_strategy: str) -> int:
     """Image placeholders per image: the tokens the tower yields at `feature_layer` after selection.
 
@@ -142,12 +148,12 @@ def num_image_tokens(vision_config: PretrainedConfig, feature_layer: int, select
     if select_strategy not in SELECT_STRATEGIES:
         raise ValueError(f"vision_feature_select_strategy must be one of {SELECT_STRATEGIES}, got {select_strategy!r}")
     if isinstance(vision_config, SparseFormerConfig):
-        unit = feature_layer % vision_config.num_units
-        with_cls = vision_config.has_cls_token and unit >= vision_config.cls_token_insert_layer
+        with_cls = layer_has_cls(vision_config, feature_layer)
         tokens = vision_config.num_latent_tokens + int(with_cls)
         if select_strategy == "default" and not with_cls:
             raise ValueError(
-                f"SparseFormer unit {unit} has no CLS token to drop; use vision_feature_select_strategy='full'"
+                f"SparseFormer unit {feature_layer % vision_config.num_units} has no CLS token to drop; use "
+                "vision_feature_select_strategy='full'"
             )
     elif isinstance(vision_config, PooledVisionConfig):
         tokens = 1 + vision_config.num_tokens

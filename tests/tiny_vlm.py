@@ -1,4 +1,4 @@
-"""Tiny LLaVA models for tests: the test SparseFormer (16 tokens) + a 2-layer LLM built from a config."""
+"""Tiny LLaVA models for tests: the test SparseFormer (15 latent tokens) + a 2-layer LLM built from a config."""
 
 from __future__ import annotations
 

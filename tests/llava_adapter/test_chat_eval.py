@@ -1,5 +1,5 @@
 """ChatEngine (multi-turn chat, streaming, batched generation, timings) and `mllm-sparse eval-vlm`, on a tiny
-untrained VLM: a test SparseFormer (16 tokens) + a 2-layer Llama, saved and reloaded like a real one."""
+untrained VLM: a test SparseFormer (15 latent tokens) + a 2-layer Llama, saved and reloaded like a real one."""
 
 from __future__ import annotations
 

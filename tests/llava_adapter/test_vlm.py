@@ -26,7 +26,13 @@ from transformers import (
 import mllm_sparse
 from llava_adapter import swap
 from llava_adapter.llms import TINY_LLMS, load_llm
-from llava_adapter.modeling import build_vlm, load_projector, projector_state_dict, save_projector
+from llava_adapter.modeling import (
+    build_vlm,
+    default_feature_selection,
+    load_projector,
+    projector_state_dict,
+    save_projector,
+)
 from llava_adapter.towers import PooledVisionConfig, PooledVisionModel, num_image_tokens
 
 
@@ -38,7 +44,8 @@ def red_image(size=(80, 40)) -> Image.Image:
 def test_build_save_and_reload_in_a_fresh_process_then_generate(tokenizer, tmp_path, projector):
     model, processor = tiny_vlm(tokenizer, projector)
     n = model.config.image_seq_length
-    assert n == model.model.vision_tower.config.num_tokens == 16  # N from the encoder config: 15 latent + CLS
+    # N from the encoder config: its 15 latent tokens, the CLS token dropped as LLaVA drops a ViT's
+    assert n == model.model.vision_tower.config.num_latent_tokens == 15
     batch = processor(images=[red_image()], text=["<image>\nWhat colour is the circle?"], return_tensors="pt")
     assert int((batch["input_ids"] == model.config.image_token_id).sum()) == n
     expected = model.generate(**batch, max_new_tokens=6, do_sample=False)
@@ -95,6 +102,9 @@ def test_processor_takes_n_from_the_tower_not_a_patch_formula(tokenizer):
     assert num_image_tokens(vision, -2, "default") == vision.num_latent_tokens
     with pytest.raises(ValueError, match="no CLS token to drop"):
         num_image_tokens(vision, 0, "default")  # before the CLS token is inserted
+    # By default the CLS token is dropped where the layer has one, and every token kept where it has none
+    assert default_feature_selection(vision) == (-2, "default")
+    assert default_feature_selection(vision, -vision.num_units) == (-vision.num_units, "full")
     clip = CLIPVisionConfig(image_size=64, patch_size=16)
     assert num_image_tokens(clip, -2, "default") == 16
     assert num_image_tokens(PooledVisionConfig(clip, num_tokens=4), -2, "default") == 4
@@ -176,13 +186,13 @@ def test_swap_keeps_llm_and_tokenizer_and_says_projector_is_untrained(tokenizer,
     model = AutoModelForImageTextToText.from_pretrained(out).eval()
     processor = AutoProcessor.from_pretrained(out)
     assert model.config.vision_config.model_type == "sparseformer"
-    assert model.config.image_seq_length == processor.num_image_tokens == 16
+    assert model.config.image_seq_length == processor.num_image_tokens == 15
     for name, value in source.model.language_model.state_dict().items():
         torch.testing.assert_close(model.model.language_model.state_dict()[name], value)
     assert processor.tokenizer.get_vocab() == tokenizer.get_vocab()
     assert model.model.multi_modal_projector.linear_1.in_features == 64  # sized for the SparseFormer
     batch = processor(images=[red_image()], text=["<image>\nWhat colour?"], return_tensors="pt")
-    assert int((batch["input_ids"] == model.config.image_token_id).sum()) == 16
+    assert int((batch["input_ids"] == model.config.image_token_id).sum()) == 15
     assert model.generate(**batch, max_new_tokens=3, do_sample=False).shape[1] == batch["input_ids"].shape[1] + 3
 
 
@@ -199,7 +209,6 @@ def test_siglip_teacher_is_a_full_token_tower(tokenizer, tmp_path):
     """A SigLIP teacher spec gives HF's SiglipVisionModel: every patch token ("full"; it has no CLS to drop)."""
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
-    from llava_adapter.modeling import default_feature_selection
     from llava_adapter.towers import load_tower
 
     config = SiglipVisionConfig(
