@@ -174,6 +174,20 @@ def rank_indices(order: torch.Tensor, start: int, end: int, batch_size: int, wor
     return torch.cat([world.shard(order[i : i + batch_size]) for i in range(start, end, batch_size)]).tolist()
 
 
+def off_grid_warning(num_latent: int, has_cls: bool) -> str | None:
+    """A warning when some latent tokens start on the whole image: the initial RoIs tile only the largest square
+    number of them (the reference's rule); on the synthetic world such tokens stay global through bootstrapping."""
+    root = math.isqrt(num_latent)
+    if root * root == num_latent:
+        return None
+    cls = int(has_cls)
+    return (
+        f"warning: {num_latent - root * root} of the {num_latent} latent tokens start on the whole image (the initial "
+        f"RoIs tile a {root}x{root} grid); for every token on the grid use --num-tokens {root * root + cls} or "
+        f"{(root + 1) ** 2 + cls}" + (" (the CLS token included)" if has_cls else "")
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.num_tokens < 2:
@@ -207,6 +221,8 @@ def train(args: argparse.Namespace, world: World) -> int:
     arch = teacher.arch
     image_size = args.image_size or arch.image_size
     num_latent = args.num_tokens - int(arch.has_cls)  # --num-tokens counts the CLS token where there is one
+    if world.is_main and (warning := off_grid_warning(num_latent, arch.has_cls)):
+        print(warning)
     student, report = inherit(
         teacher, num_latent, args.trainable_cortex, image_size=image_size, num_sampling_points=args.num_sampling_points
     )

@@ -15,7 +15,7 @@ from transformers import AutoModel
 import bootstrap  # noqa: F401
 import bootstrap.train as train_module
 import mllm_sparse  # noqa: F401
-from bootstrap.train import roi_pooled_patches
+from bootstrap.train import off_grid_warning, roi_pooled_patches
 from mllm_sparse.cli import main as cli_main
 from mllm_sparse.synth import generate_world
 
@@ -50,9 +50,11 @@ def _args(setup, out, *extra):
     ]
 
 
-def test_two_steps_through_the_cli_into_a_checkpoint_that_reloads(setup, tmp_path):
+def test_two_steps_through_the_cli_into_a_checkpoint_that_reloads(setup, tmp_path, capsys):
     out = tmp_path / "enc"
     assert cli_main(["bootstrap", *_args(setup, out, "--steps", "2")]) == 0
+    # 9 tokens with CLS: 8 latents, 4 on the 2x2 grid and 4 on the whole image, said before training
+    assert "4 of the 8 latent tokens start on the whole image" in capsys.readouterr().out
     model = AutoModel.from_pretrained(out)
     assert type(model).__name__ == "SparseFormerModel" and model.config.num_tokens == 9
     report = json.loads((out / "bootstrap_report.json").read_text())
@@ -172,6 +174,13 @@ def test_torchrun_with_two_cpu_ranks_matches_one_process(setup, tmp_path):
 def test_batch_must_split_over_ranks_and_accumulation(setup, tmp_path):
     with pytest.raises(ValueError, match="multiple of ranks × --grad-accum = 1 × 3"):
         train_module.main(_args(setup, tmp_path / "b", "--steps", "1", "--grad-accum", "3"))
+
+
+def test_off_grid_warning_names_the_token_counts_that_fill_the_grid():
+    assert off_grid_warning(16, has_cls=True) is None and off_grid_warning(49, has_cls=False) is None
+    assert "use --num-tokens 10 or 17 (the CLS token included)" in off_grid_warning(15, has_cls=True)
+    assert "6 of the 15 latent tokens" in off_grid_warning(15, has_cls=True)
+    assert off_grid_warning(48, has_cls=False).endswith("use --num-tokens 36 or 49")
 
 
 def test_roi_pooling_averages_the_patches_inside_each_box():
