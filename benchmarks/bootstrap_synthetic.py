@@ -3,8 +3,10 @@ and student training throughput with and without the teacher cache.
 
     uv run python benchmarks/bootstrap_synthetic.py --teacher runs/sw/teacher --world runs/sw/train_default
 
-(the teacher and world of `uv run python benchmarks/synthetic_world.py --work runs/sw`). N = 1/9 is 16 tokens for
-a 196-token teacher (a square number, so the pooled baseline of the VLM benchmark matches it).
+(the teacher and world of `uv run python benchmarks/synthetic_world.py --work runs/sw`). A budget N counts latent
+tokens, the tokens the VLM benchmark gives the LLM; the student also has the CLS token (`--num-tokens N+1`). N = 1/4
+and 1/9 of a 196-token teacher are 49 and 16: square numbers, so every latent starts on the RoI grid (a latent past
+the largest square starts on the whole image and stays there) and the pooled baseline matches.
 Writes benchmarks/results/bootstrap_synthetic.{json,md}.
 """
 
@@ -25,7 +27,8 @@ from bootstrap.train import main as bootstrap_main
 REGION_DISTILL_WEIGHT = 4.0
 
 
-def run(args, out: Path, num_tokens: int, steps: int, *extra: str, cache: Path | None = None) -> dict:
+def run(args, out: Path, num_latent: int, steps: int, *extra: str, cache: Path | None = None) -> dict:
+    """Bootstrap a student with `num_latent` latent tokens (and the CLS token) into `out`; its report."""
     shutil.rmtree(out, ignore_errors=True)
     if cache is not None:  # teacher targets depend on the teacher and the images only: share one cache
         out.mkdir(parents=True)
@@ -36,7 +39,7 @@ def run(args, out: Path, num_tokens: int, steps: int, *extra: str, cache: Path |
             "--teacher",
             spec,
             "--num-tokens",
-            str(num_tokens),
+            str(num_latent + 1),
             "--data",
             str(args.world),
             "--out",
@@ -89,11 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     throughput["speedup"] = throughput["with_cache_images_per_s"] / throughput["without_cache_images_per_s"]
 
     results = {}
-    for fraction, tokens in budgets.items():
+    for fraction, latent in budgets.items():
         report = run(
             args,
-            args.work / f"n{tokens}",
-            tokens,
+            args.work / f"n{latent}",
+            latent,
             args.steps,
             "--cache-teacher",
             "--eval-every",
@@ -102,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             cache=args.work / "throughput_cache" / "teacher_cache.safetensors",
         )
         results[fraction] = {
-            "num_tokens": tokens,
+            "num_latent_tokens": latent,
             "steps": report["steps"],
             **report["final"],
             "train_seconds": report["train_seconds_this_run"],
@@ -125,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         f"({num_patches} patch tokens). {args.steps} steps of {args.batch_size}, region term weight "
         f"{args.region_distill_weight}.",
         "",
-        "| budget | tokens | teacher top-1 | student top-1 | retention | held-out cosine "
+        "| budget | latent tokens (+ CLS) | teacher top-1 | student top-1 | retention | held-out cosine "
         "| GFLOPs (student / teacher) |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
@@ -133,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         z = row["zero_shot"]
         retention = "n/a" if z["retention"] is None else f"{z['retention'] * 100:.1f}%"
         lines.append(
-            f"| {fraction} | {row['num_tokens']} | {z['teacher'] * 100:.1f}% | {z['student'] * 100:.1f}% | "
+            f"| {fraction} | {row['num_latent_tokens']} | {z['teacher'] * 100:.1f}% | {z['student'] * 100:.1f}% | "
             f"{retention} | {row['held_out_cosine']:.3f} | {row['student_gflops']:.2f} / "
             f"{row['teacher_gflops']:.2f} |"
         )
