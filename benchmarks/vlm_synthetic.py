@@ -13,8 +13,9 @@ and projector; the tower frozen throughout), then scored by `mllm-sparse eval-vl
 stage:
 
   (a) `vit`:             the teacher ViT's full patch tokens (LLaVA-style, CLS dropped);
-  (b) `sparseformer-N`:  the SparseFormer bootstrapped from that teacher at N tokens (N = 1/4 and 1/9,
-                         rounded down to a square: 49 and 16 for 196 patches);
+  (b) `sparseformer-N`:  the SparseFormer bootstrapped from that teacher with N latent tokens (N = 1/4 and 1/9,
+                         rounded down to a square so that every latent starts on the RoI grid: 49 and 16 for 196
+                         patches), its CLS token dropped as (a)'s is;
   (c) `pooled-N`:        the teacher's patch tokens average-pooled to an n×n grid, the same N.
 
 The table opens with the question-only prior: each test question answered with the training split's most frequent
