@@ -62,23 +62,48 @@ def truth_tokens(world: dict, objects: list[dict], slots: int) -> Tensor:
 
 
 @torch.no_grad()
-def tower_tokens(base: Path, images: dict[str, list[Path]], batch_size: int) -> dict[str, Tensor]:
-    """Split → [len(images), N, D], the tokens the VLM in `base` feeds its projector (feature layer and selection
-    applied); the VLM is loaded once for all splits."""
+def tower_tokens(base: Path, images: dict[str, list[Path]], batch_size: int) -> tuple[dict[str, Tensor], Tensor | None]:
+    """(split → [len(images), N, D], the tokens the VLM in `base` feeds its projector (feature layer and selection
+    applied); the test split's final RoIs [len(images["test"]), N_latent, 4] for a SparseFormer tower, else None).
+    The VLM is loaded once for all splits."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     model = AutoModelForImageTextToText.from_pretrained(base).eval()
     model.model.multi_modal_projector = nn.Identity()
     processor = AutoProcessor.from_pretrained(base).image_processor
+    sparse = model.config.vision_config.model_type == "sparseformer"
     out: dict[str, Tensor] = {}
+    rois = []
     for split, paths in images.items():
         chunks = []
         for i in range(0, len(paths), batch_size):
             pixels = processor([load_image(p) for p in paths[i : i + batch_size]], return_tensors="pt")["pixel_values"]
             features = model.model.get_image_features(pixel_values=pixels).pooler_output  # per image, or one tensor
             chunks.append(torch.stack(list(features)).float())
+            if sparse and split == "test":
+                rois.append(model.model.vision_tower(pixel_values=pixels).rois.float())
         out[split] = torch.cat(chunks)
-    return out
+    return out, torch.cat(rois) if rois else None
+
+
+def roi_coverage(rois: Tensor, scenes: list[dict]) -> dict:
+    """Where a SparseFormer's final RoIs [I, N, 4] (normalised x1y1x2y2, one row per scene) lie against the scenes'
+    objects: by object size, the share of objects whose centre is inside at least one RoI and the mean number of
+    RoIs over it; and the share of RoIs larger than the whole image. Square images (the world's) are assumed."""
+    lo, hi = torch.minimum(rois[..., :2], rois[..., 2:]), torch.maximum(rois[..., :2], rois[..., 2:])
+    image = torch.tensor([i for i, s in enumerate(scenes) for _ in s["objects"]])
+    centre = torch.tensor([[o["cx"], o["cy"]] for s in scenes for o in s["objects"]])
+    size = [o["size"] for s in scenes for o in s["objects"]]
+    inside = ((lo[image] <= centre[:, None]) & (centre[:, None] <= hi[image])).all(-1)  # [objects, N]
+    result = {"rois_larger_than_image": ((hi - lo).prod(-1) > 1).float().mean().item()}
+    for name in SIZES:
+        rows = inside[torch.tensor([s == name for s in size])]
+        result[name] = {
+            "objects": len(rows),
+            "centre_covered": rows.any(-1).float().mean().item(),
+            "rois_over_centre": rows.sum(-1).float().mean().item(),
+        }
+    return result
 
 
 class LookupProbe(nn.Module):
@@ -172,6 +197,20 @@ def to_markdown(report: dict) -> str:
                 f"**{r['auc_small_only']:.3f}** | {r['recall_large_or_medium'] * 100:.1f}% | "
                 f"{r['auc_large_or_medium']:.3f} | {r['false_positive_rate'] * 100:.1f}% | {r['seconds']:.0f} |"
             )
+    covered = {name: arm["roi_coverage"] for name, arm in report["arms"].items() if "roi_coverage" in arm}
+    if covered:
+        lines += [
+            "",
+            "Where the SparseFormer's final RoIs lie (test images): the share of objects whose centre is inside at "
+            "least one RoI (the mean number of RoIs over it), by object size, and the share of RoIs larger than the "
+            "whole image.",
+            "",
+            "| tokens | small | medium | large | RoIs larger than the image |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for name, c in covered.items():
+            cells = " | ".join(f"{c[s]['centre_covered'] * 100:.1f}% ({c[s]['rois_over_centre']:.1f})" for s in SIZES)
+            lines.append(f"| {name} | {cells} | {c['rois_larger_than_image'] * 100:.1f}% |")
     return "\n".join(lines) + "\n"
 
 
@@ -222,8 +261,10 @@ def main(argv: list[str] | None = None) -> int:
             base = args.work / name.replace(", hidden state ", "@") / "base"
             build_arm(args, tower_args, base)
             images = {s: [args.world / r["image"] for r in rows] for s, rows in split.items()}
-            tokens = tower_tokens(ROOT / base, images, args.batch_size)
+            tokens, rois = tower_tokens(ROOT / base, images, args.batch_size)
         results[name] = {"image_tokens": tokens["test"].shape[1], "readouts": []}
+        if tower_args is not None and rois is not None:
+            results[name]["roi_coverage"] = roi_coverage(rois, split["test"])
         for readout in args.readouts:
             started = time.perf_counter()
             r = probe(tokens["train"], y["train"], tokens["test"], y["test"], size_test, args.epochs, readout)
