@@ -304,6 +304,11 @@ def main(argv: list[str] | None = None) -> int:
         resume = True
     trainer.train(resume_from_checkpoint=resume)
     save_outputs(trainer, model, processor, model_args, training_args, assembled)
+    if torch.distributed.is_initialized():
+        # Shut the process group down before exit: left to interpreter teardown, a gloo rank once aborted with
+        # "terminate called without an active exception" after a finished run (exit code -6).
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return 0
 
 
