@@ -10,7 +10,7 @@ import torch.nn as nn
 from torch import Tensor
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, TransformersKwargs
 
 from .configuration import SparseFormerConfig
 from .modules import (
@@ -22,8 +22,9 @@ from .modules import (
     mlp_activation,
 )
 
-# Flags transformers passes to every vision tower (e.g. from LlavaModel); accepted and ignored.
-HF_PLUMBING_KWARGS = {"output_attentions", "interpolate_pos_encoding", "use_cache"}
+# What transformers passes on to every vision tower (LlavaModel forwards its whole `TransformersKwargs`, e.g. the
+# Trainer's `num_items_in_batch`, since 5.2x); accepted and ignored. Read from transformers so new keys follow along.
+HF_PLUMBING_KWARGS = {"output_attentions", "interpolate_pos_encoding", "use_cache", *TransformersKwargs.__annotations__}
 
 
 @dataclass

@@ -181,6 +181,15 @@ def test_unknown_forward_argument_is_an_error(btsp_model):
         btsp_model(torch.randn(1, 3, 64, 64), output_everything=True)
 
 
+def test_what_transformers_passes_to_a_vision_tower_is_accepted(btsp_model):
+    # LlavaModel forwards its TransformersKwargs to the tower; the Trainer's num_items_in_batch is among them.
+    pixels = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        plain = btsp_model(pixels).last_hidden_state
+        passed = btsp_model(pixels, num_items_in_batch=torch.tensor(7), output_attentions=False).last_hidden_state
+    torch.testing.assert_close(passed, plain)
+
+
 def test_fresh_init_follows_the_reference_scheme():
     model = mllm_sparse.create_model("test_sparseformer_btsp")
     rois = model.initial_roi.weight
