@@ -19,6 +19,8 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
 )
@@ -79,10 +81,23 @@ def test_linear_projector_is_one_linear_map(tokenizer):
     torch.testing.assert_close(projector(x), x @ combined.T + bias)
 
 
-def test_qwen2_llm_works_too(tokenizer):
-    model, processor = tiny_vlm(tokenizer, family=Qwen2ForCausalLM, config=Qwen2Config)
+@pytest.mark.parametrize(
+    ("family", "config"), [(Qwen2ForCausalLM, Qwen2Config), (Phi3ForCausalLM, Phi3Config)], ids=["qwen2", "phi3"]
+)
+def test_other_llm_families_build_save_reload_and_generate(tokenizer, tmp_path, family, config):
+    model, processor = tiny_vlm(tokenizer, family=family, config=config)
     batch = processor(images=[red_image()], text=["<image>\nWhat colour?"], return_tensors="pt")
-    assert torch.isfinite(model(**batch).logits).all()
+    with torch.no_grad():
+        logits = model(**batch).logits
+    assert torch.isfinite(logits).all()
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    assert type(reloaded.model.language_model).__name__ == family.__name__.replace("ForCausalLM", "Model")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, logits)
+    generated = reloaded.generate(**batch, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    prompt = batch["input_ids"]
+    assert torch.equal(generated[:, : prompt.shape[1]], prompt) and generated.shape[1] == prompt.shape[1] + 4
 
 
 def test_placeholder_count_that_does_not_match_fails_clearly(tokenizer):
