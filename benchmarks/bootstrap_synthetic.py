@@ -21,10 +21,7 @@ from pathlib import Path
 from results_io import RESULTS, machine, write_results
 
 from bootstrap.train import main as bootstrap_main
-
-# The region term's weight: with it the SparseFormer-16's tokens keep small objects (token probe AUC 0.602 -> 0.866;
-# weight 12 gives 0.869), README § Speed.
-REGION_DISTILL_WEIGHT = 4.0
+from llava_adapter.recipe import BOOTSTRAP_BATCH_SIZE, BOOTSTRAP_LR, REGION_DISTILL_WEIGHT, bootstrap_arguments
 
 
 def run(args, out: Path, num_latent: int, steps: int, *extra: str, cache: Path | None = None) -> dict:
@@ -33,27 +30,18 @@ def run(args, out: Path, num_latent: int, steps: int, *extra: str, cache: Path |
     if cache is not None:  # teacher targets depend on the teacher and the images only: share one cache
         out.mkdir(parents=True)
         shutil.copy(cache, out / cache.name)
-    spec = f"open_clip:{args.model}@{args.teacher / 'open_clip_model.safetensors'}"
     bootstrap_main(
-        [
-            "--teacher",
-            spec,
-            "--num-tokens",
-            str(num_latent + 1),
-            "--data",
-            str(args.world),
-            "--out",
-            str(out),
-            "--steps",
-            str(steps),
-            "--batch-size",
-            str(args.batch_size),
-            "--lr",
-            str(args.lr),
-            "--warmup-steps",
-            str(max(1, steps // 20)),
+        bootstrap_arguments(
+            args.teacher,
+            args.world,
+            out,
+            num_latent,
+            steps,
             *extra,
-        ]
+            batch_size=args.batch_size,
+            lr=args.lr,
+            region_distill_weight=args.region_distill_weight,
+        )
     )
     return json.loads((out / "bootstrap_report.json").read_text())
 
@@ -66,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2400, help="per budget; about 15 min at 112 px on 2 cores")
     parser.add_argument("--eval-every", type=int, default=400, help="held-out cosine every this many steps")
     parser.add_argument("--throughput-steps", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch-size", type=int, default=BOOTSTRAP_BATCH_SIZE)
+    parser.add_argument("--lr", type=float, default=BOOTSTRAP_LR)
     parser.add_argument(
         "--region-distill-weight",
         type=float,
@@ -76,15 +64,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    terms = ("--region-distill-weight", str(args.region_distill_weight))
     args.model = json.loads((args.teacher / "zero_shot.json").read_text())["model"]
     patches = json.loads((args.teacher / "open_clip_config.json").read_text())["model_cfg"]["vision_cfg"]
     num_patches = (patches["image_size"] // patches["patch_size"]) ** 2
     budgets = {"1/4": num_patches // 4, "1/9": math.isqrt(num_patches // 9) ** 2}
 
     # Throughput: the same short run with the teacher computed per batch, then from the cache (cache built first).
-    no_cache = run(args, args.work / "throughput_no_cache", budgets["1/4"], args.throughput_steps, *terms)
-    cached = run(args, args.work / "throughput_cache", budgets["1/4"], args.throughput_steps, "--cache-teacher", *terms)
+    no_cache = run(args, args.work / "throughput_no_cache", budgets["1/4"], args.throughput_steps)
+    cached = run(args, args.work / "throughput_cache", budgets["1/4"], args.throughput_steps, "--cache-teacher")
     throughput = {
         "without_cache_images_per_s": no_cache["images_per_second_this_run"],
         "with_cache_images_per_s": cached["images_per_second_this_run"],
@@ -101,7 +88,6 @@ def main(argv: list[str] | None = None) -> int:
             "--cache-teacher",
             "--eval-every",
             str(args.eval_every),
-            *terms,
             cache=args.work / "throughput_cache" / "teacher_cache.safetensors",
         )
         results[fraction] = {

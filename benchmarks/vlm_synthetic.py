@@ -41,13 +41,21 @@ import statistics
 import subprocess
 import sys
 import time
-from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
 from results_io import RESULTS, machine, write_results
 
 from llava_adapter.llms import TINY_LLMS
+from llava_adapter.recipe import (
+    STAGE1_PROJECTOR_LR,
+    STAGE2_LR,
+    TEMPLATE,
+    VLM_BATCH_SIZE,
+    eval_vlm_arguments,
+    teacher_spec,
+    train_vlm_arguments,
+)
 from mllm_sparse.files import read_json
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,8 +82,7 @@ def add_arm_arguments(parser: argparse.ArgumentParser) -> None:
 
 def arms(args) -> dict[str, list[str]]:
     """Arm name → the `build-vlm` tower arguments."""
-    teacher_model = json.loads((args.teacher / "zero_shot.json").read_text())["model"]
-    teacher = f"open_clip:{teacher_model}@{args.teacher / 'open_clip_model.safetensors'}"
+    teacher = teacher_spec(args.teacher)
     out = {"vit": ["--encoder", teacher]}
     for spec in args.students:
         tokens, _, folder = spec.partition("=")
@@ -109,30 +116,15 @@ def train_stage(args, start: Path, out: Path, log: Path, epochs: float, lr: floa
     """`scripts/train_vlm.py` from the model in `start` into `out` (unless there): `lr` for the LLM, `projector_lr`
     for the projector, the tower frozen."""
     if not (out / "config.json").is_file():
-        run(
-            [sys.executable, "scripts/train_vlm.py", "--model_name_or_path", str(start),
-             "--data_path", str(args.world / "llava_train.json"), "--image_folder", str(args.world),
-             "--version", "chat_template", "--output_dir", str(out), "--num_train_epochs", str(epochs),
-             "--per_device_train_batch_size", str(args.batch_size), "--learning_rate", str(lr),
-             "--mm_projector_lr", str(projector_lr),
-             "--lr_scheduler_type", "cosine", "--warmup_steps", "0.03", "--weight_decay", "0.0",
-             "--logging_steps", "50", "--save_strategy", "no", "--report_to", "none", "--seed", "0",
-             "--model_max_length", "512", "--dataloader_num_workers", "0"],
-            log,
-        )  # fmt: skip
+        command = train_vlm_arguments(start, out, args.world, epochs, lr, projector_lr, args.batch_size)
+        run([sys.executable, "scripts/train_vlm.py", *command], log)
 
 
 def evaluate_stage(args, model: Path, evaluation: Path, log: Path, train_log: Path) -> dict:
     """`mllm-sparse eval-vlm` of `model` on the test split (unless done), summarised with its training run."""
     if not (evaluation / "eval_vlm.json").is_file():
-        limit = ["--limit", str(args.eval_limit)] if args.eval_limit else []
-        run(
-            [sys.executable, "-m", "mllm_sparse.cli", "eval-vlm", "--model", str(model),
-             "--data", str(args.world / "llava_test.json"), "--image_folder", str(args.world),
-             "--template", "chat_template", "--batch-size", "32", "--max-new-tokens", "8", "--out", str(evaluation),
-             "--no-progress", *limit],
-            log,
-        )  # fmt: skip
+        command = eval_vlm_arguments(model, args.world, evaluation, args.eval_limit, progress=False)
+        run([sys.executable, "-m", "mllm_sparse.cli", "eval-vlm", *command], log)
     report = json.loads((evaluation / "eval_vlm.json").read_text())
     config = json.loads((model / "config.json").read_text())
     # The Trainer's closing summary line, e.g. {'train_runtime': '20.61', ..., 'train_loss': '3.513', ...}: read from
@@ -209,32 +201,18 @@ def paired_comparisons(args, names: list[str], evaluation: str) -> list[dict]:
     return out
 
 
-def question_text(turn: str) -> str:
-    return turn.replace("<image>", "").strip()
-
-
 def blind_baseline(train_data: Path, scored: list[dict]) -> dict:
-    """The question-only prior, scored on an arm's questions: each question answered with the training split's most
-    frequent answer to the same question text (the best exact-match score of an LLM that ignores the image)."""
-    from llava_adapter.evaluate import accuracy_by, is_correct
+    """The question-only prior (`llava_adapter.evaluate.question_only_prior`) in the shape of an arm's summary."""
+    from llava_adapter.evaluate import question_only_prior
 
-    answers: dict[str, Counter] = defaultdict(Counter)
-    for record in read_json(train_data):
-        turns = record["conversations"]
-        for human, gpt in zip(turns[0::2], turns[1::2], strict=False):
-            answers[question_text(human["value"])][gpt["value"]] += 1
-    rows = []
-    for row in scored:
-        seen = answers.get(question_text(row["question"]))
-        guess = seen.most_common(1)[0][0] if seen else ""
-        rows.append(row | {"prediction": guess, "correct": is_correct(guess, row["gold"])})
+    prior = question_only_prior(train_data, scored)
     return {
         "image_tokens": 0,
         "train_seconds": None,
-        "accuracy": sum(r["correct"] for r in rows) / len(rows),
-        "by_type": {k: v["accuracy"] for k, v in accuracy_by(rows, lambda r: r["type"]).items()},
-        "by_target_size": {k: v["accuracy"] for k, v in accuracy_by(rows, lambda r: r["target_size"]).items()},
-        "questions": len(rows),
+        "accuracy": prior["accuracy"],
+        "by_type": {k: v["accuracy"] for k, v in prior["by_type"].items()},
+        "by_target_size": {k: v["accuracy"] for k, v in prior["by_target_size"].items()},
+        "questions": prior["num_answers"],
         "mean_train_loss": None,
     }
 
@@ -246,7 +224,7 @@ def time_side_by_side(args, names: list[str]) -> dict:
 
     torch.set_num_threads(args.threads)
     final = final_stage(args)[0]
-    engines = {n: ChatEngine.from_pretrained(args.work / n / final, template="chat_template") for n in names}
+    engines = {n: ChatEngine.from_pretrained(args.work / n / final, template=TEMPLATE) for n in names}
     records = [r for r in read_json(args.world / "llava_test.json") if "image" in r][: args.timing_questions]
     samples: dict[str, dict[str, list[float]]] = {n: {"encode": [], "prefill": [], "ttft": []} for n in names}
     for warm in (True, False):
@@ -388,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arm_arguments(parser)
     parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=VLM_BATCH_SIZE)
     parser.add_argument(
         "--lr",
         type=float,
@@ -396,14 +374,14 @@ def main(argv: list[str] | None = None) -> int:
         help="the LLM's learning rate; 0 (default) keeps the scene-pretrained LLM frozen, as LLaVA's stage 1 does; "
         "use 2e-3 with --llm tiny-llama",
     )
-    parser.add_argument("--projector-lr", type=float, default=2e-3)
+    parser.add_argument("--projector-lr", type=float, default=STAGE1_PROJECTOR_LR)
     parser.add_argument(
         "--stage2-epochs",
         type=float,
         default=1.0,
         help="epochs of stage 2 from each stage-1 model, LLM and projector trained (LLaVA's fine-tuning); 0: none",
     )
-    parser.add_argument("--stage2-lr", type=float, default=2e-4, help="stage 2's learning rate, LLM and projector")
+    parser.add_argument("--stage2-lr", type=float, default=STAGE2_LR, help="stage 2's learning rate, LLM and projector")
     parser.add_argument("--eval-limit", type=int, help="score only the first N test records")
     parser.add_argument("--timing-questions", type=int, default=32)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())

@@ -28,6 +28,7 @@ import argparse
 import re
 import string
 import time
+from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,6 +153,40 @@ def _load_question_image(item: Question) -> Image.Image | None:
         return load_image(item.image)
     except (FileNotFoundError, ImageLoadError) as err:
         raise RecordError(f"record {item.record_id!r}", str(err)) from err
+
+
+def question_only_prior(train_data: str | Path, rows: Sequence[Mapping]) -> dict[str, Any]:
+    """The question-only prior on scored rows: each question answered with the training split's most frequent answer
+    to the same question text, the best exact-match score of a model that ignores the image. A model has learnt to
+    read images only where it beats this.
+
+    Args:
+        train_data: the LLaVA JSON the model trained on.
+        rows: `evaluate(...)["predictions"]` of some model (the questions and gold answers are what is used).
+    Returns:
+        `accuracy`, `num_answers` and breakdowns `by_type` / `by_target_size` (as in `evaluate`), and `predictions`.
+    """
+
+    def text(turn: str) -> str:
+        return turn.replace("<image>", "").strip()
+
+    answers: dict[str, Counter] = defaultdict(Counter)
+    for record in read_json(train_data):
+        turns = record.get("conversations", [])
+        for human, gpt in zip(turns[0::2], turns[1::2], strict=False):
+            answers[text(human["value"])][gpt["value"]] += 1
+    scored = []
+    for row in rows:
+        seen = answers.get(text(row["question"]))
+        guess = seen.most_common(1)[0][0] if seen else ""
+        scored.append({**row, "prediction": guess, "correct": is_correct(guess, row["gold"])})
+    return {
+        "num_answers": len(scored),
+        "accuracy": sum(r["correct"] for r in scored) / len(scored) if scored else 0.0,
+        "by_type": accuracy_by(scored, lambda r: r["type"]),
+        "by_target_size": accuracy_by(scored, lambda r: r["target_size"]),
+        "predictions": scored,
+    }
 
 
 def accuracy_by(rows: Sequence[Mapping], key: Callable[[Mapping], Any]) -> dict[str, dict[str, float | int]]:

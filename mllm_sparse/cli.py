@@ -13,6 +13,7 @@ USER_ERRORS = (ValueError, FileNotFoundError, CheckpointMismatchError)
 
 # command -> (module with `main(argv)`, one-line help). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "quickstart": ("llava_adapter.quickstart", "the whole pipeline on the synthetic world: world, encoder, VLM, eval"),
     "inspect": ("mllm_sparse.inspect_encoder", "print an encoder's parameters, GFLOPs and tokens; draw its RoIs"),
     "synth": ("mllm_sparse.synth.cli", "generate the built-in synthetic world (images, captions, labels, LLaVA QA)"),
     "train-teacher": ("bootstrap.train_teacher", "train a small open_clip CLIP on a synthetic world's captions"),

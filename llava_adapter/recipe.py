@@ -1,0 +1,81 @@
+"""The synthetic world's recipe: the settings every stage runs with, shared by `mllm-sparse quickstart` and the
+benchmarks, so that a quickstart run and a benchmark arm are the same pipeline at different sizes.
+
+Each function returns the argument list of a stage's `main(argv)`, exactly what a user would type after the command.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# The bootstrap's region term: with it a 16-token SparseFormer keeps small objects (token probe small-only AUC
+# 0.602 -> 0.866 at weight 4; 12 gives 0.869), README § Speed.
+REGION_DISTILL_WEIGHT = 4.0
+BOOTSTRAP_BATCH_SIZE = 64
+BOOTSTRAP_LR = 1e-3
+
+# LLaVA's two stages on the world (chosen on the pooled-16 arm, commit f9a9893): stage 1 trains the projector with the
+# LLM frozen, stage 2 the LLM and the projector; the tower stays frozen.
+TEMPLATE = "chat_template"
+VLM_BATCH_SIZE = 16
+STAGE1_PROJECTOR_LR = 2e-3
+STAGE2_LR = 2e-4
+
+
+def teacher_spec(teacher: Path) -> str:
+    """The `open_clip:NAME@WEIGHTS` spec of a `mllm-sparse train-teacher` folder."""
+    from mllm_sparse.files import read_json
+
+    model = read_json(teacher / "zero_shot.json")["model"]
+    return f"open_clip:{model}@{teacher / 'open_clip_model.safetensors'}"
+
+
+def bootstrap_arguments(
+    teacher: Path,
+    world: Path,
+    out: Path,
+    num_latent_tokens: int,
+    steps: int,
+    *extra: str,
+    batch_size: int = BOOTSTRAP_BATCH_SIZE,
+    lr: float = BOOTSTRAP_LR,
+    region_distill_weight: float = REGION_DISTILL_WEIGHT,
+) -> list[str]:
+    """`mllm-sparse bootstrap` of a SparseFormer with `num_latent_tokens` latent tokens (and the CLS token) from a
+    world's teacher, with the region term; `extra` are further bootstrap arguments (e.g. `--cache-teacher`)."""
+    return [
+        "--teacher", teacher_spec(teacher), "--num-tokens", str(num_latent_tokens + 1), "--data", str(world),
+        "--out", str(out), "--steps", str(steps), "--batch-size", str(batch_size), "--lr", str(lr),
+        "--warmup-steps", str(max(1, steps // 20)), "--region-distill-weight", str(region_distill_weight), *extra,
+    ]  # fmt: skip
+
+
+def train_vlm_arguments(
+    start: Path,
+    out: Path,
+    world: Path,
+    epochs: float,
+    lr: float,
+    projector_lr: float,
+    batch_size: int = VLM_BATCH_SIZE,
+    seed: int = 0,
+) -> list[str]:
+    """`scripts/train_vlm.py` from the LLaVA folder `start` into `out` on the world's `llava_train.json`: `lr` for the
+    LLM (0: frozen), `projector_lr` for the projector, the tower frozen; a full model folder is saved."""
+    return [
+        "--model_name_or_path", str(start), "--data_path", str(world / "llava_train.json"),
+        "--image_folder", str(world), "--version", TEMPLATE, "--output_dir", str(out),
+        "--num_train_epochs", str(epochs), "--per_device_train_batch_size", str(batch_size),
+        "--learning_rate", str(lr), "--mm_projector_lr", str(projector_lr), "--lr_scheduler_type", "cosine",
+        "--warmup_steps", "0.03", "--weight_decay", "0.0", "--logging_steps", "50", "--save_strategy", "no",
+        "--report_to", "none", "--seed", str(seed), "--model_max_length", "512", "--dataloader_num_workers", "0",
+    ]  # fmt: skip
+
+
+def eval_vlm_arguments(model: Path, world: Path, out: Path, limit: int | None, progress: bool = True) -> list[str]:
+    """`mllm-sparse eval-vlm` of `model` on the world's test split (the first `limit` records)."""
+    return [
+        "--model", str(model), "--data", str(world / "llava_test.json"), "--image_folder", str(world),
+        "--template", TEMPLATE, "--batch-size", "32", "--max-new-tokens", "8", "--out", str(out),
+        *(["--limit", str(limit)] if limit else []), *([] if progress else ["--no-progress"]),
+    ]  # fmt: skip
