@@ -37,27 +37,67 @@ def draw_rois(
     """
     if output.rois is None:
         raise ValueError("draw_rois needs an output with rois")
-    rois: Tensor = output.rois[index].detach().float().cpu()
+    rois: Tensor = output.rois[index]
     points = None
     if show_points:
         recorded = [p for p in (output.sampling_points or ()) if p is not None]
         if not recorded:
             raise ValueError("show_points=True needs an output from forward(..., output_sampling_points=True)")
-        points = recorded[-1][index].detach().float().cpu()
-    selected = range(rois.shape[0]) if tokens is None else tokens
+        points = recorded[-1][index]
+    return draw_boxes(image, rois, points=points, tokens=tokens, line_width=line_width)
+
+
+def draw_boxes(
+    image: Image.Image,
+    boxes: Tensor,
+    weights: Tensor | None = None,
+    points: Tensor | None = None,
+    tokens: list[int] | None = None,
+    line_width: int | None = None,
+) -> Image.Image:
+    """Draw one box per token over the image, each in its own colour (the colours of `draw_rois`).
+
+    Args:
+        image: the picture the boxes refer to (any size; boxes are normalised, so they scale to it).
+        boxes: [N, 4] normalised x1, y1, x2, y2 (e.g. RoIs, patch cells or pooled grid cells).
+        weights: [N] non-negative, e.g. how much attention each token received; each box is then filled in
+            proportion to its weight over the largest one.
+        points: [N, P, 2] normalised x, y per token, drawn as dots (e.g. SparseFormer sampling points).
+        tokens: indices of the boxes to draw (default: all).
+        line_width: outline width in pixels (default: scales with the image).
+    Returns:
+        A new RGB image; the input is untouched.
+    """
+    boxes = boxes.detach().float().cpu()
+    if boxes.ndim != 2 or boxes.shape[-1] != 4:
+        raise ValueError(f"boxes must be [N, 4], got {list(boxes.shape)}")
+    if weights is not None:
+        weights = weights.detach().float().cpu()
+        if weights.shape != boxes.shape[:1]:
+            raise ValueError(f"weights must be [{boxes.shape[0]}], one per box, got {list(weights.shape)}")
+        weights = weights.clamp(min=0) / weights.max().clamp(min=1e-12)
+    selected = range(boxes.shape[0]) if tokens is None else tokens
     canvas = image.convert("RGB").copy()
     overlay = Image.new("RGBA", canvas.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(overlay)
     width, height = canvas.size
     line_width = line_width or max(1, round(min(width, height) / 160))
     radius = max(1.0, min(width, height) / 200)
-    colors = token_colors(rois.shape[0])
-    for i in selected:
-        x1, y1, x2, y2 = rois[i].tolist()
-        box = [min(x1, x2) * width, min(y1, y2) * height, max(x1, x2) * width, max(y1, y2) * height]
-        draw.rectangle(box, outline=colors[i] + (230,), width=line_width)
+    colors = token_colors(boxes.shape[0])
+    # Fills first, so that every outline stays visible over any fill
+    order = list(selected)
+    if weights is not None:
+        for i in sorted(order, key=lambda i: float(weights[i])):
+            draw.rectangle(_pixel_box(boxes[i], width, height), fill=(255, 200, 0, int(150 * float(weights[i]))))
+    for i in order:
+        draw.rectangle(_pixel_box(boxes[i], width, height), outline=colors[i] + (230,), width=line_width)
         if points is not None:
-            for x, y in points[i].tolist():
+            for x, y in points[i].detach().float().cpu().tolist():
                 cx, cy = x * width, y * height
                 draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=colors[i] + (200,))
     return Image.alpha_composite(canvas.convert("RGBA"), overlay).convert("RGB")
+
+
+def _pixel_box(box: Tensor, width: int, height: int) -> list[float]:
+    x1, y1, x2, y2 = box.tolist()
+    return [min(x1, x2) * width, min(y1, y2) * height, max(x1, x2) * width, max(y1, y2) * height]

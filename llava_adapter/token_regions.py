@@ -1,0 +1,115 @@
+"""Where the image tokens an LLM receives come from, and which of them it attends to when it answers.
+
+`image_token_regions` gives, for each of the N image tokens of a LLaVA model, the image region it summarises: a
+SparseFormer token's RoI at the feature layer the LLM reads, a ViT patch's cell, a pooled token's grid cell (the CLS
+token, where kept, the whole image). `answer_attention` gives how much attention the LLM pays to each of them from
+the position that produces the answer's first token. Both are in the order of the image placeholders, so a box and a
+weight describe the same token; `mllm_sparse.visualize.draw_boxes` draws them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers import CLIPVisionConfig, SiglipVisionConfig
+
+from mllm_sparse import SparseFormerConfig
+
+from .towers import PooledVisionConfig, layer_has_cls
+
+WHOLE_IMAGE = (0.0, 0.0, 1.0, 1.0)
+
+
+def grid_boxes(side: int) -> Tensor:
+    """[side², 4] the cells of a side × side grid over the image, row-major (ViT patch order), normalised x1y1x2y2."""
+    edges = torch.linspace(0, 1, side + 1)
+    y1, x1 = torch.meshgrid(edges[:-1], edges[:-1], indexing="ij")
+    y2, x2 = torch.meshgrid(edges[1:], edges[1:], indexing="ij")
+    return torch.stack([x1, y1, x2, y2], dim=-1).reshape(-1, 4)
+
+
+@torch.no_grad()
+def image_token_regions(model, pixel_values: Tensor) -> Tensor:
+    """The region of the image each image token of a LLaVA model stands for.
+
+    Args:
+        model: a `LlavaForConditionalGeneration` with a SparseFormer, CLIP, SigLIP or pooled tower.
+        pixel_values: [B, 3, H, W] as its processor makes them.
+    Returns:
+        [B, N, 4] normalised x1, y1, x2, y2 (N = `config.image_seq_length`, in placeholder order). A SparseFormer
+        token's box is its RoI after the unit the LLM reads (`vision_feature_layer`), so it differs per image and may
+        reach past the image's border; the other towers' boxes are fixed cells.
+    """
+    config = model.config
+    vision = config.vision_config
+    layer = config.vision_feature_layer
+    if not isinstance(layer, int):
+        raise ValueError(f"image_token_regions needs one vision_feature_layer, got {layer!r}")
+    keep_first = config.vision_feature_select_strategy == "full"
+    batch = pixel_values.shape[0]
+    whole = torch.tensor(WHOLE_IMAGE).expand(batch, 1, 4)
+    if isinstance(vision, SparseFormerConfig):
+        tower = model.model.vision_tower
+        pixel_values = pixel_values.to(tower.device, next(tower.parameters()).dtype)
+        rois = tower(pixel_values, output_hidden_states=[layer]).hidden_rois[layer].float().cpu()
+        first = [whole] if keep_first and layer_has_cls(vision, layer) else []
+        regions = torch.cat([*first, rois], dim=1)
+    else:
+        if isinstance(vision, PooledVisionConfig):
+            side, has_cls = math.isqrt(vision.num_tokens), True
+        elif isinstance(vision, (CLIPVisionConfig, SiglipVisionConfig)):
+            side, has_cls = vision.image_size // vision.patch_size, isinstance(vision, CLIPVisionConfig)
+        else:
+            raise ValueError(f"image_token_regions: unsupported vision tower {type(vision).__name__}")
+        cells = grid_boxes(side).expand(batch, -1, -1)
+        regions = torch.cat([whole, cells], dim=1) if keep_first and has_cls else cells
+    if regions.shape[1] != config.image_seq_length:
+        raise ValueError(
+            f"image_token_regions: {regions.shape[1]} regions for {config.image_seq_length} image tokens "
+            f"(vision_feature_layer {layer}, strategy {config.vision_feature_select_strategy})"
+        )
+    return regions
+
+
+@dataclass
+class AnswerAttention:
+    """`per_token`: [N] the attention each image token receives, as a share of all attention on image tokens (sums
+    to 1); `image_share`: the share of all attention that goes to image tokens at all (the rest is text)."""
+
+    per_token: Tensor
+    image_share: float
+
+
+@torch.no_grad()
+def answer_attention(engine, record: Mapping, image) -> AnswerAttention:
+    """The LLM's attention from the last prompt position (the one that predicts the answer's first token) to each
+    image token, averaged over heads and layers.
+
+    Attention weights are not materialised by SDPA, so this runs one extra forward of the prompt with the LLM's
+    attention switched to eager (and back afterwards).
+
+    Args:
+        engine: a `ChatEngine`.
+        record: a LLaVA record ending with the human turn to be answered (e.g. `engine.record()` plus the question).
+        image: the record's image (PIL).
+    """
+    model = engine.model
+    ids = torch.tensor([engine.prompt_ids(record)], device=engine.device)
+    tower = model.model.vision_tower
+    pixels = engine.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
+    pixels = pixels.to(engine.device, next(tower.parameters()).dtype)
+    language_model = model.model.language_model
+    implementation = language_model.config._attn_implementation
+    language_model.set_attn_implementation("eager")
+    try:
+        attentions = model(input_ids=ids, pixel_values=pixels, output_attentions=True).attentions
+    finally:
+        language_model.set_attn_implementation(implementation)
+    last = torch.stack([a[0, :, -1, :].float() for a in attentions]).mean(dim=(0, 1))  # [L]
+    on_image = last[ids[0] == engine.image_token_id].cpu()
+    share = float(on_image.sum())
+    return AnswerAttention(on_image / max(share, 1e-12), share)
