@@ -116,7 +116,7 @@ def train_stage(args, start: Path, out: Path, log: Path, epochs: float, lr: floa
     """`scripts/train_vlm.py` from the model in `start` into `out` (unless there): `lr` for the LLM, `projector_lr`
     for the projector, the tower frozen."""
     if not (out / "config.json").is_file():
-        command = train_vlm_arguments(start, out, args.world, epochs, lr, projector_lr, args.batch_size)
+        command = train_vlm_arguments(start, out, args.world, epochs, lr, projector_lr, batch_size=args.batch_size)
         run([sys.executable, "scripts/train_vlm.py", *command], log)
 
 

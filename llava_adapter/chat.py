@@ -428,6 +428,14 @@ class ChatEngine:
     ) -> tuple[list[str], Timings, list[list[int]], list[list[int]]]:
         """Encode the images once, left-pad the prompts, generate; returns texts, timings, prompt and new ids."""
         prompts = [self.prompt_ids(record) for record in records]
+        generation = self._generation_kwargs(gen_kwargs)
+        context = getattr(self.model.config.text_config, "max_position_embeddings", None)
+        longest = max(len(ids) for ids in prompts)
+        if context is not None and longest + generation["max_new_tokens"] > context:
+            raise ValueError(
+                f"The prompt has {longest} tokens and up to {generation['max_new_tokens']} more may be generated, "
+                f"beyond the LLM's {context} positions: start a new conversation (reset()) or ask for fewer tokens"
+            )
         present = [image for image in images if image is not None]
         mm_kwargs: dict[str, Any] = {}
         encode_s = 0.0
@@ -449,7 +457,7 @@ class ChatEngine:
                 attention_mask=attention_mask,
                 streamer=timer,
                 **mm_kwargs,
-                **self._generation_kwargs(gen_kwargs),
+                **generation,
             )
         _synchronize(self.device)
         end = time.perf_counter()

@@ -26,10 +26,10 @@ from typing import Any
 import torch
 from PIL import Image
 
-from mllm_sparse.images import ImageLoadError, denormalize, load_image
+from mllm_sparse.images import denormalize, load_image
 from mllm_sparse.visualize import draw_boxes
 
-from .chat import ChatEngine
+from .chat import ChatEngine, ChatReply
 from .conversation import TEMPLATES
 from .token_regions import answer_attention, image_token_regions
 
@@ -55,9 +55,8 @@ def regions_picture(engine: ChatEngine, image: Image.Image, weights: torch.Tenso
     return draw_boxes(seen, regions, weights=weights)
 
 
-def describe_timings(engine: ChatEngine, image_share: float | None = None) -> str:
-    """One line: the image tokens and each stage's time of the latest answer."""
-    reply = engine.last_reply
+def describe_timings(engine: ChatEngine, reply: ChatReply | None = None, image_share: float | None = None) -> str:
+    """One line: the image tokens and each stage's time of `reply` (the answer just given)."""
     parts = [f"{engine.num_image_tokens} image tokens"]
     if reply is not None:
         t = reply.timings
@@ -70,11 +69,16 @@ def describe_timings(engine: ChatEngine, image_share: float | None = None) -> st
 
 class DemoSessions:
     """The demo's logic, free of Gradio: one `ChatEngine` shared by every session, a lock so that one session uses it
-    at a time, and each session's `Conversation` kept by the caller."""
+    at a time, and each session's `Conversation` kept by the caller.
 
-    def __init__(self, engine: ChatEngine, max_new_tokens: int = 64):
+    Args:
+        engine: the model.
+        **generate_kwargs: `generate` keywords for every answer (default `max_new_tokens=64`).
+    """
+
+    def __init__(self, engine: ChatEngine, **generate_kwargs):
         self.engine = engine
-        self.max_new_tokens = max_new_tokens
+        self.generate_kwargs = {"max_new_tokens": 64, **generate_kwargs}
         self.lock = threading.Lock()
 
     def open_image(self, path: str | Path) -> tuple[Conversation, Image.Image]:
@@ -84,32 +88,40 @@ class DemoSessions:
             return Conversation(image=image), regions_picture(self.engine, image)
 
     def ask(self, conversation: Conversation, message: str, attention: bool = False) -> Iterator[dict[str, Any]]:
-        """Answer `message` in `conversation`, streamed: yields {"answer": text so far} as tokens arrive, then once
-        more with "done": True, the timings line and (with `attention`) the regions picture weighted by it. The
-        conversation gains both turns once the answer is complete."""
+        """Answer `message` in `conversation`, streamed: yields {"answer": text so far} before the first token and as
+        tokens arrive, then once more with "done": True, the timings line and (with `attention`) the regions picture
+        weighted by it. The conversation gains both turns once the answer is complete, and is left as it was if
+        answering fails.
+
+        The engine stays locked until the iterator is exhausted or closed (Gradio closes the ones it abandons); a
+        caller that stops early must `close()` it, or other sessions wait.
+        """
         message = message.strip()
         if not message:
             raise ValueError("Type a question first")
         engine = self.engine
+        yield {"answer": "", "done": False}  # the question shows at once, also while another session holds the engine
         with self.lock:
             engine.conversation = [dict(t) for t in conversation.turns]
             engine.image = conversation.image if conversation.turns else None
             first_image = conversation.image if not conversation.turns else None
             answer = ""
-            for piece in engine.stream(message, first_image, max_new_tokens=self.max_new_tokens):
+            for piece in engine.stream(message, first_image, **self.generate_kwargs):
                 answer += piece
                 yield {"answer": answer, "done": False}
-            conversation.turns = [dict(t) for t in engine.conversation]
+            reply = engine.last_reply
+            turns = [dict(t) for t in engine.conversation]
             picture, share = None, None
             if attention and conversation.image is not None:
                 record = engine.record()
                 record["conversations"] = record["conversations"][:-1]  # up to the question just answered
                 weights = answer_attention(engine, record, conversation.image)
                 picture, share = regions_picture(engine, conversation.image, weights.per_token), weights.image_share
+            conversation.turns = turns
             yield {
-                "answer": engine.last_reply.text,
+                "answer": reply.text,
                 "done": True,
-                "timings": describe_timings(engine, share),
+                "timings": describe_timings(engine, reply, share),
                 "picture": picture,
             }
 
@@ -123,21 +135,23 @@ def build_app(sessions: DemoSessions, title: str = "mllm-sparse chat"):
             return None, [], Conversation(), ""
         try:
             conversation, picture = sessions.open_image(path)
-        except (ImageLoadError, FileNotFoundError, ValueError) as err:
+        except Exception as err:  # shown on the page; the session keeps its previous state
             raise gr.Error(str(err)) from err
         return picture, [], conversation, describe_timings(sessions.engine)
 
     def on_send(message: str, history: list, conversation: Conversation, attention: bool):
-        history = list(history or []) + [{"role": "user", "content": message}]
+        before = list(history or [])
+        asked = before + [{"role": "user", "content": message}]
         try:
             for update in sessions.ask(conversation, message, attention):
-                chat = history + [{"role": "assistant", "content": update["answer"]}]
+                chat = asked + [{"role": "assistant", "content": update["answer"]}]
                 if update["done"]:
                     picture = update["picture"] if update["picture"] is not None else gr.skip()
                     yield chat, "", conversation, picture, update["timings"]
                 else:
                     yield chat, "", conversation, gr.skip(), gr.skip()
-        except (ValueError, TypeError) as err:
+        except Exception as err:  # the chat goes back to what the model has as context; the question stays typed
+            yield before, message, conversation, gr.skip(), gr.skip()
             raise gr.Error(str(err)) from err
 
     def on_clear(conversation: Conversation):
@@ -190,8 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     engine = ChatEngine.from_pretrained(args.model, template=args.template, device=args.device, dtype=args.dtype)
-    app = build_app(DemoSessions(engine, args.max_new_tokens), title=f"mllm-sparse chat: {args.model.name}")
-    app.queue().launch(server_name=args.host, server_port=args.port, share=args.share)
+    app = build_app(DemoSessions(engine, max_new_tokens=args.max_new_tokens), title=f"mllm-sparse chat: {args.model}")
+    app.queue().launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True)
     return 0
 
 

@@ -25,6 +25,7 @@ throughput and every prediction) and `eval_vlm.md` (the tables, also printed).
 from __future__ import annotations
 
 import argparse
+import itertools
 import re
 import string
 import time
@@ -157,11 +158,11 @@ def _load_question_image(item: Question) -> Image.Image | None:
 
 def question_only_prior(train_data: str | Path, rows: Sequence[Mapping]) -> dict[str, Any]:
     """The question-only prior on scored rows: each question answered with the training split's most frequent answer
-    to the same question text, the best exact-match score of a model that ignores the image. A model has learnt to
-    read images only where it beats this.
+    to the same question text, whatever the image. A model has learnt to read images where it beats this; it is the
+    score of a lookup table from question to answer, not a bound on what an image-blind model could learn.
 
     Args:
-        train_data: the LLaVA JSON the model trained on.
+        train_data: the LLaVA JSON the model trained on (a leading system turn is skipped, as `questions` does).
         rows: `evaluate(...)["predictions"]` of some model (the questions and gold answers are what is used).
     Returns:
         `accuracy`, `num_answers` and breakdowns `by_type` / `by_target_size` (as in `evaluate`), and `predictions`.
@@ -173,8 +174,9 @@ def question_only_prior(train_data: str | Path, rows: Sequence[Mapping]) -> dict
     answers: dict[str, Counter] = defaultdict(Counter)
     for record in read_json(train_data):
         turns = record.get("conversations", [])
-        for human, gpt in zip(turns[0::2], turns[1::2], strict=False):
-            answers[text(human["value"])][gpt["value"]] += 1
+        for asked, answered in itertools.pairwise(turns):
+            if asked.get("from") == "human" and answered.get("from") == "gpt":
+                answers[text(asked["value"])][answered["value"]] += 1
     scored = []
     for row in rows:
         seen = answers.get(text(row["question"]))

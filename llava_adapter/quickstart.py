@@ -1,7 +1,7 @@
 """`mllm-sparse quickstart`: the whole pipeline, end to end, on the built-in synthetic world.
 
     mllm-sparse quickstart                              # ~30 min on 2 CPU cores; a laptop is faster
-    mllm-sparse quickstart --plan smoke --out runs/qs   # ~1 min: checks every stage runs, learns nothing
+    mllm-sparse quickstart --plan smoke --out runs/qs   # ~30 s: checks every stage runs, learns nothing
 
 Stages, each the command a user would run (its `main(argv)`), each writing its own folder under `--out`:
 
@@ -16,16 +16,21 @@ Stages, each the command a user would run (its `main(argv)`), each writing its o
                                                question-only prior; encode / prefill / decode timing
   9. show      where the tokens look on test images (`rois.png`) and a short chat with the final model
 
-A finished stage is not run again, so an interrupted quickstart continues where it stopped (the bootstrap and the
-LLM's pretraining from their last checkpoint). The settings are saved with the run; rerunning into the same `--out`
-with other settings is refused, naming them. `OUT/quickstart.{json,md}` summarise every stage: its output, its time
-and what it reached; the Markdown ends with the commands to go on from here.
+A stage counts as finished once it has returned (`OUT/.done/STAGE`), so rerunning the same command continues an
+interrupted quickstart where it stopped: the bootstrap and the LLM's pretraining from their last checkpoint, any other
+stage from the start (its partial folder is cleared). The settings are saved with the run; a rerun may change those of
+stages not finished yet, and is refused, naming them, if it changes those of a finished one. A new run refuses an
+`--out` that already holds stage folders it did not make. `OUT/quickstart.{json,md}` summarise every stage: its
+output, its time and what it reached; the Markdown ends with the commands to go on from here.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,10 +41,12 @@ import torch
 from PIL import Image
 
 from mllm_sparse.files import atomic_path, read_json, write_json
+from mllm_sparse.images import load_image
 
 from . import recipe
 
 SETTINGS_FILE = "quickstart_settings.json"
+DONE_DIR = ".done"
 TIMES_FILE = "quickstart_times.json"
 REPORT_NAME = "quickstart"
 
@@ -101,65 +108,122 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+STAGES = ("world", "teacher", "encoder", "llm", "vlm", "stage1", "stage2", "eval", "show")
+# Each setting and the first stage whose output it decides (every later stage builds on that one).
+SETTING_STAGE = {
+    "num_images": "world",
+    "seed": "world",
+    "teacher_steps": "teacher",
+    "bootstrap_steps": "encoder",
+    "num_latent_tokens": "encoder",
+    "llm_question_steps": "llm",
+    "llm_record_steps": "llm",
+    "llm": "llm",
+    "vlm_epochs": "stage1",
+    "eval_records": "eval",
+}
+
+
 def settings_of(args: argparse.Namespace) -> dict[str, Any]:
-    """Everything that decides what the stages produce (the plan with its overrides applied)."""
+    """Everything that decides what the stages produce: the plan's sizes with the flags' overrides applied."""
+    from mllm_sparse.synth.generate import split_of
+
     plan = PLANS[args.plan]
     sizes = {f.name: getattr(args, f.name) if getattr(args, f.name) is not None else getattr(plan, f.name)
              for f in dataclasses.fields(Plan)}  # fmt: skip
     for name, value in sizes.items():
         if value < 0 or (value == 0 and name != "eval_records"):
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    if sizes["num_images"] < 10:
-        raise ValueError(f"--num-images must be at least 10 (every split needs images), got {sizes['num_images']}")
-    if args.num_latent_tokens < 1:
-        raise ValueError(f"--num-latent-tokens must be positive, got {args.num_latent_tokens}")
+    train_images = sum(split_of(i, sizes["num_images"]) == "train" for i in range(sizes["num_images"]))
+    if train_images < recipe.BOOTSTRAP_BATCH_SIZE:
+        raise ValueError(
+            f"--num-images {sizes['num_images']} leaves {train_images} training images, fewer than the bootstrap's "
+            f"batch of {recipe.BOOTSTRAP_BATCH_SIZE}; use at least 80"
+        )
+    for flag, value in (("--num-latent-tokens", args.num_latent_tokens), ("--threads", args.threads)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be positive, got {value}")
     if args.llm is not None and not (args.llm / "config.json").is_file():
         raise FileNotFoundError(f"--llm {args.llm}: no config.json there (a causal LM folder is expected)")
     return {
-        "plan": args.plan,
         **sizes,
         "num_latent_tokens": args.num_latent_tokens,
-        "llm": None if args.llm is None else str(args.llm),
+        "llm": None if args.llm is None else str(args.llm.resolve()),
         "seed": args.seed,
     }
 
 
-def check_settings(out: Path, settings: dict[str, Any]) -> None:
-    """Save the settings of a new run; refuse to continue a run made with other settings."""
-    path = out / SETTINGS_FILE
-    if not path.is_file():
-        write_json(path, settings)
-        return
-    before = read_json(path)
-    changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
-    if changed:
-        listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
-        raise ValueError(
-            f"{out} holds a quickstart made with other settings ({listed}); its finished stages would not match. "
-            f"Use another --out, or the same settings to continue it."
-        )
-
-
 class Stages:
-    """Runs each stage unless its output is already there, and keeps every stage's time in OUT/quickstart_times.json
-    (so a continued run still reports the time of stages finished before)."""
+    """Runs each stage unless it finished before (`OUT/.done/STAGE`), and keeps every stage's time in
+    OUT/quickstart_times.json (so a continued run still reports the time of stages finished before)."""
 
     def __init__(self, out: Path):
         self.out = out
         self.times: dict[str, float] = read_json(out / TIMES_FILE) if (out / TIMES_FILE).is_file() else {}
 
-    def run(self, name: str, done: Path, command: Callable[[], Any]) -> None:
-        if done.exists():
-            print(f"[quickstart] {name}: done earlier ({done})", flush=True)
+    def marker(self, name: str) -> Path:
+        return self.out / DONE_DIR / name
+
+    def finished(self) -> list[str]:
+        return [name for name in STAGES if self.marker(name).is_file()]
+
+    def run(self, name: str, folder: Path, command: Callable[[], Any], resumable: bool = False) -> None:
+        """Run stage `name` into `folder` unless it finished before. A non-resumable stage's partial folder (from an
+        interrupted run) is cleared first; a resumable one continues from its checkpoints."""
+        if self.marker(name).is_file():
+            print(f"[quickstart] {name}: done earlier ({folder})", flush=True)
             return
+        if not resumable and folder.exists():
+            shutil.rmtree(folder)
         print(f"[quickstart] {name} ...", flush=True)
         start = time.perf_counter()
-        command()
-        if not done.exists():
-            raise RuntimeError(f"quickstart stage {name!r} finished without writing {done}")
+        try:
+            command()
+        except BaseException:
+            print(
+                f"[quickstart] stage {name} stopped ({folder}); once fixed, the same command continues from here",
+                file=sys.stderr,
+                flush=True,
+            )
+            raise
         self.times[name] = round(time.perf_counter() - start, 1)
         write_json(self.out / TIMES_FILE, self.times)
+        write_json(self.marker(name), {"seconds": self.times[name]})
         print(f"[quickstart] {name}: {self.times[name]:.0f} s", flush=True)
+
+
+def check_settings(out: Path, settings: dict[str, Any]) -> None:
+    """Save the settings of a new run, or of a continued one whose changes touch only unfinished stages; refuse the
+    rest, naming the settings."""
+    path = out / SETTINGS_FILE
+    if not path.is_file():
+        foreign = [name for name in STAGES if (out / name).exists()]
+        if foreign:
+            raise ValueError(
+                f"{out} already holds {', '.join(foreign)} but no quickstart settings: not a quickstart folder, or "
+                "one made by another version. Use a new --out."
+            )
+        write_json(path, settings)
+        return
+    before = read_json(path)
+    finished = set(Stages(out).finished())
+    changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
+    blocked = {}
+    for key, (old, new) in changed.items():
+        first = STAGES.index(SETTING_STAGE[key])
+        done = [name for name in STAGES[first:] if name in finished]
+        if done:
+            blocked[key] = (old, new, done[0])
+    if blocked:
+        listed = "; ".join(
+            f"{k} {old!r} -> {new!r} (stage {stage} is done)" for k, (old, new, stage) in blocked.items()
+        )
+        raise ValueError(
+            f"{out} holds a quickstart made with other settings: {listed}. Use another --out, or the same settings to "
+            f"continue it."
+        )
+    if changed:
+        write_json(path, settings)
 
 
 def resume_flag(folder: Path) -> list[str]:
@@ -170,7 +234,7 @@ def resume_flag(folder: Path) -> list[str]:
 
 
 def run_pipeline(args: argparse.Namespace, s: dict[str, Any]) -> dict[str, Path]:
-    """Stages 1-8; the folder of each."""
+    """Every stage, in order; the folder of each."""
     from bootstrap import train as bootstrap_train
     from bootstrap import train_teacher
     from mllm_sparse.synth import cli as synth_cli
@@ -180,120 +244,36 @@ def run_pipeline(args: argparse.Namespace, s: dict[str, Any]) -> dict[str, Path]
 
     out, seed = args.out, str(args.seed)
     threads = [] if args.threads is None else ["--threads", str(args.threads)]
-    paths = {
-        name: out / name for name in ("world", "teacher", "encoder", "llm", "vlm", "stage1", "stage2", "eval", "show")
-    }
+    paths = {name: out / name for name in STAGES}
     if args.llm is not None:
         paths["llm"] = args.llm
+    world, teacher, encoder, llm, vlm = (paths[k] for k in ("world", "teacher", "encoder", "llm", "vlm"))
     stages = Stages(out)
-    world = paths["world"]
-    stages.run(
-        "world",
-        world / "world.json",
-        lambda: synth_cli.main(
-            ["--out", str(world), "--num-images", str(s["num_images"]), "--seed", seed, "--overwrite"]
-        ),
-    )
-    stages.run(
-        "teacher",
-        paths["teacher"] / "zero_shot.json",
-        lambda: train_teacher.main(
-            [
-                "--data",
-                str(world),
-                "--out",
-                str(paths["teacher"]),
-                "--steps",
-                str(s["teacher_steps"]),
-                "--seed",
-                seed,
-                *threads,
-            ]
-        ),  # fmt: skip
-    )
-    encoder = paths["encoder"]
-    stages.run(
-        "encoder",
-        encoder / "bootstrap_report.json",
-        lambda: bootstrap_train.main(
-            recipe.bootstrap_arguments(
-                paths["teacher"],
-                world,
-                encoder,
-                s["num_latent_tokens"],
-                s["bootstrap_steps"],
-                "--cache-teacher",
-                "--save-every",
-                str(max(1, s["bootstrap_steps"] // 4)),
-                "--seed",
-                seed,
-                *resume_flag(encoder),
-            )
-        ),  # fmt: skip
-    )
+    # fmt: off
+    stages.run("world", world, lambda: synth_cli.main(
+        ["--out", str(world), "--num-images", str(s["num_images"]), "--seed", seed]))
+    stages.run("teacher", teacher, lambda: train_teacher.main(
+        ["--data", str(world), "--out", str(teacher), "--steps", str(s["teacher_steps"]), "--seed", seed, *threads]))
+    stages.run("encoder", encoder, lambda: bootstrap_train.main(recipe.bootstrap_arguments(
+        teacher, world, encoder, s["num_latent_tokens"], s["bootstrap_steps"], "--cache-teacher",
+        "--save-every", str(max(1, s["bootstrap_steps"] // 4)), "--seed", seed, *resume_flag(encoder),
+    )), resumable=True)
     if args.llm is None:
-        llm = paths["llm"]
-        total = s["llm_question_steps"] + s["llm_record_steps"]
-        stages.run(
-            "llm",
-            llm / f"{pretrain_llm.REPORT_NAME}.json",
-            lambda: pretrain_llm.main(
-                [
-                    "--data",
-                    str(world),
-                    "--out",
-                    str(llm),
-                    "--question-steps",
-                    str(s["llm_question_steps"]),
-                    "--record-steps",
-                    str(s["llm_record_steps"]),
-                    "--eval-every",
-                    str(min(500, total)),
-                    "--seed",
-                    seed,
-                    *threads,
-                    *resume_flag(llm),
-                ]
-            ),  # fmt: skip
-        )
-    stages.run(
-        "vlm",
-        paths["vlm"] / "config.json",
-        lambda: build_vlm_main(
-            [
-                "--encoder",
-                str(encoder),
-                "--llm",
-                str(paths["llm"]),
-                "--projector",
-                "mlp2x_gelu",
-                "--out",
-                str(paths["vlm"]),
-                "--seed",
-                seed,
-            ]
-        ),  # fmt: skip
-    )
-    for stage, start, lr, projector_lr in (
-        ("stage1", paths["vlm"], 0.0, recipe.STAGE1_PROJECTOR_LR),
-        ("stage2", paths["stage1"], recipe.STAGE2_LR, recipe.STAGE2_LR),
-    ):
-        stages.run(
-            stage,
-            paths[stage] / "config.json",
-            lambda start=start, stage=stage, lr=lr, projector_lr=projector_lr: train.main(
-                recipe.train_vlm_arguments(
-                    start, paths[stage], world, s["vlm_epochs"], lr, projector_lr, seed=args.seed
-                )
-            ),
-        )
-    stages.run(
-        "eval",
-        paths["eval"] / evaluate.JSON_NAME,
-        lambda: evaluate.main(recipe.eval_vlm_arguments(paths["stage2"], world, paths["eval"], s["eval_records"])),
-    )
-    show_dir = paths["show"]
-    stages.run("show", show_dir / "show.json", lambda: show(paths["encoder"], paths["stage2"], world, show_dir))
+        stages.run("llm", llm, lambda: pretrain_llm.main(
+            ["--data", str(world), "--out", str(llm), "--question-steps", str(s["llm_question_steps"]),
+             "--record-steps", str(s["llm_record_steps"]),
+             "--eval-every", str(min(500, s["llm_question_steps"] + s["llm_record_steps"])), "--seed", seed,
+             *threads, *resume_flag(llm)]), resumable=True)
+    stages.run("vlm", vlm, lambda: build_vlm_main(
+        ["--encoder", str(encoder), "--llm", str(llm), "--projector", "mlp2x_gelu", "--out", str(vlm), "--seed", seed]))
+    stages.run("stage1", paths["stage1"], lambda: train.main(recipe.train_vlm_arguments(
+        vlm, paths["stage1"], world, s["vlm_epochs"], 0.0, recipe.STAGE1_PROJECTOR_LR, seed=args.seed)))
+    stages.run("stage2", paths["stage2"], lambda: train.main(recipe.train_vlm_arguments(
+        paths["stage1"], paths["stage2"], world, s["vlm_epochs"], recipe.STAGE2_LR, recipe.STAGE2_LR, seed=args.seed)))
+    stages.run("eval", paths["eval"], lambda: evaluate.main(
+        recipe.eval_vlm_arguments(paths["stage2"], world, paths["eval"], s["eval_records"])))
+    stages.run("show", paths["show"], lambda: show(paths["stage2"], world, paths["show"]))
+    # fmt: on
     return paths
 
 
@@ -301,38 +281,23 @@ def test_records(world: Path) -> list[dict]:
     return [r for r in read_json(world / "llava_test.json") if "image" in r]
 
 
-@torch.no_grad()
-def show(encoder_dir: Path, model_dir: Path, world: Path, out: Path) -> None:
-    """`rois.png`: the encoder's final RoIs on the first test images, side by side; `show.json`: a short chat with the
-    final model about the first of them (its answers next to the gold ones)."""
-    from mllm_sparse.images import denormalize, load_image, preprocess
-    from mllm_sparse.modeling import SparseFormerModel
-    from mllm_sparse.visualize import draw_rois
-
+def show(model_dir: Path, world: Path, out: Path) -> None:
+    """`rois.png`: the final model's image-token regions on the first test images, side by side, as the demo draws
+    them; `show.json`: a short chat with it about the first image (its answers next to the gold ones)."""
     from .chat import ChatEngine
+    from .demo import regions_picture
 
+    engine = ChatEngine.from_pretrained(model_dir, template=recipe.TEMPLATE)
     records = test_records(world)[:SHOW_IMAGES]
-    encoder = SparseFormerModel.from_pretrained(encoder_dir).eval()
-    config = encoder.config
-    pixels = torch.stack(
-        [preprocess(load_image(world / r["image"]), config.image_size, config.image_mean, config.image_std)
-         for r in records]
-    )  # fmt: skip
-    output = encoder(pixels)
-    size = 2 * config.image_size  # drawn larger than the encoder's input so that small RoIs stay visible
-    panels = [
-        draw_rois(denormalize(pixels[i], config.image_mean, config.image_std).resize((size, size)), output, index=i)
-        for i in range(len(records))
-    ]
+    panels = [regions_picture(engine, load_image(world / r["image"])) for r in records]
     gap = 8
-    sheet = Image.new("RGB", ((size + gap) * len(panels) - gap, size), "white")
+    sheet = Image.new("RGB", (sum(p.width + gap for p in panels) - gap, max(p.height for p in panels)), "white")
     for i, panel in enumerate(panels):
-        sheet.paste(panel, (i * (size + gap), 0))
+        sheet.paste(panel, (sum(p.width + gap for p in panels[:i]), 0))
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "rois.png") as tmp:
         sheet.save(tmp, format="PNG")
 
-    engine = ChatEngine.from_pretrained(model_dir, template=recipe.TEMPLATE)
     record = records[0]
     turns = record["conversations"]
     chat = []
@@ -345,23 +310,39 @@ def show(encoder_dir: Path, model_dir: Path, world: Path, out: Path) -> None:
 
 
 def summarise(args: argparse.Namespace, s: dict[str, Any], paths: dict[str, Path]) -> dict[str, Any]:
-    """What each stage reached, read from the reports the stages wrote."""
-    from .evaluate import question_only_prior
+    """What each stage reached, read from the reports the stages wrote (accuracies as fractions)."""
+    from . import evaluate, pretrain_llm
 
-    times = read_json(args.out / TIMES_FILE)
     world = read_json(paths["world"] / "world.json")
     teacher = read_json(paths["teacher"] / "zero_shot.json")
     encoder = read_json(paths["encoder"] / "bootstrap_report.json")["final"]
-    evaluation = read_json(paths["eval"] / "eval_vlm.json")
-    prior = question_only_prior(paths["world"] / "llava_train.json", evaluation["predictions"])
-    llm_report = paths["llm"] / "scene_pretrain.json"
-    llm = read_json(llm_report)["final"] if llm_report.is_file() else None
+    evaluation = read_json(paths["eval"] / evaluate.JSON_NAME)
+    prior = evaluate.question_only_prior(paths["world"] / "llava_train.json", evaluation["predictions"])
+    llm = None
+    if args.llm is None:  # pretrain-llm reports in percent
+        final = read_json(paths["llm"] / f"{pretrain_llm.REPORT_NAME}.json")["final"]
+        llm = {"accuracy": final["accuracy"] / 100, "by_type": {k: v / 100 for k, v in final["by_type"].items()}}
+
+    def accuracies(report: dict) -> dict[str, Any]:
+        return {
+            "accuracy": report["accuracy"],
+            "by_type": {k: v["accuracy"] for k, v in report["by_type"].items()},
+            "by_target_size": {k: v["accuracy"] for k, v in report["by_target_size"].items()},
+        }
+
+    throughput = evaluation["throughput"]
     return {
+        "plan": args.plan,
         "settings": s,
         "folders": {k: str(v) for k, v in paths.items()},
-        "seconds": times,
-        "world": {"splits": world["splits"], "image_size": world.get("image_size")},
-        "teacher": {"model": teacher["model"], "zero_shot_top1": teacher["top1"], "steps": teacher["steps"]},
+        "seconds": read_json(args.out / TIMES_FILE),
+        "world": {"splits": world["splits"]},
+        "teacher": {
+            "model": teacher["model"],
+            "zero_shot_top1": teacher["top1"],
+            "classes": teacher["num_classes"],
+            "steps": teacher["steps"],
+        },
         "encoder": {
             "latent_tokens": s["num_latent_tokens"],
             "zero_shot": encoder.get("zero_shot"),
@@ -370,22 +351,14 @@ def summarise(args: argparse.Namespace, s: dict[str, Any], paths: dict[str, Path
             "teacher_gflops": encoder["teacher_gflops"],
             "teacher_tokens": encoder["teacher_tokens"],
         },
-        "llm": None if llm is None else {"accuracy": llm["accuracy"], "by_type": llm["by_type"]},
+        "llm": llm,
         "vlm": {
-            "image_tokens": evaluation["throughput"]["num_image_tokens"],
-            "accuracy": evaluation["accuracy"],
+            "image_tokens": throughput["num_image_tokens"],
             "answers": evaluation["num_answers"],
-            "by_type": {k: v["accuracy"] for k, v in evaluation["by_type"].items()},
-            "by_target_size": {k: v["accuracy"] for k, v in evaluation["by_target_size"].items()},
-            "prior": {
-                "accuracy": prior["accuracy"],
-                "by_type": {k: v["accuracy"] for k, v in prior["by_type"].items()},
-                "by_target_size": {k: v["accuracy"] for k, v in prior["by_target_size"].items()},
-            },
+            **accuracies(evaluation),
+            "prior": accuracies(prior),
             "throughput": {
-                k: evaluation["throughput"][k]
-                for k in ("device", "encode_ms_per_image", "mean_prefill_s", "answers_per_s")
-                if k in evaluation["throughput"]
+                k: throughput[k] for k in ("device", "encode_ms_per_image", "mean_prefill_s", "answers_per_s")
             },
         },
         "show": read_json(paths["show"] / "show.json"),
@@ -393,42 +366,43 @@ def summarise(args: argparse.Namespace, s: dict[str, Any], paths: dict[str, Path
 
 
 def to_markdown(r: dict[str, Any]) -> str:
-    s, t, enc, vlm = r["settings"], r["seconds"], r["encoder"], r["vlm"]
-    folders = r["folders"]
+    t, enc, vlm, teacher, folders = r["seconds"], r["encoder"], r["vlm"], r["teacher"], r["folders"]
 
     def pct(x: float | None) -> str:
         return "n/a" if x is None else f"{100 * x:.1f}%"
 
-    def secs(stage: str) -> str:
-        return f"{t[stage]:.0f}" if stage in t else "n/a"
-
     zero_shot = enc["zero_shot"] or {}
+    cosine = "n/a" if enc["held_out_cosine"] is None else f"{enc['held_out_cosine']:.3f}"
     sizes = [k for k in ("small", "medium", "large") if k in vlm["by_target_size"]]
-    first_question = r["show"]["chat"][0]["question"]
-    llm = r["llm"]
-    rows = [
-        ("world", f"{sum(v['images'] for v in r['world']['splits'].values())} images, "
-                  f"{r['world']['splits']['train']['records']} training conversations"),
-        ("teacher", f"`{r['teacher']['model']}`, zero-shot top-1 {pct(r['teacher']['zero_shot_top1'])} over the 48 "
-                    f"classes"),
-        ("encoder", f"SparseFormer, {enc['latent_tokens']} latent tokens (teacher: {enc['teacher_tokens']}); zero-shot "
-                    f"{pct(zero_shot.get('student'))} (retention {pct(zero_shot.get('retention'))}), held-out cosine "
-                    + ("n/a" if enc["held_out_cosine"] is None else f"{enc['held_out_cosine']:.3f}")),
-        ("llm", "given (--llm)" if llm is None else f"scene-pretrained tiny Llama, {llm['accuracy']:.1f}% on the test "
-                f"questions given ground-truth object tokens"),
-        ("vlm", f"LLaVA: {vlm['image_tokens']} image tokens, mlp2x_gelu projector"),
-        ("stage1", "projector trained, LLM frozen"),
-        ("stage2", "LLM and projector trained"),
-        ("eval", f"**{pct(vlm['accuracy'])}** of {vlm['answers']} answers (question-only prior "
-                 f"{pct(vlm['prior']['accuracy'])})"),
-        ("show", "`rois.png`, a chat (below)"),
-    ]  # fmt: skip
+    llm = "given (`--llm`)" if r["llm"] is None else (
+        f"scene-pretrained tiny Llama: {pct(r['llm']['accuracy'])} of the test questions given one ground-truth token "
+        "per object"
+    )  # fmt: skip
+    splits = r["world"]["splits"]
+    results = {
+        "world": f"{sum(v['images'] for v in splits.values())} images, {splits['train']['records']} training "
+        "conversations",
+        "teacher": f"`{teacher['model']}`: zero-shot top-1 {pct(teacher['zero_shot_top1'])} over {teacher['classes']} "
+        "classes",
+        "encoder": f"SparseFormer with {enc['latent_tokens']} latent tokens (the teacher ViT has "
+        f"{enc['teacher_tokens']}, CLS included): zero-shot {pct(zero_shot.get('student'))}, "
+        f"retention {pct(zero_shot.get('retention'))}, held-out cosine {cosine}",
+        "llm": llm,
+        "vlm": f"stock LLaVA: {vlm['image_tokens']} image tokens, mlp2x_gelu projector",
+        "stage1": "the projector trained, the LLM frozen",
+        "stage2": "the LLM and the projector trained",
+        "eval": f"**{pct(vlm['accuracy'])}** of {vlm['answers']} answers (question-only prior "
+        f"{pct(vlm['prior']['accuracy'])})",
+        "show": "`rois.png`: where the image tokens look; a chat (below)",
+    }
+    image, question = r["show"]["image"], r["show"]["chat"][0]["question"]
     lines = [
-        f"# Quickstart (`--plan {s['plan']}`)",
+        f"# Quickstart (`--plan {r['plan']}`)",
         "",
         "| stage | folder | seconds | result |",
         "|---|---|---:|---|",
-        *[f"| {name} | `{folders[name]}` | {secs(name)} | {text} |" for name, text in rows],
+        *[f"| {k} | `{folders[k]}` | {t[k]:.0f} | {v} |" if k in t else f"| {k} | `{folders[k]}` | n/a | {v} |"
+          for k, v in results.items()],
         "",
         f"Total: {sum(t.values()) / 60:.1f} min.",
         "",
@@ -436,35 +410,31 @@ def to_markdown(r: dict[str, Any]) -> str:
         "",
         "| | all | " + " | ".join(vlm["by_type"]) + " | " + " | ".join(f"{k} objects" for k in sizes) + " |",
         "|---|---:|" + "---:|" * (len(vlm["by_type"]) + len(sizes)),
-        *[
-            f"| {name} | {pct(row['accuracy'])} | "
-            + " | ".join(pct(row["by_type"].get(k)) for k in vlm["by_type"])
-            + " | "
-            + " | ".join(pct(row["by_target_size"].get(k)) for k in sizes)
-            + " |"
-            for name, row in (("VLM", vlm), ("question-only prior", vlm["prior"]))
-        ],
+        *[f"| {name} | {pct(row['accuracy'])} | " + " | ".join(pct(row["by_type"].get(k)) for k in vlm["by_type"])
+          + " | " + " | ".join(pct(row["by_target_size"].get(k)) for k in sizes) + " |"
+          for name, row in (("VLM", vlm), ("question-only prior", vlm["prior"]))],
         "",
         "The prior answers each question with its most frequent training answer: above it, the VLM reads the image.",
         "",
-        f"## A chat about `{r['show']['image']}`",
+        f"## A chat about `{image}`",
         "",
         *[f"- *{c['question']}* → **{c['answer'] or '(nothing)'}** (gold: {c['gold']})" for c in r["show"]["chat"]],
         "",
         "## From here",
         "",
         "```bash",
-        f"uv run mllm-sparse inspect {folders['encoder']} --image {r['show']['image']} --points --out roi.png",
+        f"uv run mllm-sparse demo --model {folders['stage2']} --template {recipe.TEMPLATE}    # chat in the browser",
         f"uv run mllm-sparse eval-vlm --model {folders['stage2']} --data {folders['world']}/llava_test.json "
         f"--image_folder {folders['world']} --template {recipe.TEMPLATE}",
+        f"uv run mllm-sparse inspect {folders['encoder']} --image {image} --points --out roi.png",
         "```",
         "",
         "```python",
         "from llava_adapter.chat import ChatEngine",
-        f'engine = ChatEngine.from_pretrained("{folders["stage2"]}", template="{recipe.TEMPLATE}")',
-        f'print(engine.chat("{first_question}", image="{r["show"]["image"]}").text)',
+        f"engine = ChatEngine.from_pretrained({json.dumps(folders['stage2'])}, template={json.dumps(recipe.TEMPLATE)})",
+        f"print(engine.chat({json.dumps(question)}, image={json.dumps(image)}).text)",
         "```",
-    ]
+    ]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

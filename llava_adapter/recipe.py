@@ -57,6 +57,7 @@ def train_vlm_arguments(
     epochs: float,
     lr: float,
     projector_lr: float,
+    *,
     batch_size: int = VLM_BATCH_SIZE,
     seed: int = 0,
 ) -> list[str]:

@@ -24,12 +24,22 @@ from .towers import PooledVisionConfig, layer_has_cls
 WHOLE_IMAGE = (0.0, 0.0, 1.0, 1.0)
 
 
-def grid_boxes(side: int) -> Tensor:
-    """[side², 4] the cells of a side × side grid over the image, row-major (ViT patch order), normalised x1y1x2y2."""
-    edges = torch.linspace(0, 1, side + 1)
-    y1, x1 = torch.meshgrid(edges[:-1], edges[:-1], indexing="ij")
-    y2, x2 = torch.meshgrid(edges[1:], edges[1:], indexing="ij")
-    return torch.stack([x1, y1, x2, y2], dim=-1).reshape(-1, 4)
+def grid_boxes(side: int, patches: int | None = None) -> Tensor:
+    """[side², 4] the cells of a side × side grid over the image, row-major (ViT patch order), normalised x1y1x2y2.
+
+    With `patches`, the cells are those `adaptive_avg_pool2d` pools a patches × patches grid into: cell i spans
+    patches floor(i·patches/side) to ceil((i+1)·patches/side), so where side does not divide patches the cells are
+    uneven and overlap (14 → 4: patches 0-3, 3-6, 7-10, 10-13).
+    """
+    index = torch.arange(side)
+    if patches is None:
+        start, end = index / side, (index + 1) / side
+    else:
+        start = torch.div(index * patches, side, rounding_mode="floor") / patches
+        end = torch.div((index + 1) * patches + side - 1, side, rounding_mode="floor") / patches
+    y1, x1 = torch.meshgrid(start, start, indexing="ij")
+    y2, x2 = torch.meshgrid(end, end, indexing="ij")
+    return torch.stack([x1, y1, x2, y2], dim=-1).reshape(-1, 4).float()
 
 
 @torch.no_grad()
@@ -60,12 +70,13 @@ def image_token_regions(model, pixel_values: Tensor) -> Tensor:
         regions = torch.cat([*first, rois], dim=1)
     else:
         if isinstance(vision, PooledVisionConfig):
-            side, has_cls = math.isqrt(vision.num_tokens), True
+            patches = vision.vision_config.image_size // vision.vision_config.patch_size
+            cells, has_cls = grid_boxes(math.isqrt(vision.num_tokens), patches), True
         elif isinstance(vision, (CLIPVisionConfig, SiglipVisionConfig)):
-            side, has_cls = vision.image_size // vision.patch_size, isinstance(vision, CLIPVisionConfig)
+            cells, has_cls = grid_boxes(vision.image_size // vision.patch_size), isinstance(vision, CLIPVisionConfig)
         else:
             raise ValueError(f"image_token_regions: unsupported vision tower {type(vision).__name__}")
-        cells = grid_boxes(side).expand(batch, -1, -1)
+        cells = cells.expand(batch, -1, -1)
         regions = torch.cat([whole, cells], dim=1) if keep_first and has_cls else cells
     if regions.shape[1] != config.image_seq_length:
         raise ValueError(
@@ -99,16 +110,15 @@ def answer_attention(engine, record: Mapping, image) -> AnswerAttention:
     """
     model = engine.model
     ids = torch.tensor([engine.prompt_ids(record)], device=engine.device)
-    tower = model.model.vision_tower
-    pixels = engine.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
-    pixels = pixels.to(engine.device, next(tower.parameters()).dtype)
+    features, _ = engine.encode_images([image])  # the tower runs apart, so output_attentions reaches the LLM only
     language_model = model.model.language_model
     implementation = language_model.config._attn_implementation
     language_model.set_attn_implementation("eager")
     try:
-        attentions = model(input_ids=ids, pixel_values=pixels, output_attentions=True).attentions
+        out = model(input_ids=ids, mm_encoder_outputs={"image": features}, output_attentions=True)
     finally:
         language_model.set_attn_implementation(implementation)
+    attentions = out.attentions
     last = torch.stack([a[0, :, -1, :].float() for a in attentions]).mean(dim=(0, 1))  # [L]
     on_image = last[ids[0] == engine.image_token_id].cpu()
     share = float(on_image.sum())

@@ -76,6 +76,26 @@ def test_vit_and_pooled_regions_are_their_grid_cells(tokenizer, tower, side):
     torch.testing.assert_close(regions, grid_boxes(side).expand(3, -1, -1))
 
 
+def test_pooled_regions_are_the_patches_each_pooled_token_averages():
+    """14 × 14 patches pooled to 4 × 4 (the pooled-16 baseline on a 196-patch teacher): the bins are uneven and
+    overlap; a patch lies inside a pooled token's box exactly when it contributes to that token."""
+    clip = CLIPVisionConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                            image_size=112, patch_size=8)  # fmt: skip
+    tower = PooledVisionModel(PooledVisionConfig(clip, num_tokens=16))
+    one_hot = torch.eye(196).unsqueeze(0)  # patch p carries feature p
+    pooled = tower.pool(torch.cat([torch.zeros(1, 1, 196), one_hot], dim=1))[0, 1:]  # [16 tokens, 196 patches]
+    centres = (grid_boxes(14)[:, :2] + grid_boxes(14)[:, 2:]) / 2
+    boxes = grid_boxes(4, patches=14)
+    inside = (
+        (centres[None, :, 0] > boxes[:, None, 0])
+        & (centres[None, :, 0] < boxes[:, None, 2])
+        & (centres[None, :, 1] > boxes[:, None, 1])
+        & (centres[None, :, 1] < boxes[:, None, 3])
+    )
+    assert torch.equal(inside, pooled > 0)
+    assert not torch.allclose(boxes, grid_boxes(4))
+
+
 @pytest.fixture(scope="module")
 def vlm_dir(tokenizer, tmp_path_factory) -> Path:
     return save_tiny_vlm(tokenizer, tmp_path_factory.mktemp("vlm"))
@@ -111,26 +131,41 @@ def test_answer_attention_matches_an_eager_model_and_restores_sdpa(engine, vlm_d
 def test_regions_picture_shows_the_model_input_large_enough(engine):
     picture = regions_picture(engine, scene((120, 40)))  # padded to a square, as the processor does
     assert picture.width == picture.height >= 448
-    weighted = regions_picture(engine, scene(), weights=torch.arange(15.0))
+    weighted = regions_picture(engine, scene(), weights=torch.arange(float(engine.num_image_tokens)))
     assert weighted.tobytes() != regions_picture(engine, scene()).tobytes()
 
 
 def test_sessions_keep_their_own_conversations(engine, tmp_path):
     path = tmp_path / "scene.png"
     scene().save(path)
-    sessions = DemoSessions(engine, max_new_tokens=GEN["max_new_tokens"])
+    sessions = DemoSessions(engine, **GEN)
     first, _ = sessions.open_image(path)
     other, _ = sessions.open_image(path)
-    updates = list(sessions.ask(first, "What colour is the square?", attention=True))
-    assert updates[-1]["done"] and updates[-1]["picture"] is not None and "attention" in updates[-1]["timings"]
-    assert all(not u["done"] for u in updates[:-1])
-    assert [t["from"] for t in first.turns] == ["human", "gpt"] and other.turns == []
+    questions = ["What colour is the square?", "And the other one?"]
+    a1 = list(sessions.ask(first, questions[0], attention=True))
+    b1 = list(sessions.ask(other, questions[0]))
+    a2 = list(sessions.ask(first, questions[1]))
+    assert a1[0] == {"answer": "", "done": False} and all(not u["done"] for u in a1[:-1])
+    assert a1[-1]["done"] and a1[-1]["picture"] is not None and "attention" in a1[-1]["timings"]
+    assert b1[-1]["picture"] is None and "attention" not in b1[-1]["timings"]
+    assert [t["from"] for t in first.turns] == ["human", "gpt"] * 2 and len(other.turns) == 2
 
     engine.reset()
-    expected = engine.chat("What colour is the square?", image=scene(), max_new_tokens=GEN["max_new_tokens"]).text
-    assert updates[-1]["answer"] == expected
+    expected = [engine.chat(questions[0], image=scene(), **GEN).text, engine.chat(questions[1], **GEN).text]
+    assert [a1[-1]["answer"], a2[-1]["answer"]] == expected  # B's turn in between did not leak into A's context
+    assert b1[-1]["answer"] == expected[0]
     with pytest.raises(ValueError, match="Type a question"):
         list(sessions.ask(first, "   "))
+
+
+def test_a_failed_answer_leaves_the_conversation_as_it_was(engine, tmp_path):
+    path = tmp_path / "scene.png"
+    scene().save(path)
+    sessions = DemoSessions(engine, max_new_tokens=600)  # beyond the tiny LLM's 512 positions
+    conversation, _ = sessions.open_image(path)
+    with pytest.raises(ValueError, match="beyond the LLM's 512 positions"):
+        list(sessions.ask(conversation, "What colour is the square?"))
+    assert conversation.turns == [] and not sessions.lock.locked()
 
 
 def free_port() -> int:
@@ -142,7 +177,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def server(engine):
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    app = build_app(DemoSessions(engine, max_new_tokens=GEN["max_new_tokens"]))
+    app = build_app(DemoSessions(engine, **GEN))
     port = free_port()
     app.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, show_error=True)
     yield f"http://127.0.0.1:{port}/"
@@ -156,7 +191,7 @@ def test_the_served_demo_chats_over_several_turns_like_the_engine(server, engine
     scene().save(path)
     client = Client(server, verbose=False, analytics_enabled=False, download_files=str(tmp_path / "downloads"))
     picture, chat, timings = client.predict(handle_file(str(path)), api_name="/image")
-    assert Image.open(picture).width >= 448 and chat == [] and "15 image tokens" in timings
+    assert Image.open(picture).width >= 448 and chat == [] and timings == f"{engine.num_image_tokens} image tokens"
 
     questions = ["What colour is the square?", "And the other one?"]
     history = []
@@ -166,8 +201,7 @@ def test_the_served_demo_chats_over_several_turns_like_the_engine(server, engine
     answers = [m["content"] for m in history if m["role"] == "assistant"]
 
     engine.reset()
-    expected = [engine.chat(questions[0], image=scene(), max_new_tokens=GEN["max_new_tokens"]).text]
-    expected.append(engine.chat(questions[1], max_new_tokens=GEN["max_new_tokens"]).text)
+    expected = [engine.chat(questions[0], image=scene(), **GEN).text, engine.chat(questions[1], **GEN).text]
     assert [a if isinstance(a, str) else a[0]["text"] for a in answers] == expected
 
     chat, timings = client.predict(api_name="/clear")
