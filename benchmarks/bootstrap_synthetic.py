@@ -21,7 +21,13 @@ from pathlib import Path
 from results_io import RESULTS, machine, write_results
 
 from bootstrap.train import main as bootstrap_main
-from llava_adapter.recipe import BOOTSTRAP_BATCH_SIZE, BOOTSTRAP_LR, REGION_DISTILL_WEIGHT, bootstrap_arguments
+from llava_adapter.recipe import (
+    BOOTSTRAP_BATCH_SIZE,
+    BOOTSTRAP_LR,
+    REGION_DISTILL_WEIGHT,
+    bootstrap_arguments,
+    teacher_spec,
+)
 
 
 def run(args, out: Path, num_latent: int, steps: int, *extra: str, cache: Path | None = None) -> dict:
@@ -32,7 +38,7 @@ def run(args, out: Path, num_latent: int, steps: int, *extra: str, cache: Path |
         shutil.copy(cache, out / cache.name)
     bootstrap_main(
         bootstrap_arguments(
-            args.teacher,
+            teacher_spec(args.teacher),
             args.world,
             out,
             num_latent,

@@ -3,62 +3,39 @@
     uv run python benchmarks/vlm_synthetic.py --eval-limit 800  # after synthetic_world.py, bootstrap_synthetic.py
                                                                 # and mllm-sparse pretrain-llm
     uv run python benchmarks/vlm_synthetic.py --epochs 0.05 --stage2-epochs 0.05 --eval-limit 40 \
-        --work runs/vlm_smoke                                   # a smoke run
+        --work runs/vlm_smoke --out-dir /tmp/vlm_smoke          # a smoke run
 
-Arms, each a stock `LlavaForConditionalGeneration` built by `mllm-sparse build-vlm` with the same LLM (by default
-the scene-pretrained tiny Llama of `mllm-sparse pretrain-llm`, the world's stand-in for Vicuna) and an `mlp2x_gelu`
-projector, trained by `scripts/train_vlm.py` on the world's `llava_train.json` with the same data, steps and
-schedule in LLaVA's two stages (stage 1: the projector only, the LLM frozen; stage 2, from the stage-1 model: LLM
-and projector; the tower frozen throughout), then scored by `mllm-sparse eval-vlm` on `llava_test.json` after each
-stage:
+This is `mllm-sparse ablate` (llava_adapter/ablation.py) on the synthetic world's benchmark setting: the teacher of
+`synthetic_world.py`, the SparseFormers of `bootstrap_synthetic.py` at N = 1/4 and 1/9 of its 196 patch tokens
+(rounded down to a square so that every latent starts on the RoI grid: 49 and 16), and the scene-pretrained tiny
+Llama of `mllm-sparse pretrain-llm`, the world's stand-in for Vicuna. Arms, each a stock `LlavaForConditionalGeneration`
+with the same LLM and an `mlp2x_gelu` projector, trained in LLaVA's two stages with the same data, steps and
+schedule and scored after each:
 
   (a) `vit`:             the teacher ViT's full patch tokens (LLaVA-style, CLS dropped);
-  (b) `sparseformer-N`:  the SparseFormer bootstrapped from that teacher with N latent tokens (N = 1/4 and 1/9,
-                         rounded down to a square so that every latent starts on the RoI grid: 49 and 16 for 196
-                         patches), its CLS token dropped as (a)'s is;
+  (b) `sparseformer-N`:  the SparseFormer bootstrapped from that teacher with N latent tokens, its CLS token dropped;
   (c) `pooled-N`:        the teacher's patch tokens average-pooled to an n×n grid, the same N.
 
-The table opens with the question-only prior: each test question answered with the training split's most frequent
-answer to the same question text, i.e. the best an LLM that ignores the image can do; an arm has learned to read
-the image only where it beats that row.
-
-Each SparseFormer arm is compared with the pooled arm of its N and with (a), and each pooled arm with (a), on the
-same answers: the accuracy difference, overall and by the size of the object asked about, with a 95% interval of a
-cluster bootstrap over test records (`llava_adapter.compare`).
-
-Afterwards every trained arm is loaded side by side and timed on the same test questions, round-robin in one
-process: vision encode, LLM prefill, and time to first token (encode + prefill), batch 1, KV cache on.
-Writes benchmarks/results/vlm_synthetic.{json,md}.
+Reported (see `mllm-sparse ablate`): accuracy by question type and object size next to the question-only prior,
+paired differences with cluster-bootstrap intervals, encode / prefill / time to first token side by side, plots.
+Writes benchmarks/results/vlm_synthetic.{json,md} and vlm_synthetic_{accuracy,speed}.png.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
-import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import torch
 from results_io import RESULTS, machine, write_results
 
+from llava_adapter import ablation
 from llava_adapter.llms import TINY_LLMS
-from llava_adapter.recipe import (
-    STAGE1_PROJECTOR_LR,
-    STAGE2_LR,
-    TEMPLATE,
-    VLM_BATCH_SIZE,
-    eval_vlm_arguments,
-    teacher_spec,
-    train_vlm_arguments,
-)
-from mllm_sparse.files import read_json
+from llava_adapter.recipe import STAGE1_PROJECTOR_LR, STAGE2_LR, VLM_BATCH_SIZE, teacher_spec
 
 ROOT = Path(__file__).resolve().parent.parent
+NAME = "vlm_synthetic"
 
 
 def add_arm_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,166 +59,19 @@ def add_arm_arguments(parser: argparse.ArgumentParser) -> None:
 
 def arms(args) -> dict[str, list[str]]:
     """Arm name → the `build-vlm` tower arguments."""
-    teacher = teacher_spec(args.teacher)
-    out = {"vit": ["--encoder", teacher]}
-    for spec in args.students:
-        tokens, _, folder = spec.partition("=")
-        out[f"sparseformer-{tokens}"] = ["--encoder", folder]
-        out[f"pooled-{tokens}"] = ["--encoder", teacher, "--pool-tokens", tokens]
-    return out
-
-
-def run(command: list[str], log: Path) -> float:
-    """Run a pipeline command as a user would (its own process); seconds taken. Output goes to `log`."""
-    start = time.perf_counter()
-    with log.open("w") as f:
-        done = subprocess.run(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env={**os.environ})
-    if done.returncode:
-        raise RuntimeError(f"{' '.join(command[:4])} ... failed ({done.returncode}); see {log}")
-    return time.perf_counter() - start
+    budgets = [int(spec.partition("=")[0]) for spec in args.students]
+    encoders = {int(n): folder for n, _, folder in (spec.partition("=") for spec in args.students)}
+    settings = {"teacher": teacher_spec(args.teacher), "budgets": budgets, "baselines": list(ablation.BASELINES)}
+    return ablation.arm_towers(settings, encoders)
 
 
 def build_arm(args, tower_args: list[str], base: Path) -> None:
     """`build-vlm` an arm's untrained VLM (tower, `mlp2x_gelu` projector, `args.llm`) into `base` unless there."""
+    from llava_adapter.build_vlm import main as build_vlm_main
+
     if not (base / "config.json").is_file():
-        base.parent.mkdir(parents=True, exist_ok=True)
-        run(
-            [sys.executable, "-m", "mllm_sparse.cli", "build-vlm", *tower_args, "--llm", args.llm, "--tokenizer-corpus",
-             str(args.world), "--projector", "mlp2x_gelu", "--out", str(base), "--seed", "0"],
-            base.parent / "build.log",
-        )  # fmt: skip
-
-
-def train_stage(args, start: Path, out: Path, log: Path, epochs: float, lr: float, projector_lr: float) -> None:
-    """`scripts/train_vlm.py` from the model in `start` into `out` (unless there): `lr` for the LLM, `projector_lr`
-    for the projector, the tower frozen."""
-    if not (out / "config.json").is_file():
-        command = train_vlm_arguments(start, out, args.world, epochs, lr, projector_lr, batch_size=args.batch_size)
-        run([sys.executable, "scripts/train_vlm.py", *command], log)
-
-
-def evaluate_stage(args, model: Path, evaluation: Path, log: Path, train_log: Path) -> dict:
-    """`mllm-sparse eval-vlm` of `model` on the test split (unless done), summarised with its training run."""
-    if not (evaluation / "eval_vlm.json").is_file():
-        command = eval_vlm_arguments(model, args.world, evaluation, args.eval_limit, progress=False)
-        run([sys.executable, "-m", "mllm_sparse.cli", "eval-vlm", *command], log)
-    report = json.loads((evaluation / "eval_vlm.json").read_text())
-    config = json.loads((model / "config.json").read_text())
-    # The Trainer's closing summary line, e.g. {'train_runtime': '20.61', ..., 'train_loss': '3.513', ...}: read from
-    # the log so that an arm trained by an earlier run still reports its time
-    text = train_log.read_text()
-    runtime = re.findall(r"'train_runtime': '?([0-9.]+)", text)
-    loss = re.findall(r"'train_loss': '?([0-9.]+)", text)
-    return {
-        "image_tokens": config["image_seq_length"],
-        "train_seconds": float(runtime[-1]) if runtime else None,
-        "accuracy": report["accuracy"],
-        "by_type": {k: v["accuracy"] for k, v in report["by_type"].items()},
-        "by_target_size": {k: v["accuracy"] for k, v in report["by_target_size"].items()},
-        "questions": report["num_answers"],
-        "mean_train_loss": float(loss[-1]) if loss else None,
-    }
-
-
-def final_stage(args) -> tuple[str, str]:
-    """(model folder, evaluation folder) of an arm's last stage, inside its work folder."""
-    return ("model_stage2", "eval_stage2") if args.stage2_epochs else ("model", "eval")
-
-
-def train_arm(args, name: str, tower_args: list[str]) -> dict:
-    """Build, train and score one arm: stage 1 (LLM at `--lr`, by default frozen), then, unless `--stage2-epochs 0`,
-    stage 2 from the stage-1 model (LLM and projector at `--stage2-lr`). The result is the last stage's score, with
-    stage 1's under "stage1" when there is a stage 2."""
-    work = args.work / name
-    work.mkdir(parents=True, exist_ok=True)
-    base, model = work / "base", work / "model"
-    build_arm(args, tower_args, base)
-    train_stage(args, base, model, work / "train.log", args.epochs, args.lr, args.projector_lr)
-    stage1 = evaluate_stage(args, model, work / "eval", work / "eval.log", work / "train.log")
-    if not args.stage2_epochs:
-        return stage1
-    (stage2_model, stage2_eval), stage2_log = final_stage(args), work / "train_stage2.log"
-    train_stage(args, model, work / stage2_model, stage2_log, args.stage2_epochs, args.stage2_lr, args.stage2_lr)
-    stage2 = evaluate_stage(args, work / stage2_model, work / stage2_eval, work / "eval_stage2.log", stage2_log)
-    return stage2 | {"train_seconds": (stage1["train_seconds"] or 0) + (stage2["train_seconds"] or 0), "stage1": stage1}
-
-
-SIZES = ("small", "medium", "large")
-
-
-def paired_comparisons(args, names: list[str], evaluation: str) -> list[dict]:
-    """Each SparseFormer arm against the pooled arm of the same N and against (a), and each pooled arm against (a):
-    accuracy differences on the same answers, overall and by the size of the object asked about, each with a 95%
-    cluster-bootstrap interval over test records."""
-    from llava_adapter.compare import paired_difference
-
-    def predictions(name: str) -> list[dict]:
-        return json.loads((args.work / name / evaluation / "eval_vlm.json").read_text())["predictions"]
-
-    pairs = []
-    for name in names:
-        if name.startswith("sparseformer-"):
-            pooled = name.replace("sparseformer-", "pooled-")
-            pairs += [(name, pooled)] if pooled in names else []
-            pairs.append((name, "vit"))
-        elif name.startswith("pooled-"):
-            pairs.append((name, "vit"))
-
-    def compare(a: list[dict], b: list[dict]) -> dict | None:
-        return paired_difference(a, b) if a else None  # None: no question of that kind among the scored ones
-
-    out = []
-    for a, b in pairs:
-        pa, pb = predictions(a), predictions(b)
-        by_size = {
-            size: compare([p for p in pa if p["target_size"] == size], [p for p in pb if p["target_size"] == size])
-            for size in SIZES
-        }
-        out.append({"a": a, "b": b, "all": paired_difference(pa, pb), **by_size})
-    return out
-
-
-def blind_baseline(train_data: Path, scored: list[dict]) -> dict:
-    """The question-only prior (`llava_adapter.evaluate.question_only_prior`) in the shape of an arm's summary."""
-    from llava_adapter.evaluate import question_only_prior
-
-    prior = question_only_prior(train_data, scored)
-    return {
-        "image_tokens": 0,
-        "train_seconds": None,
-        "accuracy": prior["accuracy"],
-        "by_type": {k: v["accuracy"] for k, v in prior["by_type"].items()},
-        "by_target_size": {k: v["accuracy"] for k, v in prior["by_target_size"].items()},
-        "questions": prior["num_answers"],
-        "mean_train_loss": None,
-    }
-
-
-@torch.no_grad()
-def time_side_by_side(args, names: list[str]) -> dict:
-    """Median encode / prefill / time-to-first-token per arm, the arms interleaved question by question."""
-    from llava_adapter.chat import ChatEngine
-
-    torch.set_num_threads(args.threads)
-    final = final_stage(args)[0]
-    engines = {n: ChatEngine.from_pretrained(args.work / n / final, template=TEMPLATE) for n in names}
-    records = [r for r in read_json(args.world / "llava_test.json") if "image" in r][: args.timing_questions]
-    samples: dict[str, dict[str, list[float]]] = {n: {"encode": [], "prefill": [], "ttft": []} for n in names}
-    for warm in (True, False):
-        for record in records[:2] if warm else records:
-            question = record["conversations"][0]["value"]
-            for name, engine in engines.items():
-                engine.reset()
-                reply = engine.chat(question, args.world / record["image"], max_new_tokens=1)
-                if not warm:
-                    t = reply.timings
-                    samples[name]["encode"].append(t.encode_s)
-                    samples[name]["prefill"].append(t.prefill_s)
-                    samples[name]["ttft"].append(t.encode_s + t.prefill_s)
-    return {
-        n: {f"{k}_ms": statistics.median(v) * 1000 for k, v in s.items()} | {"questions": len(records)}
-        for n, s in samples.items()
-    }
+        build_vlm_main([*tower_args, "--llm", str(args.llm), "--tokenizer-corpus", str(args.world),
+                        "--projector", "mlp2x_gelu", "--out", str(base), "--seed", "0"])  # fmt: skip
 
 
 def llm_origin(llm: str) -> str:
@@ -256,130 +86,21 @@ def llm_origin(llm: str) -> str:
     return "pretrained"
 
 
-def score_table(prior: dict, arms: dict[str, dict]) -> list[str]:
-    """Markdown rows scoring the arms (first the question-only prior), with (a) `vit` as the reference."""
-    types = sorted({t for r in arms.values() for t in r["by_type"]})
-    base = arms["vit"]["accuracy"]
-
-    def percent(x: float | None) -> str:
-        return "n/a" if x is None else f"{x * 100:.1f}%"
-
-    def gain(accuracy: float) -> str:
-        """The arm's gain over the question-only prior as a share of (a)'s gain (n/a if (a) gains nothing)."""
-        return (
-            f"{(accuracy - prior['accuracy']) / (base - prior['accuracy']) * 100:.0f}%"
-            if base > prior["accuracy"]
-            else "n/a"
-        )
-
-    lines = [
-        "| arm | image tokens | accuracy | vs (a) | gain vs (a) | "
-        + " | ".join(types + [f"{s} objects" for s in SIZES])
-        + " | train s |",
-        "|---|---:|---:|---:|---:|" + "---:|" * (len(types) + len(SIZES)) + "---:|",
-    ]
-    for name, r in {"question-only prior": prior, **arms}.items():
-        lines.append(
-            f"| {name} | {r['image_tokens']} | **{percent(r['accuracy'])}** | "
-            + (f"{r['accuracy'] / base * 100:.0f}%" if base else "n/a")
-            + f" | {gain(r['accuracy'])} | "
-            + " | ".join(percent(r["by_type"].get(t)) for t in types)
-            + " | "
-            + " | ".join(percent(r["by_target_size"].get(s)) for s in SIZES)
-            + " | "
-            + ("n/a" if r["train_seconds"] is None else f"{r['train_seconds']:.0f}")
-            + " |"
-        )
-    return lines
-
-
-def paired_table(pairs: list[dict]) -> list[str]:
-    """Markdown rows of `paired_comparisons`: a − b in points [95% interval], bold where the interval excludes 0."""
-
-    def cell(d: dict | None) -> str:
-        if d is None:
-            return "n/a"
-        text = f"{d['difference'] * 100:+.1f} [{d['low'] * 100:+.1f}, {d['high'] * 100:+.1f}]"
-        return f"**{text}**" if d["low"] > 0 or d["high"] < 0 else text
-
-    lines = [
-        "| a | b | all questions | " + " | ".join(f"{s} objects" for s in SIZES) + " |",
-        "|---|---|---:|" + "---:|" * len(SIZES),
-    ]
-    for p in pairs:
-        lines.append(f"| {p['a']} | {p['b']} | " + " | ".join(cell(p[k]) for k in ("all", *SIZES)) + " |")
-    return lines
-
-
-def to_markdown(report: dict) -> str:
-    results, timing = report["arms"], report["timing"]
-    staged = report.get("stage2_epochs")
-    lines = [
-        "# LLaVA pipeline on the synthetic world",
-        "",
-        f"Machine: {report['machine']}. LLM `{report['llm']}` ({report['llm_origin']}). Stage 1: {report['epochs']} "
-        f"epoch(s) of `llava_train.json`, batch {report['batch_size']}, LLM lr {report['lr']} (0: frozen), projector "
-        f"lr {report['projector_lr']}"
-        + (
-            f"; stage 2: {staged} epoch(s) from each stage-1 model, LLM and projector at lr {report['stage2_lr']}"
-            if staged
-            else ""
-        )
-        + f"; the tower frozen. Test questions: {results['vit']['questions']}. *vs (a)*: accuracy as a share of "
-        "(a)'s; *gain vs (a)*: the gain over the question-only prior as a share of (a)'s gain. Last columns: accuracy "
-        "by the size of the object a question asks about.",
-        "",
-    ]
-    if staged:
-        lines += ["## After stage 2 (train s: both stages)", "", *score_table(report["blind"], results), ""]
-        lines += ["## After stage 1", "", *score_table(report["blind"], {n: r["stage1"] for n, r in results.items()})]
-    else:
-        lines += score_table(report["blind"], results)
-    lines += [
-        "",
-        f"## Paired differences{' after stage 2' if staged else ''}",
-        "",
-        "a − b in accuracy points on the same answers, [95% interval] of a cluster bootstrap over test records "
-        "(`llava_adapter.compare`); bold: the interval excludes 0.",
-        "",
-        *paired_table(report["paired"]),
-    ]
-    if staged:
-        lines += ["", "## Paired differences after stage 1", "", *paired_table(report["paired_stage1"])]
-    vit = timing["vit"]
-    lines += [
-        "",
-        f"## Time to first token (batch 1, median of {vit['questions']} questions, arms interleaved in one process)",
-        "",
-        "| arm | image tokens | encode ms | LLM prefill ms | TTFT ms | TTFT vs (a) | prefill vs (a) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for name, t in timing.items():
-        lines.append(
-            f"| {name} | {results[name]['image_tokens']} | {t['encode_ms']:.1f} | {t['prefill_ms']:.1f} | "
-            f"{t['ttft_ms']:.1f} | {t['ttft_ms'] / vit['ttft_ms']:.2f}× | {t['prefill_ms'] / vit['prefill_ms']:.2f}× |"
-        )
-    return "\n".join(lines) + "\n"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arm_arguments(parser)
-    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--epochs", type=float, default=1.0, help="stage 1's epochs")
     parser.add_argument("--batch-size", type=int, default=VLM_BATCH_SIZE)
     parser.add_argument(
         "--lr",
         type=float,
         default=0.0,
-        help="the LLM's learning rate; 0 (default) keeps the scene-pretrained LLM frozen, as LLaVA's stage 1 does; "
-        "use 2e-3 with --llm tiny-llama",
+        help="the LLM's learning rate in stage 1; 0 (default) keeps the scene-pretrained LLM frozen, as LLaVA's "
+        "stage 1 does; use 2e-3 with --llm tiny-llama",
     )
     parser.add_argument("--projector-lr", type=float, default=STAGE1_PROJECTOR_LR)
     parser.add_argument(
-        "--stage2-epochs",
-        type=float,
-        default=1.0,
-        help="epochs of stage 2 from each stage-1 model, LLM and projector trained (LLaVA's fine-tuning); 0: none",
+        "--stage2-epochs", type=float, default=1.0, help="stage 2's epochs (LLM and projector); 0: none"
     )
     parser.add_argument("--stage2-lr", type=float, default=STAGE2_LR, help="stage 2's learning rate, LLM and projector")
     parser.add_argument("--eval-limit", type=int, help="score only the first N test records")
@@ -392,32 +113,26 @@ def main(argv: list[str] | None = None) -> int:
             f"--llm {args.llm}: no LLM there; run `mllm-sparse pretrain-llm --data {args.world} --out {args.llm}` "
             "first, or pass --llm tiny-llama for an LLM trained from scratch"
         )
-    results = {}
-    for name, tower_args in arms(args).items():
-        results[name] = train_arm(args, name, tower_args)
-        print(name, json.dumps(results[name]), flush=True)
-    report = {
-        "machine": machine(),
-        "llm": args.llm,
-        "llm_origin": llm_origin(args.llm),
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "projector_lr": args.projector_lr,
-        "stage2_epochs": args.stage2_epochs,
-        "stage2_lr": args.stage2_lr,
-        "teacher": str(args.teacher),
-        "arms": results,
-        "blind": blind_baseline(
-            args.world / "llava_train.json",
-            json.loads((args.work / "vit" / "eval" / "eval_vlm.json").read_text())["predictions"],
-        ),
-        "paired": paired_comparisons(args, list(results), final_stage(args)[1]),
-        "paired_stage1": paired_comparisons(args, list(results), "eval") if args.stage2_epochs else None,
-        "timing": time_side_by_side(args, list(results)),
-    }
-    write_results(args.out_dir, "vlm_synthetic", report, to_markdown(report))
-    print(to_markdown(report))
+    budgets = [spec.partition("=")[0] for spec in args.students]
+    ablation_argv = [
+        "--world", str(args.world), "--teacher", str(args.teacher), "--llm", str(args.llm), "--budgets", *budgets,
+        "--encoders", *args.students, "--stage1-epochs", str(args.epochs), "--stage2-epochs", str(args.stage2_epochs),
+        "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--projector-lr", str(args.projector_lr),
+        "--stage2-lr", str(args.stage2_lr), "--timing-questions", str(args.timing_questions),
+        "--threads", str(args.threads), "--out", str(args.work),
+        *(["--eval-limit", str(args.eval_limit)] if args.eval_limit else []),
+    ]  # fmt: skip
+    settings = ablation.resolve(ablation.build_parser().parse_args(ablation_argv))
+    torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    ablation.check_settings(args.work, settings)
+    report = ablation.run(settings, args.work)
+    report |= {"machine": machine(), "llm_origin": llm_origin(str(args.llm))}
+    intro = f"Machine: {report['machine']}. The arms' LLM: {report['llm_origin']}."
+    markdown = ablation.to_markdown(report, "LLaVA pipeline on the synthetic world", intro, name=NAME)
+    write_results(args.out_dir, NAME, report, markdown)
+    ablation.plot(report, args.out_dir, name=NAME)
+    print(markdown)
     return 0
 
 

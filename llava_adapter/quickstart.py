@@ -29,10 +29,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shutil
-import sys
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,10 +40,9 @@ from mllm_sparse.files import atomic_path, read_json, write_json
 from mllm_sparse.images import load_image
 
 from . import recipe
+from .pipeline import Stages, resume_flag
 
 SETTINGS_FILE = "quickstart_settings.json"
-DONE_DIR = ".done"
-TIMES_FILE = "quickstart_times.json"
 REPORT_NAME = "quickstart"
 
 
@@ -153,45 +148,6 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-class Stages:
-    """Runs each stage unless it finished before (`OUT/.done/STAGE`), and keeps every stage's time in
-    OUT/quickstart_times.json (so a continued run still reports the time of stages finished before)."""
-
-    def __init__(self, out: Path):
-        self.out = out
-        self.times: dict[str, float] = read_json(out / TIMES_FILE) if (out / TIMES_FILE).is_file() else {}
-
-    def marker(self, name: str) -> Path:
-        return self.out / DONE_DIR / name
-
-    def finished(self) -> list[str]:
-        return [name for name in STAGES if self.marker(name).is_file()]
-
-    def run(self, name: str, folder: Path, command: Callable[[], Any], resumable: bool = False) -> None:
-        """Run stage `name` into `folder` unless it finished before. A non-resumable stage's partial folder (from an
-        interrupted run) is cleared first; a resumable one continues from its checkpoints."""
-        if self.marker(name).is_file():
-            print(f"[quickstart] {name}: done earlier ({folder})", flush=True)
-            return
-        if not resumable and folder.exists():
-            shutil.rmtree(folder)
-        print(f"[quickstart] {name} ...", flush=True)
-        start = time.perf_counter()
-        try:
-            command()
-        except BaseException:
-            print(
-                f"[quickstart] stage {name} stopped ({folder}); once fixed, the same command continues from here",
-                file=sys.stderr,
-                flush=True,
-            )
-            raise
-        self.times[name] = round(time.perf_counter() - start, 1)
-        write_json(self.out / TIMES_FILE, self.times)
-        write_json(self.marker(name), {"seconds": self.times[name]})
-        print(f"[quickstart] {name}: {self.times[name]:.0f} s", flush=True)
-
-
 def check_settings(out: Path, settings: dict[str, Any]) -> None:
     """Save the settings of a new run, or of a continued one whose changes touch only unfinished stages; refuse the
     rest, naming the settings."""
@@ -206,7 +162,8 @@ def check_settings(out: Path, settings: dict[str, Any]) -> None:
         write_json(path, settings)
         return
     before = read_json(path)
-    finished = set(Stages(out).finished())
+    stages = Stages(out, "quickstart")
+    finished = {name for name in STAGES if stages.is_done(name)}
     changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
     blocked = {}
     for key, (old, new) in changed.items():
@@ -226,13 +183,6 @@ def check_settings(out: Path, settings: dict[str, Any]) -> None:
         write_json(path, settings)
 
 
-def resume_flag(folder: Path) -> list[str]:
-    """`--resume` where a stage left checkpoints behind."""
-    from mllm_sparse.training import latest_checkpoint
-
-    return ["--resume"] if latest_checkpoint(folder) is not None else []
-
-
 def run_pipeline(args: argparse.Namespace, s: dict[str, Any]) -> dict[str, Path]:
     """Every stage, in order; the folder of each."""
     from bootstrap import train as bootstrap_train
@@ -248,14 +198,14 @@ def run_pipeline(args: argparse.Namespace, s: dict[str, Any]) -> dict[str, Path]
     if args.llm is not None:
         paths["llm"] = args.llm
     world, teacher, encoder, llm, vlm = (paths[k] for k in ("world", "teacher", "encoder", "llm", "vlm"))
-    stages = Stages(out)
+    stages = Stages(out, "quickstart")
     # fmt: off
     stages.run("world", world, lambda: synth_cli.main(
         ["--out", str(world), "--num-images", str(s["num_images"]), "--seed", seed]))
     stages.run("teacher", teacher, lambda: train_teacher.main(
         ["--data", str(world), "--out", str(teacher), "--steps", str(s["teacher_steps"]), "--seed", seed, *threads]))
     stages.run("encoder", encoder, lambda: bootstrap_train.main(recipe.bootstrap_arguments(
-        teacher, world, encoder, s["num_latent_tokens"], s["bootstrap_steps"], "--cache-teacher",
+        recipe.teacher_spec(teacher), world, encoder, s["num_latent_tokens"], s["bootstrap_steps"], "--cache-teacher",
         "--save-every", str(max(1, s["bootstrap_steps"] // 4)), "--seed", seed, *resume_flag(encoder),
     )), resumable=True)
     if args.llm is None:
@@ -266,12 +216,15 @@ def run_pipeline(args: argparse.Namespace, s: dict[str, Any]) -> dict[str, Path]
              *threads, *resume_flag(llm)]), resumable=True)
     stages.run("vlm", vlm, lambda: build_vlm_main(
         ["--encoder", str(encoder), "--llm", str(llm), "--projector", "mlp2x_gelu", "--out", str(vlm), "--seed", seed]))
+    train_data = world / "llava_train.json"
     stages.run("stage1", paths["stage1"], lambda: train.main(recipe.train_vlm_arguments(
-        vlm, paths["stage1"], world, s["vlm_epochs"], 0.0, recipe.STAGE1_PROJECTOR_LR, seed=args.seed)))
+        vlm, paths["stage1"], train_data, world, s["vlm_epochs"], 0.0, recipe.STAGE1_PROJECTOR_LR, seed=args.seed)))
     stages.run("stage2", paths["stage2"], lambda: train.main(recipe.train_vlm_arguments(
-        paths["stage1"], paths["stage2"], world, s["vlm_epochs"], recipe.STAGE2_LR, recipe.STAGE2_LR, seed=args.seed)))
+        paths["stage1"], paths["stage2"], train_data, world, s["vlm_epochs"], recipe.STAGE2_LR, recipe.STAGE2_LR,
+        seed=args.seed)))
     stages.run("eval", paths["eval"], lambda: evaluate.main(
-        recipe.eval_vlm_arguments(paths["stage2"], world, paths["eval"], s["eval_records"])))
+        recipe.eval_vlm_arguments(paths["stage2"], world / "llava_test.json", world, paths["eval"],
+                                  s["eval_records"])))
     stages.run("show", paths["show"], lambda: show(paths["stage2"], world, paths["show"]))
     # fmt: on
     return paths
@@ -331,11 +284,12 @@ def summarise(args: argparse.Namespace, s: dict[str, Any], paths: dict[str, Path
         }
 
     throughput = evaluation["throughput"]
+    seconds = Stages(args.out, "quickstart").seconds()
     return {
         "plan": args.plan,
         "settings": s,
         "folders": {k: str(v) for k, v in paths.items()},
-        "seconds": read_json(args.out / TIMES_FILE),
+        "seconds": {k: seconds[k] for k in STAGES if k in seconds},
         "world": {"splits": world["splits"]},
         "teacher": {
             "model": teacher["model"],

@@ -1,5 +1,6 @@
-"""The synthetic world's recipe: the settings every stage runs with, shared by `mllm-sparse quickstart` and the
-benchmarks, so that a quickstart run and a benchmark arm are the same pipeline at different sizes.
+"""The recipe: the settings every stage runs with, shared by `mllm-sparse quickstart`, `mllm-sparse ablate` and the
+benchmarks, so that a quickstart run, an ablation arm and a benchmark arm are the same pipeline at different sizes.
+The learning rates and batch sizes were chosen on the synthetic world.
 
 Each function returns the argument list of a stage's `main(argv)`, exactly what a user would type after the command.
 """
@@ -31,8 +32,8 @@ def teacher_spec(teacher: Path) -> str:
 
 
 def bootstrap_arguments(
-    teacher: Path,
-    world: Path,
+    teacher: str,
+    data: Path,
     out: Path,
     num_latent_tokens: int,
     steps: int,
@@ -41,10 +42,11 @@ def bootstrap_arguments(
     lr: float = BOOTSTRAP_LR,
     region_distill_weight: float = REGION_DISTILL_WEIGHT,
 ) -> list[str]:
-    """`mllm-sparse bootstrap` of a SparseFormer with `num_latent_tokens` latent tokens (and the CLS token) from a
-    world's teacher, with the region term; `extra` are further bootstrap arguments (e.g. `--cache-teacher`)."""
+    """`mllm-sparse bootstrap` of a SparseFormer with `num_latent_tokens` latent tokens (and the CLS token) from the
+    teacher spec `teacher` (see `teacher_spec`) on the images of `data`, with the region term; `extra` are further
+    bootstrap arguments (e.g. `--cache-teacher`)."""
     return [
-        "--teacher", teacher_spec(teacher), "--num-tokens", str(num_latent_tokens + 1), "--data", str(world),
+        "--teacher", teacher, "--num-tokens", str(num_latent_tokens + 1), "--data", str(data),
         "--out", str(out), "--steps", str(steps), "--batch-size", str(batch_size), "--lr", str(lr),
         "--warmup-steps", str(max(1, steps // 20)), "--region-distill-weight", str(region_distill_weight), *extra,
     ]  # fmt: skip
@@ -53,7 +55,8 @@ def bootstrap_arguments(
 def train_vlm_arguments(
     start: Path,
     out: Path,
-    world: Path,
+    train_data: Path,
+    image_folder: Path,
     epochs: float,
     lr: float,
     projector_lr: float,
@@ -61,11 +64,12 @@ def train_vlm_arguments(
     batch_size: int = VLM_BATCH_SIZE,
     seed: int = 0,
 ) -> list[str]:
-    """`scripts/train_vlm.py` from the LLaVA folder `start` into `out` on the world's `llava_train.json`: `lr` for the
-    LLM (0: frozen), `projector_lr` for the projector, the tower frozen; a full model folder is saved."""
+    """`scripts/train_vlm.py` from the LLaVA folder `start` into `out` on `train_data` (LLaVA JSON, images under
+    `image_folder`): `lr` for the LLM (0: frozen), `projector_lr` for the projector, the tower frozen; a full model
+    folder is saved."""
     return [
-        "--model_name_or_path", str(start), "--data_path", str(world / "llava_train.json"),
-        "--image_folder", str(world), "--version", TEMPLATE, "--output_dir", str(out),
+        "--model_name_or_path", str(start), "--data_path", str(train_data), "--image_folder", str(image_folder),
+        "--version", TEMPLATE, "--output_dir", str(out),
         "--num_train_epochs", str(epochs), "--per_device_train_batch_size", str(batch_size),
         "--learning_rate", str(lr), "--mm_projector_lr", str(projector_lr), "--lr_scheduler_type", "cosine",
         "--warmup_steps", "0.03", "--weight_decay", "0.0", "--logging_steps", "50", "--save_strategy", "no",
@@ -73,10 +77,12 @@ def train_vlm_arguments(
     ]  # fmt: skip
 
 
-def eval_vlm_arguments(model: Path, world: Path, out: Path, limit: int | None, progress: bool = True) -> list[str]:
-    """`mllm-sparse eval-vlm` of `model` on the world's test split (the first `limit` records)."""
+def eval_vlm_arguments(
+    model: Path, test_data: Path, image_folder: Path, out: Path, limit: int | None, progress: bool = True
+) -> list[str]:
+    """`mllm-sparse eval-vlm` of `model` on `test_data` (the first `limit` records; None or 0: all)."""
     return [
-        "--model", str(model), "--data", str(world / "llava_test.json"), "--image_folder", str(world),
+        "--model", str(model), "--data", str(test_data), "--image_folder", str(image_folder),
         "--template", TEMPLATE, "--batch-size", "32", "--max-new-tokens", "8", "--out", str(out),
         *(["--limit", str(limit)] if limit else []), *([] if progress else ["--no-progress"]),
     ]  # fmt: skip

@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "swap": ("llava_adapter.swap", "replace the vision tower of a llava-hf checkpoint (keeps LLM and tokenizer)"),
     "merge-lora": ("llava_adapter.merge_lora", "fold a LoRA training run into one full LLaVA model"),
     "eval-vlm": ("llava_adapter.evaluate", "score a LLaVA model on a LLaVA JSON test set: accuracy, throughput"),
+    "ablate": ("llava_adapter.ablation", "how many image tokens? SparseFormer vs pooled vs full ViT, tables and plots"),
     "demo": ("llava_adapter.demo", "a Gradio chat with a LLaVA model that shows where its image tokens look"),
 }
 

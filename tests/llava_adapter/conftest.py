@@ -88,3 +88,12 @@ def write_data(tmp_path):
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory) -> Path:
+    """A whole `mllm-sparse quickstart --plan smoke` run (world, teacher, a 9-token SparseFormer, the scene LLM, a
+    trained VLM), made once: the quickstart tests read it, the ablation tests build on its parts. Read-only."""
+    from smoke_runs import run_smoke_quickstart
+
+    return run_smoke_quickstart(tmp_path_factory.mktemp("quickstart") / "run")

@@ -11,20 +11,20 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from smoke_runs import SMOKE_QUICKSTART
 from transformers import AutoModelForImageTextToText
 
 from llava_adapter import quickstart
 from llava_adapter.evaluate import question_only_prior
+from llava_adapter.pipeline import DONE_DIR
 from mllm_sparse.cli import main as cli_main
 
-SMOKE = ["--plan", "smoke", "--num-latent-tokens", "9", "--threads", "2"]
+SMOKE = SMOKE_QUICKSTART
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("quickstart") / "run"
-    assert cli_main(["quickstart", "--out", str(out), *SMOKE]) == 0
-    return out
+@pytest.fixture
+def run_dir(smoke_run) -> Path:
+    return smoke_run
 
 
 def copy_of(run_dir: Path, tmp_path: Path) -> Path:
@@ -47,7 +47,7 @@ def llm_weights(state: dict) -> dict:
 def test_every_stage_runs_and_the_report_reads_their_outputs(run_dir):
     report = json.loads((run_dir / "quickstart.json").read_text())
     assert list(report["seconds"]) == list(quickstart.STAGES)
-    assert sorted(p.name for p in (run_dir / quickstart.DONE_DIR).iterdir()) == sorted(quickstart.STAGES)
+    assert sorted(p.name for p in (run_dir / DONE_DIR).iterdir()) == sorted(quickstart.STAGES)
     settings = report["settings"]
     assert settings["num_images"] == quickstart.PLANS["smoke"].num_images and settings["num_latent_tokens"] == 9
 
@@ -89,7 +89,7 @@ def test_every_stage_runs_and_the_report_reads_their_outputs(run_dir):
 def test_a_rerun_continues_from_checkpoints_and_redoes_unfinished_stages(run_dir, tmp_path, capsys):
     out = copy_of(run_dir, tmp_path)
     for stage in quickstart.STAGES[2:]:  # as if stopped during the bootstrap
-        (out / quickstart.DONE_DIR / stage).unlink()
+        (out / DONE_DIR / stage).unlink()
     (out / "encoder" / "bootstrap_report.json").unlink()
     (out / "llm" / "scene_pretrain.json").unlink()
     shutil.rmtree(out / "vlm")
@@ -111,7 +111,7 @@ def test_a_rerun_may_change_what_is_not_done_yet(run_dir, tmp_path, capsys):
     assert "teacher_steps 3 -> 7 (stage teacher is done)" in error and str(out) in error
 
     for stage in ("eval", "show"):
-        (out / quickstart.DONE_DIR / stage).unlink()
+        (out / DONE_DIR / stage).unlink()
     assert cli_main(["quickstart", "--out", str(out), *SMOKE, "--eval-records", "2"]) == 0
     assert json.loads((out / "eval" / "eval_vlm.json").read_text())["num_records"] == 2
     assert json.loads((out / quickstart.SETTINGS_FILE).read_text())["eval_records"] == 2

@@ -1,0 +1,79 @@
+"""Running a multi-stage recipe so that it can be stopped and rerun: `mllm-sparse quickstart` and `mllm-sparse
+ablate` are sequences of stages, each the `main(argv)` of a command, each writing one folder.
+
+A stage counts as done only once its command has returned: `Stages.run` then writes `OUT/.done/NAME` (holding the
+seconds it took), so a stage interrupted halfway, whose folder may hold a config without weights, is never taken for
+finished. Rerunning the recipe skips the done stages, clears the folder of an unfinished one and runs it again, or,
+for a stage that checkpoints (`resumable`), lets it continue from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mllm_sparse.files import read_json, write_json
+
+DONE_DIR = ".done"
+
+
+class Stages:
+    """The stages of one recipe run whose bookkeeping lives in `out` (`out/.done/NAME`).
+
+    Args:
+        out: the run's folder.
+        label: how progress lines name the recipe (e.g. "quickstart").
+    """
+
+    def __init__(self, out: Path, label: str):
+        self.out = out
+        self.label = label
+
+    def marker(self, name: str) -> Path:
+        return self.out / DONE_DIR / name
+
+    def is_done(self, name: str) -> bool:
+        return self.marker(name).is_file()
+
+    def seconds(self) -> dict[str, float]:
+        """{stage: seconds it took} of the done stages, in the order they finished."""
+        markers = sorted((self.out / DONE_DIR).glob("*"), key=lambda p: p.stat().st_mtime_ns)
+        return {p.name: read_json(p)["seconds"] for p in markers if p.is_file()}
+
+    def run(self, name: str, folder: Path, command: Callable[[], Any], resumable: bool = False) -> bool:
+        """Run stage `name`, which writes `folder`, unless it is done; True if it ran.
+
+        A non-resumable stage's folder left by an interrupted run is cleared first; a resumable one is kept, for the
+        command to continue from its checkpoints. A failure is reported with the stage and its folder, then raised.
+        """
+        if self.is_done(name):
+            print(f"[{self.label}] {name}: done earlier ({folder})", flush=True)
+            return False
+        if not resumable and folder.exists():
+            shutil.rmtree(folder)
+        print(f"[{self.label}] {name} ...", flush=True)
+        start = time.perf_counter()
+        try:
+            command()
+        except BaseException:
+            print(
+                f"[{self.label}] stage {name} stopped ({folder}); once fixed, the same command continues from here",
+                file=sys.stderr,
+                flush=True,
+            )
+            raise
+        seconds = round(time.perf_counter() - start, 1)
+        write_json(self.marker(name), {"seconds": seconds})
+        print(f"[{self.label}] {name}: {seconds:.0f} s", flush=True)
+        return True
+
+
+def resume_flag(folder: Path) -> list[str]:
+    """`--resume` where a stage (the bootstrap, `pretrain-llm`) left checkpoints behind in `folder`."""
+    from mllm_sparse.training import latest_checkpoint
+
+    return ["--resume"] if latest_checkpoint(folder) is not None else []

@@ -1,0 +1,109 @@
+"""`mllm-sparse ablate` on the parts of a smoke quickstart: arms trained and scored on the same answers, compared,
+timed and plotted; budgets added to a finished ablation; changed settings and bad arguments refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from llava_adapter import ablation
+from mllm_sparse.cli import main as cli_main
+
+TINY = ["--stage1-epochs", "0.25", "--stage2-epochs", "0.25", "--eval-limit", "3", "--timing-questions", "1"]
+
+
+def parts(run: Path) -> list[str]:
+    return ["--world", str(run / "world"), "--teacher", str(run / "teacher"), "--llm", str(run / "llm")]
+
+
+@pytest.fixture(scope="module")
+def ablation_dir(smoke_run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ablation")
+    argv = [*parts(smoke_run), "--budgets", "9", "--encoders", f"9={smoke_run / 'encoder'}", *TINY, "--out", str(out)]
+    assert cli_main(["ablate", *argv]) == 0
+    return out
+
+
+def test_every_arm_is_trained_scored_compared_timed_and_plotted(ablation_dir):
+    report = json.loads((ablation_dir / "ablation.json").read_text())
+    arms = report["arms"]
+    assert list(arms) == ["vit", "sparseformer-9", "pooled-9"]
+    assert {n: a["stage2"]["image_tokens"] for n, a in arms.items()} == {"vit": 196, "sparseformer-9": 9, "pooled-9": 9}
+    assert all(list(a) == ["stage1", "stage2"] for a in arms.values())
+    # every arm answered the same questions, and the prior was scored on them too
+    answers = {n: a["stage2"]["answers"] for n, a in arms.items()}
+    assert len(set(answers.values())) == 1 and report["prior"]["answers"] == answers["vit"] > 0
+    evaluation = json.loads((ablation_dir / "arms" / "pooled-9" / "eval_stage1" / "eval_vlm.json").read_text())
+    assert arms["pooled-9"]["stage1"]["accuracy"] == evaluation["accuracy"]
+    assert evaluation["model"].endswith("arms/pooled-9/stage1")
+    assert arms["vit"]["stage2"]["train_seconds"] > arms["vit"]["stage1"]["train_seconds"] > 0
+
+    pairs = [(p["a"], p["b"]) for p in report["paired"]["stage2"]]
+    assert pairs == [("sparseformer-9", "pooled-9"), ("sparseformer-9", "vit"), ("pooled-9", "vit")]
+    first = report["paired"]["stage2"][0]["all"]
+    expected = arms["sparseformer-9"]["stage2"]["accuracy"] - arms["pooled-9"]["stage2"]["accuracy"]
+    assert first["difference"] == pytest.approx(expected) and first["low"] <= first["difference"] <= first["high"]
+    assert set(report["timing"]) == set(arms) and all(t["ttft_ms"] > 0 for t in report["timing"].values())
+
+    for name in ("ablation_accuracy.png", "ablation_speed.png"):
+        image = Image.open(ablation_dir / name)
+        assert image.format == "PNG" and image.width > 1000
+    markdown = (ablation_dir / "ablation.md").read_text()
+    assert "## After stage 2" in markdown and "## Paired differences after stage 1" in markdown
+    assert "| sparseformer-9 | 9 |" in markdown
+    assert "![accuracy against image tokens](ablation_accuracy.png)" in markdown
+
+
+def test_a_budget_added_later_reuses_the_trained_arms(ablation_dir, smoke_run, capsys):
+    argv = [*parts(smoke_run), "--budgets", "9", "4", "--encoders", f"9={smoke_run / 'encoder'}",
+            "--bootstrap-steps", "2", "--baselines", *TINY, "--out", str(ablation_dir)]  # fmt: skip
+    capsys.readouterr()
+    assert cli_main(["ablate", *argv]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("done earlier") == 5  # sparseformer-9's base, 2 stages, 2 evaluations
+    report = json.loads((ablation_dir / "ablation.json").read_text())
+    assert list(report["arms"]) == ["sparseformer-9", "sparseformer-4"]  # no baselines asked for this time
+    encoder = json.loads((ablation_dir / "encoders" / "n4" / "config.json").read_text())
+    assert encoder["num_latent_tokens"] == 4 and report["encoders"]["4"] == str(ablation_dir / "encoders" / "n4")
+    assert report["arms"]["sparseformer-4"]["stage2"]["image_tokens"] == 4
+
+
+def test_other_training_settings_are_refused(ablation_dir, smoke_run, capsys):
+    argv = [*parts(smoke_run), "--budgets", "9", "--encoders", f"9={smoke_run / 'encoder'}", *TINY,
+            "--stage2-lr", "1e-3", "--out", str(ablation_dir)]  # fmt: skip
+    assert cli_main(["ablate", *argv]) == 2
+    assert "stage2_lr 0.0002 -> 0.001" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--budgets", "8"], "8 is not a square number"),
+        (["--budgets", "16", "--encoders", "16=ENCODER"], "that encoder has 9 latent tokens, not 16"),
+        (["--budgets", "9", "--encoders", "ENCODER"], "expected N=DIR"),
+        (["--budgets", "9", "--encoders", "4=ENCODER"], "4 is not one of --budgets [9]"),
+        (["--budgets", "9", "--threads", "0"], "--threads must be positive"),
+    ],
+)
+def test_bad_arguments_fail_before_any_work(smoke_run, tmp_path, capsys, extra, message):
+    out = tmp_path / "ablation"
+    extra = [e.replace("ENCODER", str(smoke_run / "encoder")) for e in extra]
+    assert cli_main(["ablate", *parts(smoke_run), *extra, "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_without_a_world_the_data_must_be_named(tmp_path, capsys):
+    argv = ["ablate", "--teacher", "open_clip:ViT-B-32@openai", "--llm", "tiny-llama", "--budgets", "16"]
+    assert cli_main([*argv, "--out", str(tmp_path / "a")]) == 2
+    assert "--train-data is required without --world" in capsys.readouterr().err
+
+
+def test_arm_towers_order_and_baselines():
+    settings = {"teacher": "open_clip:T@w", "budgets": [49, 16], "baselines": ["pooled"]}
+    towers = ablation.arm_towers(settings, {49: "e49", 16: "e16"})
+    assert list(towers) == ["sparseformer-49", "pooled-49", "sparseformer-16", "pooled-16"]
+    assert towers["pooled-16"] == ["--encoder", "open_clip:T@w", "--pool-tokens", "16"]
