@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from results_io import RESULTS, machine, write_results
 from torch import Tensor, nn
-from vlm_synthetic import ROOT, add_arm_arguments, arms, build_arm
+from vlm_synthetic import add_arm_arguments, arms, build_arm
 
 from mllm_sparse.files import read_json, read_jsonl
 from mllm_sparse.images import load_image
@@ -258,10 +258,10 @@ def main(argv: list[str] | None = None) -> int:
                 s: torch.stack([truth_tokens(world, r["objects"], slots) for r in rows]) for s, rows in split.items()
             }
         else:
-            base = args.work / name.replace(", hidden state ", "@") / "base"
+            base = args.work / "arms" / name.replace(", hidden state ", "@") / "base"  # the benchmark's arms' bases
             build_arm(args, tower_args, base)
             images = {s: [args.world / r["image"] for r in rows] for s, rows in split.items()}
-            tokens, rois = tower_tokens(ROOT / base, images, args.batch_size)
+            tokens, rois = tower_tokens(base, images, args.batch_size)
         results[name] = {"image_tokens": tokens["test"].shape[1], "readouts": []}
         if tower_args is not None and rois is not None:
             results[name]["roi_coverage"] = roi_coverage(rois, split["test"])

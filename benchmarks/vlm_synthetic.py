@@ -119,15 +119,16 @@ def main(argv: list[str] | None = None) -> int:
         "--encoders", *args.students, "--stage1-epochs", str(args.epochs), "--stage2-epochs", str(args.stage2_epochs),
         "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--projector-lr", str(args.projector_lr),
         "--stage2-lr", str(args.stage2_lr), "--timing-questions", str(args.timing_questions),
-        "--threads", str(args.threads), "--out", str(args.work),
+        "--threads", str(args.threads), "--model-max-length", "512", "--out", str(args.work),
         *(["--eval-limit", str(args.eval_limit)] if args.eval_limit else []),
     ]  # fmt: skip
     settings = ablation.resolve(ablation.build_parser().parse_args(ablation_argv))
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
-    ablation.check_settings(args.work, settings)
+    settings = ablation.check_settings(args.work, settings)
     report = ablation.run(settings, args.work)
     report |= {"machine": machine(), "llm_origin": llm_origin(str(args.llm))}
+    report = json.loads(json.dumps(report).replace(f"{ROOT}/", ""))  # paths in the repository, as committed
     intro = f"Machine: {report['machine']}. The arms' LLM: {report['llm_origin']}."
     markdown = ablation.to_markdown(report, "LLaVA pipeline on the synthetic world", intro, name=NAME)
     write_results(args.out_dir, NAME, report, markdown)

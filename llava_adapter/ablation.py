@@ -30,14 +30,20 @@ scored by `eval-vlm` on `--test-data` after each stage. The report (`OUT/ablatio
   `ablation_speed.png` (encode, prefill and time to first token against image tokens).
 
 Like the quickstart, a rerun continues where a run stopped (each arm's stages are marked done in
-`OUT/arms/ARM/.done/`), and budgets can be added to a finished ablation; the training settings are saved with the
-run, and a rerun with other ones is refused, naming them.
+`OUT/arms/ARM/.done/`). The report covers the budgets and baselines of the command that wrote it: to add a budget to
+a finished ablation, rerun it with the budget added, and the arms trained before are reused. The training settings are
+saved with the run, and each arm records what it was built from (`OUT/arms/ARM/arm.json`); a rerun that would train
+an arm differently (other data, LLM, schedule, or another encoder for a budget) is refused, naming the difference. A
+rerun with another `--eval-limit` only scores the arms again. `train s` in the tables is the wall time of the
+training stages (loading, training, saving).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
+import shlex
 import shutil
 import statistics
 from pathlib import Path
@@ -58,7 +64,8 @@ BASELINES = ("vit", "pooled")
 # Settings that decide what an arm learns: a rerun into the same --out must keep them (budgets may be added).
 TRAINING_SETTINGS = (
     "teacher", "train_data", "image_folder", "test_data", "llm", "bootstrap_data", "bootstrap_steps",
-    "stage1_epochs", "stage2_epochs", "batch_size", "lr", "projector_lr", "stage2_lr", "eval_limit", "seed",
+    "stage1_epochs", "stage2_epochs", "batch_size", "lr", "projector_lr", "stage2_lr", "model_max_length",
+    "train_args", "seed",
 )  # fmt: skip
 
 
@@ -83,13 +90,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=0.0, help="stage 1's LLM learning rate (0: frozen, as LLaVA's)")
     p.add_argument("--projector-lr", type=float, default=recipe.STAGE1_PROJECTOR_LR, help="stage 1's projector lr")
     p.add_argument("--stage2-lr", type=float, default=recipe.STAGE2_LR, help="stage 2's lr, LLM and projector")
-    p.add_argument("--eval-limit", type=int, help="score only the first N test records")
-    p.add_argument("--timing-questions", type=int, default=32, help="questions timed per arm, side by side")
+    p.add_argument("--model-max-length", type=int, default=2048, help="training sequences are truncated to this")
+    p.add_argument(
+        "--train-args",
+        default="",
+        help='further `scripts/train_vlm.py` arguments for every stage, e.g. "--bf16 True --gradient_checkpointing '
+        'True"',
+    )
+    p.add_argument("--eval-limit", type=int, help="score only the first N test records (0 or none: all)")
+    p.add_argument("--max-new-tokens", type=int, default=8, help="longest answer `eval-vlm` generates")
+    p.add_argument(
+        "--timing-questions",
+        type=int,
+        default=32,
+        help="questions timed per arm, every arm loaded side by side (0: none)",
+    )
     p.add_argument("--tokenizer-corpus", type=Path, help="tiny LLMs: the tokenizer's text (default: WORLD)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("runs/ablation"))
     return p
+
+
+def check_llm(llm: str) -> str:
+    """A tiny LLM name as is, a local folder resolved, a hub id checked to be reachable (its config loads)."""
+    if llm in TINY_LLMS:
+        return llm
+    if Path(llm).exists():
+        if not (Path(llm) / "config.json").is_file():
+            raise FileNotFoundError(f"--llm {llm}: no config.json in that folder")
+        return str(Path(llm).resolve())
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(llm)
+    except OSError as err:
+        raise FileNotFoundError(f"--llm {llm}: neither a folder nor a reachable hub model ({err})") from err
+    return llm
 
 
 def resolve(args: argparse.Namespace) -> dict[str, Any]:
@@ -110,7 +147,9 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
 
     budgets = list(dict.fromkeys(args.budgets))
     for n in budgets:
-        if n < 1 or ("pooled" in args.baselines and math.isqrt(n) ** 2 != n):
+        if n < 1:
+            raise ValueError(f"--budgets: {n} is not a positive number of tokens")
+        if "pooled" in args.baselines and math.isqrt(n) ** 2 != n:
             raise ValueError(f"--budgets: {n} is not a square number (a pooled arm is an n×n grid)")
     encoders = {}
     for spec in args.encoders:
@@ -129,11 +168,16 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     teacher = args.teacher
     if Path(teacher).is_dir():
         teacher = recipe.teacher_spec(Path(teacher).resolve())
-    for flag, value in (("--threads", args.threads), ("--timing-questions", args.timing_questions)):
+    for flag, value in (("--threads", args.threads), ("--max-new-tokens", args.max_new_tokens),
+                        ("--model-max-length", args.model_max_length)):  # fmt: skip
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be positive, got {value}")
+    if args.timing_questions < 0:
+        raise ValueError(f"--timing-questions must be 0 or more, got {args.timing_questions}")
     missing = [n for n in budgets if n not in encoders]
-    llm = args.llm if args.llm in TINY_LLMS or not Path(args.llm).exists() else str(Path(args.llm).resolve())
+    llm = check_llm(args.llm)
+    if args.llm in TINY_LLMS and world is None and args.tokenizer_corpus is None:
+        raise ValueError(f"--llm {args.llm} is trained from scratch: give --tokenizer-corpus (or --world)")
     return {
         "teacher": teacher,
         "budgets": budgets,
@@ -153,14 +197,19 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
         "lr": args.lr,
         "projector_lr": args.projector_lr,
         "stage2_lr": args.stage2_lr,
-        "eval_limit": args.eval_limit,
+        "model_max_length": args.model_max_length,
+        "train_args": args.train_args,
+        "eval_limit": args.eval_limit or None,
+        "max_new_tokens": args.max_new_tokens,
         "timing_questions": args.timing_questions,
         "seed": args.seed,
     }  # fmt: skip
 
 
-def check_settings(out: Path, settings: dict[str, Any]) -> None:
-    """Save the settings of a new run; refuse to continue one whose training settings differ (budgets may grow)."""
+def check_settings(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """Refuse to continue an ablation whose training settings differ (budgets may grow) or one of whose arms was made
+    otherwise (`OUT/arms/ARM/arm.json`), before any work; then save the settings, keeping what an earlier run knew
+    where this one has nothing to say (e.g. how it bootstrapped). Returns the saved settings."""
     path = out / SETTINGS_FILE
     if path.is_file():
         before = read_json(path)
@@ -174,7 +223,29 @@ def check_settings(out: Path, settings: dict[str, Any]) -> None:
         if changed:
             listed = "; ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
             raise ValueError(f"{out} holds an ablation trained with other settings ({listed}); use another --out")
+        settings = {**settings, **{k: v for k, v in before.items() if settings.get(k) is None and v is not None}}
+    for name, tower in arm_towers(settings, encoder_folders(settings, out)).items():
+        recorded = out / "arms" / name / "arm.json"
+        if recorded.is_file():
+            wanted, before = arm_recipe(settings, tower), read_json(recorded)
+            changed = {k: (before.get(k), v) for k, v in wanted.items() if before.get(k) != v}
+            if changed:
+                listed = "; ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
+                raise ValueError(f"arm {name} in {out} was made otherwise ({listed}); use another --out")
     write_json(path, settings)
+    return settings
+
+
+def arm_recipe(settings: dict[str, Any], tower: list[str]) -> dict[str, Any]:
+    """What an arm is built and trained from (its `arm.json`)."""
+    skip = ("bootstrap_data", "bootstrap_steps")  # the encoder's business: its folder is in `tower`
+    return {"tower": tower, "tokenizer_corpus": settings["tokenizer_corpus"],
+            **{k: settings[k] for k in TRAINING_SETTINGS if k not in skip}}  # fmt: skip
+
+
+def encoder_folders(settings: dict[str, Any], out: Path) -> dict[int, str]:
+    """The encoder of every budget: the given one, or where this ablation bootstraps it (OUT/encoders/nN)."""
+    return {n: settings["encoders"].get(n) or str((out / "encoders" / f"n{n}").resolve()) for n in settings["budgets"]}
 
 
 def arm_towers(settings: dict[str, Any], encoders: dict[int, str]) -> dict[str, list[str]]:
@@ -188,28 +259,37 @@ def arm_towers(settings: dict[str, Any], encoders: dict[int, str]) -> dict[str, 
     return towers
 
 
+def share_file(source: Path, target: Path) -> None:
+    """`target` with `source`'s content: a hard link where the file system allows, else an atomic copy (an interrupted
+    copy never leaves a truncated file behind)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        with atomic_path(target) as tmp:
+            shutil.copyfile(source, tmp)
+
+
 def bootstrap_encoders(settings: dict[str, Any], out: Path) -> dict[int, str]:
     """The encoder of every budget: the given ones, and the rest bootstrapped into OUT/encoders/nN (one teacher cache,
-    computed once and copied: it depends on the teacher and the images only)."""
+    computed once and shared: it depends on the teacher and the images only)."""
     from bootstrap import train as bootstrap_train
 
-    encoders = dict(settings["encoders"])
+    encoders = encoder_folders(settings, out)
     stages = Stages(out / "encoders", "ablate")
     cache = None
     for n in settings["budgets"]:
-        if n in encoders:
+        if n in settings["encoders"]:
             continue
-        folder = out / "encoders" / f"n{n}"
+        folder = Path(encoders[n])
         if cache is not None and not (folder / cache.name).exists():
-            folder.mkdir(parents=True, exist_ok=True)
-            shutil.copy(cache, folder / cache.name)
+            share_file(cache, folder / cache.name)
         command = recipe.bootstrap_arguments(
             settings["teacher"], Path(settings["bootstrap_data"]), folder, n, settings["bootstrap_steps"],
             "--cache-teacher", "--save-every", str(max(1, settings["bootstrap_steps"] // 4)),
             "--seed", str(settings["seed"]), *resume_flag(folder),
         )  # fmt: skip
         stages.run(f"n{n}", folder, lambda command=command: bootstrap_train.main(command), resumable=True)
-        encoders[n] = str(folder)
         cache = next(folder.glob("teacher_cache*.safetensors"), None)
     return encoders
 
@@ -220,6 +300,8 @@ def train_arm(settings: dict[str, Any], name: str, tower: list[str], out: Path) 
     from .build_vlm import main as build_vlm_main
 
     folder = out / "arms" / name
+    if not (folder / "arm.json").is_file():  # a recorded one was checked by `check_settings`
+        write_json(folder / "arm.json", arm_recipe(settings, tower))
     stages = Stages(folder, f"ablate {name}")
     seed = settings["seed"]
     corpus = [] if settings["tokenizer_corpus"] is None else ["--tokenizer-corpus", settings["tokenizer_corpus"]]
@@ -231,15 +313,21 @@ def train_arm(settings: dict[str, Any], name: str, tower: list[str], out: Path) 
         plan.append(
             ("stage2", folder / "stage1", settings["stage2_epochs"], settings["stage2_lr"], settings["stage2_lr"])
         )
+    data, images = Path(settings["train_data"]), Path(settings["image_folder"])
     for stage, start, epochs, lr, projector_lr in plan:
-        command = recipe.train_vlm_arguments(start, folder / stage, Path(settings["train_data"]),
-                                             Path(settings["image_folder"]), epochs, lr, projector_lr,
-                                             batch_size=settings["batch_size"], seed=seed)  # fmt: skip
+        command = [*recipe.train_vlm_arguments(start, folder / stage, data, images, epochs, lr, projector_lr,
+                                               batch_size=settings["batch_size"], seed=seed,
+                                               model_max_length=settings["model_max_length"]),
+                   *shlex.split(settings["train_args"])]  # fmt: skip
         stages.run(stage, folder / stage, lambda command=command: train.main(command))
-        evaluation = recipe.eval_vlm_arguments(folder / stage, Path(settings["test_data"]),
-                                               Path(settings["image_folder"]), folder / f"eval_{stage}",
-                                               settings["eval_limit"], progress=False)  # fmt: skip
-        stages.run(f"eval_{stage}", folder / f"eval_{stage}", lambda command=evaluation: evaluate.main(command))
+        evaluation = folder / f"eval_{stage}"
+        scored = evaluation / evaluate.JSON_NAME
+        if stages.is_done(evaluation.name) and read_json(scored).get("limit") != settings["eval_limit"]:
+            stages.marker(evaluation.name).unlink()  # scored on other records: score again
+        command = [*recipe.eval_vlm_arguments(folder / stage, Path(settings["test_data"]), images, evaluation,
+                                              settings["eval_limit"], progress=False),
+                   "--max-new-tokens", str(settings["max_new_tokens"])]  # fmt: skip
+        stages.run(evaluation.name, evaluation, lambda command=command: evaluate.main(command))
 
 
 def stage_names(settings: dict[str, Any]) -> list[str]:
@@ -527,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    check_settings(args.out, settings)
+    settings = check_settings(args.out, settings)
     report = run(settings, args.out)
     markdown = to_markdown(report)
     write_report(report, args.out, markdown)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,8 @@ class Stages:
         try:
             command()
         except BaseException:
+            # the whole traceback: the command line only prints a one-line message for errors of bad input
+            traceback.print_exc()
             print(
                 f"[{self.label}] stage {name} stopped ({folder}); once fixed, the same command continues from here",
                 file=sys.stderr,

@@ -63,17 +63,20 @@ def train_vlm_arguments(
     *,
     batch_size: int = VLM_BATCH_SIZE,
     seed: int = 0,
+    model_max_length: int = 512,
 ) -> list[str]:
     """`scripts/train_vlm.py` from the LLaVA folder `start` into `out` on `train_data` (LLaVA JSON, images under
     `image_folder`): `lr` for the LLM (0: frozen), `projector_lr` for the projector, the tower frozen; a full model
-    folder is saved."""
+    folder is saved. 512 tokens hold every synthetic-world conversation; real data with a 576-token tower wants
+    LLaVA's 2048."""
     return [
         "--model_name_or_path", str(start), "--data_path", str(train_data), "--image_folder", str(image_folder),
         "--version", TEMPLATE, "--output_dir", str(out),
         "--num_train_epochs", str(epochs), "--per_device_train_batch_size", str(batch_size),
         "--learning_rate", str(lr), "--mm_projector_lr", str(projector_lr), "--lr_scheduler_type", "cosine",
         "--warmup_steps", "0.03", "--weight_decay", "0.0", "--logging_steps", "50", "--save_strategy", "no",
-        "--report_to", "none", "--seed", str(seed), "--model_max_length", "512", "--dataloader_num_workers", "0",
+        "--report_to", "none", "--seed", str(seed), "--model_max_length", str(model_max_length),
+        "--dataloader_num_workers", "0",
     ]  # fmt: skip
 
 

@@ -4,15 +4,23 @@ timed and plotted; budgets added to a finished ablation; changed settings and ba
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from llava_adapter import ablation
+from llava_adapter.evaluate import question_only_prior
 from mllm_sparse.cli import main as cli_main
 
 TINY = ["--stage1-epochs", "0.25", "--stage2-epochs", "0.25", "--eval-limit", "3", "--timing-questions", "1"]
+
+
+def copy_of(folder: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(folder, tmp_path / "copy"))
 
 
 def parts(run: Path) -> list[str]:
@@ -27,7 +35,16 @@ def ablation_dir(smoke_run, tmp_path_factory) -> Path:
     return out
 
 
-def test_every_arm_is_trained_scored_compared_timed_and_plotted(ablation_dir):
+def predictions(out: Path, arm: str, stage: str = "stage1") -> list[dict]:
+    return json.loads((out / "arms" / arm / f"eval_{stage}" / "eval_vlm.json").read_text())["predictions"]
+
+
+def language_model(state: dict) -> dict:
+    prefix = "language_model.model."
+    return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+
+
+def test_every_arm_is_trained_scored_compared_timed_and_plotted(ablation_dir, smoke_run):
     report = json.loads((ablation_dir / "ablation.json").read_text())
     arms = report["arms"]
     assert list(arms) == ["vit", "sparseformer-9", "pooled-9"]
@@ -36,10 +53,21 @@ def test_every_arm_is_trained_scored_compared_timed_and_plotted(ablation_dir):
     # every arm answered the same questions, and the prior was scored on them too
     answers = {n: a["stage2"]["answers"] for n, a in arms.items()}
     assert len(set(answers.values())) == 1 and report["prior"]["answers"] == answers["vit"] > 0
+    prior = question_only_prior(smoke_run / "world" / "llava_train.json", predictions(ablation_dir, "vit"))
+    assert report["prior"]["accuracy"] == prior["accuracy"]
     evaluation = json.loads((ablation_dir / "arms" / "pooled-9" / "eval_stage1" / "eval_vlm.json").read_text())
     assert arms["pooled-9"]["stage1"]["accuracy"] == evaluation["accuracy"]
     assert evaluation["model"].endswith("arms/pooled-9/stage1")
     assert arms["vit"]["stage2"]["train_seconds"] > arms["vit"]["stage1"]["train_seconds"] > 0
+
+    # stage 1 trains the projector on the frozen LLM, stage 2 continues from it with the LLM trained too
+    llm = {k.removeprefix("model."): v for k, v in load_file(smoke_run / "llm" / "model.safetensors").items()}
+    arm = ablation_dir / "arms" / "pooled-9"
+    base, stage1, stage2 = (load_file(arm / d / "model.safetensors") for d in ("base", "stage1", "stage2"))
+    assert len(language_model(stage1)) == len([k for k in llm if not k.startswith("lm_head")]) > 10
+    assert all(torch.equal(v, llm[k]) for k, v in language_model(stage1).items())
+    assert any(not torch.equal(base[k], stage1[k]) for k in base if "multi_modal_projector" in k)
+    assert any(not torch.equal(v, language_model(stage1)[k]) for k, v in language_model(stage2).items())
 
     pairs = [(p["a"], p["b"]) for p in report["paired"]["stage2"]]
     assert pairs == [("sparseformer-9", "pooled-9"), ("sparseformer-9", "vit"), ("pooled-9", "vit")]
@@ -57,23 +85,49 @@ def test_every_arm_is_trained_scored_compared_timed_and_plotted(ablation_dir):
     assert "![accuracy against image tokens](ablation_accuracy.png)" in markdown
 
 
-def test_a_budget_added_later_reuses_the_trained_arms(ablation_dir, smoke_run, capsys):
+def test_a_budget_added_later_reuses_the_trained_arms(ablation_dir, smoke_run, tmp_path, capsys):
+    out = copy_of(ablation_dir, tmp_path)
     argv = [*parts(smoke_run), "--budgets", "9", "4", "--encoders", f"9={smoke_run / 'encoder'}",
-            "--bootstrap-steps", "2", "--baselines", *TINY, "--out", str(ablation_dir)]  # fmt: skip
+            "--bootstrap-steps", "2", "--baselines", *TINY, "--out", str(out)]  # fmt: skip
     capsys.readouterr()
     assert cli_main(["ablate", *argv]) == 0
     printed = capsys.readouterr().out
     assert printed.count("done earlier") == 5  # sparseformer-9's base, 2 stages, 2 evaluations
-    report = json.loads((ablation_dir / "ablation.json").read_text())
+    report = json.loads((out / "ablation.json").read_text())
     assert list(report["arms"]) == ["sparseformer-9", "sparseformer-4"]  # no baselines asked for this time
-    encoder = json.loads((ablation_dir / "encoders" / "n4" / "config.json").read_text())
-    assert encoder["num_latent_tokens"] == 4 and report["encoders"]["4"] == str(ablation_dir / "encoders" / "n4")
+    encoder = json.loads((out / "encoders" / "n4" / "config.json").read_text())
+    assert encoder["num_latent_tokens"] == 4 and report["encoders"]["4"] == str(out / "encoders" / "n4")
     assert report["arms"]["sparseformer-4"]["stage2"]["image_tokens"] == 4
+    settings = json.loads((out / ablation.SETTINGS_FILE).read_text())
+    assert settings["bootstrap_steps"] == 2
 
 
-def test_other_training_settings_are_refused(ablation_dir, smoke_run, capsys):
+def test_another_eval_limit_only_scores_again(ablation_dir, smoke_run, tmp_path, capsys):
+    out = copy_of(ablation_dir, tmp_path)
+    argv = [*parts(smoke_run), "--budgets", "9", "--encoders", f"9={smoke_run / 'encoder'}", "--baselines", *TINY,
+            "--eval-limit", "2", "--out", str(out)]  # fmt: skip
+    capsys.readouterr()
+    assert cli_main(["ablate", *argv]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("done earlier") == 3  # base and the 2 stages; both evaluations again
+    assert {p["id"] for p in predictions(out, "sparseformer-9", "stage2")} < {
+        p["id"] for p in predictions(ablation_dir, "sparseformer-9", "stage2")
+    }
+
+
+def test_another_encoder_for_a_trained_budget_is_refused(ablation_dir, smoke_run, tmp_path, capsys):
+    out = copy_of(ablation_dir, tmp_path)
+    other = Path(shutil.copytree(smoke_run / "encoder", tmp_path / "other_encoder"))
+    argv = [*parts(smoke_run), "--budgets", "9", "--encoders", f"9={other}", *TINY, "--out", str(out)]
+    assert cli_main(["ablate", *argv]) == 2
+    assert "arm sparseformer-9" in capsys.readouterr().err
+    assert str(other) not in (out / ablation.SETTINGS_FILE).read_text()  # refused before anything was written
+
+
+def test_other_training_settings_are_refused(ablation_dir, smoke_run, tmp_path, capsys):
+    out = copy_of(ablation_dir, tmp_path)
     argv = [*parts(smoke_run), "--budgets", "9", "--encoders", f"9={smoke_run / 'encoder'}", *TINY,
-            "--stage2-lr", "1e-3", "--out", str(ablation_dir)]  # fmt: skip
+            "--stage2-lr", "1e-3", "--out", str(out)]  # fmt: skip
     assert cli_main(["ablate", *argv]) == 2
     assert "stage2_lr 0.0002 -> 0.001" in capsys.readouterr().err
 
@@ -86,6 +140,7 @@ def test_other_training_settings_are_refused(ablation_dir, smoke_run, capsys):
         (["--budgets", "9", "--encoders", "ENCODER"], "expected N=DIR"),
         (["--budgets", "9", "--encoders", "4=ENCODER"], "4 is not one of --budgets [9]"),
         (["--budgets", "9", "--threads", "0"], "--threads must be positive"),
+        (["--budgets", "0"], "0 is not a positive number of tokens"),
     ],
 )
 def test_bad_arguments_fail_before_any_work(smoke_run, tmp_path, capsys, extra, message):
@@ -96,10 +151,17 @@ def test_bad_arguments_fail_before_any_work(smoke_run, tmp_path, capsys, extra, 
     assert not out.exists()
 
 
-def test_without_a_world_the_data_must_be_named(tmp_path, capsys):
-    argv = ["ablate", "--teacher", "open_clip:ViT-B-32@openai", "--llm", "tiny-llama", "--budgets", "16"]
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [([], "--llm tiny-llama is trained from scratch: give --tokenizer-corpus"),
+     (["--tokenizer-corpus", "CORPUS"], "--train-data is required without --world")],
+)  # fmt: skip
+def test_without_a_world_the_data_must_be_named(tmp_path, capsys, extra, message):
+    (tmp_path / "corpus.txt").write_text("What colour is the star?")
+    extra = [e.replace("CORPUS", str(tmp_path / "corpus.txt")) for e in extra]
+    argv = ["ablate", "--teacher", "open_clip:ViT-B-32@openai", "--llm", "tiny-llama", "--budgets", "16", *extra]
     assert cli_main([*argv, "--out", str(tmp_path / "a")]) == 2
-    assert "--train-data is required without --world" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 def test_arm_towers_order_and_baselines():
