@@ -71,7 +71,7 @@ PLANS = {
         vlm_epochs=1.0,
         eval_records=300,
     ),
-    # Every stage for a few steps: checks an installation end to end in about a minute; the numbers mean nothing.
+    # Every stage for a few steps: checks an installation end to end in about 30 s; the numbers mean nothing.
     "smoke": Plan(
         num_images=100,
         teacher_steps=3,
