@@ -442,6 +442,17 @@ def method_of(name: str) -> str:
     return name.split("-")[0]
 
 
+def save_figure(fig, path: Path) -> Path:
+    """Write a matplotlib figure to `path` as PNG, atomically, and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot(report: dict[str, Any], out: Path, name: str = REPORT_NAME) -> list[Path]:
     """`NAME_accuracy.png` and `NAME_speed.png`: each method's curve against image tokens (log scale)."""
     import matplotlib
@@ -483,12 +494,7 @@ def plot(report: dict[str, Any], out: Path, name: str = REPORT_NAME) -> list[Pat
         ax.set_title(title)
     axes[0].set_ylabel(f"accuracy after {stage_title(stage)} (%)")
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    path = out / f"{name}_accuracy.png"
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    written.append(path)
+    written.append(save_figure(fig, out / f"{name}_accuracy.png"))
 
     timing = report["timing"]
     fig, axes = plt.subplots(1, 3, figsize=(12.6, 3.8))
@@ -497,12 +503,7 @@ def plot(report: dict[str, Any], out: Path, name: str = REPORT_NAME) -> list[Pat
         curves(ax, lambda name, r, key=key: timing[name][key])
         ax.set_title(f"{title} (ms, batch 1)")
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    path = out / f"{name}_speed.png"
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    written.append(path)
+    written.append(save_figure(fig, out / f"{name}_speed.png"))
     return written
 
 
