@@ -122,11 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", str(args.threads), "--model-max-length", "512", "--out", str(args.work),
         *(["--eval-limit", str(args.eval_limit)] if args.eval_limit else []),
     ]  # fmt: skip
-    settings = ablation.resolve(ablation.build_parser().parse_args(ablation_argv))
-    torch.set_num_threads(args.threads)
-    args.work.mkdir(parents=True, exist_ok=True)
-    settings = ablation.check_settings(args.work, settings)
-    report = ablation.run(settings, args.work)
+    report = ablation.run_from_args(ablation.build_parser().parse_args(ablation_argv))
     report |= {"machine": machine(), "llm_origin": llm_origin(str(args.llm))}
     report = json.loads(json.dumps(report).replace(f"{ROOT}/", ""))  # paths in the repository, as committed
     intro = f"Machine: {report['machine']}. The arms' LLM: {report['llm_origin']}."

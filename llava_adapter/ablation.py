@@ -61,6 +61,7 @@ SIZES = ("small", "medium", "large")
 SETTINGS_FILE = "ablation_settings.json"
 REPORT_NAME = "ablation"
 BASELINES = ("vit", "pooled")
+VLM_STAGES = ("stage1", "stage2")  # LLaVA's two training stages, in order
 # Settings that decide what an arm learns: a rerun into the same --out must keep them (budgets may be added).
 TRAINING_SETTINGS = (
     "teacher", "train_data", "image_folder", "test_data", "llm", "bootstrap_data", "bootstrap_steps",
@@ -215,25 +216,24 @@ def check_settings(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
         before = read_json(path)
         # the bootstrap settings are None where every encoder was given: only two runs that both bootstrapped differ
         optional = ("bootstrap_data", "bootstrap_steps")
-        changed = {
-            k: (before.get(k), settings[k])
-            for k in TRAINING_SETTINGS
-            if before.get(k) != settings[k] and not (k in optional and None in (before.get(k), settings[k]))
+        wanted = {
+            k: settings[k] for k in TRAINING_SETTINGS if not (k in optional and None in (before.get(k), settings[k]))
         }
-        if changed:
-            listed = "; ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
+        if listed := changes(before, wanted):
             raise ValueError(f"{out} holds an ablation trained with other settings ({listed}); use another --out")
         settings = {**settings, **{k: v for k, v in before.items() if settings.get(k) is None and v is not None}}
     for name, tower in arm_towers(settings, encoder_folders(settings, out)).items():
         recorded = out / "arms" / name / "arm.json"
         if recorded.is_file():
-            wanted, before = arm_recipe(settings, tower), read_json(recorded)
-            changed = {k: (before.get(k), v) for k, v in wanted.items() if before.get(k) != v}
-            if changed:
-                listed = "; ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
+            if listed := changes(read_json(recorded), arm_recipe(settings, tower)):
                 raise ValueError(f"arm {name} in {out} was made otherwise ({listed}); use another --out")
     write_json(path, settings)
     return settings
+
+
+def changes(before: dict[str, Any], wanted: dict[str, Any]) -> str:
+    """The keys of `wanted` whose value differs from `before`'s, as "key old -> new; ..." ("" where none does)."""
+    return "; ".join(f"{k} {before.get(k)!r} -> {v!r}" for k, v in wanted.items() if before.get(k) != v)
 
 
 def arm_recipe(settings: dict[str, Any], tower: list[str]) -> dict[str, Any]:
@@ -331,7 +331,18 @@ def train_arm(settings: dict[str, Any], name: str, tower: list[str], out: Path) 
 
 
 def stage_names(settings: dict[str, Any]) -> list[str]:
-    return ["stage1", "stage2"] if settings["stage2_epochs"] else ["stage1"]
+    return list(VLM_STAGES if settings["stage2_epochs"] else VLM_STAGES[:1])
+
+
+def scores(report: dict[str, Any]) -> dict[str, Any]:
+    """Accuracy overall, by question type and by object size, and the answers counted, of an `eval-vlm` report (or
+    of `question_only_prior`'s, which has the same keys)."""
+    return {
+        "accuracy": report["accuracy"],
+        "by_type": {k: v["accuracy"] for k, v in report["by_type"].items()},
+        "by_target_size": {k: v["accuracy"] for k, v in report["by_target_size"].items()},
+        "answers": report["num_answers"],
+    }
 
 
 def arm_summary(folder: Path, stage: str) -> dict[str, Any]:
@@ -340,13 +351,10 @@ def arm_summary(folder: Path, stage: str) -> dict[str, Any]:
 
     report = read_json(folder / f"eval_{stage}" / JSON_NAME)
     seconds = Stages(folder, "").seconds()
-    trained = ["stage1", "stage2"][: ["stage1", "stage2"].index(stage) + 1]
+    trained = VLM_STAGES[: VLM_STAGES.index(stage) + 1]
     return {
         "image_tokens": report["throughput"]["num_image_tokens"],
-        "accuracy": report["accuracy"],
-        "by_type": {k: v["accuracy"] for k, v in report["by_type"].items()},
-        "by_target_size": {k: v["accuracy"] for k, v in report["by_target_size"].items()},
-        "answers": report["num_answers"],
+        **scores(report),
         "train_seconds": sum(seconds.get(s, 0.0) for s in trained),
     }
 
@@ -418,13 +426,7 @@ def run(settings: dict[str, Any], out: Path) -> dict[str, Any]:
     report = {
         "settings": settings,
         "encoders": {str(n): d for n, d in encoders.items()},
-        "prior": {
-            "image_tokens": 0,
-            "accuracy": prior["accuracy"],
-            "by_type": {k: v["accuracy"] for k, v in prior["by_type"].items()},
-            "by_target_size": {k: v["accuracy"] for k, v in prior["by_target_size"].items()},
-            "answers": prior["num_answers"],
-        },
+        "prior": {"image_tokens": 0, **scores(prior)},
         "arms": {n: {s: arm_summary(out / "arms" / n, s) for s in stages} for n in names},
         "paired": {s: paired_comparisons(out, names, s) for s in stages},
         "timing": time_side_by_side(
@@ -583,8 +585,8 @@ def to_markdown(
                       "records (`llava_adapter.compare`); bold: the interval excludes 0.", "",
                       *paired_table(report["paired"][stage]), ""]  # fmt: skip
     timing = report["timing"]
-    reference = timing.get("vit") or next(iter(timing.values()))
     name_ref = "vit" if "vit" in timing else next(iter(timing))
+    reference = timing[name_ref]
     final = stages[-1]
     lines += [
         f"## Time to first token (batch 1, median of {reference['questions']} questions, arms interleaved)",
@@ -610,14 +612,18 @@ def write_report(report: dict[str, Any], out: Path, markdown: str) -> None:
     plot(report, out)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Check the arguments and the settings of an earlier run into `args.out`, then `run`; the report."""
     settings = resolve(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    settings = check_settings(args.out, settings)
-    report = run(settings, args.out)
+    return run(check_settings(args.out, settings), args.out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    report = run_from_args(args)
     markdown = to_markdown(report)
     write_report(report, args.out, markdown)
     print(markdown, end="")
