@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
@@ -17,6 +18,33 @@ STATE_DICT_WRAPPERS = ("model", "state_dict")
 
 class CheckpointMismatchError(RuntimeError):
     """A checkpoint's keys or shapes do not match the model it is loaded into."""
+
+
+class CheckpointError(ValueError):
+    """A weights file that cannot be used: truncated, corrupt, not a state_dict of tensors, or non-finite."""
+
+
+def check_finite(state: dict[str, Tensor], source: str | Path) -> None:
+    """Raise `CheckpointError` naming the tensors of `state` that hold a NaN or an infinity."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f", ... ({len(bad) - 5} more)" if len(bad) > 5 else "")
+        raise CheckpointError(f"{source}: non-finite values (NaN or inf) in {len(bad)} tensor(s): {shown}")
+
+
+def load_safetensors(path: str | Path, allow_nonfinite: bool = False) -> dict[str, Tensor]:
+    """Read a `.safetensors` file; a truncated or corrupt file, or (unless allowed) a non-finite tensor, raises
+    `CheckpointError` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No checkpoint at {path}")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {err}") from err
+    if not allow_nonfinite:
+        check_finite(state, path)
+    return state
 
 
 def read_state_dict(source: str | Path) -> dict[str, Tensor]:
@@ -33,18 +61,19 @@ def read_state_dict(source: str | Path) -> dict[str, Tensor]:
         if not path.is_file():
             raise FileNotFoundError(f"No checkpoint at {path}")
         if path.suffix == ".safetensors":
-            state = load_file(path)
+            state = load_safetensors(path, allow_nonfinite=True)
         else:
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as err:  # noqa: BLE001 - any unpickling failure means the file is not a weights file
-                raise ValueError(f"Cannot read {path} as a weights-only PyTorch checkpoint: {err}") from err
+                raise CheckpointError(f"Cannot read {path} as a weights-only PyTorch checkpoint: {err}") from err
     for key in STATE_DICT_WRAPPERS:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
             break
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{source} does not hold a state_dict of tensors")
+        raise CheckpointError(f"{source} does not hold a state_dict of tensors")
+    check_finite(state, source)
     return state
 
 

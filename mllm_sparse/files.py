@@ -1,20 +1,43 @@
-"""File I/O shared by every stage: atomic writes and JSON reads whose errors name the file and the line."""
+"""File I/O shared by every stage: atomic, durable writes and JSON reads whose errors name the file and the line."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def fsync_path(path: str | Path) -> None:
+    """Flush a file, or a folder's entries (and, recursively, its files), to disk."""
+    path = Path(path)
+    if path.is_dir():
+        for child in path.iterdir():
+            if child.is_file() or child.is_dir():
+                fsync_path(child)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it is renamed onto `path`, on failure removed.
+    """Yield a temporary path beside `path`; on success it is flushed to disk and renamed onto `path`, on failure
+    removed.
 
-    A reader never sees a half-written file, and an interrupted write leaves the previous file intact.
+    A reader never sees a half-written file, and an interrupted write (even a power cut) leaves the previous file
+    intact. The file gets the permissions a plain `open(path, "w")` would give (mkstemp's are owner-only).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -22,15 +45,49 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        fsync_path(tmp)
         os.replace(tmp, path)
+        fsync_path(path.parent)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`; on success it is flushed and takes `path`'s place in one rename.
+
+    For folders written by `save_pretrained`: a reader sees the old folder or the whole new one, never a mix. An
+    existing folder at `path` is replaced (it is renamed aside first, so a crash leaves one of the two whole).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    os.chmod(tmp, 0o777 & ~_umask())
+    old = path.parent / f".{path.name}.old"
+    try:
+        yield tmp
+        fsync_path(tmp)
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        fsync_path(path.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_json(path: str | Path, data) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data))
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:

@@ -114,3 +114,26 @@ def test_missing_and_non_state_dict_files(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="junk.pth"):
         mllm_sparse.create_model("test_sparseformer_btsp", pretrained=tmp_path / "junk.pth")
+
+
+def test_truncated_safetensors_names_the_file(tmp_path):
+    from mllm_sparse.checkpoint import CheckpointError, load_safetensors, read_state_dict
+
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.ones(64, 64)}, str(path))
+    path.write_bytes(path.read_bytes()[:100])
+    for load in (load_safetensors, read_state_dict):
+        with pytest.raises(CheckpointError, match=str(path)):
+            load(path)
+
+
+def test_non_finite_weights_are_refused_by_name(tmp_path):
+    from mllm_sparse.checkpoint import CheckpointError, load_safetensors, read_state_dict
+
+    path = tmp_path / "w.safetensors"
+    save_file({"good": torch.ones(3), "bad.weight": torch.tensor([1.0, float("nan")])}, str(path))
+    for load in (load_safetensors, read_state_dict):
+        with pytest.raises(CheckpointError, match=r"bad\.weight") as err:
+            load(path)
+        assert "good" not in str(err.value)
+    assert torch.isnan(load_safetensors(path, allow_nonfinite=True)["bad.weight"]).any()
