@@ -12,8 +12,10 @@ in LLaVA, it may instead be a causal LM with `--vision_tower`; with a LLaVA fold
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
+import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,10 +28,14 @@ from transformers import (
     LlavaForConditionalGeneration,
     Trainer,
     TrainingArguments,
+    set_seed,
 )
 
+from mllm_sparse.checkpoint import load_safetensors
 from mllm_sparse.files import atomic_path, write_json
+from mllm_sparse.training import DivergenceError
 
+from . import checkpoints
 from .conversation import TEMPLATES
 from .data import DataCollatorForLlava, LlavaJsonDataset, ModalityLengthGroupedSampler
 from .llms import load_llm
@@ -43,6 +49,8 @@ from .modeling import (
 )
 from .processing import IMAGE_ASPECT_RATIOS
 from .towers import load_tower, processor_for
+
+logger = logging.getLogger(__name__)
 
 NON_LORA_FILE = "non_lora_trainables.safetensors"
 LORA_BASE_DIR = "base"
@@ -90,6 +98,13 @@ class VlmTrainingArguments(TrainingArguments):
     lora_dropout: float = 0.05
     lora_bias: str = "none"
     remove_unused_columns: bool = False
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "start afresh in an --output_dir that holds an earlier run, deleting its checkpoints (default: "
+            "resume from its newest complete checkpoint, as LLaVA does, or refuse if it holds a finished run)"
+        },
+    )
 
 
 def parse_args(argv: list[str] | None):
@@ -203,8 +218,100 @@ def trainable_state_dicts(model) -> tuple[dict[str, torch.Tensor], dict[str, tor
     return lora, other
 
 
+def agreed(flag: bool, device: torch.device) -> bool:
+    """True when `flag` holds on any rank: every rank takes the same branch, so none waits forever in a collective."""
+    if not torch.distributed.is_initialized():
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def non_finite_parameters(model: nn.Module) -> list[str]:
+    """Names of this rank's parameters holding a NaN or an infinity (the local shard under ZeRO-3)."""
+    bad = []
+    for name, param in model.named_parameters():
+        local = getattr(param, "ds_tensor", param)
+        if local.numel() and not bool(torch.isfinite(local).all()):
+            bad.append(name)
+    return bad
+
+
 class VlmTrainer(Trainer):
-    """`Trainer` with a projector learning rate and modality-grouped batches."""
+    """`Trainer` with a projector learning rate, modality-grouped batches, checkpoints marked complete once every rank
+    has written them, exact weight restore on resume, and a stop on a non-finite loss or gradient before anything
+    from that step is saved."""
+
+    def last_good_checkpoint(self) -> str:
+        found = checkpoints.latest_complete(Path(self.args.output_dir))
+        return str(found) if found else "none (no complete checkpoint yet)"
+
+    def diverged(self, what: str) -> DivergenceError:
+        return DivergenceError(
+            f"{what} at step {self.state.global_step + 1}; stopped before saving it. Last good checkpoint: "
+            f"{self.last_good_checkpoint()}. Lower the learning rate (or check the data) and resume from there."
+        )
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
+        loss = result[0] if return_outputs else result
+        # Checked before backward (a NaN must not reach the optimizer or a checkpoint), on every rank together.
+        if agreed(not bool(torch.isfinite(loss.detach()).all()), loss.device):
+            raise self.diverged(f"the loss became {loss.item()}")
+        return result
+
+    def _maybe_log_save_evaluate(self, tr_loss, grad_norm, *args, **kwargs):
+        if grad_norm is not None and not math.isfinite(float(grad_norm)):
+            raise self.diverged(f"the gradient norm became {float(grad_norm)}")
+        return super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)
+
+    def check_weights_finite(self) -> None:
+        bad = non_finite_parameters(self.model)
+        if agreed(bool(bad), self.args.device):
+            raise self.diverged(f"non-finite weights ({', '.join(bad[:5]) or 'on another rank'})")
+
+    def _save_checkpoint(self, model, trial) -> None:
+        self.check_weights_finite()
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None  # older checkpoints go only once this one is marked complete
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        if _is_peft(self.model):
+            # peft's checkpoint holds the adapter alone; the projector (and tower blocks) train too.
+            _, other = trainable_state_dicts(self.model)
+            if self.args.should_save:
+                with atomic_path(folder / NON_LORA_FILE) as tmp:
+                    save_file(other, str(tmp))
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every rank's shards are written
+        if self.args.should_save:
+            checkpoints.mark_complete(folder)
+            if limit:
+                from transformers.trainer_utils import rotate_checkpoints
+
+                rotate_checkpoints(
+                    output_dir=str(folder.parent),
+                    save_total_limit=limit,
+                    best_model_checkpoint=self.state.best_model_checkpoint,
+                    use_mtime=True,
+                )
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
+        model = self.model if model is None else model
+        folder = Path(resume_from_checkpoint)
+        if _is_peft(model):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            other = load_safetensors(folder / NON_LORA_FILE)
+            result = model.base_model.model.load_state_dict(other, strict=False)
+            if result.unexpected_keys:
+                raise ValueError(f"{folder / NON_LORA_FILE}: keys the model lacks: {result.unexpected_keys[:10]}")
+            return
+        checkpoints.load_full_weights(model, folder)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None and self.args.mm_projector_lr is not None:
@@ -248,6 +355,7 @@ def save_outputs(trainer: VlmTrainer, model, processor, model_args, training_arg
     """
     out = Path(training_args.output_dir)
     rank0 = trainer.is_world_process_zero()
+    trainer.check_weights_finite()
     if training_args.tune_mm_mlp_adapter:
         state = projector_state_dict(model)
         if rank0:
@@ -267,12 +375,39 @@ def save_outputs(trainer: VlmTrainer, model, processor, model_args, training_arg
         processor.save_pretrained(out)
 
 
+def run_settings(model_args, data_args, training_args) -> dict:
+    """Everything that decides the trained weights (and some that does not: see `checkpoints.HARMLESS_SETTINGS`)."""
+    settings = {**dataclasses.asdict(model_args), **dataclasses.asdict(data_args)}
+    settings.update({k: v for k, v in training_args.to_dict().items() if not k.startswith("_")})
+    settings["world_size"] = training_args.world_size  # the global batch depends on it
+    return settings
+
+
+def prepare_output_dir(model_args, data_args, training_args) -> Path | None:
+    """Decide between resuming and starting afresh (see `checkpoints.resolve_resume`), check the settings against
+    the recorded ones, and say what happens. Returns the checkpoint to resume from."""
+    out = Path(training_args.output_dir)
+    main_process = training_args.process_index == 0
+    resume = checkpoints.resolve_resume(out, training_args.resume_from_checkpoint, training_args.overwrite_output_dir)
+    if training_args.overwrite_output_dir and main_process and checkpoints.checkpoints(out):
+        logger.warning("--overwrite_output_dir: deleting the earlier run's checkpoints in %s", out)
+        checkpoints.clear_progress(out)
+    settings = run_settings(model_args, data_args, training_args)
+    changed = checkpoints.check_settings(out, settings, resuming=resume is not None, write=main_process)
+    if resume is not None and main_process:
+        logger.warning("resuming from %s%s", resume, f" (changed: {'; '.join(changed)})" if changed else "")
+    return resume
+
+
 def main(argv: list[str] | None = None) -> int:
+    checkpoints.force_weights_only_loads()
     model_args, data_args, training_args = parse_args(argv)
+    resume = prepare_output_dir(model_args, data_args, training_args)
+    set_seed(training_args.seed)  # a new projector and LoRA's initial weights: the same run gives the same model
     model, processor, assembled = load_model(model_args, data_args)
     if model_args.pretrain_mm_mlp_adapter:
         load_projector(model, model_args.pretrain_mm_mlp_adapter)
-    if training_args.lora_enable and assembled and training_args.process_index == 0:
+    if training_args.lora_enable and assembled and training_args.process_index == 0 and resume is None:
         # The adapter needs a base it can be merged into later: the model as assembled here, before LoRA.
         model.save_pretrained(Path(training_args.output_dir) / LORA_BASE_DIR)
         processor.save_pretrained(Path(training_args.output_dir) / LORA_BASE_DIR)
@@ -293,16 +428,15 @@ def main(argv: list[str] | None = None) -> int:
         skip_bad_records=data_args.skip_bad_records,
         image_token_id=model.config.image_token_id,
     )
+    if len(dataset) == 0:
+        raise ValueError(f"{data_args.data_path}: no records to train on")
     trainer = VlmTrainer(
         model=model,
         args=training_args,
         train_dataset=dataset,
         data_collator=DataCollatorForLlava(processor.tokenizer, image_token_id=model.config.image_token_id),
     )
-    resume = training_args.resume_from_checkpoint
-    if resume is None and _has_checkpoint(training_args.output_dir):
-        resume = True
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
     save_outputs(trainer, model, processor, model_args, training_args, assembled)
     if torch.distributed.is_initialized():
         # Shut the process group down before exit: left to interpreter teardown, a gloo rank once aborted with
@@ -312,5 +446,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _has_checkpoint(output_dir: str) -> bool:
-    return any(Path(output_dir).glob("checkpoint-*")) if os.path.isdir(output_dir) else False
+def _is_peft(model) -> bool:
+    return type(model).__name__.startswith("Peft")

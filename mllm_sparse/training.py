@@ -58,3 +58,7 @@ def save_checkpoint(out: Path, step: int, write_weights: Callable[[Path], None],
 
 def load_trainer_state(checkpoint: Path) -> dict:
     return torch.load(checkpoint / TRAINER_STATE, map_location="cpu", weights_only=True)
+
+
+class DivergenceError(ValueError):
+    """The loss or the gradients became non-finite: the run stopped before saving anything from that step."""

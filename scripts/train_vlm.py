@@ -4,6 +4,8 @@
         --data_path runs/world/llava_train.json --image_folder runs/world --version plain \
         --tune_mm_mlp_adapter True --output_dir runs/stage1 ...
 
+An --output_dir holding checkpoints resumes from the newest complete one, as LLaVA does (settings that would change
+the result must match the recorded ones); `--overwrite_output_dir True` starts afresh instead.
 All arguments: `python scripts/train_vlm.py --help` (see llava_adapter/train.py).
 """
 
@@ -11,6 +13,12 @@ import sys
 
 import mllm_sparse  # noqa: F401  (registers the SparseFormer and pooled towers and the processor)
 from llava_adapter.train import main
+from mllm_sparse.cli import USER_ERRORS
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except USER_ERRORS as err:
+        # Bad input or a diverged run: one clear line per rank, no traceback.
+        print(f"train_vlm: error: {err}", file=sys.stderr)
+        sys.exit(2)

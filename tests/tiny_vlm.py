@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import torch
@@ -45,3 +46,19 @@ def save_tiny_vlm(tokenizer, folder: Path) -> Path:
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
+
+
+def common_args(vlm_dir, data, image_folder, out, *extra) -> list[str]:
+    """`scripts/train_vlm.py` arguments for 2 CPU steps of batch 2, no checkpoints."""
+    return [
+        "--model_name_or_path", str(vlm_dir), "--data_path", str(data), "--image_folder", str(image_folder),
+        "--output_dir", str(out), "--per_device_train_batch_size", "2", "--max_steps", "2",
+        "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1", "--model_max_length", "128",
+        "--dataloader_num_workers", "0", *extra,
+    ]  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
-from tiny_vlm import save_tiny_vlm
+from tiny_vlm import common_args, free_port, save_tiny_vlm
 from transformers import AutoModelForImageTextToText
 
 from llava_adapter import train
@@ -33,15 +32,6 @@ def vlm_dir(tokenizer, tmp_path):
 def data(image_folder, image_record, text_record, write_data):
     records = [image_record(f"img-{i}", image="abc"[i % 3] + ".png") for i in range(6)] + [text_record("txt-0")]
     return write_data(records)
-
-
-def common_args(vlm_dir, data, image_folder, out, *extra) -> list[str]:
-    return [
-        "--model_name_or_path", str(vlm_dir), "--data_path", str(data), "--image_folder", str(image_folder),
-        "--output_dir", str(out), "--per_device_train_batch_size", "2", "--max_steps", "2",
-        "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1", "--model_max_length", "128",
-        "--dataloader_num_workers", "0", *extra,
-    ]  # fmt: skip
 
 
 def test_freeze_policy(vlm_dir):
@@ -127,16 +117,10 @@ def test_lora_save_reload_and_merge_give_the_same_logits(vlm_dir, data, image_fo
     assert not torch.allclose(plain_base, adapted, atol=1e-4)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def deepspeed_launch(script_args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     launcher = Path(sys.executable).parent / "deepspeed"
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    command = [str(launcher), "--num_gpus", "2", "--master_port", str(_free_port()), "scripts/train_vlm.py"]
+    command = [str(launcher), "--num_gpus", "2", "--master_port", str(free_port()), "scripts/train_vlm.py"]
     result = subprocess.run(command + script_args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
