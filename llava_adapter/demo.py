@@ -10,6 +10,11 @@ each stage (vision encode, LLM prefill, decode) and, optionally, the LLM's atten
 starts to answer (the boxes it leans on fill in). Each browser session has its own conversation; one model serves
 them in turn.
 
+What a visitor can cost is bounded: uploads over `--max-upload-mb` are refused by Gradio as they arrive, images over
+`--max-image-megapixels` before they are decoded; a session keeps only the model input picture (S × S), never the
+upload, and its state is freed when its page closes or after `--session-ttl-minutes` idle; at most `--max-sessions`
+sessions are kept. A bad upload gets one line naming the file, not the server's folder.
+
 The page's events are also an API (`gradio_client`): `/image` (a file path) → the regions picture; `/send` (a
 message, the chat so far, whether to show attention) → the chat, the picture and the timings, streamed; `/clear`.
 """
@@ -18,15 +23,18 @@ from __future__ import annotations
 
 import argparse
 import threading
+import warnings
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import gradio as gr  # at module level: Gradio resolves the handlers' `gr.Request` annotations in these globals
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
-from mllm_sparse.images import denormalize, load_image
+from mllm_sparse.images import ImageLoadError, denormalize, load_image
 from mllm_sparse.visualize import draw_boxes
 
 from .chat import ChatEngine, ChatReply
@@ -34,22 +42,48 @@ from .conversation import TEMPLATES
 from .token_regions import answer_attention, image_token_regions
 
 PICTURE_SIDE = 448  # the regions picture is drawn at least this large, so that small RoIs stay visible
+# JPEGs decode (by DCT scaling) at no less than twice the model input side: cheap, and the processor's own resize
+# still makes the final reduction.
+JPEG_DRAFT_FACTOR = 2
+DEFAULT_MAX_UPLOAD_MB = 20.0
+DEFAULT_MAX_MEGAPIXELS = 50.0
+PIL_MAX_MEGAPIXELS = Image.MAX_IMAGE_PIXELS / 1e6  # load_image refuses larger images as decompression bombs
+DEFAULT_SESSION_TTL_MINUTES = 60.0
+DEFAULT_MAX_SESSIONS = 1000  # sessions whose state Gradio keeps; each holds one model-input picture and its chat
+SESSION_ENDED = (
+    "This conversation has ended (its page closed, or it sat idle past the time limit); upload the image again or "
+    "start a new conversation"
+)
 
 
 @dataclass
 class Conversation:
-    """One browser session's chat: its image (None: text only) and its LLaVA turns so far."""
+    """One browser session's chat: its image and its LLaVA turns so far.
+
+    Attributes:
+        image: the model input as a picture (S × S, what the processor makes of the upload; the processor maps it to
+            the same pixels again), never the upload itself; None: text only.
+        turns: the LLaVA turns so far.
+        ended: its session ended and its image and turns were freed; it cannot be continued.
+    """
 
     image: Image.Image | None = None
     turns: list[dict[str, str]] = field(default_factory=list)
+    ended: bool = False
+
+
+def model_input(engine: ChatEngine, image: Image.Image) -> tuple[torch.Tensor, Image.Image]:
+    """The pixels the model gets for `image` ([1, 3, S, S], padded or cropped as its processor does) and the same
+    as an S × S picture."""
+    image_processor = engine.processor.image_processor
+    pixels = image_processor(images=[image], return_tensors="pt")["pixel_values"]
+    return pixels, denormalize(pixels[0], image_processor.image_mean, image_processor.image_std)
 
 
 def regions_picture(engine: ChatEngine, image: Image.Image, weights: torch.Tensor | None = None) -> Image.Image:
     """The image as the model sees it, with the region of each image token drawn over it (filled by `weights`)."""
-    image_processor = engine.processor.image_processor
-    pixels = image_processor(images=[image], return_tensors="pt")["pixel_values"]
+    pixels, seen = model_input(engine, image)
     regions = image_token_regions(engine.model, pixels)[0]
-    seen = denormalize(pixels[0], image_processor.image_mean, image_processor.image_std)
     scale = max(1, -(-PICTURE_SIDE // max(seen.size)))
     seen = seen.resize((seen.width * scale, seen.height * scale), Image.Resampling.NEAREST)
     return draw_boxes(seen, regions, weights=weights)
@@ -69,23 +103,82 @@ def describe_timings(engine: ChatEngine, reply: ChatReply | None = None, image_s
 
 class DemoSessions:
     """The demo's logic, free of Gradio: one `ChatEngine` shared by every session, a lock so that one session uses it
-    at a time, and each session's `Conversation` kept by the caller.
+    at a time, and each session's `Conversation` kept by the caller (Gradio's session state), indexed here by session
+    so that a session's end can free it.
 
     Args:
         engine: the model.
+        max_pixels: images with more pixels are refused before they are decoded.
         **generate_kwargs: `generate` keywords for every answer (default `max_new_tokens=64`).
     """
 
-    def __init__(self, engine: ChatEngine, **generate_kwargs):
+    def __init__(self, engine: ChatEngine, max_pixels: int = int(DEFAULT_MAX_MEGAPIXELS * 1e6), **generate_kwargs):
+        if not 0 < max_pixels <= Image.MAX_IMAGE_PIXELS:
+            raise ValueError(f"max_pixels must be in (0, {Image.MAX_IMAGE_PIXELS}] (PIL's limit), got {max_pixels}")
         self.engine = engine
+        self.max_pixels = max_pixels
         self.generate_kwargs = {"max_new_tokens": 64, **generate_kwargs}
         self.lock = threading.Lock()
+        # Weak: the session state owns each conversation; one Gradio drops (evicted, expired) leaves this index too.
+        self.conversations: weakref.WeakValueDictionary[str, Conversation] = weakref.WeakValueDictionary()
+        self._index_lock = threading.Lock()  # not `lock`: freeing a session must not wait for an answer
+        # S, measured rather than read from the processor's settings, which differ between its pad / crop / resize modes
+        self.input_side = max(model_input(engine, Image.new("RGB", (1, 1)))[0].shape[-2:])
 
-    def open_image(self, path: str | Path) -> tuple[Conversation, Image.Image]:
-        """A new conversation about the image at `path`, and its regions picture."""
-        image = load_image(path)
+    def read_image(self, path: str | Path) -> Image.Image:
+        """The image at `path` as RGB; JPEGs decoded at reduced scale, never below twice the model input side.
+
+        Raises:
+            ImageLoadError: not an image PIL can read, or more than `max_pixels` (checked on the header, before
+                decoding); the message names the file by its name only, not its folder (a server's upload folder).
+        """
+        name = Path(path).name
+        limit = f"this demo takes images of up to {self.max_pixels / 1e6:g} megapixels"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked below
+                with Image.open(path) as header:
+                    width, height = header.size
+        except Image.DecompressionBombError as err:
+            raise ImageLoadError(f"{name} is larger than {PIL_MAX_MEGAPIXELS:.0f} megapixels; {limit}") from err
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+            raise ImageLoadError(f"{name} is not an image PIL can read") from err
+        if width * height > self.max_pixels:
+            raise ImageLoadError(f"{name} is {width}×{height} ({width * height / 1e6:.1f} megapixels); {limit}")
+        try:
+            return load_image(path, draft_size=JPEG_DRAFT_FACTOR * self.input_side)
+        except (ImageLoadError, OSError) as err:
+            raise ImageLoadError(f"{name} is not an image PIL can read") from err
+
+    def open_image(self, path: str | Path, session: str | None = None) -> tuple[Conversation, Image.Image]:
+        """A new conversation about the image at `path` (of `session`, if given), and its regions picture. The
+        conversation keeps only the model input (S × S); the upload is dropped once converted."""
+        seen = model_input(self.engine, self.read_image(path))[1]  # the processor alone: no need to hold the engine
         with self.lock:
-            return Conversation(image=image), regions_picture(self.engine, image)
+            conversation, picture = Conversation(image=seen), regions_picture(self.engine, seen)
+        if session is not None:
+            self.track(session, conversation)
+        return conversation, picture
+
+    def track(self, session: str, conversation: Conversation) -> None:
+        """Note that `conversation` is `session`'s, so that `end_session` can free it."""
+        with self._index_lock:
+            self.conversations[session] = conversation
+
+    def release(self, conversation: Conversation) -> None:
+        """Free `conversation`'s image and turns for good (its session ended or expired)."""
+        conversation.image, conversation.turns, conversation.ended = None, [], True
+        with self._index_lock:
+            for session, kept in list(self.conversations.items()):
+                if kept is conversation:
+                    del self.conversations[session]
+
+    def end_session(self, session: str) -> None:
+        """Free the conversation of `session`, if it has one (its page closed)."""
+        with self._index_lock:
+            conversation = self.conversations.get(session)
+        if conversation is not None:
+            self.release(conversation)
 
     def ask(self, conversation: Conversation, message: str, attention: bool = False) -> Iterator[dict[str, Any]]:
         """Answer `message` in `conversation`, streamed: yields {"answer": text so far} before the first token and as
@@ -96,6 +189,8 @@ class DemoSessions:
         The engine stays locked until the iterator is exhausted or closed (Gradio closes the ones it abandons); a
         caller that stops early must `close()` it, or other sessions wait.
         """
+        if conversation.ended:
+            raise ValueError(SESSION_ENDED)
         message = message.strip()
         if not message:
             raise ValueError("Type a question first")
@@ -117,7 +212,8 @@ class DemoSessions:
                 record["conversations"] = record["conversations"][:-1]  # up to the question just answered
                 weights = answer_attention(engine, record, conversation.image)
                 picture, share = regions_picture(engine, conversation.image, weights.per_token), weights.image_share
-            conversation.turns = turns
+            if not conversation.ended:  # a session that ended meanwhile stays freed
+                conversation.turns = turns
             yield {
                 "answer": reply.text,
                 "done": True,
@@ -126,21 +222,43 @@ class DemoSessions:
             }
 
 
-def build_app(sessions: DemoSessions, title: str = "mllm-sparse chat"):
-    """The Gradio page (a `gr.Blocks`) over `sessions`."""
-    import gradio as gr
+def build_app(
+    sessions: DemoSessions,
+    title: str = "mllm-sparse chat",
+    session_ttl_s: int = round(60 * DEFAULT_SESSION_TTL_MINUTES),
+):
+    """The Gradio page (a `gr.Blocks`) over `sessions`.
 
-    def on_image(path: str | None):
-        if path is None:
+    A session's conversation is freed when its page closes (Gradio's `unload`) or once it has been idle (no upload,
+    no question) for `session_ttl_s` seconds (its `State`'s time to live); uploads and pictures are deleted from
+    Gradio's cache after as long. A user's mistake (a bad upload, an empty question) is shown as one line, without a
+    traceback in the server's log.
+    """
+    if session_ttl_s < 1:
+        raise ValueError(f"session_ttl_s must be at least 1, got {session_ttl_s}")
+
+    def refuse(err: Exception) -> gr.Error:
+        return gr.Error(str(err), print_exception=False)
+
+    def on_image(upload: dict | None, request: gr.Request):
+        # Gradio's preprocessing is off for this event (it decodes the file with PIL and reports failures with the
+        # server's path); the upload has been checked to be in Gradio's cache all the same.
+        if upload is None:
             return None, [], Conversation(), ""
+        path = upload.get("path")
+        if path is None:
+            raise refuse(ImageLoadError("The upload is not an image file"))
         try:
-            conversation, picture = sessions.open_image(path)
-        except Exception as err:  # shown on the page; the session keeps its previous state
-            raise gr.Error(str(err)) from err
+            conversation, picture = sessions.open_image(path, request.session_hash)
+        except ValueError as err:  # shown on the page; the session keeps its previous state
+            raise refuse(err) from err
         return picture, [], conversation, describe_timings(sessions.engine)
 
-    def on_send(message: str, history: list, conversation: Conversation, attention: bool):
+    def on_send(message: str, history: list, conversation: Conversation, attention: bool, request: gr.Request):
         before = list(history or [])
+        if conversation.ended or (before and not conversation.turns):  # freed, or dropped by Gradio (idle, evicted)
+            raise refuse(ValueError(SESSION_ENDED))
+        sessions.track(request.session_hash, conversation)
         asked = before + [{"role": "user", "content": message}]
         try:
             for update in sessions.ask(conversation, message, attention):
@@ -152,17 +270,27 @@ def build_app(sessions: DemoSessions, title: str = "mllm-sparse chat"):
                     yield chat, "", conversation, gr.skip(), gr.skip()
         except Exception as err:  # the chat goes back to what the model has as context; the question stays typed
             yield before, message, conversation, gr.skip(), gr.skip()
-            raise gr.Error(str(err)) from err
+            if isinstance(err, ValueError):
+                raise refuse(err) from err
+            raise  # not the user's doing (a bug, out of memory): logged with its traceback
 
-    def on_clear(conversation: Conversation):
-        return [], Conversation(image=conversation.image), ""
+    def on_clear(conversation: Conversation, request: gr.Request):
+        if conversation.ended:
+            conversation = Conversation()
+        conversation.turns = []
+        sessions.track(request.session_hash, conversation)
+        return [], conversation, ""
 
-    with gr.Blocks(title=title) as app:
+    def on_unload(request: gr.Request):
+        sessions.end_session(request.session_hash)
+
+    ttl = int(session_ttl_s)
+    with gr.Blocks(title=title, delete_cache=(min(ttl, 600), ttl)) as app:
         gr.Markdown(
             f"## {title}\n{sessions.engine.num_image_tokens} image tokens per image. The boxes show the region each "
             "one stands for."
         )
-        conversation = gr.State(Conversation())
+        conversation = gr.State(Conversation(), time_to_live=ttl, delete_callback=sessions.release)
         with gr.Row():
             with gr.Column(scale=1):
                 image = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"])
@@ -175,13 +303,37 @@ def build_app(sessions: DemoSessions, title: str = "mllm-sparse chat"):
                     send = gr.Button("Send", variant="primary")
                     clear = gr.Button("New conversation")
                 timings = gr.Markdown()
-        image.change(on_image, [image], [picture, chatbot, conversation, timings], api_name="image")
+        image_outputs = [picture, chatbot, conversation, timings]
+        image.change(on_image, [image], image_outputs, api_name="image", preprocess=False)
         send_inputs = [message, chatbot, conversation, attention]
         send_outputs = [chatbot, message, conversation, picture, timings]
         send.click(on_send, send_inputs, send_outputs, api_name="send")
         message.submit(on_send, send_inputs, send_outputs, api_visibility="private")
         clear.click(on_clear, [conversation], [chatbot, conversation, timings], api_name="clear")
+        app.unload(on_unload)
     return app
+
+
+def launch(
+    app,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    share: bool = False,
+    max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
+    max_sessions: int = DEFAULT_MAX_SESSIONS,
+    block: bool = True,
+) -> None:
+    """Serve `app`; Gradio refuses uploads over `max_upload_mb` MiB while they stream in (nothing is stored) and keeps
+    the state of at most `max_sessions` sessions (the oldest are dropped). `block=False` returns once serving."""
+    app.queue().launch(
+        server_name=host,
+        server_port=port,
+        share=share,
+        show_error=True,
+        max_file_size=int(max_upload_mb * 2**20),
+        state_session_capacity=max_sessions,
+        prevent_thread_lock=not block,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,6 +348,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--share", action="store_true", help="also open a public Gradio link (needs the internet)")
     parser.add_argument("--device", help="cuda, cpu, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--dtype", help="cast the model, e.g. bfloat16 (default: as saved)")
+    parser.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=DEFAULT_MAX_UPLOAD_MB,
+        help="larger uploads are refused (MiB; default %(default)g)",
+    )
+    parser.add_argument(
+        "--max-image-megapixels",
+        type=float,
+        default=DEFAULT_MAX_MEGAPIXELS,
+        help=f"larger images are refused undecoded (default %(default)g; at most PIL's {PIL_MAX_MEGAPIXELS:.0f})",
+    )
+    parser.add_argument(
+        "--session-ttl-minutes",
+        type=float,
+        default=DEFAULT_SESSION_TTL_MINUTES,
+        help="a conversation idle this long is freed, as one whose page closes (default %(default)g)",
+    )
+    parser.add_argument(
+        "--max-sessions",
+        type=int,
+        default=DEFAULT_MAX_SESSIONS,
+        help="sessions kept at once; the oldest are dropped (default %(default)s)",
+    )
     return parser
 
 
@@ -203,9 +379,20 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    if not 0 < args.max_image_megapixels <= PIL_MAX_MEGAPIXELS:
+        raise ValueError(
+            f"--max-image-megapixels must be in (0, {PIL_MAX_MEGAPIXELS:.0f}], got {args.max_image_megapixels}"
+        )
+    if args.session_ttl_minutes * 60 < 1:
+        raise ValueError(f"--session-ttl-minutes must be at least 1/60, got {args.session_ttl_minutes}")
+    if args.max_upload_mb <= 0:
+        raise ValueError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
+    if args.max_sessions < 1:
+        raise ValueError(f"--max-sessions must be positive, got {args.max_sessions}")
     engine = ChatEngine.from_pretrained(args.model, template=args.template, device=args.device, dtype=args.dtype)
-    app = build_app(DemoSessions(engine, max_new_tokens=args.max_new_tokens), title=f"mllm-sparse chat: {args.model}")
-    app.queue().launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True)
+    sessions = DemoSessions(engine, max_pixels=int(args.max_image_megapixels * 1e6), max_new_tokens=args.max_new_tokens)
+    app = build_app(sessions, f"mllm-sparse chat: {args.model}", round(60 * args.session_ttl_minutes))
+    launch(app, args.host, args.port, args.share, args.max_upload_mb, args.max_sessions)
     return 0
 
 

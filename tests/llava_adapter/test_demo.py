@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
+import struct
+import time
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -14,7 +22,7 @@ from transformers import AutoModelForImageTextToText, CLIPVisionConfig, CLIPVisi
 
 import mllm_sparse
 from llava_adapter.chat import ChatEngine
-from llava_adapter.demo import Conversation, DemoSessions, build_app, regions_picture
+from llava_adapter.demo import Conversation, DemoSessions, build_app, build_parser, launch, regions_picture
 from llava_adapter.modeling import build_vlm
 from llava_adapter.token_regions import answer_attention, grid_boxes, image_token_regions
 from llava_adapter.towers import PooledVisionConfig, PooledVisionModel
@@ -174,22 +182,72 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(engine):
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    app = build_app(DemoSessions(engine, **GEN))
+@dataclass
+class Served:
+    url: str
+    sessions: DemoSessions
+    app: Any
+
+
+@contextmanager
+def served(engine, session_ttl_s=3600, max_sessions=1000) -> Iterator[Served]:
+    """The demo on a free port: uploads up to 1 MiB, images up to 1 megapixel."""
+    sessions = DemoSessions(engine, max_pixels=1_000_000, **GEN)
+    app = build_app(sessions, session_ttl_s=session_ttl_s)
     port = free_port()
-    app.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, show_error=True)
-    yield f"http://127.0.0.1:{port}/"
-    app.close()
+    launch(app, port=port, max_upload_mb=1, max_sessions=max_sessions, block=False)
+    try:
+        yield Served(f"http://127.0.0.1:{port}/", sessions, app)
+    finally:
+        app.close()
+
+
+@pytest.fixture(scope="module")
+def gradio_env(tmp_path_factory):
+    """Gradio's uploads in a folder of this module's own; heartbeats every 0.25 s, so a closed page is seen at once."""
+    settings = {
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "GRADIO_TEMP_DIR": str(tmp_path_factory.mktemp("gradio")),
+        "GRADIO_HEARTBEAT_INTERVAL": "0.25",
+    }
+    before = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
+    yield Path(settings["GRADIO_TEMP_DIR"])
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def server(engine, gradio_env) -> Iterator[Served]:
+    with served(engine) as running:
+        yield running
+
+
+def client_of(server: Served, tmp_path: Path):
+    from gradio_client import Client
+
+    return Client(server.url, verbose=False, analytics_enabled=False, download_files=str(tmp_path / "downloads"))
+
+
+def wait_until(condition, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        gc.collect()
+        time.sleep(0.05)
+    return True
 
 
 def test_the_served_demo_chats_over_several_turns_like_the_engine(server, engine, tmp_path):
-    from gradio_client import Client, handle_file
+    from gradio_client import handle_file
 
     path = tmp_path / "scene.png"
     scene().save(path)
-    client = Client(server, verbose=False, analytics_enabled=False, download_files=str(tmp_path / "downloads"))
+    client = client_of(server, tmp_path)
     picture, chat, timings = client.predict(handle_file(str(path)), api_name="/image")
     assert Image.open(picture).width >= 448 and chat == [] and timings == f"{engine.num_image_tokens} image tokens"
 
@@ -206,16 +264,145 @@ def test_the_served_demo_chats_over_several_turns_like_the_engine(server, engine
 
     chat, timings = client.predict(api_name="/clear")
     assert chat == []
+    client.close()
 
 
-def test_a_bad_upload_is_reported_by_name(server, tmp_path):
-    from gradio_client import Client, handle_file
+def test_an_upload_over_the_size_limit_is_refused_before_it_is_stored(server, gradio_env, tmp_path):
+    import httpx
+    from gradio_client import handle_file
 
-    bad = tmp_path / "broken_upload.png"
-    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
-    client = Client(server, verbose=False, analytics_enabled=False, download_files=str(tmp_path / "downloads"))
-    with pytest.raises(Exception, match="broken_upload"):
-        client.predict(handle_file(str(bad)), api_name="/image")
+    big = tmp_path / "big_upload_3f9a.png"
+    big.write_bytes(os.urandom(3 * 2**19))  # 1.5 MiB, over the server's 1 MiB
+    client = client_of(server, tmp_path)
+    with pytest.raises(ValueError, match="exceeds the maximum file size of 1048576 bytes"):  # the page checks first
+        client.predict(handle_file(str(big)), api_name="/image")
+    client.close()
+
+    # a client that skips the page's check: Gradio stops reading at the limit and keeps nothing
+    with big.open("rb") as f:
+        response = httpx.post(f"{server.url}gradio_api/upload", files={"files": (big.name, f)}, timeout=30)
+    assert response.status_code == 413 and response.text == "File size exceeded maximum allowed size of 1048576 bytes."
+    assert not list(gradio_env.rglob(big.name))
+
+
+def test_the_demo_bounds_a_visitor_by_default():
+    args = build_parser().parse_args(["--model", "m"])
+    assert (args.max_upload_mb, args.max_image_megapixels) == (20, 50)
+    assert (args.session_ttl_minutes, args.max_sessions) == (60, 1000)
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that claims width × height pixels and holds almost none: its header reads fine, decoding it fails."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+
+
+def test_a_session_keeps_the_model_input_not_the_upload_and_huge_images_are_not_decoded(server, engine, tmp_path):
+    from gradio_client import handle_file
+
+    photo = scene().resize((900, 700), Image.Resampling.BICUBIC)
+    path = tmp_path / "photo.png"
+    photo.save(path)
+    client = client_of(server, tmp_path)
+    client.predict(handle_file(str(path)), api_name="/image")
+    kept = server.sessions.conversations[client.session_hash].image
+    side = engine.processor.image_processor.crop_size["height"]
+    assert kept.size == (side, side) == (64, 64)  # not 900 × 700
+    pixels = engine.processor.image_processor(images=[photo], return_tensors="pt")["pixel_values"]
+    again = engine.processor.image_processor(images=[kept], return_tensors="pt")["pixel_values"]
+    assert torch.equal(again, pixels)  # the model gets exactly what the upload would have given it
+
+    # over the 1-megapixel limit: refused on their headers (decoding the last two would fail: they hold no pixels)
+    Image.new("RGB", (1200, 1000)).save(tmp_path / "wide.png")
+    (tmp_path / "huge.png").write_bytes(png_header(12_000, 10_000))
+    (tmp_path / "bomb.png").write_bytes(png_header(50_000, 40_000))  # beyond twice PIL's limit: PIL refuses it
+    refusals = {
+        "wide.png": "wide.png is 1200×1000 (1.2 megapixels)",
+        "huge.png": "huge.png is 12000×10000 (120.0 megapixels)",
+        "bomb.png": "bomb.png is larger than 89 megapixels",
+    }
+    for name, reason in refusals.items():
+        with pytest.raises(ValueError) as refused:
+            client.predict(handle_file(str(tmp_path / name)), api_name="/image")
+        assert str(refused.value) == f"{reason}; this demo takes images of up to 1 megapixels"
+    assert server.sessions.conversations[client.session_hash].image is kept  # the session kept its image
+    client.close()
+
+
+def test_a_session_is_freed_when_its_page_closes(server, tmp_path):
+    from gradio_client import handle_file
+
+    path = tmp_path / "scene.png"
+    scene().save(path)
+    client = client_of(server, tmp_path)
+    client.predict(handle_file(str(path)), api_name="/image")
+    client.predict("What colour is the square?", [], False, api_name="/send")
+    conversation = server.sessions.conversations[client.session_hash]
+    assert conversation.image is not None and len(conversation.turns) == 2
+    live = len(server.sessions.conversations)
+
+    client.close()  # its heartbeat stops, as when a tab closes
+    assert wait_until(lambda: client.session_hash not in server.sessions.conversations)
+    assert conversation.image is None and conversation.turns == [] and conversation.ended
+    assert len(server.sessions.conversations) == live - 1
+    with pytest.raises(ValueError, match="This conversation has ended"):
+        list(server.sessions.ask(conversation, "And the other one?"))
+
+
+def test_idle_sessions_expire_and_the_oldest_are_dropped_beyond_the_cap(engine, gradio_env, tmp_path):
+    from gradio_client import handle_file
+
+    path = tmp_path / "scene.png"
+    scene().save(path)
+    with served(engine, session_ttl_s=1) as server:
+        client = client_of(server, tmp_path)
+        client.predict(handle_file(str(path)), api_name="/image")
+        history, *_ = client.predict("What colour is the square?", [], False, api_name="/send")
+        conversation = server.sessions.conversations[client.session_hash]
+        uploaded = [Path(f) for f in server.app.upload_file_set if Path(f).name == "scene.png"]
+        assert uploaded and all(f.exists() for f in uploaded)
+        # the page stays open (its heartbeat runs) but sends nothing for over a second
+        assert wait_until(lambda: client.session_hash not in server.sessions.conversations)
+        assert conversation.image is None and conversation.ended
+        with pytest.raises(ValueError, match="This conversation has ended"):  # not a text-only answer
+            client.predict("And the other one?", history, False, api_name="/send")
+        assert wait_until(lambda: not any(f.exists() for f in uploaded))  # and Gradio's copy of the upload is gone
+        client.close()
+
+    with served(engine, max_sessions=2) as server:
+        clients = [client_of(server, tmp_path) for _ in range(3)]
+        for client in clients:
+            client.predict(handle_file(str(path)), api_name="/image")
+        first = clients[0].session_hash
+        assert wait_until(lambda: first not in server.sessions.conversations)  # Gradio dropped the oldest state
+        assert set(server.sessions.conversations) == {c.session_hash for c in clients[1:]}
+        for client in clients:
+            client.close()
+
+
+def test_a_bad_upload_gets_one_line_naming_the_file_and_no_traceback(server, tmp_path, capfd):
+    from gradio_client import handle_file
+
+    truncated = tmp_path / "truncated_photo.png"
+    scene((300, 200)).save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:400])
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("not an image at all")
+    broken = tmp_path / "broken_upload.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    client = client_of(server, tmp_path)
+    capfd.readouterr()
+    for bad in [not_an_image, broken, truncated]:
+        with pytest.raises(ValueError) as refused:
+            client.predict(handle_file(str(bad)), api_name="/image")
+        assert str(refused.value) == f"{bad.name} is not an image PIL can read"
+    log = capfd.readouterr()
+    assert "Traceback" not in log.out + log.err and "UnidentifiedImageError" not in log.out + log.err
+    client.close()
 
 
 def test_conversation_defaults_to_text_only():
