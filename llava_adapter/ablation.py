@@ -319,7 +319,7 @@ def train_arm(settings: dict[str, Any], name: str, tower: list[str], out: Path) 
                                                batch_size=settings["batch_size"], seed=seed,
                                                model_max_length=settings["model_max_length"]),
                    *shlex.split(settings["train_args"])]  # fmt: skip
-        stages.run(stage, folder / stage, lambda command=command: train.main(command))
+        stages.run(stage, folder / stage, lambda command=command: train.main(command), resumable=True)
         evaluation = folder / f"eval_{stage}"
         scored = evaluation / evaluate.JSON_NAME
         if stages.is_done(evaluation.name) and read_json(scored).get("limit") != settings["eval_limit"]:

@@ -221,10 +221,11 @@ def run_pipeline(args: argparse.Namespace, s: dict[str, Any]) -> dict[str, Path]
         ["--encoder", str(encoder), "--llm", str(llm), "--projector", "mlp2x_gelu", "--out", str(vlm), "--seed", seed]))
     train_data = world / "llava_train.json"
     stages.run("stage1", paths["stage1"], lambda: train.main(recipe.train_vlm_arguments(
-        vlm, paths["stage1"], train_data, world, s["vlm_epochs"], 0.0, recipe.STAGE1_PROJECTOR_LR, seed=args.seed)))
+        vlm, paths["stage1"], train_data, world, s["vlm_epochs"], 0.0, recipe.STAGE1_PROJECTOR_LR, seed=args.seed)),
+        resumable=True)
     stages.run("stage2", paths["stage2"], lambda: train.main(recipe.train_vlm_arguments(
         paths["stage1"], paths["stage2"], train_data, world, s["vlm_epochs"], recipe.STAGE2_LR, recipe.STAGE2_LR,
-        seed=args.seed)))
+        seed=args.seed)), resumable=True)
     stages.run("eval", paths["eval"], lambda: evaluate.main(
         recipe.eval_vlm_arguments(paths["stage2"], world / "llava_test.json", world, paths["eval"],
                                   s["eval_records"])))

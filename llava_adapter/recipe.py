@@ -67,14 +67,16 @@ def train_vlm_arguments(
 ) -> list[str]:
     """`scripts/train_vlm.py` from the LLaVA folder `start` into `out` on `train_data` (LLaVA JSON, images under
     `image_folder`): `lr` for the LLM (0: frozen), `projector_lr` for the projector, the tower frozen; a full model
-    folder is saved. 512 tokens hold every synthetic-world conversation; real data with a 576-token tower wants
-    LLaVA's 2048."""
+    folder is saved, and an interrupted run resumes from its newest checkpoint. 512 tokens hold every
+    synthetic-world conversation; real data with a 576-token tower wants LLaVA's 2048."""
     return [
         "--model_name_or_path", str(start), "--data_path", str(train_data), "--image_folder", str(image_folder),
         "--version", TEMPLATE, "--output_dir", str(out),
         "--num_train_epochs", str(epochs), "--per_device_train_batch_size", str(batch_size),
         "--learning_rate", str(lr), "--mm_projector_lr", str(projector_lr), "--lr_scheduler_type", "cosine",
-        "--warmup_steps", "0.03", "--weight_decay", "0.0", "--logging_steps", "50", "--save_strategy", "no",
+        "--warmup_steps", "0.03", "--weight_decay", "0.0", "--logging_steps", "50",
+        # a checkpoint every tenth of the run, the newest kept: a killed stage continues from it
+        "--save_strategy", "steps", "--save_steps", "0.1", "--save_total_limit", "1",
         "--report_to", "none", "--seed", str(seed), "--model_max_length", str(model_max_length),
         "--dataloader_num_workers", "0",
     ]  # fmt: skip
