@@ -16,6 +16,8 @@ import dataclasses
 import json
 import logging
 import math
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +34,7 @@ from transformers import (
 )
 
 from mllm_sparse.checkpoint import load_safetensors
-from mllm_sparse.files import atomic_path, write_json
+from mllm_sparse.files import atomic_dir, atomic_path, fsync_path, write_json
 from mllm_sparse.training import DivergenceError
 
 from . import checkpoints
@@ -348,8 +350,20 @@ class VlmTrainer(Trainer):
         )
 
 
+def publish(staging: Path, out: Path) -> None:
+    """Move a finished output folder's files into `out`, each by one rename and the weights last, so a kill never
+    leaves weights beside missing or half-written companions."""
+    fsync_path(staging)
+    files = sorted(staging.iterdir(), key=lambda f: f.suffix == ".safetensors" or f.name.endswith(".index.json"))
+    for file in files:
+        os.replace(file, out / file.name)
+    fsync_path(out)
+    staging.rmdir()
+
+
 def save_outputs(trainer: VlmTrainer, model, processor, model_args, training_args, assembled: bool) -> None:
-    """Final outputs: the projector (stage 1), adapter + non-LoRA trainables + base (LoRA), or a full model.
+    """Final outputs: the projector (stage 1), adapter + non-LoRA trainables + base (LoRA), or a full model, written
+    into a staging folder and then published into OUT (see `publish`).
 
     Every rank takes part (gathering ZeRO-3 partitions is collective); only rank 0 writes.
     """
@@ -361,18 +375,23 @@ def save_outputs(trainer: VlmTrainer, model, processor, model_args, training_arg
         if rank0:
             save_projector(state, model.config, out)
         return
+    staging = out / ".final.tmp"
+    if rank0:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
     if training_args.lora_enable:
         lora, other = trainable_state_dicts(model)
         if rank0:
-            model.save_pretrained(out, state_dict=lora)
-            with atomic_path(out / NON_LORA_FILE) as tmp:
-                save_file(other, str(tmp))
+            model.save_pretrained(staging, state_dict=lora)
+            save_file(other, str(staging / NON_LORA_FILE))
             base = str(out / LORA_BASE_DIR) if assembled else model_args.model_name_or_path
-            write_json(out / "lora_base.json", {"base": base})
+            write_json(staging / "lora_base.json", {"base": base})
     else:
-        trainer.save_model(str(out))  # the Trainer gathers ZeRO-3 weights (stage3_gather_16bit_weights_on_model_save)
+        # the Trainer gathers ZeRO-3 weights (stage3_gather_16bit_weights_on_model_save)
+        trainer.save_model(str(staging))
     if rank0:
-        processor.save_pretrained(out)
+        processor.save_pretrained(staging)
+        publish(staging, out)
 
 
 def run_settings(model_args, data_args, training_args) -> dict:
@@ -409,8 +428,9 @@ def main(argv: list[str] | None = None) -> int:
         load_projector(model, model_args.pretrain_mm_mlp_adapter)
     if training_args.lora_enable and assembled and training_args.process_index == 0 and resume is None:
         # The adapter needs a base it can be merged into later: the model as assembled here, before LoRA.
-        model.save_pretrained(Path(training_args.output_dir) / LORA_BASE_DIR)
-        processor.save_pretrained(Path(training_args.output_dir) / LORA_BASE_DIR)
+        with atomic_dir(Path(training_args.output_dir) / LORA_BASE_DIR) as folder:
+            model.save_pretrained(folder)
+            processor.save_pretrained(folder)
     set_trainable(model, training_args)
     if training_args.gradient_checkpointing:
         training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
