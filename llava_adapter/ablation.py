@@ -314,12 +314,12 @@ def train_arm(settings: dict[str, Any], name: str, tower: list[str], out: Path) 
             ("stage2", folder / "stage1", settings["stage2_epochs"], settings["stage2_lr"], settings["stage2_lr"])
         )
     data, images = Path(settings["train_data"]), Path(settings["image_folder"])
-    for stage, start, epochs, lr, projector_lr in plan:
+    for (stage, start, epochs, lr, projector_lr), before in zip(plan, ("base", "stage1"), strict=False):
         command = [*recipe.train_vlm_arguments(start, folder / stage, data, images, epochs, lr, projector_lr,
                                                batch_size=settings["batch_size"], seed=seed,
                                                model_max_length=settings["model_max_length"]),
                    *shlex.split(settings["train_args"])]  # fmt: skip
-        stages.run(stage, folder / stage, lambda command=command: train.main(command), resumable=True)
+        stages.run(stage, folder / stage, lambda command=command: train.main(command), resumable=True, inputs=(before,))
         evaluation = folder / f"eval_{stage}"
         scored = evaluation / evaluate.JSON_NAME
         if stages.is_done(evaluation.name) and read_json(scored).get("limit") != settings["eval_limit"]:

@@ -4,7 +4,8 @@ ablate` are sequences of stages, each the `main(argv)` of a command, each writin
 A stage counts as done only once its command has returned: `Stages.run` then writes `OUT/.done/NAME` (holding the
 seconds it took), so a stage interrupted halfway, whose folder may hold a config without weights, is never taken for
 finished. Rerunning the recipe skips the done stages, clears the folder of an unfinished one and runs it again, or,
-for a stage that checkpoints (`resumable`), lets it continue from its last checkpoint.
+for a stage that checkpoints (`resumable`), lets it continue from its last checkpoint, unless a stage it reads
+(`inputs`) was redone in this run.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class Stages:
     def __init__(self, out: Path, label: str):
         self.out = out
         self.label = label
+        self.ran: set[str] = set()  # the stages run (not skipped as done) in this process
 
     def marker(self, name: str) -> Path:
         return self.out / DONE_DIR / name
@@ -45,16 +47,26 @@ class Stages:
         markers = sorted((self.out / DONE_DIR).glob("*"), key=lambda p: p.stat().st_mtime_ns)
         return {p.name: read_json(p)["seconds"] for p in markers if p.is_file()}
 
-    def run(self, name: str, folder: Path, command: Callable[[], Any], resumable: bool = False) -> bool:
+    def run(
+        self,
+        name: str,
+        folder: Path,
+        command: Callable[[], Any],
+        resumable: bool = False,
+        inputs: tuple[str, ...] = (),
+    ) -> bool:
         """Run stage `name`, which writes `folder`, unless it is done; True if it ran.
 
         A non-resumable stage's folder left by an interrupted run is cleared first; a resumable one is kept, for the
-        command to continue from its checkpoints. A failure is reported with the stage and its folder, then raised.
+        command to continue from its checkpoints, unless one of the stages it reads (`inputs`) ran again in this
+        process: its checkpoints were trained from something else. A failure is reported with the stage and its
+        folder, then raised.
         """
         if self.is_done(name):
             print(f"[{self.label}] {name}: done earlier ({folder})", flush=True)
             return False
-        if not resumable and folder.exists():
+        stale = any(stage in self.ran for stage in inputs)
+        if (not resumable or stale) and folder.exists():
             shutil.rmtree(folder)
         print(f"[{self.label}] {name} ...", flush=True)
         start = time.perf_counter()
@@ -70,6 +82,7 @@ class Stages:
             )
             raise
         seconds = round(time.perf_counter() - start, 1)
+        self.ran.add(name)
         write_json(self.marker(name), {"seconds": seconds})
         print(f"[{self.label}] {name}: {seconds:.0f} s", flush=True)
         return True

@@ -222,10 +222,10 @@ def run_pipeline(args: argparse.Namespace, s: dict[str, Any]) -> dict[str, Path]
     train_data = world / "llava_train.json"
     stages.run("stage1", paths["stage1"], lambda: train.main(recipe.train_vlm_arguments(
         vlm, paths["stage1"], train_data, world, s["vlm_epochs"], 0.0, recipe.STAGE1_PROJECTOR_LR, seed=args.seed)),
-        resumable=True)
+        resumable=True, inputs=("world", "vlm"))
     stages.run("stage2", paths["stage2"], lambda: train.main(recipe.train_vlm_arguments(
         paths["stage1"], paths["stage2"], train_data, world, s["vlm_epochs"], recipe.STAGE2_LR, recipe.STAGE2_LR,
-        seed=args.seed)), resumable=True)
+        seed=args.seed)), resumable=True, inputs=("stage1",))
     stages.run("eval", paths["eval"], lambda: evaluate.main(
         recipe.eval_vlm_arguments(paths["stage2"], world / "llava_test.json", world, paths["eval"],
                                   s["eval_records"])))
