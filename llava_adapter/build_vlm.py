@@ -14,8 +14,10 @@ from pathlib import Path
 
 import torch
 
+from mllm_sparse.checkpoint import check_finite, check_model_folder
+
 from .llms import TINY_LLMS, load_llm
-from .modeling import PROJECTORS, build_vlm
+from .modeling import PROJECTORS, build_vlm, model_folder
 from .processing import IMAGE_ASPECT_RATIOS
 from .towers import SELECT_STRATEGIES, load_tower, processor_for
 
@@ -60,16 +62,27 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     torch.manual_seed(args.seed)
     tower = load_tower(args.encoder, args.pool_tokens)
-    llm, tokenizer = load_llm(args.llm, args.tokenizer_corpus, args.vocab_size, args.seed)
+    llm, tokenizer = load_llm_checked(args.llm, args.tokenizer_corpus, args.vocab_size, args.seed)
     model = build_vlm(
         tower.model, llm, tokenizer, args.projector, args.vision_feature_layer, args.vision_select_strategy
     )
     processor = processor_for(tower, tokenizer, model.config.image_seq_length, args.image_aspect_ratio)
-    model.save_pretrained(args.out)
-    processor.save_pretrained(args.out)
+    with model_folder(args.out) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
     print(describe(model, args.out))
     print("The projector is untrained: run stage 1 (scripts/train_vlm.py --tune_mm_mlp_adapter True) first.")
     return 0
+
+
+def load_llm_checked(name_or_dir: str, corpus: Path | None, vocab_size: int, seed: int):
+    """`llms.load_llm`, with a local LLM folder checked first (truncated weights named by file) and the loaded weights
+    checked finite."""
+    if Path(name_or_dir).is_dir():
+        check_model_folder(name_or_dir, what="causal LM")
+    llm, tokenizer = load_llm(name_or_dir, corpus, vocab_size, seed)
+    check_finite(llm.state_dict(), name_or_dir)
+    return llm, tokenizer
 
 
 def describe(model, out: Path) -> str:

@@ -43,7 +43,8 @@ from transformers import PreTrainedModel, TextIteratorStreamer
 from transformers.generation.streamers import BaseStreamer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from mllm_sparse.images import load_image
+from mllm_sparse.checkpoint import load_checked
+from mllm_sparse.images import load_image, to_rgb
 
 from .conversation import IMAGE_PLACEHOLDER, TEMPLATES, encode_conversation, has_image, record_name, validate_record
 
@@ -135,7 +136,7 @@ def _synchronize(device: torch.device) -> None:
 
 def _load(image: ImageInput) -> Image.Image:
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return to_rgb(image)
     if isinstance(image, (str, Path)):
         return load_image(image)  # FileNotFoundError / ImageLoadError naming the file
     raise TypeError(f"An image must be a PIL image or a file path, got {type(image).__name__}")
@@ -225,7 +226,10 @@ class ChatEngine:
                 )
         device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
         kwargs = {"dtype": _resolve_dtype(dtype)} if dtype is not None else {}
-        model = AutoModelForImageTextToText.from_pretrained(model_dir, **kwargs)
+        # Truncated weights, a non-LLaVA folder or NaN/inf weights: one `CheckpointError` naming the folder or file.
+        model = load_checked(
+            AutoModelForImageTextToText.from_pretrained, model_dir, what="LLaVA model", model_types=("llava",), **kwargs
+        )
         processor = AutoProcessor.from_pretrained(model_dir)
         return cls(model, processor, template=template, device=device)
 

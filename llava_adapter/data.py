@@ -25,7 +25,7 @@ from transformers import PreTrainedTokenizerBase
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from mllm_sparse.files import read_json
-from mllm_sparse.images import ImageLoadError, load_image
+from mllm_sparse.images import ImageLoadError, check_image_file, load_image
 
 from .conversation import (
     IGNORE_INDEX,
@@ -134,9 +134,10 @@ class LlavaJsonDataset(Dataset):
     def _check(self, record: object, index: int) -> None:
         validate_record(record, index)
         if has_image(record):
-            path = self.image_folder / record["image"]
-            if not path.is_file():
-                raise RecordError(record_name(record), f"image file not found: {path}")
+            try:
+                check_image_file(self.image_folder / record["image"])
+            except (FileNotFoundError, ImageLoadError) as err:
+                raise RecordError(record_name(record), str(err)) from None
 
     def __len__(self) -> int:
         return len(self.records)

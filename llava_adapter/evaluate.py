@@ -18,8 +18,13 @@ first (records in file order, image and text records in separate batches), then 
 batches of `--batch-size` through `ChatEngine.generate_batch`. Each question encodes its image once; a record's
 follow-up turns encode it again (so `images_encoded` counts image questions, not image files).
 
+Bad records. A record that is malformed or whose image is missing fails the run before the model loads; an image that
+exists but cannot be decoded fails it when its batch comes; both errors name the record and the image. With
+`--skip-bad-records` (as in `scripts/train_vlm.py`) such records and questions are skipped and counted instead: the
+report scores the questions answered and lists the skipped ones (`skipped`: id, turn, error).
+
 Outputs, written atomically into `--out` (default: the model folder): `eval_vlm.json` (summary, breakdowns,
-throughput and every prediction) and `eval_vlm.md` (the tables, also printed).
+throughput, every prediction and every skipped question) and `eval_vlm.md` (the tables, also printed).
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from mllm_sparse.files import atomic_path, read_json, write_json
-from mllm_sparse.images import ImageLoadError, load_image
+from mllm_sparse.images import ImageLoadError, check_image_file, load_image
 
 from .chat import ChatEngine, Timings
 from .conversation import TEMPLATES, RecordError, has_image, record_name, validate_record
@@ -77,9 +82,15 @@ class Question:
     image: Path | None
 
 
-def load_records(data: str | Path, image_folder: str | Path | None = None, limit: int | None = None) -> list[dict]:
-    """Read and check a LLaVA JSON test set: a list of valid records (`conversation.validate_record`) whose images
-    exist. Errors name the file and the record."""
+def load_records(
+    data: str | Path, image_folder: str | Path | None = None, limit: int | None = None, skip_bad_records: bool = False
+) -> tuple[list[dict], list[dict[str, Any]]]:
+    """Read and check a LLaVA JSON test set: the valid records (`conversation.validate_record`) whose images exist.
+
+    Returns:
+        (records, skipped): `skipped` holds one `{"id", "turn": None, "error"}` per bad record when
+        `skip_bad_records`; without it the first bad record raises `RecordError` naming the file and the record.
+    """
     data = Path(data)
     records = read_json(data)  # FileNotFoundError / malformed JSON: ValueError naming the file
     if not isinstance(records, list):
@@ -91,17 +102,32 @@ def load_records(data: str | Path, image_folder: str | Path | None = None, limit
     if not records:
         raise ValueError(f"{data}: no records to evaluate")
     folder = Path(image_folder) if image_folder is not None else data.parent
+    good, skipped = [], []
     for index, record in enumerate(records):
         try:
-            validate_record(record, index)
-            if has_image(record) and not (folder / record["image"]).is_file():
-                raise RecordError(record_name(record, index), f"image file not found: {folder / record['image']}")
-            meta = record.get("qa_meta")
-            if meta is not None and not (isinstance(meta, list) and all(isinstance(m, Mapping) for m in meta)):
-                raise RecordError(record_name(record, index), "'qa_meta' must be a list of objects, one per question")
+            _check_record(record, index, folder)
         except RecordError as err:
-            raise RecordError(f"{err.record} of {data}", err.detail) from None
-    return records
+            if not skip_bad_records:
+                raise RecordError(f"{err.record} of {data}", f"{err.detail} (--skip-bad-records skips it)") from None
+            name = record["id"] if isinstance(record, Mapping) and "id" in record else f"#{index}"
+            skipped.append({"id": str(name), "turn": None, "error": err.detail})
+            continue
+        good.append(record)
+    if not good:
+        raise ValueError(f"{data}: all {len(records)} records are bad; first: {skipped[0]['error']}")
+    return good, skipped
+
+
+def _check_record(record: object, index: int, folder: Path) -> None:
+    validate_record(record, index)
+    if has_image(record):
+        try:
+            check_image_file(folder / record["image"])
+        except (FileNotFoundError, ImageLoadError) as err:
+            raise RecordError(record_name(record, index), str(err)) from None
+    meta = record.get("qa_meta")
+    if meta is not None and not (isinstance(meta, list) and all(isinstance(m, Mapping) for m in meta)):
+        raise RecordError(record_name(record, index), "'qa_meta' must be a list of objects, one per question")
 
 
 def questions(records: Sequence[Mapping], image_folder: Path) -> list[Question]:
@@ -153,7 +179,7 @@ def _load_question_image(item: Question) -> Image.Image | None:
     try:
         return load_image(item.image)
     except (FileNotFoundError, ImageLoadError) as err:
-        raise RecordError(f"record {item.record_id!r}", str(err)) from err
+        raise RecordError(f"record {item.record_id!r} (turn {item.turn + 1})", str(err)) from err
 
 
 def question_only_prior(train_data: str | Path, rows: Sequence[Mapping]) -> dict[str, Any]:
@@ -213,22 +239,38 @@ def evaluate(
     batch_size: int = 8,
     max_new_tokens: int = 16,
     progress: bool = True,
+    skip_bad_records: bool = False,
 ) -> dict[str, Any]:
     """Ask every question of `records` (see the module docstring) and score the answers.
 
+    A question whose image cannot be read raises `RecordError` naming the record and the image, or, with
+    `skip_bad_records`, is left out and listed in `skipped`.
+
     Returns:
         The report: `accuracy`, `correct`, `num_answers`, breakdowns `by_type`, `by_target_size`, `by_turn`,
-        `by_modality` ({key: {"correct", "total", "accuracy"}}), `throughput` and `predictions` (one row per
-        question: id, turn, type, target_size, question, gold, prediction, correct).
+        `by_modality` ({key: {"correct", "total", "accuracy"}}), `throughput`, `predictions` (one row per
+        answered question: id, turn, type, target_size, question, gold, prediction, correct) and `skipped` (one
+        `{"id", "turn", "error"}` per question left out).
     """
     items = questions(records, Path(image_folder))
     predictions: list[str | None] = [None] * len(items)
+    skipped: list[dict[str, Any]] = []
     timings: list[Timings] = []
     start = time.perf_counter()
     for batch in tqdm(batches(items, batch_size), desc="eval-vlm", disable=not progress, unit="batch"):
+        images = {}
+        for i in batch:
+            try:
+                images[i] = _load_question_image(items[i])
+            except RecordError as err:
+                if not skip_bad_records:
+                    raise RecordError(err.record, f"{err.detail} (--skip-bad-records skips it)") from err
+                skipped.append({"id": items[i].record_id, "turn": items[i].turn + 1, "error": err.detail})
+        batch = [i for i in batch if i in images]
+        if not batch:
+            continue
         prompts = [items[i].prompt for i in batch]
-        images = [_load_question_image(items[i]) for i in batch]
-        answers = engine.generate_batch(prompts, images, max_new_tokens=max_new_tokens)
+        answers = engine.generate_batch(prompts, [images[i] for i in batch], max_new_tokens=max_new_tokens)
         if len(answers) != len(batch):
             raise RuntimeError(f"generate_batch returned {len(answers)} answers for {len(batch)} questions")
         for i, answer in zip(batch, answers, strict=True):
@@ -250,6 +292,7 @@ def evaluate(
             "correct": is_correct(prediction, item.gold),
         }
         for item, prediction in zip(items, predictions, strict=True)
+        if prediction is not None
     ]
     correct = sum(row["correct"] for row in rows)
     return {
@@ -263,6 +306,7 @@ def evaluate(
         "by_modality": accuracy_by(rows, lambda row: row["modality"]),
         "throughput": throughput(timings, wall_s, rows, engine, batch_size),
         "predictions": rows,
+        "skipped": skipped,
     }
 
 
@@ -303,7 +347,8 @@ def to_markdown(report: Mapping[str, Any]) -> str:
         f"# eval-vlm: {report.get('model', '')}",
         "",
         f"Data: `{report.get('data', '')}`, template `{report.get('template', '')}`: "
-        f"{report['num_records']} records, {report['num_answers']} answers.",
+        f"{report['num_records']} records, {report['num_answers']} answers"
+        + (f", {len(report['skipped'])} skipped (listed in {JSON_NAME})." if report.get("skipped") else "."),
         "",
         "| split | key | correct | total | accuracy |",
         "|---|---|---|---|---|",
@@ -346,6 +391,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, help=f"where {JSON_NAME} and {MD_NAME} go (default: --model)")
     parser.add_argument("--device", help="cuda, cpu, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--dtype", help="cast the model, e.g. bfloat16 (default: as saved)")
+    parser.add_argument(
+        "--skip-bad-records",
+        "--skip_bad_records",
+        action="store_true",
+        help="skip (and count) bad records and unreadable images instead of failing",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -356,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("batch_size", "max_new_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    records = load_records(args.data, image_folder, args.limit)  # data errors surface before the model loads
+    # Data errors surface before the model loads.
+    records, skipped = load_records(args.data, image_folder, args.limit, args.skip_bad_records)
     engine = ChatEngine.from_pretrained(args.model, template=args.template, device=args.device, dtype=args.dtype)
     report = {
         "model": str(args.model),
@@ -366,7 +418,16 @@ def main(argv: list[str] | None = None) -> int:
         "max_new_tokens": args.max_new_tokens,
         "limit": args.limit,
     }
-    report |= evaluate(engine, records, image_folder, args.batch_size, args.max_new_tokens, not args.no_progress)
+    report |= evaluate(
+        engine,
+        records,
+        image_folder,
+        args.batch_size,
+        args.max_new_tokens,
+        not args.no_progress,
+        args.skip_bad_records,
+    )
+    report["skipped"] = skipped + report["skipped"]
     markdown = to_markdown(report)
     out = args.out if args.out is not None else args.model
     write_json(out / JSON_NAME, report)

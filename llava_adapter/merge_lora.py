@@ -10,38 +10,56 @@ trained alongside the adapter) and `lora_base.json` naming the base model; the m
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from safetensors.torch import load_file
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from .train import LORA_BASE_DIR, NON_LORA_FILE, is_llava_folder
+from mllm_sparse.checkpoint import CheckpointError, load_checked, load_safetensors, read_state_dict
+from mllm_sparse.files import read_json
+
+from .modeling import model_folder
+from .train import LORA_BASE_DIR, NON_LORA_FILE
+
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")  # what peft's `save_pretrained` writes
 
 
 def merge_lora(adapter_dir: str | Path, out_dir: str | Path) -> LlavaForConditionalGeneration:
-    """Base model + non-LoRA trainables + merged adapter, saved with the run's processor to `out_dir`."""
+    """Base model + non-LoRA trainables + merged adapter, saved with the run's processor to `out_dir`.
+
+    Every file read is checked first (truncated or corrupt files and NaN/inf tensors raise `CheckpointError` naming
+    the file), and `out_dir` is written in one step (`model_folder`).
+    """
     from peft import PeftModel
 
     adapter_dir = Path(adapter_dir)
     info = adapter_dir / "lora_base.json"
     if not info.is_file():
         raise FileNotFoundError(f"{adapter_dir} is not a LoRA training output (no lora_base.json)")
-    base_dir = json.loads(info.read_text())["base"]
-    if not is_llava_folder(base_dir):
+    recorded = read_json(info)
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("base"), str):
+        raise CheckpointError(f'{info}: expected {{"base": "<base model folder>"}}, got {recorded!r}')
+    base_dir = recorded["base"]
+    if not Path(base_dir).is_dir():
         raise FileNotFoundError(
-            f"LoRA base {base_dir} (from {info}) is not a LLaVA folder; runs that assembled their model keep it in "
+            f"LoRA base {base_dir} (from {info}) is not a folder; runs that assembled their model keep it in "
             f"{adapter_dir / LORA_BASE_DIR}"
         )
-    model = LlavaForConditionalGeneration.from_pretrained(base_dir)
-    extra = load_file(str(adapter_dir / NON_LORA_FILE))
+    adapters = [adapter_dir / name for name in ADAPTER_FILES if (adapter_dir / name).is_file()]
+    if not adapters:
+        raise FileNotFoundError(f"{adapter_dir} has no LoRA adapter ({' or '.join(ADAPTER_FILES)})")
+    read_state_dict(adapters[0])  # peft's own load would name no file; this also refuses NaN/inf adapter weights
+    extra = load_safetensors(adapter_dir / NON_LORA_FILE)
+    model = load_checked(
+        LlavaForConditionalGeneration.from_pretrained, base_dir, what="LoRA base model", model_types=("llava",)
+    )
     unknown = sorted(set(extra) - set(dict(model.named_parameters())))
     if unknown:
-        raise KeyError(f"{adapter_dir / NON_LORA_FILE}: keys not in the base model {base_dir}: {unknown[:5]}")
+        raise CheckpointError(f"{adapter_dir / NON_LORA_FILE}: keys not in the base model {base_dir}: {unknown[:5]}")
     model.load_state_dict(extra, strict=False)
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-    merged.save_pretrained(out_dir)
-    AutoProcessor.from_pretrained(adapter_dir).save_pretrained(out_dir)
+    with model_folder(out_dir) as tmp:
+        merged.save_pretrained(tmp)
+        AutoProcessor.from_pretrained(adapter_dir).save_pretrained(tmp)
     return merged
 
 

@@ -12,11 +12,12 @@ Projectors, by LLaVA's names:
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers import (
     LlavaConfig,
@@ -28,7 +29,8 @@ from transformers import (
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from mllm_sparse import SparseFormerConfig
-from mllm_sparse.files import atomic_path
+from mllm_sparse.checkpoint import CheckpointError, load_safetensors, read_state_dict
+from mllm_sparse.files import atomic_dir, atomic_path
 
 from .processing import IMAGE_TOKEN
 from .towers import feature_width, layer_has_cls, num_image_tokens
@@ -182,6 +184,23 @@ def replace_tower(
     return model
 
 
+@contextmanager
+def model_folder(out: str | Path) -> Iterator[Path]:
+    """A temporary folder to `save_pretrained` a model (and its processor) into; on success it takes `out`'s place in
+    one rename (`files.atomic_dir`), so a kill mid-write leaves the previous folder or none, never half a model.
+
+    An existing `out` holding files but no config.json is not a model folder and is refused, so replacing it cannot
+    delete unrelated work.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file; a model is saved as a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise ValueError(f"{out} holds files but is not a model folder (no config.json); give a new or empty folder")
+    with atomic_dir(out) as tmp:
+        yield tmp
+
+
 def projector_state_dict(model) -> dict[str, torch.Tensor]:
     """The projector weights under their full model keys (gathered first under ZeRO-3; collective there)."""
     base = model.base_model.model if hasattr(model, "peft_config") else model
@@ -205,14 +224,15 @@ def save_projector(state: dict[str, torch.Tensor], config: LlavaConfig, out_dir:
 
 def read_projector(path: str | Path) -> dict[str, torch.Tensor]:
     """Projector weights from our `mm_projector.safetensors` or haotian-liu/LLaVA's `mm_projector.bin`, as
-    `linear_1.*` / `linear_2.*` keys. Pickles load with `weights_only=True`."""
+    `linear_1.*` / `linear_2.*` keys. Pickles load with `weights_only=True`; a damaged file or a non-finite tensor
+    raises `CheckpointError` naming the file."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory, not a projector file (e.g. {path / PROJECTOR_FILE})")
     if not path.is_file():
         raise FileNotFoundError(f"Projector file not found: {path}")
-    if path.suffix == ".safetensors":
-        raw = load_file(str(path))
-    else:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+    # Truncated or corrupt files, pickles holding anything but a dict of tensors, NaN/inf: CheckpointError naming it.
+    raw = load_safetensors(path) if path.suffix == ".safetensors" else read_state_dict(path)
     state = {}
     for key, value in raw.items():
         if key.startswith(PROJECTOR_PREFIX):

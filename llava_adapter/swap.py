@@ -13,10 +13,11 @@ from pathlib import Path
 
 from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
+from mllm_sparse.checkpoint import load_checked
 from mllm_sparse.files import write_json
 
 from .build_vlm import add_tower_arguments, describe
-from .modeling import replace_tower
+from .modeling import model_folder, replace_tower
 from .towers import load_tower, processor_for
 
 
@@ -33,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        model = LlavaForConditionalGeneration.from_pretrained(args.llava)
+        model = load_checked(
+            LlavaForConditionalGeneration.from_pretrained, args.llava, what="LLaVA model", model_types=("llava",)
+        )
     except OSError as err:
         raise FileNotFoundError(
             f"LLaVA checkpoint {args.llava!r} could not be loaded ({err}); offline, pass a local llava-hf folder"
@@ -43,17 +46,18 @@ def main(argv: list[str] | None = None) -> int:
     tower = load_tower(args.encoder, args.pool_tokens)
     model = replace_tower(model, tower.model, args.projector, args.vision_feature_layer, args.vision_select_strategy)
     processor = processor_for(tower, tokenizer, model.config.image_seq_length, args.image_aspect_ratio)
-    model.save_pretrained(args.out)
-    processor.save_pretrained(args.out)
-    write_json(
-        args.out / "swap_report.json",
-        {
-            "source": args.llava,
-            "replaced_tower": {"model_type": old[0], "image_tokens": old[1]},
-            "new_tower": {"spec": args.encoder, "image_tokens": model.config.image_seq_length},
-            "projector": "new, untrained: needs stage-1 training",
-        },
-    )
+    with model_folder(args.out) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        write_json(
+            tmp / "swap_report.json",
+            {
+                "source": args.llava,
+                "replaced_tower": {"model_type": old[0], "image_tokens": old[1]},
+                "new_tower": {"spec": args.encoder, "image_tokens": model.config.image_seq_length},
+                "projector": "new, untrained: needs stage-1 training",
+            },
+        )
     print(describe(model, args.out))
     print(
         f"Replaced a {old[0]} tower ({old[1]} image tokens). The projector is NEW and UNTRAINED: run stage 1 "

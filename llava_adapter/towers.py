@@ -28,6 +28,7 @@ from transformers import (
 from transformers.utils import ModelOutput
 
 from mllm_sparse import SparseFormerConfig
+from mllm_sparse.checkpoint import load_checked
 from mllm_sparse.modeling import selected_hidden_states
 
 from .processing import build_image_processor, build_processor
@@ -208,11 +209,12 @@ def load_tower(spec: str, pool_tokens: int | None = None) -> LoadedTower:
 
     from mllm_sparse.configuration import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-    if not (Path(spec) / "config.json").is_file():
+    if not Path(spec).is_dir():
         raise FileNotFoundError(
             f"Vision tower {spec!r} is neither a folder with config.json nor a teacher spec (open_clip:…, hf:…)"
         )
-    model = AutoModel.from_pretrained(spec).eval()
+    # A folder without config.json or weights, truncated weights, NaN/inf weights: one error naming the folder/file.
+    model = load_checked(AutoModel.from_pretrained, spec, what="vision tower").eval()
     if isinstance(model.config, SparseFormerConfig):
         return LoadedTower(model, tuple(model.config.image_mean), tuple(model.config.image_std))
     return LoadedTower(model, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)

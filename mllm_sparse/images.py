@@ -1,7 +1,8 @@
 """Loading and preprocessing images, with errors that name the file.
 
-Odd images are normal input here: grayscale, palette and RGBA images become RGB; a 1×1 image or a 10000×1 strip is
-cropped to a square before resizing, so no intermediate image grows past the output size.
+Odd images are normal input here: grayscale, palette and RGBA images become RGB; 16-bit and 32-bit grayscale images
+are scaled to 8 bits by their range (PIL's own conversion clips them, so a 16-bit image would turn white); a 1×1 image
+or a 10000×1 strip is cropped to a square before resizing, so no intermediate image grows past the output size.
 """
 
 from __future__ import annotations
@@ -23,6 +24,47 @@ class ImageLoadError(ValueError):
     """An image file exists but cannot be used; the message names the file."""
 
 
+# Largest value of PIL's single-channel modes that hold more than 8 bits; "I" and "F" have no fixed range (see
+# `wide_range`).
+WIDE_MODE_MAX = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535}
+
+
+def wide_range(mode: str, values: np.ndarray) -> float:
+    """The value that maps to white for a wide grayscale image: the mode's maximum for 16-bit modes; for 32-bit
+    integer ("I") or float ("F") images the smallest of 1 (float), 255, 65535 that holds the values, else their
+    maximum."""
+    if mode in WIDE_MODE_MAX:
+        return WIDE_MODE_MAX[mode]
+    top = float(np.nanmax(values)) if values.size else 0.0
+    for bound in ((1.0,) if mode == "F" else ()) + (255.0, 65535.0):
+        if top <= bound:
+            return bound
+    return top
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB; a wide grayscale image (16-bit PNG "I;16", "I", "F") is scaled by its range
+    (`wide_range`), not clipped as `Image.convert` does."""
+    if image.mode in WIDE_MODE_MAX or image.mode in ("I", "F"):
+        values = np.asarray(image).astype(np.float64)
+        gray = np.clip(np.nan_to_num(values) * (255.0 / wide_range(image.mode, values)), 0, 255)
+        image = Image.fromarray(np.round(gray).astype(np.uint8))
+    return image.convert("RGB")
+
+
+def check_image_file(path: str | Path) -> Path:
+    """`path` if it is a file; else `FileNotFoundError` (nothing there) or `ImageLoadError` (a directory or other
+    non-file), each naming the path."""
+    path = Path(path)
+    if path.is_dir():
+        raise ImageLoadError(f"Image {path} is a directory, not an image")
+    if not path.exists():
+        raise FileNotFoundError(f"Image file not found: {path}")
+    if not path.is_file():
+        raise ImageLoadError(f"Image {path} is not a regular file")
+    return path
+
+
 def load_image(path: str | Path, draft_size: int | None = None) -> Image.Image:
     """Open an image file as RGB.
 
@@ -32,11 +74,9 @@ def load_image(path: str | Path, draft_size: int | None = None) -> Image.Image:
             huge photos cheap to load.
     Raises:
         FileNotFoundError: no such file.
-        ImageLoadError: corrupt, truncated, not an image, or over PIL's decompression-bomb limit.
+        ImageLoadError: a directory, corrupt, truncated, not an image, or over PIL's decompression-bomb limit.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Image file not found: {path}")
+    path = check_image_file(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -46,7 +86,7 @@ def load_image(path: str | Path, draft_size: int | None = None) -> Image.Image:
                 image.load()
                 if image.width < 1 or image.height < 1:
                     raise ImageLoadError(f"Image {path} is empty ({image.width}×{image.height})")
-                return image.convert("RGB")
+                return to_rgb(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageLoadError(f"Image {path} is too large to decode safely: {err}") from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
@@ -73,7 +113,7 @@ def preprocess(
     """Centre-crop, resize to a square and normalise, as the reference evaluation does (resize 256, crop 224).
 
     Args:
-        image: any PIL image (converted to RGB).
+        image: any PIL image (converted with `to_rgb`).
         image_size: output side S.
         mean / std: per-channel normalisation.
         crop_pct: fraction of the shorter side kept by the centre crop.
@@ -82,7 +122,7 @@ def preprocess(
     """
     if not 0 < crop_pct <= 1:
         raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
-    square = center_square(image.convert("RGB"), crop_pct).resize((image_size, image_size), Image.Resampling.BILINEAR)
+    square = center_square(to_rgb(image), crop_pct).resize((image_size, image_size), Image.Resampling.BILINEAR)
     pixels = torch.from_numpy(np.asarray(square, dtype=np.float32) / 255.0).permute(2, 0, 1)
     mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)

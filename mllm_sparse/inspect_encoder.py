@@ -63,9 +63,13 @@ def test_pattern(size: int) -> Image.Image:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.image_size is not None and args.image_size < 1:
+        raise ValueError(f"--image-size must be a positive number of pixels, got {args.image_size}")
+    if args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a directory; give a picture's file name, e.g. {args.out / 'roi.png'}")
     model = load_encoder(args.encoder, args.pretrained, args.num_tokens)
     config = model.config
-    size = args.image_size or config.image_size
+    size = args.image_size if args.image_size is not None else config.image_size
     image = load_image(args.image, draft_size=size) if args.image else test_pattern(size)
     pixels = preprocess(image, size, config.image_mean, config.image_std)
     cost = profile(model, size)

@@ -12,6 +12,7 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput, TransformersKwargs
 
+from .checkpoint import load_checked
 from .configuration import SparseFormerConfig
 from .modules import (
     AdaptiveMixing,
@@ -59,6 +60,20 @@ class SparseFormerPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = False
     _supports_sdpa = True
     _no_split_modules = ["SparseFormerUnit"]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """HF's `from_pretrained` (also what `AutoModel.from_pretrained` calls), with a folder that is not a
+        SparseFormer, a truncated weights file or NaN/inf weights refused in one `CheckpointError` naming the folder
+        or file (see `checkpoint.load_checked`)."""
+        return load_checked(
+            super().from_pretrained,
+            pretrained_model_name_or_path,
+            *model_args,
+            what="SparseFormer encoder",
+            model_types=(SparseFormerConfig.model_type,),
+            **kwargs,
+        )
 
     @classmethod
     def is_custom_code(cls) -> bool:

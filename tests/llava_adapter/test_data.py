@@ -71,7 +71,7 @@ def test_top_level_must_be_a_list(make_dataset, image_record):
 
 def test_missing_image_names_record_and_path(make_dataset, image_record, image_folder):
     path = re.escape(str(image_folder / "nope.png"))
-    with pytest.raises(RecordError, match=rf"record 'i9' of .*data\.json: image file not found: {path}"):
+    with pytest.raises(RecordError, match=rf"record 'i9' of .*data\.json: Image file not found: {path}"):
         make_dataset([image_record("i0"), image_record("i9", "nope.png")])
 
 

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from bad_files import one_line, poison, run, truncate
 from PIL import Image
 from tiny_vlm import LLM_SIZES, tiny_llm, tiny_vlm
 from transformers import (
@@ -209,6 +210,40 @@ def test_swap_keeps_llm_and_tokenizer_and_says_projector_is_untrained(tokenizer,
     batch = processor(images=[red_image()], text=["<image>\nWhat colour?"], return_tensors="pt")
     assert int((batch["input_ids"] == model.config.image_token_id).sum()) == 15
     assert model.generate(**batch, max_new_tokens=3, do_sample=False).shape[1] == batch["input_ids"].shape[1] + 3
+
+
+def test_swap_damaged_llava_or_encoder_is_one_line(tokenizer, tmp_path, capsys):
+    encoder_dir = tmp_path / "encoder"
+    mllm_sparse.create_model("test_sparseformer_btsp").save_pretrained(encoder_dir)
+    make_llava_hf(tokenizer, tmp_path / "llava-hf")
+    args = ("swap", "--llava", str(tmp_path / "llava-hf"), "--encoder", str(encoder_dir), "--out", str(tmp_path / "o"))
+    poison(encoder_dir / "model.safetensors", "proj.weight")
+    assert run(capsys, *args) == 2
+    one_line(capsys, str(encoder_dir), "proj.weight")
+    truncate(tmp_path / "llava-hf" / "model.safetensors")
+    assert run(capsys, *args) == 2
+    one_line(capsys, str(tmp_path / "llava-hf" / "model.safetensors"), "truncated")
+    assert not (tmp_path / "o").exists()
+
+
+def test_swap_failing_mid_write_keeps_the_previous_folder(tokenizer, tmp_path, monkeypatch):
+    make_llava_hf(tokenizer, tmp_path / "llava-hf")
+    encoder_dir = tmp_path / "encoder"
+    mllm_sparse.create_model("test_sparseformer_btsp").save_pretrained(encoder_dir)
+    out = tmp_path / "swapped"
+    args = ["--llava", str(tmp_path / "llava-hf"), "--encoder", str(encoder_dir), "--out", str(out)]
+    assert swap.main(args) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    # The model is written, then the processor's write fails: the folder must not mix old and new files.
+    monkeypatch.setattr(type(AutoProcessor.from_pretrained(out)), "save_pretrained", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        swap.main(args)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 def test_bad_feature_layer_fails_clearly(tokenizer):

@@ -70,3 +70,45 @@ def test_draft_mode_keeps_big_jpegs_cheap(tmp_path):
 def test_bad_crop_pct():
     with pytest.raises(ValueError, match="crop_pct"):
         preprocess(Image.new("RGB", (8, 8)), 8, MEAN, STD, crop_pct=0)
+
+
+def gradient_16bit(shape=(48, 64)) -> np.ndarray:
+    """Every 16-bit level band across the image: 0 at the top-left to 65535 at the bottom-right."""
+    ramp = np.linspace(0, 65535, shape[0] * shape[1])
+    return np.round(ramp).astype(np.uint16).reshape(shape)
+
+
+def test_16_bit_grayscale_png_matches_its_8_bit_version(tmp_path):
+    wide = gradient_16bit()
+    Image.fromarray(wide).save(tmp_path / "g16.png")
+    Image.fromarray(np.round(wide / 257).astype(np.uint8)).save(tmp_path / "g8.png")
+    assert Image.open(tmp_path / "g16.png").mode == "I;16"
+    got = np.asarray(load_image(tmp_path / "g16.png")).astype(int)
+    expected = np.asarray(load_image(tmp_path / "g8.png")).astype(int)
+    assert np.abs(got - expected).max() <= 1
+    assert (got == 255).mean() < 0.01  # clipped by PIL's own conversion, 99.6% would be white
+    # an in-memory 16-bit image (a caller's PIL image) gets the same pixels through preprocess
+    torch.testing.assert_close(
+        preprocess(Image.open(tmp_path / "g16.png"), 32, MEAN, STD),
+        preprocess(Image.open(tmp_path / "g8.png"), 32, MEAN, STD),
+        atol=1 / 255 / 0.5 + 1e-6,
+        rtol=0,
+    )
+
+
+@pytest.mark.parametrize("mode", ["I", "F"])
+def test_32_bit_grayscale_images_are_scaled_by_their_range(mode):
+    from mllm_sparse.images import to_rgb
+
+    wide = gradient_16bit().astype(np.int32 if mode == "I" else np.float32)
+    if mode == "F":
+        wide = wide / 65535  # a float image in [0, 1]
+    got = np.asarray(to_rgb(Image.fromarray(wide))).astype(int)
+    expected = np.round(gradient_16bit() / 257).astype(int)
+    assert np.abs(got[..., 0] - expected).max() <= 1
+
+
+def test_a_directory_is_not_reported_as_missing(tmp_path):
+    (tmp_path / "photo.png").mkdir()
+    with pytest.raises(ImageLoadError, match="photo.png is a directory, not an image"):
+        load_image(tmp_path / "photo.png")
