@@ -368,7 +368,8 @@ def save_outputs(trainer: VlmTrainer, model, processor, model_args, training_arg
     Every rank takes part (gathering ZeRO-3 partitions is collective); only rank 0 writes.
     """
     out = Path(training_args.output_dir)
-    rank0 = trainer.is_world_process_zero()
+    # the process group's rank: under DeepSpeed on CPU the Trainer's process index read 0 on every rank
+    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     trainer.check_weights_finite()
     if training_args.tune_mm_mlp_adapter:
         state = projector_state_dict(model)
@@ -379,6 +380,8 @@ def save_outputs(trainer: VlmTrainer, model, processor, model_args, training_arg
     if rank0:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # the staging folder exists before any rank writes into it
     if training_args.lora_enable:
         lora, other = trainable_state_dicts(model)
         if rank0:
@@ -406,7 +409,7 @@ def prepare_output_dir(model_args, data_args, training_args) -> Path | None:
     """Decide between resuming and starting afresh (see `checkpoints.resolve_resume`), check the settings against
     the recorded ones, and say what happens. Returns the checkpoint to resume from."""
     out = Path(training_args.output_dir)
-    main_process = training_args.process_index == 0
+    main_process = int(os.environ.get("RANK", "0")) == 0  # the launcher's rank: no process group exists yet
     resume = checkpoints.resolve_resume(out, training_args.resume_from_checkpoint, training_args.overwrite_output_dir)
     if training_args.overwrite_output_dir and main_process and checkpoints.checkpoints(out):
         logger.warning("--overwrite_output_dir: deleting the earlier run's checkpoints in %s", out)
@@ -426,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     model, processor, assembled = load_model(model_args, data_args)
     if model_args.pretrain_mm_mlp_adapter:
         load_projector(model, model_args.pretrain_mm_mlp_adapter)
-    if training_args.lora_enable and assembled and training_args.process_index == 0 and resume is None:
+    if training_args.lora_enable and assembled and int(os.environ.get("RANK", "0")) == 0 and resume is None:
         # The adapter needs a base it can be merged into later: the model as assembled here, before LoRA.
         with atomic_dir(Path(training_args.output_dir) / LORA_BASE_DIR) as folder:
             model.save_pretrained(folder)
