@@ -3,8 +3,11 @@
     mllm-sparse bootstrap --teacher SPEC --num-tokens N --data PATH --out DIR [--steps S | --epochs E] [...]
 
 DIR becomes the encoder (`AutoModel.from_pretrained(DIR)` after `import mllm_sparse`) with
-`bootstrap_report.{json,md}`; intermediate checkpoints go to DIR/checkpoints/step_*/ and `--resume` continues
-from the newest one exactly (same data order, same optimizer and RNG state).
+`bootstrap_report.{json,md}`; checkpoints go to DIR/checkpoints/step_*/ (every `--save-every` steps and at the end)
+and `--resume` continues from the newest good one exactly (same data order, same optimizer and RNG state). A run
+without `--resume` into a DIR that holds checkpoints is refused; so is a resumed run with a setting that changes the
+weights (all but --eval-every, --save-every, --workers and --device); a non-finite loss or gradient stops the run
+before anything is saved from it (`mllm_sparse.training`).
 
 Data parallel: `torchrun --nproc_per_node G -m mllm_sparse.cli bootstrap ...` (add `--nnodes`/`--rdzv-endpoint`
 for several nodes). `--batch-size` stays the global batch, split across ranks, so a run gives the same result
@@ -21,13 +24,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from mllm_sparse.files import write_json
-from mllm_sparse.training import epoch_order, latest_checkpoint, load_trainer_state, lr_lambda, save_checkpoint
+from mllm_sparse.training import RunFolder, epoch_order, lr_lambda, removed_on_early_failure
 
 from .data import TwoViewImages, list_images
 from .distributed import World, init_world
@@ -35,7 +37,7 @@ from .evaluate import evaluate_encoder, held_out_cosine
 from .inherit import inherit
 from .optim import param_groups
 from .region_distill import random_boxes, region_distill_loss
-from .targets import TeacherTargets
+from .targets import CACHE_NAME, TeacherTargets
 from .teachers import load_teacher
 
 
@@ -119,13 +121,15 @@ def roi_pooled_patches(patches: torch.Tensor, rois: torch.Tensor) -> torch.Tenso
     return weights @ patches.float()
 
 
-def trainer_state(optimizer, scheduler, state: dict) -> dict:
-    return {
+def save(run: RunFolder, student, optimizer, scheduler, state: dict) -> None:
+    """A checkpoint of the student after `state["step"]` steps (refused if a weight is not finite)."""
+    trainer_state = {
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "state": state,
         "torch_rng": torch.get_rng_state(),
     }
+    run.save(state["step"], student.save_pretrained, student.state_dict(), trainer_state)
 
 
 def alignment_loss(
@@ -188,15 +192,43 @@ def off_grid_warning(num_latent: int, has_cls: bool) -> str | None:
     )
 
 
+# Settings that cannot change the weights: they may differ on --resume (and are stated); every other one may not.
+FREE_SETTINGS = ("eval_every", "save_every", "workers", "device")
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """One clear `ValueError` for a numeric argument outside its range."""
+    at_least = {"num_tokens": 2, "batch_size": 1, "grad_accum": 1, "region_boxes": 1, "num_sampling_points": 1,
+                "steps": 1, "image_size": 1, "trainable_cortex": 0, "warmup_steps": 0, "eval_every": 0,
+                "save_every": 0, "workers": 0}  # fmt: skip
+    for name, low in at_least.items():
+        value = getattr(args, name)
+        if value is not None and value < low:
+            what = "counts the CLS token too, so it " if name == "num_tokens" else ""
+            raise ValueError(f"--{name.replace('_', '-')} {what}must be >= {low}, got {value}")
+    positive = ("lr", "clip_grad", "epochs")
+    non_negative = ("weight_decay", "token_loss_weight", "region_distill_weight")
+    for name in positive + non_negative:
+        value = getattr(args, name)
+        bound = "> 0" if name in positive else ">= 0"
+        if value is not None and not (math.isfinite(value) and (value > 0 if name in positive else value >= 0)):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number {bound}, got {value}")
+    if not 0 <= args.val_fraction < 1:
+        raise ValueError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.num_tokens < 2:
-        raise ValueError(f"--num-tokens counts the CLS token too, so it must be >= 2, got {args.num_tokens}")
+    check_arguments(args)
     if args.steps is None and args.epochs is None:
         args.steps = 1000
     world = init_world(args.device)
     try:
-        return train(args, world)
+        if not world.is_main:
+            return train(args, world)
+        # a run that fails before its first checkpoint leaves no folder behind (a finished teacher cache stays)
+        with removed_on_early_failure(args.out, keep=[CACHE_NAME]):
+            return train(args, world)
     finally:
         world.close()
 
@@ -216,6 +248,8 @@ def train(args: argparse.Namespace, world: World) -> int:
             f"{world.size} × {args.grad_accum}"
         )
 
+    run = RunFolder.from_args(args, "bootstrap", FREE_SETTINGS, ["model.safetensors"], specs=["teacher"])
+    resumed = run.start(args.resume)  # first: a refusal costs nothing
     teacher = load_teacher(args.teacher)
     teacher.model.to(device).requires_grad_(False)
     arch = teacher.arch
@@ -246,28 +280,27 @@ def train(args: argparse.Namespace, world: World) -> int:
     optimizer = torch.optim.AdamW(param_groups(student, args.weight_decay), lr=args.lr, betas=(0.9, 0.999))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, total_steps))
     state = {"step": 0, "epoch": 0, "position": 0, "losses": [], "evals": []}
-    checkpoint = latest_checkpoint(args.out) if args.resume else None
-    if args.resume and checkpoint is None:
-        raise FileNotFoundError(f"--resume: no checkpoint in {args.out / 'checkpoints'}")
-    if checkpoint is not None:
-        student.load_state_dict(load_file(checkpoint / "model.safetensors"), strict=True)
-        saved = load_trainer_state(checkpoint)
+    if resumed is not None:
+        student.load_state_dict(resumed.weights["model.safetensors"], strict=True)
+        saved = resumed.trainer_state
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = saved["state"]
         torch.set_rng_state(saved["torch_rng"])
         if world.is_main:
-            print(f"resumed from {checkpoint} at step {state['step']}")
+            print(f"resumed from {resumed.path} at step {state['step']}")
     model = student if world.size == 1 else DistributedDataParallel(student)
 
     targets = TeacherTargets(teacher, args.token_loss_weight > 0 or args.region_distill_weight > 0, autocast)
     if args.cache_teacher:
         # The main rank computes the cache; the others load the file it wrote.
-        cache_path = args.out / "teacher_cache.safetensors"
+        cache_path = args.out / CACHE_NAME
         if world.is_main:
-            args.out.mkdir(parents=True, exist_ok=True)
             targets.build_cache(
-                DataLoader(train_set, batch_size=args.batch_size, num_workers=args.workers), cache_path, device
+                DataLoader(train_set, batch_size=args.batch_size, num_workers=args.workers),
+                cache_path,
+                device,
+                args.bf16,
             )
         world.barrier()
         if not world.is_main:
@@ -307,12 +340,13 @@ def train(args: argparse.Namespace, world: World) -> int:
                             index * total_steps + state["step"],
                         )
                     loss = loss / args.grad_accum
+                    # before backward: a NaN sampling grid crashes grid_sample's backward on CPU; all ranks agree
+                    total += run.check_loss(loss, state["step"] + 1, lambda ok: world.mean(float(not ok)) == 0)
                     loss.backward()
-                total += loss.item()
             total = world.mean(total)
-            if not math.isfinite(total):
-                raise FloatingPointError(f"bootstrap: loss became {total} at step {state['step']}")
-            torch.nn.utils.clip_grad_norm_([p for p in student.parameters() if p.requires_grad], args.clip_grad)
+            # the gradients are all-reduced, so every rank sees the same norm and stops in the same step
+            norm = torch.nn.utils.clip_grad_norm_([p for p in student.parameters() if p.requires_grad], args.clip_grad)
+            run.check_grad_norm(norm, state["step"] + 1)
             optimizer.step()
             scheduler.step()
             state["step"] += 1
@@ -325,19 +359,19 @@ def train(args: argparse.Namespace, world: World) -> int:
                 cosine = held_out_cosine(student, targets.compute, val_loader, device, autocast)
                 state["evals"].append({"step": state["step"], "cosine": cosine})
             if args.save_every and state["step"] % args.save_every == 0:
+                run.check_weights(student.state_dict(), state["step"])  # on every rank, so that all stop together
                 if world.is_main:
-                    save_checkpoint(
-                        args.out, state["step"], student.save_pretrained, trainer_state(optimizer, scheduler, state)
-                    )
+                    save(run, student, optimizer, scheduler, state)
                 world.barrier()
     bar.close()
     seconds = time.perf_counter() - start
+    run.check_weights(student.state_dict(), state["step"])
     if not world.is_main:
         world.barrier()  # wait for the main rank's final checkpoint and evaluation
         return 0
 
     student.eval()
-    save_checkpoint(args.out, state["step"], student.save_pretrained, trainer_state(optimizer, scheduler, state))
+    save(run, student, optimizer, scheduler, state)  # checks the weights: nothing non-finite reaches DIR
     student.save_pretrained(args.out)
     final = evaluate_encoder(
         student,

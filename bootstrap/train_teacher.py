@@ -7,6 +7,12 @@ saved in open_clip's own formats:
     DIR/NAME.json                     the architecture (open_clip.add_model_config(this file))
     DIR/open_clip_config.json         architecture + preprocessing (open_clip.create_model("local-dir:DIR"))
     DIR/zero_shot.{json,md}           zero-shot top-1 on the world's test labels
+
+With `--save-every N` the run also writes DIR/checkpoints/step_*/ every N steps and at the end, and `--resume`
+continues from the newest good one: exactly with `--steps`; with `--minutes` the clock continues from the training
+time the checkpoint records. A run without `--resume` into a DIR that holds checkpoints is refused, and so is a
+resumed run with a setting that changes the weights (all but --threads, --device and --save-every); a non-finite loss
+or gradient stops the run before anything is saved from it (`mllm_sparse.training`).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from tqdm import tqdm
 from mllm_sparse.configuration import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from mllm_sparse.files import atomic_path, write_json
 from mllm_sparse.synth.dataset import SyntheticWorld
+from mllm_sparse.training import RunFolder
 
 from .optim import param_groups
 from .region_captions import RegionCaptions, box_weights, region_loss
@@ -66,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(bootstrap/region_captions.py); 0 trains on whole-image captions alone",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--save-every", type=int, default=0, help="steps between checkpoints, also written at the end (0: none)"
+    )
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in DIR/checkpoints")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser
@@ -135,6 +146,29 @@ def save_teacher(model: torch.nn.Module, name: str, out: Path, image_size: int) 
     write_json(out / "open_clip_config.json", {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg})
 
 
+WEIGHTS_FILE = "open_clip_model.safetensors"
+# Settings that cannot change the weights: they may differ on --resume (and are stated); every other one may not.
+FREE_SETTINGS = ("threads", "device", "save_every")
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """One clear `ValueError` for a numeric argument outside its range."""
+    if (args.minutes is not None and not args.minutes > 0) or (args.steps is not None and args.steps <= 0):
+        raise ValueError("--minutes and --steps must be positive")
+    if args.batch_size < 1 or args.save_every < 0 or (args.threads is not None and args.threads < 1):
+        raise ValueError("--batch-size and --threads must be >= 1, --save-every >= 0")
+    if not (math.isfinite(args.lr) and args.lr > 0) or not (
+        math.isfinite(args.weight_decay) and args.weight_decay >= 0
+    ):
+        raise ValueError(
+            f"--lr must be a finite number > 0 and --weight-decay >= 0, got {args.lr}, {args.weight_decay}"
+        )
+    if not 0 <= args.warmup < 1:
+        raise ValueError(f"--warmup is a fraction of the budget in [0, 1), got {args.warmup}")
+    if args.region_weight < 0:
+        raise ValueError(f"--region-weight must be >= 0, got {args.region_weight}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     register_teacher_configs()
@@ -142,12 +176,11 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"Unknown open_clip model {args.model!r}; teachers for the synthetic world: {TEACHER_MODELS}")
     if args.minutes is None and args.steps is None:
         args.minutes = 10.0
-    if (args.minutes is not None and args.minutes <= 0) or (args.steps is not None and args.steps <= 0):
-        raise ValueError("--minutes and --steps must be positive")
-    if args.region_weight < 0:
-        raise ValueError(f"--region-weight must be >= 0, got {args.region_weight}")
+    check_arguments(args)
     if args.threads:
         torch.set_num_threads(args.threads)
+    run = RunFolder.from_args(args, "train-teacher", FREE_SETTINGS, [WEIGHTS_FILE])
+    resumed = run.start(args.resume)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
 
@@ -174,23 +207,42 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
     loss_fn = open_clip.ClipLoss()
     generator = torch.Generator().manual_seed(args.seed)
-    order = torch.randperm(len(train), generator=generator)
-    cursor, step, losses = 0, 0, []
+    state = {"step": 0, "cursor": 0, "order": torch.randperm(len(train), generator=generator), "seconds": 0.0}
+    state["losses"] = []
+    if resumed is not None:
+        model.load_state_dict({k: v.to(device) for k, v in resumed.weights[WEIGHTS_FILE].items()}, strict=True)
+        optimizer.load_state_dict(resumed.trainer_state["optimizer"])
+        generator.set_state(resumed.trainer_state["generator"])
+        torch.set_rng_state(resumed.trainer_state["torch_rng"])
+        state = resumed.trainer_state["state"]
+        print(f"resumed from {resumed.path} at step {state['step']}")
+
+    def save() -> None:
+        cpu = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        trainer_state = {
+            "optimizer": optimizer.state_dict(),
+            "generator": generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "state": state,
+        }
+        run.save(state["step"], lambda folder: save_file(cpu, folder / WEIGHTS_FILE), cpu, trainer_state)
+
     start = time.perf_counter()
-    bar = tqdm(total=args.steps if args.steps else None, unit="step", desc="train-teacher")
+    before = state["seconds"]  # training time of the runs this one continues
+    bar = tqdm(total=args.steps if args.steps else None, initial=state["step"], unit="step", desc="train-teacher")
     model.train()
     model.visual.output_tokens = True  # (pooled, final patch tokens) for the region term
     while True:
-        elapsed = time.perf_counter() - start
-        progress = step / args.steps if args.steps else elapsed / (args.minutes * 60)
+        state["seconds"] = before + time.perf_counter() - start
+        progress = state["step"] / args.steps if args.steps else state["seconds"] / (args.minutes * 60)
         if progress >= 1.0:
             break
         for group in optimizer.param_groups:
             group["lr"] = lr_at(progress, args.lr, args.warmup)
-        if cursor + args.batch_size > len(order):
-            order, cursor = torch.randperm(len(train), generator=generator), 0
-        idx = order[cursor : cursor + args.batch_size]
-        cursor += args.batch_size
+        if state["cursor"] + args.batch_size > len(state["order"]):
+            state["order"], state["cursor"] = torch.randperm(len(train), generator=generator), 0
+        idx = state["order"][state["cursor"] : state["cursor"] + args.batch_size]
+        state["cursor"] += args.batch_size
         pixels = train.pixels(idx).to(device)
         choice = torch.multinomial(weights, len(idx), replacement=True, generator=generator)
         pooled, patches = model.visual(pixels)
@@ -211,25 +263,27 @@ def main(argv: list[str] | None = None) -> int:
                 target.to(device),
                 model.logit_scale,
             )
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"train-teacher: loss became {loss.item()} at step {step}")
+        value = run.check_loss(loss, state["step"] + 1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        run.check_grad_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0), state["step"] + 1)
         optimizer.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-        step += 1
-        losses.append(loss.item())
+        state["step"] += 1
+        state["losses"].append(value)
         bar.update(1)
-        bar.set_postfix(
-            loss=f"{loss.item():.3f}", img_s=f"{step * args.batch_size / (time.perf_counter() - start):.0f}"
-        )
+        bar.set_postfix(loss=f"{value:.3f}", img_s=f"{state['step'] * args.batch_size / state['seconds']:.0f}")
+        if args.save_every and state["step"] % args.save_every == 0:
+            save()
     bar.close()
-    train_seconds = time.perf_counter() - start
+    step, losses, train_seconds = state["step"], state["losses"], state["seconds"]
 
     model.visual.output_tokens = False
     model.eval()
+    if args.save_every and step % args.save_every:
+        save()
+    run.check_weights(model.state_dict(), step)  # nothing non-finite reaches DIR
     save_teacher(model, args.model, args.out, image_size)
     report = zero_shot_report(model, tokenizer, world, "test", image_size, device)
     report.update(

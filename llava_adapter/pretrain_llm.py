@@ -23,25 +23,29 @@ colours and shapes present and never learnt to look the star up (colour question
 DIR becomes a plain HF causal LM folder with its tokenizer, for `mllm-sparse build-vlm --llm DIR`. It also holds
 `scene_projector.safetensors`, `scene_pretrain.{json,md}` (accuracy by question type on the world's test records,
 scene tokens in place of the images, answers teacher-forced: every answer token must be the most likely one) and
-checkpoints/step_*/ (written atomically), which `--resume` continues exactly.
+checkpoints/step_*/ (every `--eval-every` steps and at the end, written atomically), which `--resume` continues
+exactly from the newest good one. A run without `--resume` into a DIR that holds checkpoints is refused, and so is a
+resumed run with a setting that changes the weights (all but --eval-every, --eval-records and --threads); a
+non-finite loss or gradient stops the run before anything is saved from it (`mllm_sparse.training`).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mllm_sparse.files import atomic_path, read_json, read_jsonl, write_json
-from mllm_sparse.training import epoch_order, latest_checkpoint, load_trainer_state, lr_lambda, save_checkpoint
+from mllm_sparse.training import RunFolder, epoch_order, lr_lambda
 
 from .conversation import (
     IGNORE_INDEX,
@@ -256,6 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Settings that cannot change the weights: they may differ on --resume (and are stated); every other one may not.
+FREE_SETTINGS = ("eval_every", "eval_records", "threads")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads:
@@ -269,12 +277,17 @@ def main(argv: list[str] | None = None) -> int:
     }
     if any(steps < 0 or size < 1 for steps, size in phases.values()) or args.question_steps + args.record_steps < 1:
         raise ValueError("steps must be >= 0 (and not all 0), batch sizes >= 1")
-    checkpoint = latest_checkpoint(args.out) if args.resume else None
-    if args.resume and checkpoint is None:
-        raise FileNotFoundError(f"--resume: no checkpoint in {args.out / 'checkpoints'}")
-    # A resumed run continues the checkpoint's LLM and tokenizer, whatever --llm says.
+    if not (math.isfinite(args.lr) and args.lr > 0) or args.warmup_steps < 0 or args.eval_every < 0:
+        raise ValueError(f"--lr must be a finite number > 0, --warmup-steps and --eval-every >= 0, got {args.lr}")
+    if args.eval_records < 1 or args.vocab_size < 1 or (args.threads is not None and args.threads < 1):
+        raise ValueError("--eval-records, --vocab-size and --threads must be >= 1")
+    run = RunFolder.from_args(
+        args, "pretrain-llm", FREE_SETTINGS, [f"{LLM_DIR}/*.safetensors", PROJECTOR_FILE], specs=["llm"]
+    )
+    resumed = run.start(args.resume)
+    # A resumed run continues the checkpoint's LLM and tokenizer (--llm must name the one it started from).
     model, tokenizer = load_llm(
-        str(checkpoint / LLM_DIR) if checkpoint else args.llm, args.data, args.vocab_size, args.seed
+        str(resumed.path / LLM_DIR) if resumed else args.llm, args.data, args.vocab_size, args.seed
     )
     image_token_id = add_image_token(tokenizer)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
@@ -305,22 +318,25 @@ def main(argv: list[str] | None = None) -> int:
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     state = {"step": 0, "phase": "questions", "epoch": 0, "position": 0, "seconds": 0.0, "losses": [], "evals": []}
-    if checkpoint is not None:
-        projector.load_state_dict(load_file(checkpoint / PROJECTOR_FILE))
-        saved = load_trainer_state(checkpoint)
+    if resumed is not None:
+        projector.load_state_dict(resumed.weights[PROJECTOR_FILE])
+        saved = resumed.trainer_state
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = saved["state"]
-        print(f"resumed from {checkpoint} at step {state['step']}")
+        print(f"resumed from {resumed.path} at step {state['step']}")
 
     def write_weights(folder: Path) -> None:
         model.save_pretrained(folder / LLM_DIR)
         tokenizer.save_pretrained(folder / LLM_DIR)
         save_file({k: v.contiguous() for k, v in projector.state_dict().items()}, folder / PROJECTOR_FILE)
 
+    def weights() -> dict[str, Tensor]:
+        return {**model.state_dict(), **{f"projector.{k}": v for k, v in projector.state_dict().items()}}
+
     def checkpoint_now() -> None:
         trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "state": state}
-        save_checkpoint(args.out, state["step"], write_weights, trainer_state)
+        run.save(state["step"], write_weights, weights(), trainer_state)
 
     model.train()
     start = time.perf_counter()
@@ -339,18 +355,17 @@ def main(argv: list[str] | None = None) -> int:
         indices = order[state["position"] : state["position"] + size].tolist()
         batch = data.batch(indices, collator, args.seed * 7919 + state["epoch"])
         loss = scene_forward(model, projector, batch, image_token_id).loss
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"pretrain-llm: loss became {loss.item()} at step {state['step']}")
+        value = run.check_loss(loss, state["step"] + 1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        run.check_grad_norm(torch.nn.utils.clip_grad_norm_(params, 1.0), state["step"] + 1)
         optimizer.step()
         scheduler.step()
         state["step"] += 1
         state["position"] += size
-        state["losses"].append(round(loss.item(), 5))
+        state["losses"].append(round(value, 5))
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.set_postfix(loss=f"{value:.4f}")
         if args.eval_every and state["step"] % args.eval_every == 0:
             scored_on = state["phase"]
             result = evaluate(model, projector, test[scored_on], collator, image_token_id)
@@ -368,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         final = evaluate(model, projector, test["records"], collator, image_token_id)
         checkpoint_now()
+    run.check_weights(weights(), state["step"])  # nothing non-finite reaches DIR
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)

@@ -1,12 +1,18 @@
 import json
+import shutil
+import signal
 
+import cli_process
 import open_clip
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import bootstrap  # noqa: F401  (registers the teacher architectures)
 from bootstrap.train_teacher import caption_weights, cut_captions_warning, lr_at
 from bootstrap.train_teacher import main as train_teacher
+from mllm_sparse.checkpoint import load_safetensors
+from mllm_sparse.cli import main as cli
 from mllm_sparse.synth.dataset import SyntheticWorld
 
 NAME = "synth-vit-test-16"
@@ -146,3 +152,76 @@ def test_captions_longer_than_the_text_context_are_reported():
     assert "1 of the 4 captions" in warning and "images/0000000.png" in warning and "32-token" in warning
     # Training only on the short captions cuts nothing.
     assert cut_captions_warning(tokenizer, captions, torch.tensor([0.0, 1.0]), paths, "synth-vit-t-8") is None
+
+
+# Keeping the user's work: checkpoints, exact resume after kill -9, refused settings, damaged checkpoints, divergence.
+
+
+def teacher_args(world, out, *extra):
+    return ["--data", str(world), "--out", str(out), "--model", NAME, "--batch-size", "8", "--threads", "1", *extra]
+
+
+def same_teacher_weights(a, b):
+    """Bit-identical: the same ops on the same batches in the same order, one thread, give the same floats."""
+    wa, wb = load_file(a / "open_clip_model.safetensors"), load_file(b / "open_clip_model.safetensors")
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_kill_9_then_resume_matches_an_uninterrupted_run(trained_teacher, tmp_path):
+    world, straight, killed = trained_teacher / "world", tmp_path / "straight", tmp_path / "killed"
+    extra = ("--steps", "12", "--save-every", "1")
+    victim = cli_process.start("train-teacher", *teacher_args(world, killed, *extra), log=tmp_path / "kill.log")
+    code = cli_process.kill_when(victim, killed / "checkpoints" / "step_00000002")
+    assert code == -signal.SIGKILL, (tmp_path / "kill.log").read_text()[-2000:]
+    assert not (killed / "open_clip_model.safetensors").exists()
+    assert cli(["train-teacher", *teacher_args(world, straight, *extra)]) == 0  # the same command, uninterrupted
+    resumed = cli_process.run("train-teacher", *teacher_args(world, killed, *extra, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout
+    assert same_teacher_weights(straight, killed)
+    a, b = (json.loads((p / "zero_shot.json").read_text()) for p in (straight, killed))
+    assert a["loss_curve"] == b["loss_curve"] and a["top1"] == b["top1"]
+
+
+def test_resume_refuses_changed_settings_falls_back_from_a_damaged_checkpoint(trained_teacher, tmp_path, capsys):
+    world, straight, out = trained_teacher / "world", tmp_path / "straight", tmp_path / "run"
+    extra = ("--steps", "3", "--save-every", "1")
+    assert cli(["train-teacher", *teacher_args(world, straight, *extra)]) == 0
+    shutil.copytree(straight, out)
+    capsys.readouterr()
+    assert cli(["train-teacher", *teacher_args(world, out, *extra, "--resume", "--lr", "0.5")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "was trained with other settings: --lr 0.002 -> 0.5" in line
+    assert cli(["train-teacher", *teacher_args(world, out, *extra)]) == 2
+    assert "already holds checkpoints of a run (newest step_00000003): pass --resume" in capsys.readouterr().err
+    newest = out / "checkpoints" / "step_00000003" / "open_clip_model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    (out / "open_clip_model.safetensors").unlink()
+    assert cli(["train-teacher", *teacher_args(world, out, "--steps", "3", "--save-every", "3", "--resume")]) == 0
+    captured = capsys.readouterr()
+    assert "skipping damaged checkpoint" in captured.err and "step_00000003" in captured.err
+    assert "at step 2" in captured.out and "do not change the weights: --save-every 1 -> 3" in captured.out
+    assert same_teacher_weights(straight, out)
+
+
+def test_a_diverging_run_stops_before_a_nan_gradient_reaches_the_weights(trained_teacher, tmp_path, capsys):
+    """At --lr 1e3 the loss of step 3 is finite but its gradient is NaN: the run stops before the update."""
+    world, out = trained_teacher / "world", tmp_path / "div"
+    args = teacher_args(world, out, "--steps", "20", "--save-every", "1", "--lr", "1e3")
+    for extra in ((), ("--resume",)):
+        assert cli(["train-teacher", *args, *extra]) == 2
+        (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert "the gradient norm became nan in step 3; stopped before the update" in line
+        assert f"the last good checkpoint is {out / 'checkpoints' / 'step_00000002'}" in line
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000001", "step_00000002"]
+    load_safetensors(out / "checkpoints" / "step_00000002" / "open_clip_model.safetensors")  # finite
+    assert not (out / "open_clip_model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "extra", [("--batch-size", "0"), ("--lr", "-1"), ("--lr", "inf"), ("--warmup", "1"), ("--save-every", "-2")]
+)
+def test_absurd_numbers_get_one_line(trained_teacher, tmp_path, capsys, extra):
+    assert cli(["train-teacher", *teacher_args(trained_teacher / "world", tmp_path / "x", "--steps", "1"), *extra]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("mllm-sparse train-teacher: error: ") and extra[0] in line

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 
+import cli_process
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -182,3 +184,74 @@ def test_bad_worlds_fail_clearly(world, tmp_path, capsys):
     _, tokenizer = load_llm("tiny-llama", broken)
     with pytest.raises(RecordError, match=r"synth-0000000.*of .*llava_train.json.*images/0000000.png is not in scenes"):
         SceneRecords(broken, "train", tokenizer, "chat_template", read_scenes(broken))
+
+
+# Keeping the user's work: exact resume after kill -9, refused settings and overwrites, damaged checkpoints, divergence.
+
+TINY = ["--question-batch-size", "8", "--record-batch-size", "4", "--threads", "1", "--eval-records", "3"]
+
+
+def same_llm_weights(a, b):
+    """Bit-identical: the same ops on the same batches in the same order, one thread, give the same floats."""
+    pairs = [
+        (load_file(a / name), load_file(b / name)) for name in ("model.safetensors", "scene_projector.safetensors")
+    ]
+    return all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x) for x, y in pairs)
+
+
+def test_kill_9_then_resume_matches_an_uninterrupted_run(world, tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    args = ("--data", str(world), *TINY, "--question-steps", "5", "--record-steps", "5", "--eval-every", "1")
+    victim = cli_process.start("pretrain-llm", *args, "--out", str(killed), log=tmp_path / "kill.log")
+    code = cli_process.kill_when(victim, killed / "checkpoints" / "step_00000002")
+    assert code == -signal.SIGKILL, (tmp_path / "kill.log").read_text()[-2000:]
+    assert not (killed / "model.safetensors").exists()
+    assert cli(["pretrain-llm", *args, "--out", str(straight)]) == 0  # the same command, uninterrupted
+    resumed = cli_process.run("pretrain-llm", *args, "--out", str(killed), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout
+    assert same_llm_weights(straight, killed)
+    a, b = (json.loads((p / "scene_pretrain.json").read_text()) for p in (straight, killed))
+    assert a["final"] == b["final"] and [e["accuracy"] for e in a["evals"]] == [e["accuracy"] for e in b["evals"]]
+
+
+def test_resume_refuses_changed_settings_and_falls_back_from_a_damaged_checkpoint(world, tmp_path, capsys):
+    straight, out = tmp_path / "straight", tmp_path / "run"
+    steps = ["--question-steps", "2", "--record-steps", "1", "--eval-every", "1"]
+    assert run(world, straight, *steps) == 0
+    shutil.copytree(straight, out)
+    capsys.readouterr()
+    assert run(world, out, *steps, "--resume", "--lr", "0.5", "--record-batch-size", "2") == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "was trained with other settings: --record-batch-size 4 -> 2; --lr 0.002 -> 0.5" in line
+    assert run(world, out, *steps) == 2
+    assert "already holds checkpoints of a run (newest step_00000003): pass --resume" in capsys.readouterr().err
+    projector = out / "checkpoints" / "step_00000003" / "scene_projector.safetensors"
+    projector.write_bytes(projector.read_bytes()[:-8])
+    (out / "model.safetensors").unlink()
+    assert run(world, out, *steps[:-1], "3", "--resume", "--eval-records", "2") == 0
+    captured = capsys.readouterr()
+    assert "skipping damaged checkpoint" in captured.err and "step_00000003" in captured.err
+    assert "at step 2" in captured.out
+    assert "do not change the weights: --eval-every 1 -> 3; --eval-records 3 -> 2" in captured.out
+    assert same_llm_weights(straight, out)
+
+
+def test_a_diverging_run_stops_before_its_backward_pass(world, tmp_path, capsys):
+    """At --lr 1e20 the weights of step 1 overflow the LLM's norms in step 2: its loss is NaN."""
+    out = tmp_path / "div"
+    args = ["--question-steps", "4", "--record-steps", "0", "--eval-every", "1", "--warmup-steps", "1", "--lr", "1e20"]
+    for extra in ((), ("--resume",)):
+        assert run(world, out, *args, *extra) == 2
+        (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert "the loss became nan in step 2; stopped before its backward pass" in line
+        assert f"the last good checkpoint is {out / 'checkpoints' / 'step_00000001'}" in line
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000001"]
+    assert not (out / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("extra", [("--lr", "0"), ("--lr", "nan"), ("--warmup-steps", "-1"), ("--eval-records", "0")])
+def test_absurd_numbers_get_one_line(world, tmp_path, capsys, extra):
+    assert run(world, tmp_path / "x", "--question-steps", "1", "--record-steps", "0", *extra) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("mllm-sparse pretrain-llm: error: ") and extra[0] in line
