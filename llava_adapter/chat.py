@@ -43,7 +43,7 @@ from transformers import PreTrainedModel, TextIteratorStreamer
 from transformers.generation.streamers import BaseStreamer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from mllm_sparse.checkpoint import load_checked
+from mllm_sparse.checkpoint import CheckpointError, load_checked
 from mllm_sparse.images import load_image, to_rgb
 
 from .conversation import IMAGE_PLACEHOLDER, TEMPLATES, encode_conversation, has_image, record_name, validate_record
@@ -230,7 +230,12 @@ class ChatEngine:
         model = load_checked(
             AutoModelForImageTextToText.from_pretrained, model_dir, what="LLaVA model", model_types=("llava",), **kwargs
         )
-        processor = AutoProcessor.from_pretrained(model_dir)
+        try:
+            processor = AutoProcessor.from_pretrained(model_dir)
+        except (OSError, ValueError) as err:  # a truncated tokenizer.json or processor_config.json names no file
+            raise CheckpointError(
+                f"{model_dir}: the processor (tokenizer and image processor files) cannot be loaded: {err}"
+            ) from err
         return cls(model, processor, template=template, device=device)
 
     @property

@@ -407,6 +407,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("batch_size", "max_new_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    out = args.out if args.out is not None else args.model
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; the report is written into a folder")
     # Data errors surface before the model loads.
     records, skipped = load_records(args.data, image_folder, args.limit, args.skip_bad_records)
     engine = ChatEngine.from_pretrained(args.model, template=args.template, device=args.device, dtype=args.dtype)
@@ -429,7 +432,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     report["skipped"] = skipped + report["skipped"]
     markdown = to_markdown(report)
-    out = args.out if args.out is not None else args.model
     write_json(out / JSON_NAME, report)
     with atomic_path(out / MD_NAME) as tmp:
         tmp.write_text(markdown)

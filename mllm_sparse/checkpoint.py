@@ -215,9 +215,10 @@ def load_checked(
         model = load(str(source), *args, **kwargs)
     except SafetensorError as err:  # a file the header check did not see (a hub download)
         raise CheckpointError(f"{source}: a weights file of this {what} is not readable: {err}") from err
-    except OSError as err:
+    except (OSError, RuntimeError, pickle.UnpicklingError, EOFError) as err:
         if not local:
             raise  # a hub id that cannot be fetched: the caller knows what to suggest
+        # e.g. a truncated legacy pytorch_model.bin (a RuntimeError from torch's zip reader)
         raise CheckpointError(f"{source}: cannot load this {what}: {err}") from err
     check_finite(model.state_dict(), source)
     return model

@@ -35,7 +35,7 @@ def wide_range(mode: str, values: np.ndarray) -> float:
     maximum."""
     if mode in WIDE_MODE_MAX:
         return WIDE_MODE_MAX[mode]
-    top = float(np.nanmax(values)) if values.size else 0.0
+    top = float(values.max()) if values.size else 0.0
     for bound in ((1.0,) if mode == "F" else ()) + (255.0, 65535.0):
         if top <= bound:
             return bound
@@ -46,8 +46,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL image as 8-bit RGB; a wide grayscale image (16-bit PNG "I;16", "I", "F") is scaled by its range
     (`wide_range`), not clipped as `Image.convert` does."""
     if image.mode in WIDE_MODE_MAX or image.mode in ("I", "F"):
-        values = np.asarray(image).astype(np.float64)
-        gray = np.clip(np.nan_to_num(values) * (255.0 / wide_range(image.mode, values)), 0, 255)
+        values = np.nan_to_num(np.asarray(image).astype(np.float64), posinf=0.0, neginf=0.0)
+        gray = np.clip(values * (255.0 / wide_range(image.mode, values)), 0, 255)
         image = Image.fromarray(np.round(gray).astype(np.uint8))
     return image.convert("RGB")
 

@@ -90,6 +90,19 @@ def test_eval_vlm_on_a_folder_that_is_not_llava(vlm_copy, encoder_dir, text_data
     one_line(capsys, str(vlm_copy), "model_type 'sparseformer'", "'llava'")
 
 
+@pytest.mark.parametrize("name", ["tokenizer.json", "processor_config.json"])
+def test_eval_vlm_truncated_processor_file_names_the_folder(vlm_copy, text_data, capsys, name):
+    truncate(vlm_copy / name)
+    assert eval_vlm(capsys, vlm_copy, text_data) == 2
+    one_line(capsys, str(vlm_copy), "processor")
+
+
+def test_eval_vlm_out_is_a_file(vlm_dir, text_data, tmp_path, capsys):
+    (tmp_path / "report.json").write_text("{}")
+    assert eval_vlm(capsys, vlm_dir, text_data, "--out", str(tmp_path / "report.json")) == 2
+    one_line(capsys, "report.json is a file")
+
+
 def _records(image_record, text_record) -> list[dict]:
     return [image_record("r1", "a.png"), image_record("r2", "corrupt.png"), text_record("r3")]
 

@@ -45,6 +45,16 @@ def test_inspect_truncated_encoder_folder(tmp_path, capsys, btsp_model):
         AutoModel.from_pretrained(tmp_path / "enc")
 
 
+def test_truncated_legacy_bin_folder_names_the_folder(tmp_path, capsys, btsp_model):
+    (tmp_path / "enc").mkdir()
+    btsp_model.config.save_pretrained(tmp_path / "enc")
+    torch.save(btsp_model.state_dict(), tmp_path / "enc" / "pytorch_model.bin")
+    assert inspect(tmp_path, capsys, str(tmp_path / "enc")) == 0
+    truncate(tmp_path / "enc" / "pytorch_model.bin")
+    assert inspect(tmp_path, capsys, str(tmp_path / "enc")) == 2
+    one_line(capsys, str(tmp_path / "enc"), "cannot load this SparseFormer encoder")
+
+
 def test_non_finite_encoder_weights_are_refused_by_name(tmp_path, capsys, btsp_model):
     btsp_model.save_pretrained(tmp_path / "enc")
     poison(tmp_path / "enc" / "model.safetensors", "proj.weight")
