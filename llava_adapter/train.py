@@ -33,7 +33,7 @@ from transformers import (
     set_seed,
 )
 
-from mllm_sparse.checkpoint import load_safetensors
+from mllm_sparse.checkpoint import load_checked, load_safetensors
 from mllm_sparse.files import atomic_dir, atomic_path, fsync_path, write_json
 from mllm_sparse.training import DivergenceError
 
@@ -135,7 +135,12 @@ def load_model(model_args: ModelArguments, data_args: DataArguments):
     strategy = SELECT_FEATURES.get(model_args.mm_vision_select_feature)
     layer = model_args.mm_vision_select_layer
     if is_llava_folder(model_args.model_name_or_path):
-        model = LlavaForConditionalGeneration.from_pretrained(model_args.model_name_or_path)
+        model = load_checked(
+            LlavaForConditionalGeneration.from_pretrained,
+            model_args.model_name_or_path,
+            what="LLaVA model",
+            model_types=("llava",),
+        )
         processor = AutoProcessor.from_pretrained(model_args.model_name_or_path)
         if model_args.vision_tower is None:
             return model, processor, False
