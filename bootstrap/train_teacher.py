@@ -129,6 +129,9 @@ def lr_at(progress: float, base_lr: float, warmup: float) -> float:
     return base_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warmup) / (1 - warmup))))
 
 
+WEIGHTS_FILE = "open_clip_model.safetensors"
+
+
 def save_teacher(model: torch.nn.Module, name: str, out: Path, image_size: int) -> None:
     """Write the weights and both config files (see the module docstring), atomically."""
     out.mkdir(parents=True, exist_ok=True)
@@ -140,13 +143,12 @@ def save_teacher(model: torch.nn.Module, name: str, out: Path, image_size: int) 
         "interpolation": "bicubic",
         "resize_mode": "shortest",
     }
-    with atomic_path(out / "open_clip_model.safetensors") as tmp:
+    with atomic_path(out / WEIGHTS_FILE) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp)
     write_json(out / f"{name}.json", model_cfg)
     write_json(out / "open_clip_config.json", {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg})
 
 
-WEIGHTS_FILE = "open_clip_model.safetensors"
 # Settings that cannot change the weights: they may differ on --resume (and are stated); every other one may not.
 FREE_SETTINGS = ("threads", "device", "save_every")
 

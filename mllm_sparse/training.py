@@ -9,8 +9,8 @@ step: the weights as safetensors, `trainer_state.pt` (optimizer, scheduler, coun
 - `--resume` continues from the newest checkpoint whose files are whole and finite; a damaged one (truncated, partial,
   non-finite) is skipped with a message, and the one before it is used;
 - a resumed run whose settings that decide the weights differ from the checkpoint's is refused, naming each setting
-  (old -> new); settings that cannot change the weights (threads, workers, evaluation cadence) may change, and are
-  stated;
+  (old -> new); the others (evaluation and checkpoint cadence, data-loader workers; the device and CPU threads, which
+  change only the floating-point rounding) may change, and are stated;
 - a non-finite loss (checked before the backward pass: a NaN sampling grid crashes `grid_sample`'s backward on CPU),
   gradient or weight stops the run with a `DivergenceError` naming the step and the last good checkpoint, and no
   checkpoint is ever written with non-finite weights.

@@ -122,6 +122,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_good_one(setup, 
     args = ("--steps", "3", "--save-every", "1")
     assert cli_main(["bootstrap", *bootstrap_args(setup, straight, *args)]) == 0
     shutil.copytree(straight, resumed)
+    # the damaged one is the last: code that resumed from a NaN one would take no backward pass (a segfault in pytest)
     for how in ("truncated", "non-finite", "partial"):
         damage(resumed / "checkpoints" / "step_00000003" / "model.safetensors", how)
         (resumed / "model.safetensors").unlink()
@@ -180,8 +181,9 @@ def test_non_finite_gradients_stop_the_run_before_the_update(setup, tmp_path, mo
 
     monkeypatch.setattr(train_module, "alignment_loss", poisoned)
     out = tmp_path / "run"
+    # 2 steps: code without the check would take no backward pass through the NaN weights (a segfault in pytest)
     with pytest.raises(DivergenceError) as err:
-        train_module.main(bootstrap_args(setup, out, "--steps", "3", "--save-every", "1"))
+        train_module.main(bootstrap_args(setup, out, "--steps", "2", "--save-every", "1"))
     assert "the gradient norm became nan in step 2; stopped before the update" in str(err.value)
     assert f"the last good checkpoint is {out / 'checkpoints' / 'step_00000001'}" in str(err.value)
     assert steps_in(out) == ["step_00000001"]
@@ -202,7 +204,7 @@ def test_non_finite_weights_are_never_saved(setup, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.optim.AdamW, "step", overflowing_step)
     out = tmp_path / "run"
     with pytest.raises(DivergenceError, match=r"the weights after step 2 are not finite \(.+\); they were not saved"):
-        train_module.main(bootstrap_args(setup, out, "--steps", "3", "--save-every", "1"))
+        train_module.main(bootstrap_args(setup, out, "--steps", "2", "--save-every", "1"))  # 2: as above
     assert steps_in(out) == ["step_00000001"] and not (out / "model.safetensors").exists()
 
 
