@@ -21,7 +21,7 @@ from pathlib import Path
 from results_io import RESULTS, machine, write_results
 
 from bootstrap.train import main as bootstrap_main
-from llava_adapter.recipe import (
+from mllm_sparse_recipes.defaults import (
     BOOTSTRAP_BATCH_SIZE,
     BOOTSTRAP_LR,
     REGION_DISTILL_WEIGHT,

@@ -5,12 +5,12 @@
     uv run python benchmarks/vlm_synthetic.py --epochs 0.05 --stage2-epochs 0.05 --eval-limit 40 \
         --work runs/vlm_smoke --out-dir /tmp/vlm_smoke          # a smoke run
 
-This is `mllm-sparse ablate` (llava_adapter/ablation.py) on the synthetic world's benchmark setting: the teacher of
-`synthetic_world.py`, the SparseFormers of `bootstrap_synthetic.py` at N = 1/4 and 1/9 of its 196 patch tokens
-(rounded down to a square so that every latent starts on the RoI grid: 49 and 16), and the scene-pretrained tiny
-Llama of `mllm-sparse pretrain-llm`, the world's stand-in for Vicuna. Arms, each a stock `LlavaForConditionalGeneration`
-with the same LLM and an `mlp2x_gelu` projector, trained in LLaVA's two stages with the same data, steps and
-schedule and scored after each:
+This is `mllm-sparse ablate` (mllm_sparse_recipes/ablation.py) on the synthetic world's benchmark setting: the
+teacher of `synthetic_world.py`, the SparseFormers of `bootstrap_synthetic.py` at N = 1/4 and 1/9 of its 196 patch
+tokens (rounded down to a square so that every latent starts on the RoI grid: 49 and 16), and the scene-pretrained
+tiny Llama of `mllm-sparse pretrain-llm`, the world's stand-in for Vicuna. Arms, each a stock
+`LlavaForConditionalGeneration` with the same LLM and an `mlp2x_gelu` projector, trained in LLaVA's two stages with
+the same data, steps and schedule and scored after each:
 
   (a) `vit`:             the teacher ViT's full patch tokens (LLaVA-style, CLS dropped);
   (b) `sparseformer-N`:  the SparseFormer bootstrapped from that teacher with N latent tokens, its CLS token dropped;
@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 from results_io import RESULTS, machine, write_results
 
-from llava_adapter import ablation
 from llava_adapter.llms import TINY_LLMS
-from llava_adapter.recipe import STAGE1_PROJECTOR_LR, STAGE2_LR, VLM_BATCH_SIZE, teacher_spec
+from mllm_sparse_recipes import ablation
+from mllm_sparse_recipes.defaults import STAGE1_PROJECTOR_LR, STAGE2_LR, VLM_BATCH_SIZE, teacher_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 NAME = "vlm_synthetic"

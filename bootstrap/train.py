@@ -9,7 +9,7 @@ without `--resume` into a DIR that holds checkpoints is refused; so is a resumed
 weights (all but --eval-every, --save-every, --workers and --device); a non-finite loss or gradient stops the run
 before anything is saved from it (`mllm_sparse.training`).
 
-Data parallel: `torchrun --nproc_per_node G -m mllm_sparse.cli bootstrap ...` (add `--nnodes`/`--rdzv-endpoint`
+Data parallel: `torchrun --nproc_per_node G -m mllm_sparse_recipes.cli bootstrap ...` (add `--nnodes`/`--rdzv-endpoint`
 for several nodes). `--batch-size` stays the global batch, split across ranks, so a run gives the same result
 on any number of ranks.
 """

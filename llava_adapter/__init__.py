@@ -3,9 +3,13 @@
 Build (`build_vlm`, `mllm-sparse build-vlm`), swap towers (`replace_tower`, `mllm-sparse swap`), process inputs
 (`SparseLlavaProcessor`: N placeholders from the tower), read LLaVA JSON (`LlavaJsonDataset`), train
 (`scripts/train_vlm.py`, `llava_adapter.train`) and merge LoRA runs (`mllm-sparse merge-lora`).
+
+Importing it registers its processor and pooled ViT tower (and, through `mllm_sparse`, the SparseFormer) with
+transformers' Auto classes: `import llava_adapter` is the one import a process needs before
+`AutoModelForImageTextToText.from_pretrained` or `AutoProcessor.from_pretrained` loads a saved model.
 """
 
-import mllm_sparse  # noqa: F401  (registers the towers and the processor with the Auto classes)
+import mllm_sparse  # noqa: F401  (registers the SparseFormer)
 
 from .conversation import TEMPLATES, encode_conversation
 from .data import DataCollatorForLlava, LlavaJsonDataset, ModalityLengthGroupedSampler

@@ -3,7 +3,7 @@
     mllm-sparse build-vlm --encoder runs/encoder --llm tiny-llama --tokenizer-corpus runs/world --out runs/vlm
     mllm-sparse build-vlm --encoder open_clip:local-dir:runs/teacher --llm lmsys/vicuna-7b-v1.5 --out runs/vlm-vit
 
-The output folder loads with stock `AutoModelForImageTextToText` / `AutoProcessor` after `import mllm_sparse`.
+The output folder loads with stock `AutoModelForImageTextToText` / `AutoProcessor` after `import llava_adapter`.
 The projector is new: train it (stage 1) before expecting sensible answers.
 """
 

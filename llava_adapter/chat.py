@@ -211,9 +211,7 @@ class ChatEngine:
         dtype: torch.dtype | str | None = None,
     ) -> ChatEngine:
         """Load a saved LLaVA folder (model + processor). `device` None: CUDA if available, else CPU."""
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
-        import mllm_sparse  # noqa: F401  (registers the SparseFormer / pooled towers and the processor)
+        from transformers import AutoModelForImageTextToText, AutoProcessor  # our classes: registered by llava_adapter
 
         model_dir = Path(model_dir)
         if not model_dir.is_dir():

@@ -4,7 +4,7 @@ transformers' `LlavaProcessor` inserts `(H // patch)·(W // patch) + extra − (
 a ViT assumption that is wrong for a SparseFormer (or a pooled ViT). This processor inserts exactly
 `num_image_tokens` placeholders, a number `build_processor` derives from the tower config and the feature selection
 (`towers.num_image_tokens`). It saves and loads like any processor and resolves through `AutoProcessor` after
-`import llava_adapter` (or `import mllm_sparse`, which imports it).
+`import llava_adapter`.
 
 Image preprocessing is transformers' `LlavaImageProcessor` with the tower's normalisation, in one of LLaVA's modes:
 `pad` (pad to a square with the mean colour, then resize; LLaVA-1.5's `--image_aspect_ratio pad`), `resize` (squash to

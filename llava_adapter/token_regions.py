@@ -12,16 +12,24 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+from PIL import Image
 from torch import Tensor
 from transformers import CLIPVisionConfig, SiglipVisionConfig
 
 from mllm_sparse import SparseFormerConfig
+from mllm_sparse.images import denormalize
+from mllm_sparse.visualize import draw_boxes
 
 from .towers import PooledVisionConfig, layer_has_cls
 
+if TYPE_CHECKING:
+    from .chat import ChatEngine
+
 WHOLE_IMAGE = (0.0, 0.0, 1.0, 1.0)
+PICTURE_SIDE = 448  # the regions picture is drawn at least this large, so that small RoIs stay visible
 
 
 def grid_boxes(side: int, patches: int | None = None) -> Tensor:
@@ -123,3 +131,20 @@ def answer_attention(engine, record: Mapping, image) -> AnswerAttention:
     on_image = last[ids[0] == engine.image_token_id].cpu()
     share = float(on_image.sum())
     return AnswerAttention(on_image / max(share, 1e-12), share)
+
+
+def model_input(engine: ChatEngine, image: Image.Image) -> tuple[torch.Tensor, Image.Image]:
+    """The pixels the model gets for `image` ([1, 3, S, S], padded or cropped as its processor does) and the same
+    as an S × S picture."""
+    image_processor = engine.processor.image_processor
+    pixels = image_processor(images=[image], return_tensors="pt")["pixel_values"]
+    return pixels, denormalize(pixels[0], image_processor.image_mean, image_processor.image_std)
+
+
+def regions_picture(engine: ChatEngine, image: Image.Image, weights: torch.Tensor | None = None) -> Image.Image:
+    """The image as the model sees it, with the region of each image token drawn over it (filled by `weights`)."""
+    pixels, seen = model_input(engine, image)
+    regions = image_token_regions(engine.model, pixels)[0]
+    scale = max(1, -(-PICTURE_SIDE // max(seen.size)))
+    seen = seen.resize((seen.width * scale, seen.height * scale), Image.Resampling.NEAREST)
+    return draw_boxes(seen, regions, weights=weights)

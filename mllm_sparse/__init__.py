@@ -17,9 +17,6 @@ from .visualize import draw_rois
 AutoConfig.register(SparseFormerConfig.model_type, SparseFormerConfig, exist_ok=True)
 AutoModel.register(SparseFormerConfig, SparseFormerModel, exist_ok=True)
 
-# The LLaVA pipeline registers its processor and pooled baseline tower, so a saved VLM loads after `import mllm_sparse`.
-import llava_adapter.registration  # noqa: E402, F401
-
 __all__ = [
     "CheckpointMismatchError",
     "ImageLoadError",

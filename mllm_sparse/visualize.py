@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import matplotlib
 from PIL import Image, ImageDraw
 from torch import Tensor
 
@@ -11,6 +10,8 @@ from .modeling import SparseFormerOutput
 
 def token_colors(num_tokens: int) -> list[tuple[int, int, int]]:
     """Distinct RGB colours, one per token."""
+    import matplotlib  # here, not at the top: `import mllm_sparse` stays free of matplotlib
+
     cmap = matplotlib.colormaps["hsv"]
     return [tuple(int(255 * c) for c in cmap(i / max(num_tokens, 1))[:3]) for i in range(num_tokens)]
 

@@ -11,14 +11,16 @@ All arguments: `python scripts/train_vlm.py --help` (see llava_adapter/train.py)
 
 import sys
 
-import mllm_sparse  # noqa: F401  (registers the SparseFormer and pooled towers and the processor)
-from llava_adapter.train import main
-from mllm_sparse.cli import USER_ERRORS
+from llava_adapter.train import main  # importing llava_adapter registers its towers and processor
+from mllm_sparse_recipes.cli import configure_logging, is_user_error
 
 if __name__ == "__main__":
+    configure_logging()
     try:
         sys.exit(main())
-    except USER_ERRORS as err:
+    except Exception as err:
+        if not is_user_error(err):
+            raise
         # Bad input or a diverged run: one clear line per rank, no traceback.
         print(f"train_vlm: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from mllm_sparse.cli import main as cli_main
+from mllm_sparse_recipes.cli import main as cli_main
 
 
 def truncate(path: Path, keep: float = 0.5) -> None:

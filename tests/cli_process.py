@@ -29,7 +29,7 @@ def cli_env() -> dict[str, str]:
 
 
 def command(name: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "mllm_sparse.cli", name, *args]
+    return [sys.executable, "-m", "mllm_sparse_recipes.cli", name, *args]
 
 
 def run(name: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mllm_sparse.cli import main as cli_main
+from mllm_sparse_recipes.cli import main as cli_main
 
 # `mllm-sparse quickstart` at smoke size with a 9-token SparseFormer (a 3 × 3 RoI grid, comparable to pooled-9)
 SMOKE_QUICKSTART = ["--plan", "smoke", "--num-latent-tokens", "9", "--threads", "2"]

@@ -22,8 +22,8 @@ from bootstrap.data import TwoViewImages, list_images
 from bootstrap.targets import CACHE_NAME, TeacherTargets
 from bootstrap.teachers import load_teacher
 from mllm_sparse.checkpoint import load_safetensors
-from mllm_sparse.cli import main as cli_main
 from mllm_sparse.training import DivergenceError
+from mllm_sparse_recipes.cli import main as cli_main
 
 
 def steps_in(out):
@@ -235,7 +235,7 @@ def test_torchrun_ranks_agree_to_stop_when_one_rank_sees_a_nan_loss(setup, tmp_p
         "    value = real(*a, **k)\n"
         "    return value * float('nan') if os.environ['RANK'] == '1' and len(calls) == 2 else value\n"
         "t.alignment_loss = loss\n"
-        "from mllm_sparse.cli import main\n"
+        "from mllm_sparse_recipes.cli import main\n"
         "sys.exit(main(['bootstrap', *sys.argv[1:]]))\n"
     )
     with socket.socket() as s:

@@ -16,8 +16,8 @@ import bootstrap  # noqa: F401
 import bootstrap.train as train_module
 import mllm_sparse  # noqa: F401
 from bootstrap.train import off_grid_warning, roi_pooled_patches
-from mllm_sparse.cli import main as cli_main
 from mllm_sparse.training import DivergenceError
+from mllm_sparse_recipes.cli import main as cli_main
 
 
 def test_two_steps_through_the_cli_into_a_checkpoint_that_reloads(setup, tmp_path, capsys):
@@ -117,7 +117,7 @@ def test_torchrun_with_two_cpu_ranks_matches_one_process(setup, tmp_path):
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run(
-        [*launch, "-m", "mllm_sparse.cli", "bootstrap", *_args(setup, two, *extra)],
+        [*launch, "-m", "mllm_sparse_recipes.cli", "bootstrap", *_args(setup, two, *extra)],
         env=env,
         capture_output=True,
         text=True,

@@ -12,8 +12,8 @@ import bootstrap  # noqa: F401  (registers the teacher architectures)
 from bootstrap.train_teacher import caption_weights, cut_captions_warning, lr_at
 from bootstrap.train_teacher import main as train_teacher
 from mllm_sparse.checkpoint import load_safetensors
-from mllm_sparse.cli import main as cli
 from mllm_sparse.synth.dataset import SyntheticWorld
+from mllm_sparse_recipes.cli import main as cli
 
 NAME = "synth-vit-test-16"
 

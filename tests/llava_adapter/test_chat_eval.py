@@ -12,7 +12,7 @@ from tiny_vlm import save_tiny_vlm
 from llava_adapter.chat import ChatEngine
 from llava_adapter.conversation import RecordError
 from llava_adapter.evaluate import load_records, normalize_answer
-from mllm_sparse.cli import main as cli_main
+from mllm_sparse_recipes.cli import main as cli_main
 
 N_TOKENS = 15  # test_sparseformer_btsp: its 15 latent tokens (the CLS token is dropped)
 GEN = dict(max_new_tokens=6, min_new_tokens=3)  # at least 3 tokens: decoding time and tokens/s are measurable

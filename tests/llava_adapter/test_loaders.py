@@ -281,7 +281,7 @@ def test_build_vlm_killed_mid_write_leaves_the_previous_model(encoder_dir, llm_d
     script = textwrap.dedent(f"""
         import sys, time
         import transformers
-        from mllm_sparse.cli import main
+        from mllm_sparse_recipes.cli import main
 
         save = transformers.PreTrainedModel.save_pretrained
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import mllm_sparse
-from mllm_sparse.cli import main as cli_main
+from mllm_sparse_recipes.cli import main as cli_main
 
 
 def test_profile_counts_params_flops_and_tokens(btsp_model):
@@ -99,6 +99,6 @@ def test_inspect_bad_input_gives_one_clear_line(tmp_path, capsys):
 
 def test_console_script_help():
     out = subprocess.run(
-        [sys.executable, "-m", "mllm_sparse.cli", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "mllm_sparse_recipes.cli", "--help"], capture_output=True, text=True, check=True
     )
     assert "inspect" in out.stdout

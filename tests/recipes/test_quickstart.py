@@ -14,10 +14,10 @@ from safetensors.torch import load_file
 from smoke_runs import SMOKE_QUICKSTART
 from transformers import AutoModelForImageTextToText
 
-from llava_adapter import quickstart
 from llava_adapter.evaluate import question_only_prior
-from llava_adapter.pipeline import DONE_DIR
-from mllm_sparse.cli import main as cli_main
+from mllm_sparse_recipes import quickstart
+from mllm_sparse_recipes.cli import main as cli_main
+from mllm_sparse_recipes.stages import DONE_DIR
 
 SMOKE = SMOKE_QUICKSTART
 

@@ -18,7 +18,10 @@ from llava_adapter.conversation import RecordError
 from llava_adapter.data import DataCollatorForLlava
 from llava_adapter.llms import load_llm
 from llava_adapter.modeling import build_vlm
-from llava_adapter.pretrain_llm import (
+from mllm_sparse.synth import generate_world
+from mllm_sparse.synth.world import COLOR_NAMES, SHAPES
+from mllm_sparse_recipes.cli import main as cli
+from mllm_sparse_recipes.scene_llm import (
     SceneRecords,
     answer_spans,
     read_scenes,
@@ -27,10 +30,7 @@ from llava_adapter.pretrain_llm import (
     split_questions,
     turn_types,
 )
-from llava_adapter.scene_tokens import SCENE_FEATURES, object_features, scene_tokens
-from mllm_sparse.cli import main as cli
-from mllm_sparse.synth import generate_world
-from mllm_sparse.synth.world import COLOR_NAMES, SHAPES
+from mllm_sparse_recipes.scene_tokens import SCENE_FEATURES, object_features, scene_tokens
 
 OBJECTS = [
     {"shape": "star", "color": "red", "size": "large", "cx": 0.3, "cy": 0.7, "radius": 0.15},

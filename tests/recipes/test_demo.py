@@ -22,10 +22,10 @@ from transformers import AutoModelForImageTextToText, CLIPVisionConfig, CLIPVisi
 
 import mllm_sparse
 from llava_adapter.chat import ChatEngine
-from llava_adapter.demo import Conversation, DemoSessions, build_app, build_parser, launch, regions_picture
 from llava_adapter.modeling import build_vlm
 from llava_adapter.token_regions import answer_attention, grid_boxes, image_token_regions
 from llava_adapter.towers import PooledVisionConfig, PooledVisionModel
+from mllm_sparse_recipes.demo import Conversation, DemoSessions, build_app, build_parser, launch, regions_picture
 
 TEMPLATE = "vicuna_v1"
 GEN = dict(max_new_tokens=5, min_new_tokens=5)

@@ -22,8 +22,8 @@ scored by `eval-vlm` on `--test-data` after each stage. The report (`OUT/ablatio
 - accuracy of every arm after each stage, by question type and by the size of the object asked about, next to the
   question-only prior (each question answered with its most frequent training answer);
 - paired differences on the same answers, with 95% cluster-bootstrap intervals over test records
-  (`llava_adapter.compare`): each SparseFormer against the pooled arm of its N and against the ViT, each pooled arm
-  against the ViT;
+  (`mllm_sparse_recipes.compare`): each SparseFormer against the pooled arm of its N and against the ViT, each
+  pooled arm against the ViT;
 - vision encode, LLM prefill and time to first token, every trained arm loaded side by side and timed round-robin on
   the same questions (batch 1);
 - plots: `ablation_accuracy.png` (accuracy against image tokens, overall and by object size) and
@@ -51,11 +51,11 @@ from typing import Any
 
 import torch
 
+from llava_adapter.llms import TINY_LLMS
 from mllm_sparse.files import atomic_path, read_json, write_json
 
-from . import recipe
-from .llms import TINY_LLMS
-from .pipeline import Stages, resume_flag
+from . import defaults
+from .stages import Stages, resume_flag
 
 SIZES = ("small", "medium", "large")
 SETTINGS_FILE = "ablation_settings.json"
@@ -87,10 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baselines", nargs="*", choices=BASELINES, default=list(BASELINES))
     p.add_argument("--stage1-epochs", type=float, default=1.0)
     p.add_argument("--stage2-epochs", type=float, default=1.0, help="0: stage 1 only")
-    p.add_argument("--batch-size", type=int, default=recipe.VLM_BATCH_SIZE)
+    p.add_argument("--batch-size", type=int, default=defaults.VLM_BATCH_SIZE)
     p.add_argument("--lr", type=float, default=0.0, help="stage 1's LLM learning rate (0: frozen, as LLaVA's)")
-    p.add_argument("--projector-lr", type=float, default=recipe.STAGE1_PROJECTOR_LR, help="stage 1's projector lr")
-    p.add_argument("--stage2-lr", type=float, default=recipe.STAGE2_LR, help="stage 2's lr, LLM and projector")
+    p.add_argument("--projector-lr", type=float, default=defaults.STAGE1_PROJECTOR_LR, help="stage 1's projector lr")
+    p.add_argument("--stage2-lr", type=float, default=defaults.STAGE2_LR, help="stage 2's lr, LLM and projector")
     p.add_argument("--model-max-length", type=int, default=2048, help="training sequences are truncated to this")
     p.add_argument(
         "--train-args",
@@ -168,7 +168,7 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
         encoders[int(tokens)] = str(Path(folder).resolve())
     teacher = args.teacher
     if Path(teacher).is_dir():
-        teacher = recipe.teacher_spec(Path(teacher).resolve())
+        teacher = defaults.teacher_spec(Path(teacher).resolve())
     for flag, value in (("--threads", args.threads), ("--max-new-tokens", args.max_new_tokens),
                         ("--model-max-length", args.model_max_length)):  # fmt: skip
         if value is not None and value < 1:
@@ -284,7 +284,7 @@ def bootstrap_encoders(settings: dict[str, Any], out: Path) -> dict[int, str]:
         folder = Path(encoders[n])
         if cache is not None and not (folder / cache.name).exists():
             share_file(cache, folder / cache.name)
-        command = recipe.bootstrap_arguments(
+        command = defaults.bootstrap_arguments(
             settings["teacher"], Path(settings["bootstrap_data"]), folder, n, settings["bootstrap_steps"],
             "--cache-teacher", "--save-every", str(max(1, settings["bootstrap_steps"] // 4)),
             "--seed", str(settings["seed"]), *resume_flag(folder),
@@ -296,8 +296,8 @@ def bootstrap_encoders(settings: dict[str, Any], out: Path) -> dict[int, str]:
 
 def train_arm(settings: dict[str, Any], name: str, tower: list[str], out: Path) -> None:
     """Build one arm, train its stages and score it after each (OUT/arms/NAME/{base,stage1,stage2,eval_*})."""
-    from . import evaluate, train
-    from .build_vlm import main as build_vlm_main
+    from llava_adapter import evaluate, train
+    from llava_adapter.build_vlm import main as build_vlm_main
 
     folder = out / "arms" / name
     if not (folder / "arm.json").is_file():  # a recorded one was checked by `check_settings`
@@ -315,7 +315,7 @@ def train_arm(settings: dict[str, Any], name: str, tower: list[str], out: Path) 
         )
     data, images = Path(settings["train_data"]), Path(settings["image_folder"])
     for (stage, start, epochs, lr, projector_lr), before in zip(plan, ("base", "stage1"), strict=False):
-        command = [*recipe.train_vlm_arguments(start, folder / stage, data, images, epochs, lr, projector_lr,
+        command = [*defaults.train_vlm_arguments(start, folder / stage, data, images, epochs, lr, projector_lr,
                                                batch_size=settings["batch_size"], seed=seed,
                                                model_max_length=settings["model_max_length"]),
                    *shlex.split(settings["train_args"])]  # fmt: skip
@@ -324,7 +324,7 @@ def train_arm(settings: dict[str, Any], name: str, tower: list[str], out: Path) 
         scored = evaluation / evaluate.JSON_NAME
         if stages.is_done(evaluation.name) and read_json(scored).get("limit") != settings["eval_limit"]:
             stages.marker(evaluation.name).unlink()  # scored on other records: score again
-        command = [*recipe.eval_vlm_arguments(folder / stage, Path(settings["test_data"]), images, evaluation,
+        command = [*defaults.eval_vlm_arguments(folder / stage, Path(settings["test_data"]), images, evaluation,
                                               settings["eval_limit"], progress=False),
                    "--max-new-tokens", str(settings["max_new_tokens"])]  # fmt: skip
         stages.run(evaluation.name, evaluation, lambda command=command: evaluate.main(command))
@@ -347,7 +347,7 @@ def scores(report: dict[str, Any]) -> dict[str, Any]:
 
 def arm_summary(folder: Path, stage: str) -> dict[str, Any]:
     """An arm's scores after `stage`, and the seconds its training took up to there."""
-    from .evaluate import JSON_NAME
+    from llava_adapter.evaluate import JSON_NAME
 
     report = read_json(folder / f"eval_{stage}" / JSON_NAME)
     seconds = Stages(folder, "").seconds()
@@ -360,7 +360,7 @@ def arm_summary(folder: Path, stage: str) -> dict[str, Any]:
 
 
 def predictions(out: Path, name: str, stage: str) -> list[dict]:
-    from .evaluate import JSON_NAME
+    from llava_adapter.evaluate import JSON_NAME
 
     return read_json(out / "arms" / name / f"eval_{stage}" / JSON_NAME)["predictions"]
 
@@ -392,9 +392,9 @@ def paired_comparisons(out: Path, names: list[str], stage: str) -> list[dict[str
 def time_side_by_side(out: Path, names: list[str], stage: str, test_data: Path, image_folder: Path, questions: int):
     """Median encode / prefill / time to first token per arm (batch 1, KV cache), the arms interleaved question by
     question in one process so that they see the same machine load."""
-    from .chat import ChatEngine
+    from llava_adapter.chat import ChatEngine
 
-    engines = {n: ChatEngine.from_pretrained(out / "arms" / n / stage, template=recipe.TEMPLATE) for n in names}
+    engines = {n: ChatEngine.from_pretrained(out / "arms" / n / stage, template=defaults.TEMPLATE) for n in names}
     records = [r for r in read_json(test_data) if "image" in r][:questions]
     samples: dict[str, dict[str, list[float]]] = {n: {"encode": [], "prefill": [], "ttft": []} for n in names}
     for warm in (True, False):
@@ -413,7 +413,7 @@ def time_side_by_side(out: Path, names: list[str], stage: str, test_data: Path, 
 
 def run(settings: dict[str, Any], out: Path) -> dict[str, Any]:
     """Bootstrap what is missing, train and score every arm, compare and time them; the report."""
-    from .evaluate import question_only_prior
+    from llava_adapter.evaluate import question_only_prior
 
     encoders = bootstrap_encoders(settings, out)
     towers = arm_towers(settings, encoders)
@@ -582,7 +582,7 @@ def to_markdown(
         if report["paired"][stage]:
             lines += [f"## Paired differences after {stage_title(stage)}", "",
                       "a − b in accuracy points on the same answers, [95% interval] of a cluster bootstrap over test "
-                      "records (`llava_adapter.compare`); bold: the interval excludes 0.", "",
+                      "records (`mllm_sparse_recipes.compare`); bold: the interval excludes 0.", "",
                       *paired_table(report["paired"][stage]), ""]  # fmt: skip
     timing = report["timing"]
     name_ref = "vit" if "vit" in timing else next(iter(timing))

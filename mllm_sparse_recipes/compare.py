@@ -5,7 +5,7 @@ Two `eval-vlm` runs on the same data score the same questions, so their accuraci
 bootstrap resamples whole records (a cluster bootstrap): each draw takes `len(records)` records with replacement and
 recomputes the accuracy difference over all their answers.
 
-    from llava_adapter.compare import paired_difference
+    from mllm_sparse_recipes.compare import paired_difference
     paired_difference(report_a["predictions"], report_b["predictions"])  # {"difference": 0.010, "low": -0.008, ...}
 """
 

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from llava_adapter import ablation
 from llava_adapter.evaluate import question_only_prior
-from mllm_sparse.cli import main as cli_main
+from mllm_sparse_recipes import ablation
+from mllm_sparse_recipes.cli import main as cli_main
 
 TINY = ["--stage1-epochs", "0.25", "--stage2-epochs", "0.25", "--eval-limit", "3", "--timing-questions", "1"]
 

@@ -1,40 +1,61 @@
-"""`mllm-sparse` console script: dispatches `mllm-sparse COMMAND ...` to the command module's `main(argv)`."""
+"""`mllm-sparse` console script: dispatches `mllm-sparse COMMAND ...` to the command module's `main(argv)`.
+
+This module imports only the standard library, so `--help` and `--version` answer before torch loads; a command's
+module is imported once that command runs.
+"""
 
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
+from importlib import metadata
 
-from .checkpoint import CheckpointMismatchError
-
-# Errors that describe bad input (a path, a preset, a checkpoint, an image); anything else is a bug and keeps
-# its traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, CheckpointMismatchError)
-
-# command -> (module with `main(argv)`, one-line help). Modules are imported only when their command runs.
+# command -> (module with `main(argv)`, one-line help).
 COMMANDS: dict[str, tuple[str, str]] = {
-    "quickstart": ("llava_adapter.quickstart", "the whole pipeline on the synthetic world: world, encoder, VLM, eval"),
+    "quickstart": ("mllm_sparse_recipes.quickstart", "the whole pipeline on the synthetic world, end to end"),
     "inspect": ("mllm_sparse.inspect_encoder", "print an encoder's parameters, GFLOPs and tokens; draw its RoIs"),
     "synth": ("mllm_sparse.synth.cli", "generate the built-in synthetic world (images, captions, labels, LLaVA QA)"),
     "train-teacher": ("bootstrap.train_teacher", "train a small open_clip CLIP on a synthetic world's captions"),
     "bootstrap": ("bootstrap.train", "bootstrap a SparseFormer from a CLIP ViT teacher (no labels)"),
     "eval-encoder": ("bootstrap.evaluate", "compare a bootstrapped encoder with its teacher"),
-    "pretrain-llm": ("llava_adapter.pretrain_llm", "scene pretraining: teach a tiny LLM the world's QA on its scenes"),
+    "pretrain-llm": ("mllm_sparse_recipes.scene_llm", "teach a tiny LLM the synthetic world's QA on its scenes"),
     "build-vlm": ("llava_adapter.build_vlm", "assemble a LLaVA model: vision tower + projector + causal LM"),
     "swap": ("llava_adapter.swap", "replace the vision tower of a llava-hf checkpoint (keeps LLM and tokenizer)"),
     "merge-lora": ("llava_adapter.merge_lora", "fold a LoRA training run into one full LLaVA model"),
     "eval-vlm": ("llava_adapter.evaluate", "score a LLaVA model on a LLaVA JSON test set: accuracy, throughput"),
-    "ablate": ("llava_adapter.ablation", "how many image tokens? SparseFormer vs pooled vs full ViT, tables and plots"),
-    "demo": ("llava_adapter.demo", "a Gradio chat with a LLaVA model that shows where its image tokens look"),
+    "ablate": ("mllm_sparse_recipes.ablation", "how many image tokens? SparseFormer vs pooling vs full ViT"),
+    "demo": ("mllm_sparse_recipes.demo", "a Gradio chat with a LLaVA model that shows where its image tokens look"),
 }
+
+
+def is_user_error(err: BaseException) -> bool:
+    """Errors that describe bad input (a path, a preset, a checkpoint, an image, a setting); anything else is a bug
+    and keeps its traceback."""
+    if isinstance(err, (ValueError, FileNotFoundError)):
+        return True
+    checkpoint = sys.modules.get("mllm_sparse.checkpoint")  # loaded by any command that could raise it
+    return checkpoint is not None and isinstance(err, checkpoint.CheckpointMismatchError)
+
+
+def version() -> str:
+    try:
+        return metadata.version("mllm-sparse")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 def usage() -> str:
     width = max(map(len, COMMANDS))
-    lines = ["usage: mllm-sparse COMMAND [ARGS...]", "", "commands:"]
+    lines = ["usage: mllm-sparse [--version] COMMAND [ARGS...]", "", "commands:"]
     lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
     lines += ["", "Run `mllm-sparse COMMAND --help` for a command's options."]
     return "\n".join(lines)
+
+
+def configure_logging() -> None:
+    """The libraries log through `logging`; the command line shows their INFO lines as plain text on stderr."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,14 +63,20 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"mllm-sparse {version()}")
+        return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         print(f"mllm-sparse: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    configure_logging()
     module = importlib.import_module(COMMANDS[command][0])
     try:
         return module.main(rest) or 0
-    except USER_ERRORS as err:
+    except Exception as err:
+        if not is_user_error(err):
+            raise
         # Bad input is the user's to fix: one clear line, no traceback.
         print(f"mllm-sparse {command}: error: {err}", file=sys.stderr)
         return 2

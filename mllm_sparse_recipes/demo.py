@@ -31,17 +31,13 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr  # at module level: Gradio resolves the handlers' `gr.Request` annotations in these globals
-import torch
 from PIL import Image, UnidentifiedImageError
 
-from mllm_sparse.images import ImageLoadError, denormalize, load_image
-from mllm_sparse.visualize import draw_boxes
+from llava_adapter.chat import ChatEngine, ChatReply
+from llava_adapter.conversation import TEMPLATES
+from llava_adapter.token_regions import answer_attention, model_input, regions_picture
+from mllm_sparse.images import ImageLoadError, load_image
 
-from .chat import ChatEngine, ChatReply
-from .conversation import TEMPLATES
-from .token_regions import answer_attention, image_token_regions
-
-PICTURE_SIDE = 448  # the regions picture is drawn at least this large, so that small RoIs stay visible
 # JPEGs decode (by DCT scaling) at no less than twice the model input side: cheap, and the processor's own resize
 # still makes the final reduction.
 JPEG_DRAFT_FACTOR = 2
@@ -70,23 +66,6 @@ class Conversation:
     image: Image.Image | None = None
     turns: list[dict[str, str]] = field(default_factory=list)
     ended: bool = False
-
-
-def model_input(engine: ChatEngine, image: Image.Image) -> tuple[torch.Tensor, Image.Image]:
-    """The pixels the model gets for `image` ([1, 3, S, S], padded or cropped as its processor does) and the same
-    as an S × S picture."""
-    image_processor = engine.processor.image_processor
-    pixels = image_processor(images=[image], return_tensors="pt")["pixel_values"]
-    return pixels, denormalize(pixels[0], image_processor.image_mean, image_processor.image_std)
-
-
-def regions_picture(engine: ChatEngine, image: Image.Image, weights: torch.Tensor | None = None) -> Image.Image:
-    """The image as the model sees it, with the region of each image token drawn over it (filled by `weights`)."""
-    pixels, seen = model_input(engine, image)
-    regions = image_token_regions(engine.model, pixels)[0]
-    scale = max(1, -(-PICTURE_SIDE // max(seen.size)))
-    seen = seen.resize((seen.width * scale, seen.height * scale), Image.Resampling.NEAREST)
-    return draw_boxes(seen, regions, weights=weights)
 
 
 def describe_timings(engine: ChatEngine, reply: ChatReply | None = None, image_share: float | None = None) -> str:

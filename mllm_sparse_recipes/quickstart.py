@@ -39,8 +39,8 @@ from PIL import Image
 from mllm_sparse.files import atomic_path, read_json, write_json
 from mllm_sparse.images import load_image
 
-from . import recipe
-from .pipeline import Stages, resume_flag
+from . import defaults
+from .stages import Stages, resume_flag
 
 SETTINGS_FILE = "quickstart_settings.json"
 REPORT_NAME = "quickstart"
@@ -133,10 +133,10 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
         if value < 0 or (value == 0 and name != "eval_records"):
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
     train_images = sum(split_of(i, sizes["num_images"]) == "train" for i in range(sizes["num_images"]))
-    if train_images < recipe.BOOTSTRAP_BATCH_SIZE:
+    if train_images < defaults.BOOTSTRAP_BATCH_SIZE:
         raise ValueError(
             f"--num-images {sizes['num_images']} leaves {train_images} training images, fewer than the bootstrap's "
-            f"batch of {recipe.BOOTSTRAP_BATCH_SIZE}; use at least 80"
+            f"batch of {defaults.BOOTSTRAP_BATCH_SIZE}; use at least 80"
         )
     for flag, value in (("--num-latent-tokens", args.num_latent_tokens), ("--threads", args.threads)):
         if value is not None and value < 1:
@@ -190,10 +190,11 @@ def run_pipeline(args: argparse.Namespace, s: dict[str, Any]) -> dict[str, Path]
     """Every stage, in order; the folder of each."""
     from bootstrap import train as bootstrap_train
     from bootstrap import train_teacher
+    from llava_adapter import evaluate, train
+    from llava_adapter.build_vlm import main as build_vlm_main
     from mllm_sparse.synth import cli as synth_cli
 
-    from . import evaluate, pretrain_llm, train
-    from .build_vlm import main as build_vlm_main
+    from . import scene_llm
 
     out, seed = args.out, str(args.seed)
     threads = [] if args.threads is None else ["--threads", str(args.threads)]
@@ -207,12 +208,12 @@ def run_pipeline(args: argparse.Namespace, s: dict[str, Any]) -> dict[str, Path]
         ["--out", str(world), "--num-images", str(s["num_images"]), "--seed", seed]))
     stages.run("teacher", teacher, lambda: train_teacher.main(
         ["--data", str(world), "--out", str(teacher), "--steps", str(s["teacher_steps"]), "--seed", seed, *threads]))
-    stages.run("encoder", encoder, lambda: bootstrap_train.main(recipe.bootstrap_arguments(
-        recipe.teacher_spec(teacher), world, encoder, s["num_latent_tokens"], s["bootstrap_steps"], "--cache-teacher",
+    stages.run("encoder", encoder, lambda: bootstrap_train.main(defaults.bootstrap_arguments(
+        defaults.teacher_spec(teacher), world, encoder, s["num_latent_tokens"], s["bootstrap_steps"], "--cache-teacher",
         "--save-every", str(max(1, s["bootstrap_steps"] // 4)), "--seed", seed, *resume_flag(encoder),
     )), resumable=True)
     if args.llm is None:
-        stages.run("llm", llm, lambda: pretrain_llm.main(
+        stages.run("llm", llm, lambda: scene_llm.main(
             ["--data", str(world), "--out", str(llm), "--question-steps", str(s["llm_question_steps"]),
              "--record-steps", str(s["llm_record_steps"]),
              "--eval-every", str(min(500, s["llm_question_steps"] + s["llm_record_steps"])), "--seed", seed,
@@ -220,14 +221,14 @@ def run_pipeline(args: argparse.Namespace, s: dict[str, Any]) -> dict[str, Path]
     stages.run("vlm", vlm, lambda: build_vlm_main(
         ["--encoder", str(encoder), "--llm", str(llm), "--projector", "mlp2x_gelu", "--out", str(vlm), "--seed", seed]))
     train_data = world / "llava_train.json"
-    stages.run("stage1", paths["stage1"], lambda: train.main(recipe.train_vlm_arguments(
-        vlm, paths["stage1"], train_data, world, s["vlm_epochs"], 0.0, recipe.STAGE1_PROJECTOR_LR, seed=args.seed)),
+    stages.run("stage1", paths["stage1"], lambda: train.main(defaults.train_vlm_arguments(
+        vlm, paths["stage1"], train_data, world, s["vlm_epochs"], 0.0, defaults.STAGE1_PROJECTOR_LR, seed=args.seed)),
         resumable=True, inputs=("world", "vlm"))
-    stages.run("stage2", paths["stage2"], lambda: train.main(recipe.train_vlm_arguments(
-        paths["stage1"], paths["stage2"], train_data, world, s["vlm_epochs"], recipe.STAGE2_LR, recipe.STAGE2_LR,
+    stages.run("stage2", paths["stage2"], lambda: train.main(defaults.train_vlm_arguments(
+        paths["stage1"], paths["stage2"], train_data, world, s["vlm_epochs"], defaults.STAGE2_LR, defaults.STAGE2_LR,
         seed=args.seed)), resumable=True, inputs=("stage1",))
     stages.run("eval", paths["eval"], lambda: evaluate.main(
-        recipe.eval_vlm_arguments(paths["stage2"], world / "llava_test.json", world, paths["eval"],
+        defaults.eval_vlm_arguments(paths["stage2"], world / "llava_test.json", world, paths["eval"],
                                   s["eval_records"])))
     stages.run("show", paths["show"], lambda: show(paths["stage2"], world, paths["show"]))
     # fmt: on
@@ -241,10 +242,10 @@ def test_records(world: Path) -> list[dict]:
 def show(model_dir: Path, world: Path, out: Path) -> None:
     """`rois.png`: the final model's image-token regions on the first test images, side by side, as the demo draws
     them; `show.json`: a short chat with it about the first image (its answers next to the gold ones)."""
-    from .chat import ChatEngine
-    from .demo import regions_picture
+    from llava_adapter.chat import ChatEngine
+    from llava_adapter.token_regions import regions_picture
 
-    engine = ChatEngine.from_pretrained(model_dir, template=recipe.TEMPLATE)
+    engine = ChatEngine.from_pretrained(model_dir, template=defaults.TEMPLATE)
     records = test_records(world)[:SHOW_IMAGES]
     panels = [regions_picture(engine, load_image(world / r["image"])) for r in records]
     gap = 8
@@ -268,7 +269,9 @@ def show(model_dir: Path, world: Path, out: Path) -> None:
 
 def summarise(args: argparse.Namespace, s: dict[str, Any], paths: dict[str, Path]) -> dict[str, Any]:
     """What each stage reached, read from the reports the stages wrote (accuracies as fractions)."""
-    from . import evaluate, pretrain_llm
+    from llava_adapter import evaluate
+
+    from . import scene_llm
 
     world = read_json(paths["world"] / "world.json")
     teacher = read_json(paths["teacher"] / "zero_shot.json")
@@ -277,7 +280,7 @@ def summarise(args: argparse.Namespace, s: dict[str, Any], paths: dict[str, Path
     prior = evaluate.question_only_prior(paths["world"] / "llava_train.json", evaluation["predictions"])
     llm = None
     if args.llm is None:  # pretrain-llm reports in percent
-        final = read_json(paths["llm"] / f"{pretrain_llm.REPORT_NAME}.json")["final"]
+        final = read_json(paths["llm"] / f"{scene_llm.REPORT_NAME}.json")["final"]
         llm = {"accuracy": final["accuracy"] / 100, "by_type": {k: v / 100 for k, v in final["by_type"].items()}}
 
     def accuracies(report: dict) -> dict[str, Any]:
@@ -381,15 +384,16 @@ def to_markdown(r: dict[str, Any]) -> str:
         "## From here",
         "",
         "```bash",
-        f"uv run mllm-sparse demo --model {folders['stage2']} --template {recipe.TEMPLATE}    # chat in the browser",
+        f"uv run mllm-sparse demo --model {folders['stage2']} --template {defaults.TEMPLATE}    # chat in the browser",
         f"uv run mllm-sparse eval-vlm --model {folders['stage2']} --data {folders['world']}/llava_test.json "
-        f"--image_folder {folders['world']} --template {recipe.TEMPLATE}",
+        f"--image_folder {folders['world']} --template {defaults.TEMPLATE}",
         f"uv run mllm-sparse inspect {folders['encoder']} --image {image} --points --out roi.png",
         "```",
         "",
         "```python",
         "from llava_adapter.chat import ChatEngine",
-        f"engine = ChatEngine.from_pretrained({json.dumps(folders['stage2'])}, template={json.dumps(recipe.TEMPLATE)})",
+        f"engine = ChatEngine.from_pretrained({json.dumps(folders['stage2'])}, "
+        f"template={json.dumps(defaults.TEMPLATE)})",
         f"print(engine.chat({json.dumps(question)}, image={json.dumps(image)}).text)",
         "```",
     ]  # fmt: skip

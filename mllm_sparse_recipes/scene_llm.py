@@ -44,10 +44,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from mllm_sparse.files import atomic_path, read_json, read_jsonl, write_json
-from mllm_sparse.training import RunFolder, epoch_order, lr_lambda
-
-from .conversation import (
+from llava_adapter.conversation import (
     IGNORE_INDEX,
     TEMPLATES,
     RecordError,
@@ -57,9 +54,12 @@ from .conversation import (
     resolve_image_token_id,
     validate_record,
 )
-from .data import DataCollatorForLlava
-from .llms import load_llm
-from .modeling import add_image_token
+from llava_adapter.data import DataCollatorForLlava
+from llava_adapter.llms import load_llm
+from llava_adapter.modeling import add_image_token
+from mllm_sparse.files import atomic_path, read_json, read_jsonl, write_json
+from mllm_sparse.training import RunFolder, epoch_order, lr_lambda
+
 from .scene_tokens import SCENE_FEATURES, scene_tokens
 
 REPORT_NAME = "scene_pretrain"
