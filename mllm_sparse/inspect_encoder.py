@@ -1,10 +1,10 @@
-"""`mllm-sparse inspect`: an encoder's parameters, GFLOPs and token count, and a picture of where its tokens look."""
+"""What `mllm-sparse inspect` does: an encoder's parameters, GFLOPs and tokens, and a picture of where they look."""
 
 from __future__ import annotations
 
-import argparse
-import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,30 +17,38 @@ from .profiling import profile
 from .visualize import draw_rois
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mllm-sparse inspect", description="Print an encoder's cost and draw its tokens' RoIs over an image."
-    )
-    parser.add_argument("encoder", help=f"a preset ({', '.join(list_models())}) or a save_pretrained folder")
-    parser.add_argument("--pretrained", help="weights for a preset: official .pth, .safetensors, folder or 'official'")
-    parser.add_argument("--num-tokens", type=int, help="total output tokens for a preset (CLS included)")
-    parser.add_argument("--image", type=Path, help="image to encode (default: a generated test pattern)")
-    parser.add_argument("--image-size", type=int, help="input side in pixels (default: the encoder's image_size)")
-    parser.add_argument("--out", type=Path, default=Path("roi.png"), help="where to write the RoI picture")
-    parser.add_argument("--points", action="store_true", help="also draw each token's sampling points")
-    parser.add_argument("--json", action="store_true", help="print the profile as JSON")
-    return parser
+@dataclass
+class InspectSettings:
+    """What `mllm-sparse inspect` does: one field per option of the command.
+
+    Attributes:
+        encoder: a preset name or a `save_pretrained` folder.
+        pretrained: weights for a preset (official .pth, .safetensors, a folder or "official").
+        num_latent_tokens: a preset's token budget, the image tokens an LLM would read (the CLS token is not one).
+        image: the image to encode; None: a generated test pattern.
+        image_size: input side in pixels; None: the encoder's `image_size`.
+        out: where the RoI picture goes.
+        points: also draw each token's sampling points.
+    """
+
+    encoder: str
+    pretrained: str | None = None
+    num_latent_tokens: int | None = None
+    image: Path | None = None
+    image_size: int | None = None
+    out: Path = Path("roi.png")
+    points: bool = False
 
 
-def load_encoder(spec: str, pretrained: str | None = None, num_tokens: int | None = None) -> SparseFormerModel:
-    """A preset name (optionally with weights) or a `save_pretrained` folder."""
+def load_encoder(spec: str, pretrained: str | None = None, num_latent_tokens: int | None = None) -> SparseFormerModel:
+    """A preset name (optionally with weights and another token budget) or a `save_pretrained` folder."""
     if Path(spec).is_dir():
-        if pretrained or num_tokens:
-            raise ValueError("--pretrained and --num-tokens apply to presets, not to a saved encoder folder")
+        if pretrained or num_latent_tokens:
+            raise ValueError("--pretrained and --num-latent-tokens apply to presets, not to a saved encoder folder")
         return SparseFormerModel.from_pretrained(spec).eval()
     if spec not in list_models():
         raise ValueError(f"{spec!r} is neither a folder nor a preset. Presets: {', '.join(list_models())}")
-    overrides = {} if num_tokens is None else {"num_tokens": num_tokens}
+    overrides = {} if num_latent_tokens is None else {"num_latent_tokens": num_latent_tokens}
     return create_model(spec, pretrained=pretrained, **overrides)
 
 
@@ -61,29 +69,29 @@ def test_pattern(size: int) -> Image.Image:
     return image
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.image_size is not None and args.image_size < 1:
-        raise ValueError(f"--image-size must be a positive number of pixels, got {args.image_size}")
-    if args.out.is_dir():
-        raise ValueError(f"--out {args.out} is a directory; give a picture's file name, e.g. {args.out / 'roi.png'}")
-    model = load_encoder(args.encoder, args.pretrained, args.num_tokens)
+def run(settings: InspectSettings) -> dict[str, Any]:
+    """Profile the encoder and draw its RoIs to `settings.out`; returns the profile with the picture's path, the
+    input side and the token counts."""
+    if settings.image_size is not None and settings.image_size < 1:
+        raise ValueError(f"--image-size must be a positive number of pixels, got {settings.image_size}")
+    out = Path(settings.out)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; give a picture's file name, e.g. {out / 'roi.png'}")
+    model = load_encoder(settings.encoder, settings.pretrained, settings.num_latent_tokens)
     config = model.config
-    size = args.image_size if args.image_size is not None else config.image_size
-    image = load_image(args.image, draft_size=size) if args.image else test_pattern(size)
+    size = settings.image_size if settings.image_size is not None else config.image_size
+    image = load_image(settings.image, draft_size=size) if settings.image else test_pattern(size)
     pixels = preprocess(image, size, config.image_mean, config.image_std)
     cost = profile(model, size)
     with torch.no_grad():
-        output = model(pixels.unsqueeze(0), output_sampling_points=args.points)
-    picture = draw_rois(denormalize(pixels, config.image_mean, config.image_std), output, show_points=args.points)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    picture.save(args.out)
-    if args.json:
-        print(json.dumps({**cost.as_dict(), "roi_picture": str(args.out)}))
-    else:
-        print(f"encoder     {args.encoder}")
-        print(f"parameters  {cost.params / 1e6:.2f} M")
-        print(f"GFLOPs      {cost.gflops:.2f} at {size}x{size}")
-        print(f"tokens      {cost.num_tokens} ({config.num_latent_tokens} latent + {int(config.has_cls_token)} CLS)")
-        print(f"RoIs drawn  {args.out}")
-    return 0
+        output = model(pixels.unsqueeze(0), output_sampling_points=settings.points)
+    picture = draw_rois(denormalize(pixels, config.image_mean, config.image_std), output, show_points=settings.points)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    picture.save(out)
+    return {
+        **cost.as_dict(),
+        "image_size": size,
+        "num_latent_tokens": config.num_latent_tokens,
+        "cls_tokens": int(config.has_cls_token),
+        "roi_picture": str(out),
+    }

@@ -11,21 +11,21 @@ import logging
 import sys
 from importlib import metadata
 
-# command -> (module with `main(argv)`, one-line help).
-COMMANDS: dict[str, tuple[str, str]] = {
-    "quickstart": ("mllm_sparse_recipes.quickstart", "the whole pipeline on the synthetic world, end to end"),
-    "inspect": ("mllm_sparse.inspect_encoder", "print an encoder's parameters, GFLOPs and tokens; draw its RoIs"),
-    "synth": ("mllm_sparse.synth.cli", "generate the built-in synthetic world (images, captions, labels, LLaVA QA)"),
-    "train-teacher": ("bootstrap.train_teacher", "train a small open_clip CLIP on a synthetic world's captions"),
-    "bootstrap": ("bootstrap.train", "bootstrap a SparseFormer from a CLIP ViT teacher (no labels)"),
-    "eval-encoder": ("bootstrap.evaluate", "compare a bootstrapped encoder with its teacher"),
-    "pretrain-llm": ("mllm_sparse_recipes.scene_llm", "teach a tiny LLM the synthetic world's QA on its scenes"),
-    "build-vlm": ("llava_adapter.build_vlm", "assemble a LLaVA model: vision tower + projector + causal LM"),
-    "swap": ("llava_adapter.swap", "replace the vision tower of a llava-hf checkpoint (keeps LLM and tokenizer)"),
-    "merge-lora": ("llava_adapter.merge_lora", "fold a LoRA training run into one full LLaVA model"),
-    "eval-vlm": ("llava_adapter.evaluate", "score a LLaVA model on a LLaVA JSON test set: accuracy, throughput"),
-    "ablate": ("mllm_sparse_recipes.ablation", "how many image tokens? SparseFormer vs pooling vs full ViT"),
-    "demo": ("mllm_sparse_recipes.demo", "a Gradio chat with a LLaVA model that shows where its image tokens look"),
+# command -> one-line help; its module is mllm_sparse_recipes.commands.COMMAND (dashes as underscores)
+COMMANDS: dict[str, str] = {
+    "quickstart": "the whole pipeline on the synthetic world, end to end",
+    "inspect": "print an encoder's parameters, GFLOPs and tokens; draw its RoIs",
+    "synth": "generate the built-in synthetic world (images, captions, labels, LLaVA QA)",
+    "train-teacher": "train a small open_clip CLIP on a synthetic world's captions",
+    "bootstrap": "bootstrap a SparseFormer from a CLIP ViT teacher (no labels)",
+    "eval-encoder": "compare a bootstrapped encoder with its teacher",
+    "pretrain-llm": "teach a tiny LLM the synthetic world's QA on its scenes",
+    "build-vlm": "assemble a LLaVA model: vision tower + projector + causal LM",
+    "swap": "replace the vision tower of a llava-hf checkpoint (keeps LLM and tokenizer)",
+    "merge-lora": "fold a LoRA training run into one full LLaVA model",
+    "eval-vlm": "score a LLaVA model on a LLaVA JSON test set: accuracy, throughput",
+    "ablate": "how many image tokens? SparseFormer vs pooling vs full ViT",
+    "demo": "a Gradio chat with a LLaVA model that shows where its image tokens look",
 }
 
 
@@ -48,7 +48,7 @@ def version() -> str:
 def usage() -> str:
     width = max(map(len, COMMANDS))
     lines = ["usage: mllm-sparse [--version] COMMAND [ARGS...]", "", "commands:"]
-    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
+    lines += [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
     lines += ["", "Run `mllm-sparse COMMAND --help` for a command's options."]
     return "\n".join(lines)
 
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mllm-sparse: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
     configure_logging()
-    module = importlib.import_module(COMMANDS[command][0])
+    module = importlib.import_module(f"mllm_sparse_recipes.commands.{command.replace('-', '_')}")
     try:
         return module.main(rest) or 0
     except Exception as err:

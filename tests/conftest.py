@@ -3,6 +3,9 @@ import torch
 
 import mllm_sparse
 
+# the LLaVA fixtures (tokenizer, images, LLaVA JSON, a smoke run), shared by tests/llava_adapter and tests/recipes
+pytest_plugins = ["llava_fixtures"]
+
 
 @pytest.fixture(autouse=True)
 def _seed():

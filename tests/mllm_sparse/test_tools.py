@@ -77,12 +77,19 @@ def test_inspect_prints_cost_and_writes_the_picture(tmp_path, capsys):
     assert Image.open(tmp_path / "roi.png").size == (48, 48)
 
 
-def test_inspect_a_saved_folder_and_num_tokens(tmp_path, capsys, btsp_model):
+def test_inspect_a_saved_folder_and_the_token_budget(tmp_path, capsys, btsp_model):
     btsp_model.save_pretrained(tmp_path / "enc")
     assert cli_main(["inspect", str(tmp_path / "enc"), "--out", str(tmp_path / "a.png")]) == 0
-    assert "16 (15 latent + 1 CLS)" in capsys.readouterr().out
-    assert cli_main(["inspect", "test_sparseformer_btsp", "--num-tokens", "9", "--out", str(tmp_path / "b.png")]) == 0
-    assert "9 (8 latent + 1 CLS)" in capsys.readouterr().out
+    assert "15 latent (the LLM's image tokens) + 1 CLS" in capsys.readouterr().out
+    picture = ["--out", str(tmp_path / "b.png"), "--json"]
+    assert cli_main(["inspect", "test_sparseformer_btsp", "--num-latent-tokens", "8", *picture]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["num_latent_tokens"], report["cls_tokens"], report["num_tokens"]) == (8, 1, 9)
+    # the deprecated spelling counted the CLS token; it still works, and says what it became
+    assert cli_main(["inspect", "test_sparseformer_btsp", "--num-tokens", "9", *picture]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["num_latent_tokens"] == 8
+    assert "--num-tokens is deprecated" in captured.err and "--num-latent-tokens 8" in captured.err
 
 
 def test_inspect_bad_input_gives_one_clear_line(tmp_path, capsys):

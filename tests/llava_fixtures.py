@@ -1,5 +1,5 @@
-"""Shared fixtures: a tiny tokenizer trained on synthetic sentences, real PNGs, a small image processor and a
-factory for LLaVA JSON files."""
+"""Fixtures of the LLaVA tests (tests/llava_adapter, tests/recipes): a tiny tokenizer trained on synthetic
+sentences, real PNGs, a small image processor and a factory for LLaVA JSON files."""
 
 from __future__ import annotations
 
