@@ -1,32 +1,13 @@
-"""`mllm-sparse quickstart`: the whole pipeline, end to end, on the built-in synthetic world.
+"""What `mllm-sparse quickstart` runs: the whole pipeline, end to end, on the built-in synthetic world.
 
-    mllm-sparse quickstart                              # ~45 min on 2 CPU cores; a laptop is faster
-    mllm-sparse quickstart --plan smoke --out runs/qs   # ~30 s: checks every stage runs, learns nothing
-
-Stages, each the command a user would run (its `main(argv)`), each writing its own folder under `--out`:
-
-  1. world     `mllm-sparse synth`             scenes, captions, labels, LLaVA conversations
-  2. teacher   `mllm-sparse train-teacher`     a small open_clip CLIP trained on the captions (196 patch tokens)
-  3. encoder   `mllm-sparse bootstrap`         a SparseFormer with N latent tokens (default 16) from the teacher
-  4. llm       `mllm-sparse pretrain-llm`      a tiny Llama taught the world's QA on ground-truth object tokens
-  5. vlm       `mllm-sparse build-vlm`         stock LLaVA: the SparseFormer tower + mlp2x_gelu projector + the LLM
-  6. stage1    `scripts/train_vlm.py`          the projector, the LLM frozen (LLaVA's stage 1)
-  7. stage2    `scripts/train_vlm.py`          the LLM and the projector (LLaVA's stage 2)
-  8. eval      `mllm-sparse eval-vlm`          accuracy by question type and object size, against the
-                                               question-only prior; encode / prefill / decode timing
-  9. show      where the tokens look on test images (`rois.png`) and a short chat with the final model
-
-A stage counts as finished once it has returned (`OUT/.done/STAGE`), so rerunning the same command continues an
-interrupted quickstart where it stopped: the bootstrap and the LLM's pretraining from their last checkpoint, any other
-stage from the start (its partial folder is cleared). The settings are saved with the run; a rerun may change those of
-stages not finished yet, and is refused, naming them, if it changes those of a finished one. A new run refuses an
-`--out` that already holds stage folders it did not make. `OUT/quickstart.{json,md}` summarise every stage: its
-output, its time and what it reached; the Markdown ends with the commands to go on from here.
+`run(QuickstartSettings(...))` runs (or continues) the nine stages into one folder: world, teacher, encoder, llm,
+vlm, stage1, stage2, eval, show (`mllm_sparse_recipes/commands/quickstart.py` describes them). A stage counts as
+finished once it has returned (`OUT/.done/STAGE`); the settings are saved with the run and a rerun may change only
+those of unfinished stages; a new run refuses an `--out` that holds stage folders it did not make.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 from dataclasses import dataclass
@@ -40,70 +21,34 @@ from mllm_sparse.files import atomic_path, read_json, write_json
 from mllm_sparse.images import load_image
 
 from . import defaults
+from .plans import PLANS, Plan
 from .stages import Stages, resume_flag
 
 SETTINGS_FILE = "quickstart_settings.json"
 REPORT_NAME = "quickstart"
 
 
-@dataclass(frozen=True)
-class Plan:
-    """How big each stage is."""
-
-    num_images: int  # the world; 80% train, 10% val, 10% test
-    teacher_steps: int  # of 32 images
-    bootstrap_steps: int  # of 64 images
-    llm_question_steps: int  # scene pretraining, phase 1: batches of 64 single questions
-    llm_record_steps: int  # phase 2: batches of 16 whole conversations
-    vlm_epochs: float  # of llava_train.json, for each of the two stages
-    eval_records: int  # test conversations scored (0: all)
-
-
-PLANS = {
-    # Every stage at a size where it learns: the teacher's zero-shot accuracy, the encoder's retention of it, the
-    # LLM's lookup of objects and the VLM's gain over the question-only prior are all visible (README § Quickstart).
-    "laptop": Plan(
-        num_images=8000,
-        teacher_steps=1200,
-        bootstrap_steps=1200,
-        llm_question_steps=1750,
-        llm_record_steps=500,
-        # 1 epoch each, as LLaVA, left stage 1's loss at 0.64 in one run (51.9% after stage 2) and 0.54 in another
-        # (59.7%), so close to where the frozen LLM starts reading the projected tokens that chance decides; after 2
-        # epochs of stage 1 it is 0.44 and stage 2 ends at 60.8% (README § Quickstart).
-        vlm_epochs=2.0,
-        eval_records=300,
-    ),
-    # Every stage for a few steps: checks an installation end to end in about 30 s; the numbers mean nothing.
-    "smoke": Plan(
-        num_images=100,
-        teacher_steps=3,
-        bootstrap_steps=3,
-        llm_question_steps=3,
-        llm_record_steps=2,
-        vlm_epochs=0.25,
-        eval_records=4,
-    ),
-}
 SHOW_IMAGES = 4  # test images with their RoIs drawn
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mllm-sparse quickstart", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--out", type=Path, default=Path("runs/quickstart"), help="where every stage's folder goes")
-    parser.add_argument("--plan", choices=sorted(PLANS), default="laptop", help="stage sizes (flags below override)")
-    parser.add_argument("--num-latent-tokens", type=int, default=16, help="the encoder's token budget (the LLM's N)")
-    for field in dataclasses.fields(Plan):
-        flag = "--" + field.name.replace("_", "-")
-        parser.add_argument(flag, type=float if field.type == "float" else int, help=f"default: the plan's ({flag})")
-    parser.add_argument(
-        "--llm", type=Path, help="a causal LM folder to use instead of pretraining one (stage 4 is then skipped)"
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    return parser
+@dataclass
+class QuickstartSettings:
+    """What `mllm-sparse quickstart` runs: one field per option of the command. The stage sizes left None take the
+    plan's (`mllm_sparse_recipes.plans.PLANS`)."""
+
+    out: Path = Path("runs/quickstart")
+    plan: str = "laptop"
+    num_latent_tokens: int = 16
+    num_images: int | None = None
+    teacher_steps: int | None = None
+    bootstrap_steps: int | None = None
+    llm_question_steps: int | None = None
+    llm_record_steps: int | None = None
+    vlm_epochs: float | None = None
+    eval_records: int | None = None
+    llm: Path | None = None
+    seed: int = 0
+    threads: int | None = None
 
 
 STAGES = ("world", "teacher", "encoder", "llm", "vlm", "stage1", "stage2", "eval", "show")
@@ -122,7 +67,7 @@ SETTING_STAGE = {
 }
 
 
-def settings_of(args: argparse.Namespace) -> dict[str, Any]:
+def settings_of(args: QuickstartSettings) -> dict[str, Any]:
     """Everything that decides what the stages produce: the plan's sizes with the flags' overrides applied."""
     from mllm_sparse.synth.generate import split_of
 
@@ -186,7 +131,7 @@ def check_settings(out: Path, settings: dict[str, Any]) -> None:
         write_json(path, settings)
 
 
-def run_pipeline(args: argparse.Namespace, s: dict[str, Any]) -> dict[str, Path]:
+def run_pipeline(args: QuickstartSettings, s: dict[str, Any]) -> dict[str, Path]:
     """Every stage, in order; the folder of each."""
     from bootstrap import train as bootstrap_train
     from bootstrap import train_teacher
@@ -267,7 +212,7 @@ def show(model_dir: Path, world: Path, out: Path) -> None:
                                    "chat": chat})  # fmt: skip
 
 
-def summarise(args: argparse.Namespace, s: dict[str, Any], paths: dict[str, Path]) -> dict[str, Any]:
+def summarise(args: QuickstartSettings, s: dict[str, Any], paths: dict[str, Path]) -> dict[str, Any]:
     """What each stage reached, read from the reports the stages wrote (accuracies as fractions)."""
     from llava_adapter import evaluate
 
@@ -400,8 +345,12 @@ def to_markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(args: QuickstartSettings) -> tuple[dict[str, Any], str]:
+    """Run (or continue) the quickstart into `args.out`; its report and the report's Markdown, both also written to
+    OUT/quickstart.{json,md}."""
+    args = dataclasses.replace(args, out=Path(args.out), llm=None if args.llm is None else Path(args.llm))
+    if args.plan not in PLANS:
+        raise ValueError(f"unknown plan {args.plan!r}; the plans: {', '.join(sorted(PLANS))}")
     settings = settings_of(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -413,9 +362,4 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.out / f"{REPORT_NAME}.json", report)
     with atomic_path(args.out / f"{REPORT_NAME}.md") as tmp:
         tmp.write_text(markdown)
-    print(markdown, end="")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    return report, markdown

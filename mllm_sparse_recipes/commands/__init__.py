@@ -20,7 +20,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        shown = action.default not in (None, False, argparse.SUPPRESS) and action.option_strings
+        nothing = action.default is None or action.default is False or action.default is argparse.SUPPRESS
+        shown = action.option_strings and not nothing
         if shown and "default" not in text and "%(default)" not in text:
             text += " (default: %(default)s)"
         return text
