@@ -5,7 +5,7 @@
     uv run python benchmarks/vlm_synthetic.py --epochs 0.05 --stage2-epochs 0.05 --eval-limit 40 \
         --work runs/vlm_smoke --out-dir /tmp/vlm_smoke          # a smoke run
 
-This is `mllm-sparse ablate` (mllm_sparse_recipes/ablation.py) on the synthetic world's benchmark setting: the
+This is `mllm-sparse ablate` (mllm_sparse_recipes/ablation/) on the synthetic world's benchmark setting: the
 teacher of `synthetic_world.py`, the SparseFormers of `bootstrap_synthetic.py` at N = 1/4 and 1/9 of its 196 patch
 tokens (rounded down to a square so that every latent starts on the RoI grid: 49 and 16), and the scene-pretrained
 tiny Llama of `mllm-sparse pretrain-llm`, the world's stand-in for Vicuna. Arms, each a stock
@@ -31,7 +31,10 @@ import torch
 from results_io import RESULTS, machine, write_results
 
 from llava_adapter.llms import TINY_LLMS
-from mllm_sparse_recipes import ablation
+from mllm_sparse_recipes.ablation import BASELINES, AblationSettings
+from mllm_sparse_recipes.ablation.plots import plot
+from mllm_sparse_recipes.ablation.report import to_markdown
+from mllm_sparse_recipes.ablation.run import arm_towers, run
 from mllm_sparse_recipes.defaults import STAGE1_PROJECTOR_LR, STAGE2_LR, VLM_BATCH_SIZE, teacher_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,8 +64,8 @@ def arms(args) -> dict[str, list[str]]:
     """Arm name → the `build-vlm` tower arguments."""
     budgets = [int(spec.partition("=")[0]) for spec in args.students]
     encoders = {int(n): folder for n, _, folder in (spec.partition("=") for spec in args.students)}
-    settings = {"teacher": teacher_spec(args.teacher), "budgets": budgets, "baselines": list(ablation.BASELINES)}
-    return ablation.arm_towers(settings, encoders)
+    settings = {"teacher": teacher_spec(args.teacher), "budgets": budgets, "baselines": list(BASELINES)}
+    return arm_towers(settings, encoders)
 
 
 def build_arm(args, tower_args: list[str], base: Path) -> None:
@@ -113,22 +116,20 @@ def main(argv: list[str] | None = None) -> int:
             f"--llm {args.llm}: no LLM there; run `mllm-sparse pretrain-llm --data {args.world} --out {args.llm}` "
             "first, or pass --llm tiny-llama for an LLM trained from scratch"
         )
-    budgets = [spec.partition("=")[0] for spec in args.students]
-    ablation_argv = [
-        "--world", str(args.world), "--teacher", str(args.teacher), "--llm", str(args.llm), "--budgets", *budgets,
-        "--encoders", *args.students, "--stage1-epochs", str(args.epochs), "--stage2-epochs", str(args.stage2_epochs),
-        "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--projector-lr", str(args.projector_lr),
-        "--stage2-lr", str(args.stage2_lr), "--timing-questions", str(args.timing_questions),
-        "--threads", str(args.threads), "--model-max-length", "512", "--out", str(args.work),
-        *(["--eval-limit", str(args.eval_limit)] if args.eval_limit else []),
-    ]  # fmt: skip
-    report = ablation.run_from_args(ablation.build_parser().parse_args(ablation_argv))
+    settings = AblationSettings(
+        teacher=str(args.teacher), budgets=[int(spec.partition("=")[0]) for spec in args.students], llm=str(args.llm),
+        world=args.world, encoders=list(args.students), stage1_epochs=args.epochs, stage2_epochs=args.stage2_epochs,
+        batch_size=args.batch_size, lr=args.lr, projector_lr=args.projector_lr, stage2_lr=args.stage2_lr,
+        timing_questions=args.timing_questions, threads=args.threads, model_max_length=512, out=args.work,
+        eval_limit=args.eval_limit or None,
+    )  # fmt: skip
+    report, _ = run(settings, write=False)
     report |= {"machine": machine(), "llm_origin": llm_origin(str(args.llm))}
     report = json.loads(json.dumps(report).replace(f"{ROOT}/", ""))  # paths in the repository, as committed
     intro = f"Machine: {report['machine']}. The arms' LLM: {report['llm_origin']}."
-    markdown = ablation.to_markdown(report, "LLaVA pipeline on the synthetic world", intro, name=NAME)
+    markdown = to_markdown(report, "LLaVA pipeline on the synthetic world", intro, name=NAME)
     write_results(args.out_dir, NAME, report, markdown)
-    ablation.plot(report, args.out_dir, name=NAME)
+    plot(report, args.out_dir, name=NAME)
     print(markdown)
     return 0
 

@@ -1,46 +1,9 @@
-"""`mllm-sparse ablate`: how many image tokens does the LLM need, and are a SparseFormer's better than pooling's?
-
-    mllm-sparse ablate --world runs/quickstart/world --teacher runs/quickstart/teacher \
-        --llm runs/quickstart/llm --budgets 4 16 49 --out runs/ablation
-    mllm-sparse ablate --teacher open_clip:ViT-L-14-336@openai --llm lmsys/vicuna-7b-v1.5 --budgets 16 64 \
-        --encoders 64=runs/btsp-L --bootstrap-data /data/imagenet/train --train-data llava_mix.json \
-        --image-folder /data --test-data test.json --out runs/ablation-L
-
-For each token budget N (`--budgets`, latent tokens the LLM receives) it trains two stock LLaVA models that differ
-only in the vision tower, and one more with the teacher's full patch tokens:
-
-  sparseformer-N   a SparseFormer with N latent tokens bootstrapped from the teacher (`--encoders N=DIR`, or
-                   bootstrapped here: `--bootstrap-data`, `--bootstrap-steps`), its CLS token dropped as LLaVA drops a
-                   ViT's;
-  pooled-N         the teacher ViT's patch tokens average-pooled to an n×n grid (N must be square);
-  vit              the teacher ViT's full patch tokens, LLaVA-style (`--baselines` drops it or the pooled arms).
-
-Every arm starts from the same LLM (`--llm`) and is trained with the same data, steps and schedule in LLaVA's two
-stages (stage 1: the projector, the LLM frozen; stage 2 from it: the LLM and the projector; the tower frozen), then
-scored by `eval-vlm` on `--test-data` after each stage. The report (`OUT/ablation.{json,md}`):
-
-- accuracy of every arm after each stage, by question type and by the size of the object asked about, next to the
-  question-only prior (each question answered with its most frequent training answer);
-- paired differences on the same answers, with 95% cluster-bootstrap intervals over test records
-  (`mllm_sparse_recipes.compare`): each SparseFormer against the pooled arm of its N and against the ViT, each
-  pooled arm against the ViT;
-- vision encode, LLM prefill and time to first token, every trained arm loaded side by side and timed round-robin on
-  the same questions (batch 1);
-- plots: `ablation_accuracy.png` (accuracy against image tokens, overall and by object size) and
-  `ablation_speed.png` (encode, prefill and time to first token against image tokens).
-
-Like the quickstart, a rerun continues where a run stopped (each arm's stages are marked done in
-`OUT/arms/ARM/.done/`). The report covers the budgets and baselines of the command that wrote it: to add a budget to
-a finished ablation, rerun it with the budget added, and the arms trained before are reused. The training settings are
-saved with the run, and each arm records what it was built from (`OUT/arms/ARM/arm.json`); a rerun that would train
-an arm differently (other data, LLM, schedule, or another encoder for a budget) is refused, naming the difference. A
-rerun with another `--eval-limit` only scores the arms again. `train s` in the tables is the wall time of the
-training stages (loading, training, saving).
-"""
+"""The ablation's orchestration: resolve the settings, bootstrap the missing encoders, build, train and score every
+arm in LLaVA's two stages, compare and time them (`run`)."""
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import math
 import os
 import shlex
@@ -54,63 +17,11 @@ import torch
 from llava_adapter.llms import TINY_LLMS
 from mllm_sparse.files import atomic_path, read_json, write_json
 
-from . import defaults
-from .stages import Stages, resume_flag
-
-SIZES = ("small", "medium", "large")
-SETTINGS_FILE = "ablation_settings.json"
-REPORT_NAME = "ablation"
-BASELINES = ("vit", "pooled")
-VLM_STAGES = ("stage1", "stage2")  # LLaVA's two training stages, in order
-# Settings that decide what an arm learns: a rerun into the same --out must keep them (budgets may be added).
-TRAINING_SETTINGS = (
-    "teacher", "train_data", "image_folder", "test_data", "llm", "bootstrap_data", "bootstrap_steps",
-    "stage1_epochs", "stage2_epochs", "batch_size", "lr", "projector_lr", "stage2_lr", "model_max_length",
-    "train_args", "seed",
-)  # fmt: skip
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="mllm-sparse ablate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--teacher", required=True, help="a `train-teacher` folder or a teacher spec (open_clip:…, hf:…)")
-    p.add_argument("--budgets", type=int, nargs="+", required=True, help="latent tokens per arm (square numbers)")
-    p.add_argument("--llm", required=True, help="the LLM every arm starts from: a folder, a hub id or a tiny LLM")
-    p.add_argument("--world", type=Path, help="a synthetic world: the default for the data arguments below")
-    p.add_argument("--train-data", type=Path, help="LLaVA JSON for both stages (default: WORLD/llava_train.json)")
-    p.add_argument("--image-folder", type=Path, help="root of the records' images (default: WORLD)")
-    p.add_argument("--test-data", type=Path, help="LLaVA JSON to score (default: WORLD/llava_test.json)")
-    p.add_argument("--encoders", nargs="*", default=[], help="N=DIR: a bootstrapped SparseFormer for budget N")
-    p.add_argument("--bootstrap-data", type=Path, help="images to bootstrap missing encoders on (default: WORLD)")
-    p.add_argument("--bootstrap-steps", type=int, default=2400, help="steps of 64 images per missing encoder")
-    p.add_argument("--baselines", nargs="*", choices=BASELINES, default=list(BASELINES))
-    p.add_argument("--stage1-epochs", type=float, default=1.0)
-    p.add_argument("--stage2-epochs", type=float, default=1.0, help="0: stage 1 only")
-    p.add_argument("--batch-size", type=int, default=defaults.VLM_BATCH_SIZE)
-    p.add_argument("--lr", type=float, default=0.0, help="stage 1's LLM learning rate (0: frozen, as LLaVA's)")
-    p.add_argument("--projector-lr", type=float, default=defaults.STAGE1_PROJECTOR_LR, help="stage 1's projector lr")
-    p.add_argument("--stage2-lr", type=float, default=defaults.STAGE2_LR, help="stage 2's lr, LLM and projector")
-    p.add_argument("--model-max-length", type=int, default=2048, help="training sequences are truncated to this")
-    p.add_argument(
-        "--train-args",
-        default="",
-        help='further `scripts/train_vlm.py` arguments for every stage, e.g. "--bf16 True --gradient_checkpointing '
-        'True"',
-    )
-    p.add_argument("--eval-limit", type=int, help="score only the first N test records (0 or none: all)")
-    p.add_argument("--max-new-tokens", type=int, default=8, help="longest answer `eval-vlm` generates")
-    p.add_argument(
-        "--timing-questions",
-        type=int,
-        default=32,
-        help="questions timed per arm, every arm loaded side by side (0: none)",
-    )
-    p.add_argument("--tokenizer-corpus", type=Path, help="tiny LLMs: the tokenizer's text (default: WORLD)")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("runs/ablation"))
-    return p
+from .. import defaults
+from ..stages import Stages, resume_flag
+from . import SETTINGS_FILE, TRAINING_SETTINGS, VLM_STAGES, AblationSettings
+from .report import to_markdown, write_report
+from .statistics import paired_comparisons, predictions, scores
 
 
 def check_llm(llm: str) -> str:
@@ -130,7 +41,7 @@ def check_llm(llm: str) -> str:
     return llm
 
 
-def resolve(args: argparse.Namespace) -> dict[str, Any]:
+def resolve(args: AblationSettings) -> dict[str, Any]:
     """The run's settings with every default filled in; bad arguments fail here, before any work."""
     world = args.world
     if world is not None and not (world / "world.json").is_file():
@@ -334,17 +245,6 @@ def stage_names(settings: dict[str, Any]) -> list[str]:
     return list(VLM_STAGES if settings["stage2_epochs"] else VLM_STAGES[:1])
 
 
-def scores(report: dict[str, Any]) -> dict[str, Any]:
-    """Accuracy overall, by question type and by object size, and the answers counted, of an `eval-vlm` report (or
-    of `question_only_prior`'s, which has the same keys)."""
-    return {
-        "accuracy": report["accuracy"],
-        "by_type": {k: v["accuracy"] for k, v in report["by_type"].items()},
-        "by_target_size": {k: v["accuracy"] for k, v in report["by_target_size"].items()},
-        "answers": report["num_answers"],
-    }
-
-
 def arm_summary(folder: Path, stage: str) -> dict[str, Any]:
     """An arm's scores after `stage`, and the seconds its training took up to there."""
     from llava_adapter.evaluate import JSON_NAME
@@ -357,35 +257,6 @@ def arm_summary(folder: Path, stage: str) -> dict[str, Any]:
         **scores(report),
         "train_seconds": sum(seconds.get(s, 0.0) for s in trained),
     }
-
-
-def predictions(out: Path, name: str, stage: str) -> list[dict]:
-    from llava_adapter.evaluate import JSON_NAME
-
-    return read_json(out / "arms" / name / f"eval_{stage}" / JSON_NAME)["predictions"]
-
-
-def paired_comparisons(out: Path, names: list[str], stage: str) -> list[dict[str, Any]]:
-    """Each SparseFormer arm against the pooled arm of its N and against the ViT, each pooled arm against the ViT:
-    accuracy differences on the same answers, overall and by object size, with 95% cluster-bootstrap intervals."""
-    from .compare import paired_difference
-
-    pairs = []
-    for name in names:
-        if name.startswith("sparseformer-"):
-            pooled = name.replace("sparseformer-", "pooled-")
-            pairs += [(name, pooled)] if pooled in names else []
-        if name != "vit" and "vit" in names:
-            pairs.append((name, "vit"))
-    out_rows = []
-    for a, b in pairs:
-        pa, pb = predictions(out, a, stage), predictions(out, b, stage)
-        row = {"a": a, "b": b, "all": paired_difference(pa, pb)}
-        for size in SIZES:
-            sa = [p for p in pa if p["target_size"] == size]
-            row[size] = paired_difference(sa, [p for p in pb if p["target_size"] == size]) if sa else None
-        out_rows.append(row)
-    return out_rows
 
 
 @torch.no_grad()
@@ -411,7 +282,7 @@ def time_side_by_side(out: Path, names: list[str], stage: str, test_data: Path, 
             for n, s in samples.items()}  # fmt: skip
 
 
-def run(settings: dict[str, Any], out: Path) -> dict[str, Any]:
+def train_score_and_compare(settings: dict[str, Any], out: Path) -> dict[str, Any]:
     """Bootstrap what is missing, train and score every arm, compare and time them; the report."""
     from llava_adapter.evaluate import question_only_prior
 
@@ -436,199 +307,16 @@ def run(settings: dict[str, Any], out: Path) -> dict[str, Any]:
     return report
 
 
-def stage_title(stage: str) -> str:
-    return stage.replace("stage", "stage ")
-
-
-def method_of(name: str) -> str:
-    return name.split("-")[0]
-
-
-def save_figure(fig, path: Path) -> Path:
-    """Write a matplotlib figure to `path` as PNG, atomically, and close it."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
-
-
-def plot(report: dict[str, Any], out: Path, name: str = REPORT_NAME) -> list[Path]:
-    """`NAME_accuracy.png` and `NAME_speed.png`: each method's curve against image tokens (log scale)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    stage = list(next(iter(report["arms"].values())))[-1]
-    arms = {n: r[stage] for n, r in report["arms"].items()}
-    ticks = sorted({r["image_tokens"] for r in arms.values()})
-    methods = {"sparseformer": ("SparseFormer", "tab:red", "o"), "pooled": ("pooled ViT", "tab:blue", "s"),
-               "vit": ("ViT, all patches", "black", "*")}  # fmt: skip
-    written = []
-
-    def curves(ax, value) -> None:
-        for method, (label, color, marker) in methods.items():
-            points = sorted((r["image_tokens"], value(n, r)) for n, r in arms.items() if method_of(n) == method)
-            points = [(x, y) for x, y in points if y is not None]
-            if points:
-                ax.plot(*zip(*points, strict=True), marker=marker, color=color, label=label, markersize=8)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(ticks, [str(t) for t in ticks])
-        ax.minorticks_off()
-        ax.set_xlabel("image tokens given to the LLM")
-        ax.grid(alpha=0.3)
-
-    panels = [("all questions", None), *[(f"{s} objects", s) for s in SIZES]]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), sharey=True)
-    for ax, (title, size) in zip(axes, panels, strict=True):
-
-        def accuracy(name, r, size=size):
-            value = r["accuracy"] if size is None else r["by_target_size"].get(size)
-            return None if value is None else 100 * value
-
-        curves(ax, accuracy)
-        prior = report["prior"]["accuracy"] if size is None else report["prior"]["by_target_size"].get(size)
-        if prior is not None:
-            ax.axhline(100 * prior, color="gray", linestyle="--", label="question-only prior")
-        ax.set_title(title)
-    axes[0].set_ylabel(f"accuracy after {stage_title(stage)} (%)")
-    axes[0].legend(fontsize=8)
-    written.append(save_figure(fig, out / f"{name}_accuracy.png"))
-
-    timing = report["timing"]
-    fig, axes = plt.subplots(1, 3, figsize=(12.6, 3.8))
-    for ax, (key, title) in zip(axes, (("encode_ms", "vision encode"), ("prefill_ms", "LLM prefill"),
-                                       ("ttft_ms", "time to first token")), strict=True):  # fmt: skip
-        curves(ax, lambda name, r, key=key: timing[name][key])
-        ax.set_title(f"{title} (ms, batch 1)")
-    axes[0].legend(fontsize=8)
-    written.append(save_figure(fig, out / f"{name}_speed.png"))
-    return written
-
-
-def score_table(prior: dict[str, Any], arms: dict[str, dict[str, Any]]) -> list[str]:
-    """Markdown rows: the question-only prior, then every arm; `vs vit` where the ViT arm is there."""
-    types = sorted({t for r in arms.values() for t in r["by_type"]})
-    base = arms.get("vit", {}).get("accuracy")
-
-    def pct(x: float | None) -> str:
-        return "n/a" if x is None else f"{100 * x:.1f}%"
-
-    def gain(accuracy: float) -> str:
-        """The gain over the question-only prior as a share of the ViT arm's gain."""
-        if base is None or base <= prior["accuracy"]:
-            return "n/a"
-        return f"{100 * (accuracy - prior['accuracy']) / (base - prior['accuracy']):.0f}%"
-
-    lines = [
-        "| arm | image tokens | accuracy | vs vit | gain vs vit | "
-        + " | ".join(types + [f"{s} objects" for s in SIZES]) + " | train s |",
-        "|---|---:|---:|---:|---:|" + "---:|" * (len(types) + len(SIZES)) + "---:|",
-    ]  # fmt: skip
-    for name, r in {"question-only prior": prior, **arms}.items():
-        ratio = f"{100 * r['accuracy'] / base:.0f}%" if base else "n/a"
-        seconds = r.get("train_seconds")
-        lines.append(
-            f"| {name} | {r['image_tokens']} | **{pct(r['accuracy'])}** | {ratio} | {gain(r['accuracy'])} | "
-            + " | ".join(pct(r["by_type"].get(t)) for t in types)
-            + " | "
-            + " | ".join(pct(r["by_target_size"].get(s)) for s in SIZES)
-            + f" | {'n/a' if seconds is None else f'{seconds:.0f}'} |"
-        )
-    return lines
-
-
-def paired_table(pairs: list[dict[str, Any]]) -> list[str]:
-    """Markdown rows of `paired_comparisons`: a − b in points [95% interval], bold where the interval excludes 0."""
-
-    def cell(d: dict | None) -> str:
-        if d is None:
-            return "n/a"
-        text = f"{d['difference'] * 100:+.1f} [{d['low'] * 100:+.1f}, {d['high'] * 100:+.1f}]"
-        return f"**{text}**" if d["low"] > 0 or d["high"] < 0 else text
-
-    lines = ["| a | b | all questions | " + " | ".join(f"{s} objects" for s in SIZES) + " |",
-             "|---|---|---:|" + "---:|" * len(SIZES)]  # fmt: skip
-    lines += [f"| {p['a']} | {p['b']} | " + " | ".join(cell(p[k]) for k in ("all", *SIZES)) + " |" for p in pairs]
-    return lines
-
-
-def to_markdown(
-    report: dict[str, Any], title: str = "Token-budget ablation", intro: str = "", name: str = REPORT_NAME
-) -> str:
-    """The report as Markdown: scores after each stage, paired differences, timing, and the plots."""
-    s = report["settings"]
-    stages = list(next(iter(report["arms"].values())))
-    lines = [f"# {title}", ""]
-    if intro:
-        lines += [intro, ""]
-    lines += [
-        f"Teacher `{s['teacher']}`, LLM `{s['llm']}`. Stage 1: {s['stage1_epochs']} epoch(s), batch {s['batch_size']}, "
-        f"LLM lr {s['lr']} (0: frozen), projector lr {s['projector_lr']}"
-        + (f"; stage 2: {s['stage2_epochs']} epoch(s), LLM and projector at lr {s['stage2_lr']}" if s["stage2_epochs"]
-           else "")
-        + f"; the tower frozen. {report['prior']['answers']} test answers. *vs vit*: accuracy as a share of the ViT "
-        "arm's; *gain vs vit*: the gain over the question-only prior as a share of the ViT arm's gain. Last columns: "
-        "accuracy by the size of the object a question asks about; train s: seconds of training up to that stage.",
-        "",
-    ]  # fmt: skip
-    for stage in reversed(stages):
-        lines += [f"## After {stage_title(stage)}", "",
-                  *score_table(report["prior"], {n: r[stage] for n, r in report["arms"].items()}), ""]  # fmt: skip
-    for stage in reversed(stages):
-        if report["paired"][stage]:
-            lines += [f"## Paired differences after {stage_title(stage)}", "",
-                      "a − b in accuracy points on the same answers, [95% interval] of a cluster bootstrap over test "
-                      "records (`mllm_sparse_recipes.compare`); bold: the interval excludes 0.", "",
-                      *paired_table(report["paired"][stage]), ""]  # fmt: skip
-    timing = report["timing"]
-    name_ref = "vit" if "vit" in timing else next(iter(timing))
-    reference = timing[name_ref]
-    final = stages[-1]
-    lines += [
-        f"## Time to first token (batch 1, median of {reference['questions']} questions, arms interleaved)",
-        "",
-        f"| arm | image tokens | encode ms | LLM prefill ms | TTFT ms | TTFT vs {name_ref} | prefill vs {name_ref} |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-        *[f"| {n} | {report['arms'][n][final]['image_tokens']} | {t['encode_ms']:.1f} | {t['prefill_ms']:.1f} | "
-          f"{t['ttft_ms']:.1f} | {t['ttft_ms'] / reference['ttft_ms']:.2f}× | "
-          f"{t['prefill_ms'] / reference['prefill_ms']:.2f}× |" for n, t in timing.items()],
-        "",
-        f"![accuracy against image tokens]({name}_accuracy.png)",
-        "",
-        f"![time against image tokens]({name}_speed.png)",
-    ]  # fmt: skip
-    return "\n".join(lines) + "\n"
-
-
-def write_report(report: dict[str, Any], out: Path, markdown: str) -> None:
-    """OUT/ablation.{json,md} and the plots."""
-    write_json(out / f"{REPORT_NAME}.json", report)
-    with atomic_path(out / f"{REPORT_NAME}.md") as tmp:
-        tmp.write_text(markdown)
-    plot(report, out)
-
-
-def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """Check the arguments and the settings of an earlier run into `args.out`, then `run`; the report."""
+def run(args: AblationSettings, write: bool = True) -> tuple[dict[str, Any], str]:
+    """Check the settings and those of an earlier run into `args.out`, then train, score, compare and time every arm;
+    the report and its Markdown, written with the plots to OUT/ablation.{json,md} (`write`)."""
+    args = dataclasses.replace(args, out=Path(args.out))
     settings = resolve(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    return run(check_settings(args.out, settings), args.out)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    report = run_from_args(args)
+    report = train_score_and_compare(check_settings(args.out, settings), args.out)
     markdown = to_markdown(report)
-    write_report(report, args.out, markdown)
-    print(markdown, end="")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    if write:
+        write_report(report, args.out, markdown)
+    return report, markdown

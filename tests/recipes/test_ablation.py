@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from llava_adapter.evaluate import question_only_prior
 from mllm_sparse_recipes import ablation
+from mllm_sparse_recipes.ablation.run import arm_towers
 from mllm_sparse_recipes.cli import main as cli_main
 
 TINY = ["--stage1-epochs", "0.25", "--stage2-epochs", "0.25", "--eval-limit", "3", "--timing-questions", "1"]
@@ -166,6 +167,6 @@ def test_without_a_world_the_data_must_be_named(tmp_path, capsys, extra, message
 
 def test_arm_towers_order_and_baselines():
     settings = {"teacher": "open_clip:T@w", "budgets": [49, 16], "baselines": ["pooled"]}
-    towers = ablation.arm_towers(settings, {49: "e49", 16: "e16"})
+    towers = arm_towers(settings, {49: "e49", 16: "e16"})
     assert list(towers) == ["sparseformer-49", "pooled-49", "sparseformer-16", "pooled-16"]
     assert towers["pooled-16"] == ["--encoder", "open_clip:T@w", "--pool-tokens", "16"]

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from mllm_sparse_recipes.compare import paired_difference
+from mllm_sparse_recipes.ablation.statistics import paired_difference
 
 
 def predictions(correct: list[list[bool]]) -> list[dict]:

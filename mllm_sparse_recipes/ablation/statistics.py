@@ -5,15 +5,21 @@ Two `eval-vlm` runs on the same data score the same questions, so their accuraci
 bootstrap resamples whole records (a cluster bootstrap): each draw takes `len(records)` records with replacement and
 recomputes the accuracy difference over all their answers.
 
-    from mllm_sparse_recipes.compare import paired_difference
+    from mllm_sparse_recipes.ablation.statistics import paired_difference
     paired_difference(report_a["predictions"], report_b["predictions"])  # {"difference": 0.010, "low": -0.008, ...}
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
+
+from mllm_sparse.files import read_json
+
+from . import SIZES
 
 
 def answer_key(prediction: Mapping) -> tuple[str, int]:
@@ -67,3 +73,41 @@ def paired_difference(
         "a_only": int((delta > 0).sum()),
         "b_only": int((delta < 0).sum()),
     }
+
+
+def predictions(out: Path, name: str, stage: str) -> list[dict]:
+    from llava_adapter.evaluate import JSON_NAME
+
+    return read_json(out / "arms" / name / f"eval_{stage}" / JSON_NAME)["predictions"]
+
+
+def scores(report: dict[str, Any]) -> dict[str, Any]:
+    """Accuracy overall, by question type and by object size, and the answers counted, of an `eval-vlm` report (or
+    of `question_only_prior`'s, which has the same keys)."""
+    return {
+        "accuracy": report["accuracy"],
+        "by_type": {k: v["accuracy"] for k, v in report["by_type"].items()},
+        "by_target_size": {k: v["accuracy"] for k, v in report["by_target_size"].items()},
+        "answers": report["num_answers"],
+    }
+
+
+def paired_comparisons(out: Path, names: list[str], stage: str) -> list[dict[str, Any]]:
+    """Each SparseFormer arm against the pooled arm of its N and against the ViT, each pooled arm against the ViT:
+    accuracy differences on the same answers, overall and by object size, with 95% cluster-bootstrap intervals."""
+    pairs = []
+    for name in names:
+        if name.startswith("sparseformer-"):
+            pooled = name.replace("sparseformer-", "pooled-")
+            pairs += [(name, pooled)] if pooled in names else []
+        if name != "vit" and "vit" in names:
+            pairs.append((name, "vit"))
+    out_rows = []
+    for a, b in pairs:
+        pa, pb = predictions(out, a, stage), predictions(out, b, stage)
+        row = {"a": a, "b": b, "all": paired_difference(pa, pb)}
+        for size in SIZES:
+            sa = [p for p in pa if p["target_size"] == size]
+            row[size] = paired_difference(sa, [p for p in pb if p["target_size"] == size]) if sa else None
+        out_rows.append(row)
+    return out_rows
