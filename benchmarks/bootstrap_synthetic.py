@@ -4,9 +4,10 @@ and student training throughput with and without the teacher cache.
     uv run python benchmarks/bootstrap_synthetic.py --teacher runs/sw/teacher --world runs/sw/train_default
 
 (the teacher and world of `uv run python benchmarks/synthetic_world.py --work runs/sw`). A budget N counts latent
-tokens, the tokens the VLM benchmark gives the LLM; the student also has the CLS token (`--num-tokens N+1`). N = 1/4
-and 1/9 of a 196-token teacher are 49 and 16: square numbers, so every latent starts on the RoI grid (a latent past
-the largest square starts on the whole image and stays there) and the pooled baseline matches.
+tokens, the tokens the VLM benchmark gives the LLM (`--num-latent-tokens N`); the student also has the CLS token.
+N = 1/4 and 1/9 of a 196-token teacher are 49 and 16: square numbers, so every latent starts on the RoI grid (a latent
+past the largest square starts on the whole image and stays there) and the pooled baseline matches.
+Results and their history: benchmarks/README.md.
 Writes benchmarks/results/bootstrap_synthetic.{json,md}.
 """
 
