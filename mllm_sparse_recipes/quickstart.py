@@ -22,7 +22,7 @@ from mllm_sparse.images import load_image
 
 from . import defaults
 from .plans import PLANS, Plan
-from .stages import Stages, resume_flag
+from .stages import Stages, guard_settings, resume_flag
 
 SETTINGS_FILE = "quickstart_settings.json"
 REPORT_NAME = "quickstart"
@@ -99,35 +99,15 @@ def settings_of(args: QuickstartSettings) -> dict[str, Any]:
 def check_settings(out: Path, settings: dict[str, Any]) -> None:
     """Save the settings of a new run, or of a continued one whose changes touch only unfinished stages; refuse the
     rest, naming the settings."""
-    path = out / SETTINGS_FILE
-    if not path.is_file():
-        foreign = [name for name in STAGES if (out / name).exists()]
-        if foreign:
-            raise ValueError(
-                f"{out} already holds {', '.join(foreign)} but no quickstart settings: not a quickstart folder, or "
-                "one made by another version. Use a new --out."
-            )
-        write_json(path, settings)
-        return
-    before = read_json(path)
     stages = Stages(out, "quickstart")
-    finished = {name for name in STAGES if stages.is_done(name)}
-    changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
-    blocked = {}
-    for key, (old, new) in changed.items():
-        first = STAGES.index(SETTING_STAGE[key])
-        done = [name for name in STAGES[first:] if name in finished]
-        if done:
-            blocked[key] = (old, new, done[0])
-    if blocked:
-        listed = "; ".join(
-            f"{k} {old!r} -> {new!r} (stage {stage} is done)" for k, (old, new, stage) in blocked.items()
-        )
-        raise ValueError(
-            f"{out} holds a quickstart made with other settings: {listed}. Use another --out, or the same settings to "
-            f"continue it."
-        )
-    if changed:
+
+    def blocked(key: str) -> str | None:
+        done = [name for name in STAGES[STAGES.index(SETTING_STAGE[key]) :] if stages.is_done(name)]
+        return f"stage {done[0]} is done" if done else None
+
+    path = out / SETTINGS_FILE
+    before = guard_settings(path, settings, "quickstart", blocked, [out / name for name in STAGES])
+    if before != settings:
         write_json(path, settings)
 
 

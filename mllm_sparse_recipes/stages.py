@@ -1,5 +1,6 @@
 """Running a multi-stage recipe so that it can be stopped and rerun: `mllm-sparse quickstart` and `mllm-sparse
-ablate` are sequences of stages, each the `main(argv)` of a command, each writing one folder.
+ablate` are sequences of stages, each a library call writing one folder; `guard_settings` keeps a run folder from
+being continued with settings that would change what its finished stages made.
 
 A stage counts as done only once its command has returned: `Stages.run` then writes `OUT/.done/NAME` (holding the
 seconds it took), so a stage interrupted halfway, whose folder may hold a config without weights, is never taken for
@@ -14,7 +15,7 @@ import shutil
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,49 @@ class Stages:
         write_json(self.marker(name), {"seconds": seconds})
         print(f"[{self.label}] {name}: {seconds:.0f} s", flush=True)
         return True
+
+
+def changes(before: dict[str, Any], wanted: dict[str, Any], reason: Callable[[str], str] = lambda key: "") -> str:
+    """The keys of `wanted` whose value differs from `before`'s, as "key old -> new (reason); ..." ("" where none
+    does)."""
+    listed = []
+    for key, value in wanted.items():
+        if before.get(key) != value:
+            why = reason(key)
+            listed.append(f"{key} {before.get(key)!r} -> {value!r}" + (f" ({why})" if why else ""))
+    return "; ".join(listed)
+
+
+def guard_settings(
+    path: Path,
+    settings: dict[str, Any],
+    label: str,
+    blocked: Callable[[str], str | None] = lambda key: "",
+    stage_folders: Iterable[Path] = (),
+) -> dict[str, Any] | None:
+    """The one guard of a recipe's run folder: the settings a run was made with (`path`, JSON) against those of the
+    command that continues it. A change for which `blocked(key)` gives a reason (a string; None: the change is
+    allowed, e.g. it decides only stages not run yet) is refused in one line naming each such setting, old -> new.
+    A folder with no recorded settings is refused if it holds any of `stage_folders` (made by something else).
+    Nothing is written; returns the recorded settings (None for a new run).
+    """
+    out = path.parent
+    if not path.is_file():
+        foreign = [folder.name for folder in stage_folders if folder.exists()]
+        if foreign:
+            raise ValueError(
+                f"{out} already holds {', '.join(foreign)} but no {path.name}: not a {label} folder, or one made by "
+                "another version. Use a new --out."
+            )
+        return None
+    before = read_json(path)
+    refused = {key: value for key, value in settings.items() if before.get(key) != value and blocked(key) is not None}
+    if listed := changes(before, refused, lambda key: blocked(key) or ""):
+        raise ValueError(
+            f"{out} was made with other settings ({label}): {listed}. Use another --out, or the same settings to "
+            "continue it."
+        )
+    return before
 
 
 def resume_flag(folder: Path) -> list[str]:

@@ -18,7 +18,7 @@ from llava_adapter.llms import TINY_LLMS
 from mllm_sparse.files import atomic_path, read_json, write_json
 
 from .. import defaults
-from ..stages import Stages, resume_flag
+from ..stages import Stages, guard_settings, resume_flag
 from . import SETTINGS_FILE, TRAINING_SETTINGS, VLM_STAGES, AblationSettings
 from .report import to_markdown, write_report
 from .statistics import paired_comparisons, predictions, scores
@@ -123,28 +123,16 @@ def check_settings(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
     otherwise (`OUT/arms/ARM/arm.json`), before any work; then save the settings, keeping what an earlier run knew
     where this one has nothing to say (e.g. how it bootstrapped). Returns the saved settings."""
     path = out / SETTINGS_FILE
-    if path.is_file():
-        before = read_json(path)
-        # the bootstrap settings are None where every encoder was given: only two runs that both bootstrapped differ
-        optional = ("bootstrap_data", "bootstrap_steps")
-        wanted = {
-            k: settings[k] for k in TRAINING_SETTINGS if not (k in optional and None in (before.get(k), settings[k]))
-        }
-        if listed := changes(before, wanted):
-            raise ValueError(f"{out} holds an ablation trained with other settings ({listed}); use another --out")
-        settings = {**settings, **{k: v for k, v in before.items() if settings.get(k) is None and v is not None}}
+    before = read_json(path) if path.is_file() else {}
+    # the bootstrap settings are None where every encoder was given: only two runs that both bootstrapped differ
+    optional = ("bootstrap_data", "bootstrap_steps")
+    wanted = {k: settings[k] for k in TRAINING_SETTINGS if not (k in optional and None in (before.get(k), settings[k]))}
+    guard_settings(path, wanted, "ablation", lambda key: "")
+    settings = {**settings, **{k: v for k, v in before.items() if settings.get(k) is None and v is not None}}
     for name, tower in arm_towers(settings, encoder_folders(settings, out)).items():
-        recorded = out / "arms" / name / "arm.json"
-        if recorded.is_file():
-            if listed := changes(read_json(recorded), arm_recipe(settings, tower)):
-                raise ValueError(f"arm {name} in {out} was made otherwise ({listed}); use another --out")
+        guard_settings(out / "arms" / name / "arm.json", arm_recipe(settings, tower), f"arm {name}")
     write_json(path, settings)
     return settings
-
-
-def changes(before: dict[str, Any], wanted: dict[str, Any]) -> str:
-    """The keys of `wanted` whose value differs from `before`'s, as "key old -> new; ..." ("" where none does)."""
-    return "; ".join(f"{k} {before.get(k)!r} -> {v!r}" for k, v in wanted.items() if before.get(k) != v)
 
 
 def arm_recipe(settings: dict[str, Any], tower: list[str]) -> dict[str, Any]:
