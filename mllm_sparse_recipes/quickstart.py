@@ -190,8 +190,7 @@ def run_pipeline(args: argparse.Namespace, s: dict[str, Any]) -> dict[str, Path]
     """Every stage, in order; the folder of each."""
     from bootstrap import train as bootstrap_train
     from bootstrap import train_teacher
-    from llava_adapter import evaluate, train
-    from llava_adapter.build_vlm import main as build_vlm_main
+    from llava_adapter import build_vlm, evaluate, train
     from mllm_sparse.synth import cli as synth_cli
 
     from . import scene_llm
@@ -218,8 +217,8 @@ def run_pipeline(args: argparse.Namespace, s: dict[str, Any]) -> dict[str, Path]
              "--record-steps", str(s["llm_record_steps"]),
              "--eval-every", str(min(500, s["llm_question_steps"] + s["llm_record_steps"])), "--seed", seed,
              *threads, *resume_flag(llm)]), resumable=True)
-    stages.run("vlm", vlm, lambda: build_vlm_main(
-        ["--encoder", str(encoder), "--llm", str(llm), "--projector", "mlp2x_gelu", "--out", str(vlm), "--seed", seed]))
+    stages.run("vlm", vlm, lambda: build_vlm.run(build_vlm.BuildVlmSettings(
+        encoder=str(encoder), llm=str(llm), out=vlm, projector="mlp2x_gelu", seed=args.seed)))
     train_data = world / "llava_train.json"
     stages.run("stage1", paths["stage1"], lambda: train.main(defaults.train_vlm_arguments(
         vlm, paths["stage1"], train_data, world, s["vlm_epochs"], 0.0, defaults.STAGE1_PROJECTOR_LR, seed=args.seed)),
@@ -227,9 +226,9 @@ def run_pipeline(args: argparse.Namespace, s: dict[str, Any]) -> dict[str, Path]
     stages.run("stage2", paths["stage2"], lambda: train.main(defaults.train_vlm_arguments(
         paths["stage1"], paths["stage2"], train_data, world, s["vlm_epochs"], defaults.STAGE2_LR, defaults.STAGE2_LR,
         seed=args.seed)), resumable=True, inputs=("stage1",))
-    stages.run("eval", paths["eval"], lambda: evaluate.main(
-        defaults.eval_vlm_arguments(paths["stage2"], world / "llava_test.json", world, paths["eval"],
-                                  s["eval_records"])))
+    stages.run("eval", paths["eval"], lambda: evaluate.run(
+        defaults.eval_vlm_settings(paths["stage2"], world / "llava_test.json", world, paths["eval"],
+                                   s["eval_records"])))
     stages.run("show", paths["show"], lambda: show(paths["stage2"], world, paths["show"]))
     # fmt: on
     return paths
