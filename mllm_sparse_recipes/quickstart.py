@@ -385,7 +385,7 @@ def to_markdown(r: dict[str, Any]) -> str:
         "```bash",
         f"uv run mllm-sparse demo --model {folders['stage2']} --template {defaults.TEMPLATE}    # chat in the browser",
         f"uv run mllm-sparse eval-vlm --model {folders['stage2']} --data {folders['world']}/llava_test.json "
-        f"--image_folder {folders['world']} --template {defaults.TEMPLATE}",
+        f"--image-folder {folders['world']} --template {defaults.TEMPLATE}",
         f"uv run mllm-sparse inspect {folders['encoder']} --image {image} --points --out roi.png",
         "```",
         "",

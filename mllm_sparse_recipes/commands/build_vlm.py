@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: none; a tiny LLM needs it)")  # fmt: skip
     p.add_argument("--vocab-size", type=int, default=1024, help="tiny LLMs: BPE vocabulary size")
     p.add_argument("--out", type=Path, required=True, help="the model folder to write")
-    p.add_argument("--seed", type=int, default=0, help="seeds the new projector and a tiny LLM")
+    p.add_argument("--seed", type=int, default=0, help="seeds the new projector and a tiny LLM (default: 0)")
     return p
 
 

@@ -42,7 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad-records", action="store_true",
                    help="skip (and count) bad records and unreadable images instead of failing")  # fmt: skip
     hidden_alias(p, "--skip_bad_records", "skip_bad_records", action="store_true")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="no progress bar (default: a progress bar on stderr)",
+    )
     return p
 
 
