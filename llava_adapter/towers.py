@@ -62,11 +62,11 @@ class PooledVisionConfig(PretrainedConfig):
         if isinstance(vision_config, dict):
             vision_config = CLIPVisionConfig(**vision_config)
         self.vision_config = vision_config if vision_config is not None else CLIPVisionConfig()
-        side = math.isqrt(num_latent_tokens) if num_latent_tokens >= 0 else 0
-        if num_latent_tokens < 1 or side * side != num_latent_tokens:
+        if num_latent_tokens < 1 or math.isqrt(num_latent_tokens) ** 2 != num_latent_tokens:
             raise ValueError(
                 f"PooledVisionConfig: num_latent_tokens must be a square number (n×n grid), got {num_latent_tokens}"
             )
+        side = math.isqrt(num_latent_tokens)
         grid = self.vision_config.image_size // self.vision_config.patch_size
         if side > grid:
             raise ValueError(f"PooledVisionConfig: a {side}×{side} grid cannot pool a {grid}×{grid} patch grid")

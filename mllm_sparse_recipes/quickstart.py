@@ -190,7 +190,9 @@ def run_pipeline(args: argparse.Namespace, s: dict[str, Any]) -> dict[str, Path]
     """Every stage, in order; the folder of each."""
     from bootstrap import train as bootstrap_train
     from bootstrap import train_teacher
-    from llava_adapter import build_vlm, evaluate, train
+    from llava_adapter import evaluate, train
+    from llava_adapter.build_vlm import BuildVlmSettings
+    from llava_adapter.build_vlm import run as build_vlm
     from mllm_sparse.synth import cli as synth_cli
 
     from . import scene_llm
@@ -217,7 +219,7 @@ def run_pipeline(args: argparse.Namespace, s: dict[str, Any]) -> dict[str, Path]
              "--record-steps", str(s["llm_record_steps"]),
              "--eval-every", str(min(500, s["llm_question_steps"] + s["llm_record_steps"])), "--seed", seed,
              *threads, *resume_flag(llm)]), resumable=True)
-    stages.run("vlm", vlm, lambda: build_vlm.run(build_vlm.BuildVlmSettings(
+    stages.run("vlm", vlm, lambda: build_vlm(BuildVlmSettings(
         encoder=str(encoder), llm=str(llm), out=vlm, projector="mlp2x_gelu", seed=args.seed)))
     train_data = world / "llava_train.json"
     stages.run("stage1", paths["stage1"], lambda: train.main(defaults.train_vlm_arguments(
