@@ -250,20 +250,20 @@ def main(argv: list[str] | None = None) -> int:
     slots = max(len(r["objects"]) for r in scenes)
     towers = {"scene ground truth": None, **arms(args)}
     for layer in args.teacher_layers:
-        towers[f"vit, hidden state {layer}"] = [*towers["vit"], "--vision-feature-layer", str(layer)]
-    for name, tower_args in towers.items():
+        towers[f"vit, hidden state {layer}"] = {**towers["vit"], "vision_feature_layer": layer}
+    for name, tower in towers.items():
         start = time.perf_counter()
-        if tower_args is None:
+        if tower is None:
             tokens = {
                 s: torch.stack([truth_tokens(world, r["objects"], slots) for r in rows]) for s, rows in split.items()
             }
         else:
             base = args.work / "arms" / name.replace(", hidden state ", "@") / "base"  # the benchmark's arms' bases
-            build_arm(args, tower_args, base)
+            build_arm(args, tower, base)
             images = {s: [args.world / r["image"] for r in rows] for s, rows in split.items()}
             tokens, rois = tower_tokens(base, images, args.batch_size)
         results[name] = {"image_tokens": tokens["test"].shape[1], "readouts": []}
-        if tower_args is not None and rois is not None:
+        if tower is not None and rois is not None:
             results[name]["roi_coverage"] = roi_coverage(rois, split["test"])
         for readout in args.readouts:
             started = time.perf_counter()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from results_io import RESULTS, machine, write_results
@@ -60,21 +61,21 @@ def add_arm_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def arms(args) -> dict[str, list[str]]:
-    """Arm name → the `build-vlm` tower arguments."""
+def arms(args) -> dict[str, dict[str, Any]]:
+    """Arm name → its tower (`BuildVlmSettings` fields)."""
     budgets = [int(spec.partition("=")[0]) for spec in args.students]
     encoders = {int(n): folder for n, _, folder in (spec.partition("=") for spec in args.students)}
     settings = {"teacher": teacher_spec(args.teacher), "budgets": budgets, "baselines": list(BASELINES)}
     return arm_towers(settings, encoders)
 
 
-def build_arm(args, tower_args: list[str], base: Path) -> None:
+def build_arm(args, tower: dict[str, Any], base: Path) -> None:
     """`build-vlm` an arm's untrained VLM (tower, `mlp2x_gelu` projector, `args.llm`) into `base` unless there."""
-    from llava_adapter.build_vlm import main as build_vlm_main
+    from llava_adapter.build_vlm import BuildVlmSettings, run
 
     if not (base / "config.json").is_file():
-        build_vlm_main([*tower_args, "--llm", str(args.llm), "--tokenizer-corpus", str(args.world),
-                        "--projector", "mlp2x_gelu", "--out", str(base), "--seed", "0"])  # fmt: skip
+        run(BuildVlmSettings(**tower, llm=str(args.llm), tokenizer_corpus=args.world, projector="mlp2x_gelu",
+                             out=base, seed=0))  # fmt: skip
 
 
 def llm_origin(llm: str) -> str:

@@ -15,11 +15,12 @@ from .conversation import TEMPLATES, encode_conversation
 from .data import DataCollatorForLlava, LlavaJsonDataset, ModalityLengthGroupedSampler
 from .modeling import build_vlm, load_projector, replace_tower, save_projector
 from .processing import SparseLlavaProcessor, build_image_processor, build_processor
-from .towers import PooledVisionConfig, PooledVisionModel, load_tower, num_image_tokens
+from .towers import LayerTokens, PooledVisionConfig, PooledVisionModel, layer_tokens, load_tower, num_image_tokens
 
 __all__ = [
     "TEMPLATES",
     "DataCollatorForLlava",
+    "LayerTokens",
     "LlavaJsonDataset",
     "ModalityLengthGroupedSampler",
     "PooledVisionConfig",
@@ -29,6 +30,7 @@ __all__ = [
     "build_processor",
     "build_vlm",
     "encode_conversation",
+    "layer_tokens",
     "load_projector",
     "load_tower",
     "num_image_tokens",

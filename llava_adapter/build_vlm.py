@@ -1,4 +1,4 @@
-"""`mllm-sparse build-vlm`: assemble a new LLaVA model from a vision tower, a projector and a causal LM.
+"""What `mllm-sparse build-vlm` does: assemble a new LLaVA model from a vision tower, a projector and a causal LM.
 
     mllm-sparse build-vlm --encoder runs/encoder --llm tiny-llama --tokenizer-corpus runs/world --out runs/vlm
     mllm-sparse build-vlm --encoder open_clip:local-dir:runs/teacher --llm lmsys/vicuna-7b-v1.5 --out runs/vlm-vit
@@ -9,70 +9,75 @@ The projector is new: train it (stage 1) before expecting sensible answers.
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from transformers import LlavaForConditionalGeneration
 
 from mllm_sparse.checkpoint import check_finite, check_model_folder
 
-from .llms import TINY_LLMS, load_llm
-from .modeling import PROJECTORS, build_vlm, model_folder
-from .processing import IMAGE_ASPECT_RATIOS
-from .towers import SELECT_STRATEGIES, load_tower, processor_for
+from .llms import load_llm
+from .modeling import build_vlm, model_folder, projector_type
+from .towers import load_tower, processor_for
 
 
-def add_tower_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--encoder",
-        required=True,
-        help="vision tower: a bootstrapped SparseFormer folder, or a CLIP teacher spec (open_clip:…, hf:…) for the "
-        "full-token ViT baseline",
-    )
-    parser.add_argument(
-        "--pool-tokens", type=int, help="with a CLIP spec: average-pool its patch tokens to this many (n×n)"
-    )
-    parser.add_argument("--projector", choices=sorted(PROJECTORS), default="mlp2x_gelu")
-    parser.add_argument("--vision-feature-layer", type=int, help="tower layer fed to the projector (default -2)")
-    parser.add_argument(
-        "--vision-select-strategy",
-        choices=SELECT_STRATEGIES,
-        help="'default' drops the first (CLS) token, 'full' keeps all (default: 'default' where the layer has a CLS "
-        "token, so a SparseFormer gives its latent tokens; 'full' for SigLIP)",
-    )
-    parser.add_argument("--image-aspect-ratio", choices=IMAGE_ASPECT_RATIOS, default="pad")
+@dataclass
+class BuildVlmSettings:
+    """What `mllm-sparse build-vlm` does: one field per option of the command.
+
+    Attributes:
+        encoder: the vision tower: a bootstrapped SparseFormer folder, or a CLIP teacher spec (`open_clip:…`, `hf:…`).
+        llm: a causal LM folder or hub id, or a tiny LLM name (`llms.TINY_LLMS`).
+        out: the model folder to write.
+        num_latent_tokens: with a CLIP spec, average-pool its patch tokens to this many (a square number), the
+            image tokens the LLM reads (CLS not counted); None: every patch token (a SparseFormer folder has its own).
+        projector: "mlp2x_gelu" or "linear" (`modeling.PROJECTORS`).
+        vision_feature_layer: the tower layer the projector reads; None: -2.
+        vision_select_strategy: "default" (drop the CLS token) or "full"; None: "default" where the layer has a CLS
+            token, else "full".
+        image_aspect_ratio: "pad", "resize" or "crop" (`processing.IMAGE_ASPECT_RATIOS`).
+        tokenizer_corpus: tiny LLMs: text to train the tokenizer on.
+        vocab_size: tiny LLMs: BPE vocabulary size.
+        seed: seeds the new projector (and a tiny LLM's weights).
+    """
+
+    encoder: str
+    llm: str
+    out: Path
+    num_latent_tokens: int | None = None
+    projector: str = "mlp2x_gelu"
+    vision_feature_layer: int | None = None
+    vision_select_strategy: str | None = None
+    image_aspect_ratio: str = "pad"
+    tokenizer_corpus: Path | None = None
+    vocab_size: int = 1024
+    seed: int = 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mllm-sparse build-vlm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_tower_arguments(parser)
-    parser.add_argument(
-        "--llm", required=True, help=f"causal LM folder or hub id, or a tiny LLM ({', '.join(TINY_LLMS)})"
-    )
-    parser.add_argument("--tokenizer-corpus", type=Path, help="tiny LLMs: text to train the tokenizer on")
-    parser.add_argument("--vocab-size", type=int, default=1024, help="tiny LLMs: BPE vocabulary size")
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--seed", type=int, default=0)
-    return parser
+def run(settings: BuildVlmSettings) -> dict[str, Any]:
+    """Build the model and save it with its processor to `settings.out` (in one step: `model_folder`).
 
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    torch.manual_seed(args.seed)
-    tower = load_tower(args.encoder, args.pool_tokens)
-    llm, tokenizer = load_llm_checked(args.llm, args.tokenizer_corpus, args.vocab_size, args.seed)
+    Returns:
+        `summarize` of the saved model.
+    """
+    torch.manual_seed(settings.seed)
+    tower = load_tower(settings.encoder, settings.num_latent_tokens)
+    llm, tokenizer = load_llm_checked(settings.llm, settings.tokenizer_corpus, settings.vocab_size, settings.seed)
     model = build_vlm(
-        tower.model, llm, tokenizer, args.projector, args.vision_feature_layer, args.vision_select_strategy
+        tower.model,
+        llm,
+        tokenizer,
+        settings.projector,
+        settings.vision_feature_layer,
+        settings.vision_select_strategy,
     )
-    processor = processor_for(tower, tokenizer, model.config.image_seq_length, args.image_aspect_ratio)
-    with model_folder(args.out) as tmp:
+    processor = processor_for(tower, tokenizer, model.config.image_seq_length, settings.image_aspect_ratio)
+    with model_folder(settings.out) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-    print(describe(model, args.out))
-    print("The projector is untrained: run stage 1 (scripts/train_vlm.py --tune_mm_mlp_adapter True) first.")
-    return 0
+    return summarize(model, settings.out)
 
 
 def load_llm_checked(name_or_dir: str, corpus: Path | None, vocab_size: int, seed: int):
@@ -85,12 +90,17 @@ def load_llm_checked(name_or_dir: str, corpus: Path | None, vocab_size: int, see
     return llm, tokenizer
 
 
-def describe(model, out: Path) -> str:
+def summarize(model: LlavaForConditionalGeneration, out: Path) -> dict[str, Any]:
+    """What a saved LLaVA model is made of: its tower type, the image tokens the LLM reads per image, the feature
+    layer and selection, the projector, the LLM type and the parameter count (millions)."""
     config = model.config
-    params = sum(p.numel() for p in model.parameters()) / 1e6
-    return (
-        f"Saved {out}: {config.vision_config.model_type} tower → {config.image_seq_length} image tokens "
-        f"(layer {config.vision_feature_layer}, {config.vision_feature_select_strategy}), "
-        f"{'linear' if config.projector_hidden_act == 'linear' else 'mlp2x_gelu'} projector, "
-        f"{config.text_config.model_type} LLM; {params:.1f}M parameters"
-    )
+    return {
+        "out": str(out),
+        "tower": config.vision_config.model_type,
+        "image_tokens": config.image_seq_length,
+        "vision_feature_layer": config.vision_feature_layer,
+        "vision_feature_select_strategy": config.vision_feature_select_strategy,
+        "projector": projector_type(config),
+        "llm": config.text_config.model_type,
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+    }

@@ -1,7 +1,7 @@
-"""`mllm-sparse eval-vlm`: exact-match accuracy and throughput of a LLaVA model on a LLaVA-format test set.
+"""What `mllm-sparse eval-vlm` does: exact-match accuracy and throughput of a LLaVA model on a LLaVA-format test set.
 
-    mllm-sparse eval-vlm --model runs/vlm --data runs/world/llava_test.json --image_folder runs/world
-    mllm-sparse eval-vlm --model runs/vlm --data test.json --image_folder images --batch-size 16 --limit 200 --out rep
+    mllm-sparse eval-vlm --model runs/vlm --data runs/world/llava_test.json --image-folder runs/world
+    mllm-sparse eval-vlm --model runs/vlm --data test.json --image-folder images --batch-size 16 --limit 200 --out rep
 
 Scoring. Every human turn of every record is one question. Turn k is asked with the record's earlier turns as context,
 with the gold answers (not the model's own), as LLaVA's multi-turn evaluations do; its prediction is compared with the
@@ -29,7 +29,6 @@ throughput, every prediction and every skipped question) and `eval_vlm.md` (the 
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import re
 import string
@@ -48,7 +47,7 @@ from mllm_sparse.files import atomic_path, read_json, write_json
 from mllm_sparse.images import ImageLoadError, check_image_file, load_image
 
 from .chat import ChatEngine, Timings
-from .conversation import TEMPLATES, RecordError, has_image, record_name, validate_record
+from .conversation import RecordError, has_image, record_name, validate_record
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
@@ -375,65 +374,76 @@ def to_markdown(report: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mllm-sparse eval-vlm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--model", type=Path, required=True, help="a saved LLaVA folder (model + processor)")
-    parser.add_argument("--data", type=Path, required=True, help="LLaVA JSON test set (e.g. a world's llava_test.json)")
-    parser.add_argument(
-        "--image_folder", "--image-folder", type=Path, help="where the records' images are (default: --data's folder)"
-    )
-    parser.add_argument("--template", choices=TEMPLATES, default="vicuna_v1", help="the template the model trained on")
-    parser.add_argument("--batch-size", "--batch_size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=16)
-    parser.add_argument("--limit", type=int, help="evaluate only the first N records")
-    parser.add_argument("--out", type=Path, help=f"where {JSON_NAME} and {MD_NAME} go (default: --model)")
-    parser.add_argument("--device", help="cuda, cpu, cuda:1, ... (default: cuda if available)")
-    parser.add_argument("--dtype", help="cast the model, e.g. bfloat16 (default: as saved)")
-    parser.add_argument(
-        "--skip-bad-records",
-        "--skip_bad_records",
-        action="store_true",
-        help="skip (and count) bad records and unreadable images instead of failing",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser
+@dataclass
+class EvalVlmSettings:
+    """What `mllm-sparse eval-vlm` does: one field per option of the command.
+
+    Attributes:
+        model: a saved LLaVA folder (model + processor).
+        data: the LLaVA JSON test set.
+        image_folder: where the records' images are; None: `data`'s folder.
+        template: the conversation template the model trained on (`conversation.TEMPLATES`).
+        batch_size: questions per `generate_batch` call.
+        max_new_tokens: answer length limit.
+        limit: evaluate only the first `limit` records; None: all.
+        out: where `eval_vlm.json` and `eval_vlm.md` go; None: `model`.
+        device: "cuda", "cpu", "cuda:1", ...; None: cuda if available.
+        dtype: cast the model, e.g. "bfloat16"; None: as saved.
+        skip_bad_records: skip (and count) bad records and unreadable images instead of failing.
+        progress: show a progress bar.
+    """
+
+    model: Path
+    data: Path
+    image_folder: Path | None = None
+    template: str = "vicuna_v1"
+    batch_size: int = 8
+    max_new_tokens: int = 16
+    limit: int | None = None
+    out: Path | None = None
+    device: str | None = None
+    dtype: str | None = None
+    skip_bad_records: bool = False
+    progress: bool = True
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    image_folder = args.image_folder if args.image_folder is not None else args.data.parent
+def run(settings: EvalVlmSettings) -> dict[str, Any]:
+    """Score `settings.model` on `settings.data` and write `eval_vlm.json` and `eval_vlm.md` (atomically) into
+    `settings.out`; bad data is refused before the model loads.
+
+    Returns:
+        The report (`evaluate`'s, with the settings it was made with); `to_markdown(report)` gives its tables.
+    """
+    model, data = Path(settings.model), Path(settings.data)
+    image_folder = Path(settings.image_folder) if settings.image_folder is not None else data.parent
     for name in ("batch_size", "max_new_tokens"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    out = args.out if args.out is not None else args.model
+        if getattr(settings, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(settings, name)}")
+    out = Path(settings.out) if settings.out is not None else model
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; the report is written into a folder")
     # Data errors surface before the model loads.
-    records, skipped = load_records(args.data, image_folder, args.limit, args.skip_bad_records)
-    engine = ChatEngine.from_pretrained(args.model, template=args.template, device=args.device, dtype=args.dtype)
+    records, skipped = load_records(data, image_folder, settings.limit, settings.skip_bad_records)
+    engine = ChatEngine.from_pretrained(model, template=settings.template, device=settings.device, dtype=settings.dtype)
     report = {
-        "model": str(args.model),
-        "data": str(args.data),
+        "model": str(model),
+        "data": str(data),
         "image_folder": str(image_folder),
-        "template": args.template,
-        "max_new_tokens": args.max_new_tokens,
-        "limit": args.limit,
+        "template": settings.template,
+        "max_new_tokens": settings.max_new_tokens,
+        "limit": settings.limit,
     }
     report |= evaluate(
         engine,
         records,
         image_folder,
-        args.batch_size,
-        args.max_new_tokens,
-        not args.no_progress,
-        args.skip_bad_records,
+        settings.batch_size,
+        settings.max_new_tokens,
+        settings.progress,
+        settings.skip_bad_records,
     )
     report["skipped"] = skipped + report["skipped"]
-    markdown = to_markdown(report)
     write_json(out / JSON_NAME, report)
     with atomic_path(out / MD_NAME) as tmp:
-        tmp.write_text(markdown)
-    print(markdown, end="")
-    return 0
+        tmp.write_text(to_markdown(report))
+    return report

@@ -1,4 +1,4 @@
-"""`mllm-sparse merge-lora`: fold a LoRA training run into one full model folder.
+"""What `mllm-sparse merge-lora` does: fold a LoRA training run into one full model folder.
 
     mllm-sparse merge-lora --adapter runs/stage2-lora --out runs/stage2-merged
 
@@ -9,7 +9,7 @@ trained alongside the adapter) and `lora_base.json` naming the base model; the m
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import AutoProcessor, LlavaForConditionalGeneration
@@ -63,13 +63,20 @@ def merge_lora(adapter_dir: str | Path, out_dir: str | Path) -> LlavaForConditio
     return merged
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="mllm-sparse merge-lora", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--adapter", required=True, type=Path, help="output folder of a --lora_enable training run")
-    parser.add_argument("--out", required=True, type=Path, help="folder for the merged model")
-    args = parser.parse_args(argv)
-    merge_lora(args.adapter, args.out)
-    print(f"Merged {args.adapter} into {args.out}")
-    return 0
+@dataclass
+class MergeLoraSettings:
+    """What `mllm-sparse merge-lora` does: one field per option of the command.
+
+    Attributes:
+        adapter: the output folder of a `--lora_enable` training run.
+        out: the folder for the merged model.
+    """
+
+    adapter: Path
+    out: Path
+
+
+def run(settings: MergeLoraSettings) -> Path:
+    """`merge_lora(settings.adapter, settings.out)`; returns the merged model's folder."""
+    merge_lora(settings.adapter, settings.out)
+    return Path(settings.out)

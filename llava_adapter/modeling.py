@@ -28,12 +28,11 @@ from transformers import (
 )
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
-from mllm_sparse import SparseFormerConfig
 from mllm_sparse.checkpoint import CheckpointError, load_safetensors, read_state_dict
 from mllm_sparse.files import atomic_dir, atomic_path
 
 from .processing import IMAGE_TOKEN
-from .towers import feature_width, layer_has_cls, num_image_tokens
+from .towers import layer_tokens, num_image_tokens
 
 PROJECTORS = {"mlp2x_gelu": "gelu", "linear": "linear"}
 PROJECTOR_FILE = "mm_projector.safetensors"
@@ -50,16 +49,13 @@ LLAVA_PROJECTOR_KEYS = {
 def default_feature_selection(vision_config: PretrainedConfig, feature_layer: int | None = None) -> tuple[int, str]:
     """(vision_feature_layer, select_strategy), LLaVA-like: the second-to-last layer, its CLS token dropped.
 
-    Every tower drops a CLS token ("default"), as LLaVA-1.5 does for its ViT: a SparseFormer gives the LLM its N
-    latent tokens (its CLS token is the one bootstrapping aligns with the teacher's embedding). A tower or layer with
-    no CLS token keeps all its tokens ("full"): a SigLIP ViT, a SparseFormer unit before the CLS token is inserted.
+    Every tower drops a CLS token ("default"), as LLaVA-1.5 does for its ViT, so the LLM reads the layer's
+    `num_latent_tokens` (a SparseFormer's CLS token is the one bootstrapping aligns with the teacher's embedding). A
+    layer with no CLS token keeps all its tokens ("full"): a SigLIP ViT, a SparseFormer unit before the CLS token is
+    inserted, a SparseFormer without one.
     """
     feature_layer = -2 if feature_layer is None else feature_layer
-    if isinstance(vision_config, SparseFormerConfig):
-        return feature_layer, "default" if layer_has_cls(vision_config, feature_layer) else "full"
-    if vision_config.model_type == "siglip_vision_model":
-        return feature_layer, "full"
-    return feature_layer, "default"
+    return feature_layer, "default" if layer_tokens(vision_config, feature_layer).has_cls else "full"
 
 
 def vlm_config(
@@ -82,7 +78,7 @@ def vlm_config(
             "vision_feature_layer 0 does not work in transformers' LLaVA (it reads as 'no hidden states');"
             " count the same hidden state from the end instead (its index minus the number of hidden states)"
         )
-    width = feature_width(vision_config, feature_layer)
+    width = layer_tokens(vision_config, feature_layer).width
     if width != vision_config.hidden_size:
         raise ValueError(
             f"vision_feature_layer {feature_layer} has width {width}, but the projector reads the tower's hidden_size "

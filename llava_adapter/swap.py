@@ -1,4 +1,4 @@
-"""`mllm-sparse swap`: put a SparseFormer (or any tower) into an existing llava-hf checkpoint.
+"""What `mllm-sparse swap` does: put a SparseFormer (or any tower) into an existing llava-hf checkpoint.
 
     mllm-sparse swap --llava llava-hf/llava-1.5-7b-hf --encoder runs/encoder --out runs/llava-sparse
 
@@ -8,62 +8,83 @@ That projector is untrained, so the result needs stage-1 training before use.
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
 from mllm_sparse.checkpoint import load_checked
 from mllm_sparse.files import write_json
 
-from .build_vlm import add_tower_arguments, describe
+from .build_vlm import summarize
 from .modeling import model_folder, replace_tower
 from .towers import load_tower, processor_for
 
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mllm-sparse swap", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--llava", required=True, help="a llava-hf checkpoint folder or hub id")
-    add_tower_arguments(parser)
-    parser.add_argument("--out", type=Path, required=True)
-    return parser
+REPORT_NAME = "swap_report.json"
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+@dataclass
+class SwapSettings:
+    """What `mllm-sparse swap` does: one field per option of the command.
+
+    Attributes:
+        llava: a llava-hf checkpoint folder or hub id; its LLM and tokenizer are kept.
+        encoder: the new vision tower: a SparseFormer folder, or a CLIP teacher spec (`open_clip:…`, `hf:…`).
+        out: the model folder to write.
+        num_latent_tokens: with a CLIP spec, average-pool its patch tokens to this many (a square number), the
+            image tokens the LLM reads (CLS not counted); None: every patch token (a SparseFormer folder has its own).
+        projector: the new projector's type, "mlp2x_gelu" or "linear".
+        vision_feature_layer: the tower layer the projector reads; None: -2.
+        vision_select_strategy: "default" (drop the CLS token) or "full"; None: "default" where the layer has a CLS
+            token, else "full".
+        image_aspect_ratio: "pad", "resize" or "crop".
+    """
+
+    llava: str
+    encoder: str
+    out: Path
+    num_latent_tokens: int | None = None
+    projector: str = "mlp2x_gelu"
+    vision_feature_layer: int | None = None
+    vision_select_strategy: str | None = None
+    image_aspect_ratio: str = "pad"
+
+
+def run(settings: SwapSettings) -> dict[str, Any]:
+    """Replace the tower, save the model with a processor for the new tower and `swap_report.json` to `out`.
+
+    Returns:
+        `build_vlm.summarize` of the saved model, with `replaced_tower`: the old tower's model type and image tokens.
+    """
     try:
         model = load_checked(
-            LlavaForConditionalGeneration.from_pretrained, args.llava, what="LLaVA model", model_types=("llava",)
+            LlavaForConditionalGeneration.from_pretrained, settings.llava, what="LLaVA model", model_types=("llava",)
         )
     except OSError as err:
         raise FileNotFoundError(
-            f"LLaVA checkpoint {args.llava!r} could not be loaded ({err}); offline, pass a local llava-hf folder"
+            f"LLaVA checkpoint {settings.llava!r} could not be loaded ({err}); offline, pass a local llava-hf folder"
         ) from err
-    tokenizer = _tokenizer(args.llava)
-    old = (model.config.vision_config.model_type, model.config.image_seq_length)
-    tower = load_tower(args.encoder, args.pool_tokens)
-    model = replace_tower(model, tower.model, args.projector, args.vision_feature_layer, args.vision_select_strategy)
-    processor = processor_for(tower, tokenizer, model.config.image_seq_length, args.image_aspect_ratio)
-    with model_folder(args.out) as tmp:
+    tokenizer = _tokenizer(settings.llava)
+    old = {"model_type": model.config.vision_config.model_type, "image_tokens": model.config.image_seq_length}
+    tower = load_tower(settings.encoder, settings.num_latent_tokens)
+    model = replace_tower(
+        model, tower.model, settings.projector, settings.vision_feature_layer, settings.vision_select_strategy
+    )
+    processor = processor_for(tower, tokenizer, model.config.image_seq_length, settings.image_aspect_ratio)
+    with model_folder(settings.out) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         write_json(
-            tmp / "swap_report.json",
+            tmp / REPORT_NAME,
             {
-                "source": args.llava,
-                "replaced_tower": {"model_type": old[0], "image_tokens": old[1]},
-                "new_tower": {"spec": args.encoder, "image_tokens": model.config.image_seq_length},
+                "source": settings.llava,
+                "replaced_tower": old,
+                "new_tower": {"spec": settings.encoder, "image_tokens": model.config.image_seq_length},
                 "projector": "new, untrained: needs stage-1 training",
             },
         )
-    print(describe(model, args.out))
-    print(
-        f"Replaced a {old[0]} tower ({old[1]} image tokens). The projector is NEW and UNTRAINED: run stage 1 "
-        "(scripts/train_vlm.py --tune_mm_mlp_adapter True) before using this model."
-    )
-    return 0
+    return {**summarize(model, settings.out), "replaced_tower": old}
 
 
 def _tokenizer(path: str):

@@ -23,7 +23,7 @@ from mllm_sparse import SparseFormerConfig
 from mllm_sparse.images import denormalize
 from mllm_sparse.visualize import draw_boxes
 
-from .towers import PooledVisionConfig, layer_has_cls
+from .towers import PooledVisionConfig, layer_tokens
 
 if TYPE_CHECKING:
     from .chat import ChatEngine
@@ -67,25 +67,24 @@ def image_token_regions(model, pixel_values: Tensor) -> Tensor:
     layer = config.vision_feature_layer
     if not isinstance(layer, int):
         raise ValueError(f"image_token_regions needs one vision_feature_layer, got {layer!r}")
-    keep_first = config.vision_feature_select_strategy == "full"
+    # the CLS token, where the layer has one and "full" keeps it, stands for the whole image
+    keep_cls = config.vision_feature_select_strategy == "full" and layer_tokens(vision, layer).has_cls
     batch = pixel_values.shape[0]
-    whole = torch.tensor(WHOLE_IMAGE).expand(batch, 1, 4)
+    first = [torch.tensor(WHOLE_IMAGE).expand(batch, 1, 4)] if keep_cls else []
     if isinstance(vision, SparseFormerConfig):
         tower = model.model.vision_tower
         pixel_values = pixel_values.to(tower.device, next(tower.parameters()).dtype)
         rois = tower(pixel_values, output_hidden_states=[layer]).hidden_rois[layer].float().cpu()
-        first = [whole] if keep_first and layer_has_cls(vision, layer) else []
         regions = torch.cat([*first, rois], dim=1)
     else:
         if isinstance(vision, PooledVisionConfig):
             patches = vision.vision_config.image_size // vision.vision_config.patch_size
-            cells, has_cls = grid_boxes(math.isqrt(vision.num_tokens), patches), True
+            cells = grid_boxes(math.isqrt(vision.num_latent_tokens), patches)
         elif isinstance(vision, (CLIPVisionConfig, SiglipVisionConfig)):
-            cells, has_cls = grid_boxes(vision.image_size // vision.patch_size), isinstance(vision, CLIPVisionConfig)
+            cells = grid_boxes(vision.image_size // vision.patch_size)
         else:
             raise ValueError(f"image_token_regions: unsupported vision tower {type(vision).__name__}")
-        cells = cells.expand(batch, -1, -1)
-        regions = torch.cat([whole, cells], dim=1) if keep_first and has_cls else cells
+        regions = torch.cat([*first, cells.expand(batch, -1, -1)], dim=1)
     if regions.shape[1] != config.image_seq_length:
         raise ValueError(
             f"image_token_regions: {regions.shape[1]} regions for {config.image_seq_length} image tokens "

@@ -3,7 +3,7 @@
 Three kinds of tower, all built by `AutoModel.from_config(config.vision_config)` inside transformers'
 `LlavaModel`, so stock `generate`, `save_pretrained` and `from_pretrained` work for each:
 
-- `SparseFormerModel` (model_type "sparseformer"): N latent tokens (+ CLS), N from the encoder config;
+- `SparseFormerModel` (model_type "sparseformer"): its `num_latent_tokens` (+ CLS), from the encoder config;
 - HF `CLIPVisionModel` ("clip_vision_model"): the full-token baseline, one token per patch;
 - `PooledVisionModel` ("pooled_vision"): a CLIP ViT whose patch tokens are average-pooled to an n×n grid, the
   baseline that asks whether a SparseFormer beats simply pooling the ViT to the same token budget.
@@ -37,28 +37,40 @@ SELECT_STRATEGIES = ("default", "full")
 
 
 class PooledVisionConfig(PretrainedConfig):
-    """A CLIP ViT tower whose patch tokens are average-pooled to `num_tokens` (a square number) per layer.
+    """A CLIP ViT tower whose patch tokens are average-pooled to `num_latent_tokens` (a square number) per layer.
 
     Args:
         vision_config: the ViT's `CLIPVisionConfig` (or its dict).
-        num_tokens: pooled patch tokens per image, n×n; the CLS token is kept in front of them, so LLaVA's
-            "default" selection strategy (drop the first token) yields exactly `num_tokens`.
+        num_latent_tokens: the token budget, pooled patch tokens per image (n×n) that the LLM reads; the CLS token is
+            kept in front of them and not counted, so LLaVA's "default" selection strategy (drop the first token)
+            yields exactly `num_latent_tokens`. A config saved with the old key `num_tokens` (same meaning) loads.
     """
 
     model_type = "pooled_vision"
     sub_configs = {"vision_config": CLIPVisionConfig}
 
-    def __init__(self, vision_config: CLIPVisionConfig | dict | None = None, num_tokens: int = 16, **kwargs):
+    def __init__(
+        self, vision_config: CLIPVisionConfig | dict | None = None, num_latent_tokens: int | None = None, **kwargs
+    ):
+        legacy = kwargs.pop("num_tokens", None)  # the key's name in configs saved before the rename
+        if legacy is not None and num_latent_tokens is not None and legacy != num_latent_tokens:
+            raise ValueError(
+                f"PooledVisionConfig: num_tokens={legacy} and num_latent_tokens={num_latent_tokens} disagree; "
+                "num_tokens is the old name of num_latent_tokens"
+            )
+        num_latent_tokens = next((n for n in (num_latent_tokens, legacy) if n is not None), 16)
         if isinstance(vision_config, dict):
             vision_config = CLIPVisionConfig(**vision_config)
         self.vision_config = vision_config if vision_config is not None else CLIPVisionConfig()
-        side = math.isqrt(num_tokens)
-        if num_tokens < 1 or side * side != num_tokens:
-            raise ValueError(f"PooledVisionConfig: num_tokens must be a square number (n×n grid), got {num_tokens}")
+        if num_latent_tokens < 1 or math.isqrt(num_latent_tokens) ** 2 != num_latent_tokens:
+            raise ValueError(
+                f"PooledVisionConfig: num_latent_tokens must be a square number (n×n grid), got {num_latent_tokens}"
+            )
+        side = math.isqrt(num_latent_tokens)
         grid = self.vision_config.image_size // self.vision_config.patch_size
         if side > grid:
             raise ValueError(f"PooledVisionConfig: a {side}×{side} grid cannot pool a {grid}×{grid} patch grid")
-        self.num_tokens = num_tokens
+        self.num_latent_tokens = num_latent_tokens
         super().__init__(**kwargs)
 
     @property
@@ -97,7 +109,7 @@ class PooledVisionModel(PreTrainedModel):
         cls, patches = tokens[:, :1], tokens[:, 1:]
         batch, num_patches, width = patches.shape
         grid = math.isqrt(num_patches)
-        side = math.isqrt(self.config.num_tokens)
+        side = math.isqrt(self.config.num_latent_tokens)
         patches = patches.transpose(1, 2).reshape(batch, width, grid, grid)
         pooled = F.adaptive_avg_pool2d(patches, side).flatten(2).transpose(1, 2)
         return torch.cat([cls, pooled], dim=1)
@@ -127,49 +139,57 @@ AutoConfig.register(PooledVisionConfig.model_type, PooledVisionConfig, exist_ok=
 AutoModel.register(PooledVisionConfig, PooledVisionModel, exist_ok=True)
 
 
-def feature_width(vision_config: PretrainedConfig, feature_layer: int) -> int:
-    """Channel width of the tokens at `feature_layer` (what the projector's first linear consumes)."""
+@dataclass(frozen=True)
+class LayerTokens:
+    """The tokens a vision tower yields at one layer, as its config gives them.
+
+    Attributes:
+        num_latent_tokens: the image tokens proper, the budget an LLM reads: a SparseFormer's latent tokens, a pooled
+            ViT's grid cells, a ViT's patches; never a CLS token.
+        has_cls: whether a CLS token comes first, before them (LLaVA's "default" selection drops it).
+        width: channels per token.
+    """
+
+    num_latent_tokens: int
+    has_cls: bool
+    width: int
+
+
+def layer_tokens(vision_config: PretrainedConfig, layer: int) -> LayerTokens:
+    """What the tower of `vision_config` yields at hidden state `layer` (negative counts from the end).
+
+    The one place a tower config's token count is read: everything downstream (the LLaVA config's image_seq_length,
+    the processor's placeholders, the regions picture) derives from it.
+    """
     if isinstance(vision_config, SparseFormerConfig):
-        return vision_config.width_configs[feature_layer % vision_config.num_units]
-    return vision_config.hidden_size
+        unit = layer % vision_config.num_units
+        has_cls = vision_config.has_cls_token and unit >= vision_config.cls_token_insert_layer
+        return LayerTokens(vision_config.num_latent_tokens, has_cls, vision_config.width_configs[unit])
+    if isinstance(vision_config, PooledVisionConfig):
+        return LayerTokens(vision_config.num_latent_tokens, True, vision_config.hidden_size)
+    if isinstance(vision_config, (CLIPVisionConfig, SiglipVisionConfig)):
+        patches = (vision_config.image_size // vision_config.patch_size) ** 2
+        return LayerTokens(patches, isinstance(vision_config, CLIPVisionConfig), vision_config.hidden_size)
+    raise ValueError(
+        f"Unsupported vision tower {type(vision_config).__name__}; expected a SparseFormer, CLIP, SigLIP or pooled "
+        "tower"
+    )
 
 
-def layer_has_cls(vision_config: SparseFormerConfig, feature_layer: int) -> bool:
-    """Whether a SparseFormer's unit `feature_layer` (counted from the end when negative) has the CLS token."""
-    unit = feature_layer % vision_config.num_units
-    return vision_config.has_cls_token and unit >= vision_config.cls_token_insert_layer
+def num_image_tokens(vision_config: PretrainedConfig, layer: int, select_strategy: str) -> int:
+    """Image placeholders per image: the features the tower hands the LLM at `layer` after selection.
 
-
-def num_image_tokens(vision_config: PretrainedConfig, feature_layer: int, select_strategy: str) -> int:
-    """Image placeholders per image: the tokens the tower yields at `feature_layer` after selection.
-
-    Taken from the tower config (a SparseFormer's `num_tokens`, a ViT's patch grid, a pooled grid); never a constant.
-    A SparseFormer layer before the CLS token is inserted has only the latent tokens.
+    The layer's `num_latent_tokens`, plus its CLS token where it has one and "full" keeps it ("default" drops it).
     """
     if select_strategy not in SELECT_STRATEGIES:
         raise ValueError(f"vision_feature_select_strategy must be one of {SELECT_STRATEGIES}, got {select_strategy!r}")
-    if isinstance(vision_config, SparseFormerConfig):
-        with_cls = layer_has_cls(vision_config, feature_layer)
-        tokens = vision_config.num_latent_tokens + int(with_cls)
-        if select_strategy == "default" and not with_cls:
-            raise ValueError(
-                f"SparseFormer unit {feature_layer % vision_config.num_units} has no CLS token to drop; use "
-                "vision_feature_select_strategy='full'"
-            )
-    elif isinstance(vision_config, PooledVisionConfig):
-        tokens = 1 + vision_config.num_tokens
-    elif isinstance(vision_config, CLIPVisionConfig):
-        tokens = 1 + (vision_config.image_size // vision_config.patch_size) ** 2
-    elif isinstance(vision_config, SiglipVisionConfig):
-        tokens = (vision_config.image_size // vision_config.patch_size) ** 2
-        if select_strategy == "default":
-            raise ValueError("A SigLIP tower has no CLS token to drop; use vision_feature_select_strategy='full'")
-    else:
+    tokens = layer_tokens(vision_config, layer)
+    if select_strategy == "default" and not tokens.has_cls:
         raise ValueError(
-            f"Unsupported vision tower {type(vision_config).__name__}; expected a SparseFormer, CLIP, SigLIP or "
-            "pooled tower"
+            f"Layer {layer} of the {vision_config.model_type} tower has no CLS token to drop (a SigLIP ViT, or a "
+            "SparseFormer unit before its CLS token is inserted); use vision_feature_select_strategy='full'"
         )
-    return tokens - (1 if select_strategy == "default" else 0)
+    return tokens.num_latent_tokens + int(tokens.has_cls and select_strategy == "full")
 
 
 @dataclass
@@ -181,30 +201,33 @@ class LoadedTower:
     std: tuple[float, ...]
 
 
-def load_tower(spec: str, pool_tokens: int | None = None) -> LoadedTower:
+def load_tower(spec: str, num_latent_tokens: int | None = None) -> LoadedTower:
     """A vision tower for a LLaVA model.
 
     Args:
         spec: a saved tower folder (a bootstrapped SparseFormer, or any `AutoModel` vision tower), or a CLIP teacher
             spec (`open_clip:…`, `hf:…`, see `bootstrap.load_teacher`), which becomes an HF `CLIPVisionModel` (or
             `SiglipVisionModel`): the full-token baseline.
-        pool_tokens: with a CLIP spec, average-pool its patch tokens to this many (a square number): the pooling
-            baseline at the same token budget as a SparseFormer.
+        num_latent_tokens: with a CLIP spec, average-pool its patch tokens to this many (a square number, the CLS
+            token not counted): the pooling baseline at the same token budget as a SparseFormer. None: every patch.
     """
     if spec.startswith(("open_clip:", "hf:")):
         from bootstrap import load_teacher
 
         teacher = load_teacher(spec)
         clip = teacher.to_hf_vision()
-        if pool_tokens is not None and not isinstance(clip.config, CLIPVisionConfig):
-            raise ValueError(f"--pool-tokens: the pooling baseline needs a CLIP ViT teacher; {spec} is not one")
-        if pool_tokens is not None:
-            tower = PooledVisionModel(PooledVisionConfig(clip.config, num_tokens=pool_tokens))
+        if num_latent_tokens is not None and not isinstance(clip.config, CLIPVisionConfig):
+            raise ValueError(f"--num-latent-tokens: the pooling baseline needs a CLIP ViT teacher; {spec} is not one")
+        if num_latent_tokens is not None:
+            tower = PooledVisionModel(PooledVisionConfig(clip.config, num_latent_tokens=num_latent_tokens))
             tower.vit.load_state_dict(clip.state_dict(), strict=True)
             clip = tower.eval()
         return LoadedTower(clip, tuple(teacher.arch.mean), tuple(teacher.arch.std))
-    if pool_tokens is not None:
-        raise ValueError("--pool-tokens applies to a CLIP teacher spec (open_clip:… or hf:…), not a saved tower")
+    if num_latent_tokens is not None:
+        raise ValueError(
+            "--num-latent-tokens pools a CLIP teacher spec (open_clip:… or hf:…); a saved tower folder's config sets "
+            "its own token budget"
+        )
     from pathlib import Path
 
     from mllm_sparse.configuration import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
@@ -220,7 +243,8 @@ def load_tower(spec: str, pool_tokens: int | None = None) -> LoadedTower:
     return LoadedTower(model, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
 
 
-def processor_for(tower: LoadedTower, tokenizer, num_tokens: int, image_aspect_ratio: str = "pad"):
-    """The `SparseLlavaProcessor` of a model with this tower: its image size and normalisation, N placeholders."""
+def processor_for(tower: LoadedTower, tokenizer, num_image_tokens: int, image_aspect_ratio: str = "pad"):
+    """The `SparseLlavaProcessor` of a model with this tower: its image size and normalisation, and
+    `num_image_tokens` placeholders per image (the model config's `image_seq_length`)."""
     image_processor = build_image_processor(tower.model.config.image_size, tower.mean, tower.std, image_aspect_ratio)
-    return build_processor(tokenizer, image_processor, num_tokens)
+    return build_processor(tokenizer, image_processor, num_image_tokens)

@@ -2,12 +2,17 @@
 benchmarks, so that a quickstart run, an ablation arm and a benchmark arm are the same pipeline at different sizes.
 The learning rates and batch sizes were chosen on the synthetic world.
 
-Each function returns the argument list of a stage's `main(argv)`, exactly what a user would type after the command.
+Each function returns a stage's typed settings, or, for a stage not yet given them, the argument list of its
+`main(argv)`: exactly what a user would type after the command.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from llava_adapter.evaluate import EvalVlmSettings
 
 # The bootstrap's region term: with it a 16-token SparseFormer keeps small objects (token probe small-only AUC
 # 0.602 -> 0.866 at weight 4; 12 gives 0.869), README § Speed.
@@ -82,12 +87,13 @@ def train_vlm_arguments(
     ]  # fmt: skip
 
 
-def eval_vlm_arguments(
+def eval_vlm_settings(
     model: Path, test_data: Path, image_folder: Path, out: Path, limit: int | None, progress: bool = True
-) -> list[str]:
+) -> EvalVlmSettings:
     """`mllm-sparse eval-vlm` of `model` on `test_data` (the first `limit` records; None or 0: all)."""
-    return [
-        "--model", str(model), "--data", str(test_data), "--image_folder", str(image_folder),
-        "--template", TEMPLATE, "--batch-size", "32", "--max-new-tokens", "8", "--out", str(out),
-        *(["--limit", str(limit)] if limit else []), *([] if progress else ["--no-progress"]),
-    ]  # fmt: skip
+    from llava_adapter.evaluate import EvalVlmSettings  # here: the commands' --help reads this module, without torch
+
+    return EvalVlmSettings(
+        model=model, data=test_data, image_folder=image_folder, template=TEMPLATE, batch_size=32, max_new_tokens=8,
+        out=out, limit=limit or None, progress=progress,
+    )  # fmt: skip

@@ -1,4 +1,4 @@
-"""`mllm-sparse demo`: a Gradio chat with a LLaVA model that shows where its image tokens look.
+"""What `mllm-sparse demo` does: a Gradio chat with a LLaVA model that shows where its image tokens look.
 
     mllm-sparse demo --model runs/quickstart/stage2 --template chat_template
     mllm-sparse demo --model runs/stage2-merged --host 0.0.0.0 --port 7860
@@ -21,7 +21,6 @@ message, the chat so far, whether to show attention) → the chat, the picture a
 
 from __future__ import annotations
 
-import argparse
 import threading
 import warnings
 import weakref
@@ -34,7 +33,6 @@ import gradio as gr  # at module level: Gradio resolves the handlers' `gr.Reques
 from PIL import Image, UnidentifiedImageError
 
 from llava_adapter.chat import ChatEngine, ChatReply
-from llava_adapter.conversation import TEMPLATES
 from llava_adapter.token_regions import answer_attention, model_input, regions_picture
 from mllm_sparse.images import ImageLoadError, load_image
 
@@ -315,65 +313,65 @@ def launch(
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mllm-sparse demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--model", type=Path, required=True, help="a saved LLaVA folder (model + processor)")
-    parser.add_argument("--template", choices=TEMPLATES, default="vicuna_v1", help="the template the model trained on")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines")
-    parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--share", action="store_true", help="also open a public Gradio link (needs the internet)")
-    parser.add_argument("--device", help="cuda, cpu, cuda:1, ... (default: cuda if available)")
-    parser.add_argument("--dtype", help="cast the model, e.g. bfloat16 (default: as saved)")
-    parser.add_argument(
-        "--max-upload-mb",
-        type=float,
-        default=DEFAULT_MAX_UPLOAD_MB,
-        help="larger uploads are refused (MiB; default %(default)g)",
-    )
-    parser.add_argument(
-        "--max-image-megapixels",
-        type=float,
-        default=DEFAULT_MAX_MEGAPIXELS,
-        help=f"larger images are refused undecoded (default %(default)g; at most PIL's {PIL_MAX_MEGAPIXELS:.0f})",
-    )
-    parser.add_argument(
-        "--session-ttl-minutes",
-        type=float,
-        default=DEFAULT_SESSION_TTL_MINUTES,
-        help="a conversation idle this long is freed, as one whose page closes (default %(default)g)",
-    )
-    parser.add_argument(
-        "--max-sessions",
-        type=int,
-        default=DEFAULT_MAX_SESSIONS,
-        help="sessions kept at once; the oldest are dropped (default %(default)s)",
-    )
-    return parser
+@dataclass
+class DemoSettings:
+    """What `mllm-sparse demo` does: one field per option of the command.
+
+    Attributes:
+        model: a saved LLaVA folder (model + processor).
+        template: the conversation template the model trained on.
+        max_new_tokens: answer length limit.
+        host: the address to serve on ("0.0.0.0" serves other machines).
+        port: the port to serve on.
+        share: also open a public Gradio link (needs the internet).
+        device: "cuda", "cpu", "cuda:1", ...; None: cuda if available.
+        dtype: cast the model, e.g. "bfloat16"; None: as saved.
+        max_upload_mb: larger uploads are refused as they stream in (MiB).
+        max_image_megapixels: larger images are refused before they are decoded (at most PIL's limit).
+        session_ttl_minutes: a conversation idle this long is freed, as one whose page closes.
+        max_sessions: sessions kept at once; the oldest are dropped.
+    """
+
+    model: Path
+    template: str = "vicuna_v1"
+    max_new_tokens: int = 64
+    host: str = "127.0.0.1"
+    port: int = 7860
+    share: bool = False
+    device: str | None = None
+    dtype: str | None = None
+    max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB
+    max_image_megapixels: float = DEFAULT_MAX_MEGAPIXELS
+    session_ttl_minutes: float = DEFAULT_SESSION_TTL_MINUTES
+    max_sessions: int = DEFAULT_MAX_SESSIONS
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
-    if not 0 < args.max_image_megapixels <= PIL_MAX_MEGAPIXELS:
+def check_settings(settings: DemoSettings) -> None:
+    """Raise `ValueError` naming the option when a setting is out of range (before the model loads)."""
+    if settings.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be positive, got {settings.max_new_tokens}")
+    if not 0 < settings.max_image_megapixels <= PIL_MAX_MEGAPIXELS:
         raise ValueError(
-            f"--max-image-megapixels must be in (0, {PIL_MAX_MEGAPIXELS:.0f}], got {args.max_image_megapixels}"
+            f"--max-image-megapixels must be in (0, {PIL_MAX_MEGAPIXELS:.0f}], got {settings.max_image_megapixels}"
         )
-    if args.session_ttl_minutes * 60 < 1:
-        raise ValueError(f"--session-ttl-minutes must be at least 1/60, got {args.session_ttl_minutes}")
-    if args.max_upload_mb <= 0:
-        raise ValueError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
-    if args.max_sessions < 1:
-        raise ValueError(f"--max-sessions must be positive, got {args.max_sessions}")
-    engine = ChatEngine.from_pretrained(args.model, template=args.template, device=args.device, dtype=args.dtype)
-    sessions = DemoSessions(engine, max_pixels=int(args.max_image_megapixels * 1e6), max_new_tokens=args.max_new_tokens)
-    app = build_app(sessions, f"mllm-sparse chat: {args.model}", round(60 * args.session_ttl_minutes))
-    launch(app, args.host, args.port, args.share, args.max_upload_mb, args.max_sessions)
-    return 0
+    if settings.session_ttl_minutes * 60 < 1:
+        raise ValueError(f"--session-ttl-minutes must be at least 1/60, got {settings.session_ttl_minutes}")
+    if settings.max_upload_mb <= 0:
+        raise ValueError(f"--max-upload-mb must be positive, got {settings.max_upload_mb}")
+    if settings.max_sessions < 1:
+        raise ValueError(f"--max-sessions must be positive, got {settings.max_sessions}")
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def run(settings: DemoSettings, block: bool = True):
+    """Load the model and serve the chat page; with `block` (the command's way) this returns only when the server
+    stops. Returns the Gradio app (`block=False`: once it serves, to be closed by the caller)."""
+    check_settings(settings)
+    engine = ChatEngine.from_pretrained(
+        settings.model, template=settings.template, device=settings.device, dtype=settings.dtype
+    )
+    sessions = DemoSessions(
+        engine, max_pixels=int(settings.max_image_megapixels * 1e6), max_new_tokens=settings.max_new_tokens
+    )
+    app = build_app(sessions, f"mllm-sparse chat: {settings.model}", round(60 * settings.session_ttl_minutes))
+    launch(app, settings.host, settings.port, settings.share, settings.max_upload_mb, settings.max_sessions, block)
+    return app

@@ -116,7 +116,8 @@ def run_pipeline(args: QuickstartSettings, s: dict[str, Any]) -> dict[str, Path]
     from bootstrap import train as bootstrap_train
     from bootstrap import train_teacher
     from llava_adapter import evaluate, train
-    from llava_adapter.build_vlm import main as build_vlm_main
+    from llava_adapter.build_vlm import BuildVlmSettings
+    from llava_adapter.build_vlm import run as build_vlm
     from mllm_sparse.synth import cli as synth_cli
 
     from . import scene_llm
@@ -143,8 +144,8 @@ def run_pipeline(args: QuickstartSettings, s: dict[str, Any]) -> dict[str, Path]
              "--record-steps", str(s["llm_record_steps"]),
              "--eval-every", str(min(500, s["llm_question_steps"] + s["llm_record_steps"])), "--seed", seed,
              *threads, *resume_flag(llm)]), resumable=True)
-    stages.run("vlm", vlm, lambda: build_vlm_main(
-        ["--encoder", str(encoder), "--llm", str(llm), "--projector", "mlp2x_gelu", "--out", str(vlm), "--seed", seed]))
+    stages.run("vlm", vlm, lambda: build_vlm(BuildVlmSettings(
+        encoder=str(encoder), llm=str(llm), out=vlm, projector="mlp2x_gelu", seed=args.seed)))
     train_data = world / "llava_train.json"
     stages.run("stage1", paths["stage1"], lambda: train.main(defaults.train_vlm_arguments(
         vlm, paths["stage1"], train_data, world, s["vlm_epochs"], 0.0, defaults.STAGE1_PROJECTOR_LR, seed=args.seed)),
@@ -152,9 +153,9 @@ def run_pipeline(args: QuickstartSettings, s: dict[str, Any]) -> dict[str, Path]
     stages.run("stage2", paths["stage2"], lambda: train.main(defaults.train_vlm_arguments(
         paths["stage1"], paths["stage2"], train_data, world, s["vlm_epochs"], defaults.STAGE2_LR, defaults.STAGE2_LR,
         seed=args.seed)), resumable=True, inputs=("stage1",))
-    stages.run("eval", paths["eval"], lambda: evaluate.main(
-        defaults.eval_vlm_arguments(paths["stage2"], world / "llava_test.json", world, paths["eval"],
-                                  s["eval_records"])))
+    stages.run("eval", paths["eval"], lambda: evaluate.run(
+        defaults.eval_vlm_settings(paths["stage2"], world / "llava_test.json", world, paths["eval"],
+                                   s["eval_records"])))
     stages.run("show", paths["show"], lambda: show(paths["stage2"], world, paths["show"]))
     # fmt: on
     return paths
@@ -311,7 +312,7 @@ def to_markdown(r: dict[str, Any]) -> str:
         "```bash",
         f"uv run mllm-sparse demo --model {folders['stage2']} --template {defaults.TEMPLATE}    # chat in the browser",
         f"uv run mllm-sparse eval-vlm --model {folders['stage2']} --data {folders['world']}/llava_test.json "
-        f"--image_folder {folders['world']} --template {defaults.TEMPLATE}",
+        f"--image-folder {folders['world']} --template {defaults.TEMPLATE}",
         f"uv run mllm-sparse inspect {folders['encoder']} --image {image} --points --out roi.png",
         "```",
         "",

@@ -135,7 +135,7 @@ def check_settings(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
     return settings
 
 
-def arm_recipe(settings: dict[str, Any], tower: list[str]) -> dict[str, Any]:
+def arm_recipe(settings: dict[str, Any], tower: dict[str, Any]) -> dict[str, Any]:
     """What an arm is built and trained from (its `arm.json`)."""
     skip = ("bootstrap_data", "bootstrap_steps")  # the encoder's business: its folder is in `tower`
     return {"tower": tower, "tokenizer_corpus": settings["tokenizer_corpus"],
@@ -147,14 +147,15 @@ def encoder_folders(settings: dict[str, Any], out: Path) -> dict[int, str]:
     return {n: settings["encoders"].get(n) or str((out / "encoders" / f"n{n}").resolve()) for n in settings["budgets"]}
 
 
-def arm_towers(settings: dict[str, Any], encoders: dict[int, str]) -> dict[str, list[str]]:
-    """Arm name → its `build-vlm` tower arguments, in report order: vit, then per budget sparseformer-N, pooled-N."""
+def arm_towers(settings: dict[str, Any], encoders: dict[int, str]) -> dict[str, dict[str, Any]]:
+    """Arm name → its tower (`BuildVlmSettings` fields), in report order: vit, then per budget sparseformer-N,
+    pooled-N."""
     teacher = settings["teacher"]
-    towers = {"vit": ["--encoder", teacher]} if "vit" in settings["baselines"] else {}
+    towers = {"vit": {"encoder": teacher}} if "vit" in settings["baselines"] else {}
     for n in settings["budgets"]:
-        towers[f"sparseformer-{n}"] = ["--encoder", encoders[n]]
+        towers[f"sparseformer-{n}"] = {"encoder": encoders[n]}
         if "pooled" in settings["baselines"]:
-            towers[f"pooled-{n}"] = ["--encoder", teacher, "--pool-tokens", str(n)]
+            towers[f"pooled-{n}"] = {"encoder": teacher, "num_latent_tokens": n}
     return towers
 
 
@@ -193,20 +194,22 @@ def bootstrap_encoders(settings: dict[str, Any], out: Path) -> dict[int, str]:
     return encoders
 
 
-def train_arm(settings: dict[str, Any], name: str, tower: list[str], out: Path) -> None:
+def train_arm(settings: dict[str, Any], name: str, tower: dict[str, Any], out: Path) -> None:
     """Build one arm, train its stages and score it after each (OUT/arms/NAME/{base,stage1,stage2,eval_*})."""
+    from dataclasses import replace
+
     from llava_adapter import evaluate, train
-    from llava_adapter.build_vlm import main as build_vlm_main
+    from llava_adapter.build_vlm import BuildVlmSettings
+    from llava_adapter.build_vlm import run as build_vlm
 
     folder = out / "arms" / name
     if not (folder / "arm.json").is_file():  # a recorded one was checked by `check_settings`
         write_json(folder / "arm.json", arm_recipe(settings, tower))
     stages = Stages(folder, f"ablate {name}")
     seed = settings["seed"]
-    corpus = [] if settings["tokenizer_corpus"] is None else ["--tokenizer-corpus", settings["tokenizer_corpus"]]
-    stages.run("base", folder / "base", lambda: build_vlm_main(
-        [*tower, "--llm", settings["llm"], *corpus, "--projector", "mlp2x_gelu", "--out", str(folder / "base"),
-         "--seed", str(seed)]))  # fmt: skip
+    stages.run("base", folder / "base", lambda: build_vlm(BuildVlmSettings(
+        **tower, llm=settings["llm"], tokenizer_corpus=settings["tokenizer_corpus"], projector="mlp2x_gelu",
+        out=folder / "base", seed=seed)))  # fmt: skip
     plan = [("stage1", folder / "base", settings["stage1_epochs"], settings["lr"], settings["projector_lr"])]
     if settings["stage2_epochs"]:
         plan.append(
@@ -223,10 +226,10 @@ def train_arm(settings: dict[str, Any], name: str, tower: list[str], out: Path) 
         scored = evaluation / evaluate.JSON_NAME
         if stages.is_done(evaluation.name) and read_json(scored).get("limit") != settings["eval_limit"]:
             stages.marker(evaluation.name).unlink()  # scored on other records: score again
-        command = [*defaults.eval_vlm_arguments(folder / stage, Path(settings["test_data"]), images, evaluation,
-                                              settings["eval_limit"], progress=False),
-                   "--max-new-tokens", str(settings["max_new_tokens"])]  # fmt: skip
-        stages.run(evaluation.name, evaluation, lambda command=command: evaluate.main(command))
+        scoring = replace(defaults.eval_vlm_settings(folder / stage, Path(settings["test_data"]), images, evaluation,
+                                                     settings["eval_limit"], progress=False),
+                          max_new_tokens=settings["max_new_tokens"])  # fmt: skip
+        stages.run(evaluation.name, evaluation, lambda scoring=scoring: evaluate.run(scoring))
 
 
 def stage_names(settings: dict[str, Any]) -> list[str]:

@@ -239,3 +239,15 @@ def test_eval_vlm_errors(vlm_dir, image_folder, write_data, tmp_path, capsys):
     roles[2]["conversations"].reverse()
     with pytest.raises(RecordError, match="'r3'.*roles"):
         load_records(write_data(roles, "roles.json"), image_folder)
+
+
+def test_eval_vlm_shows_one_spelling_per_flag_and_still_reads_llavas():
+    from mllm_sparse_recipes.commands.eval_vlm import build_parser
+
+    parser = build_parser()
+    shown = parser.format_help()
+    for new in ("--image-folder", "--batch-size", "--max-new-tokens", "--skip-bad-records"):
+        assert new in shown and new.replace("-", "_").replace("__", "--") not in shown
+    args = parser.parse_args(["--model", "m", "--data", "d", "--image_folder", "i", "--batch_size", "3",
+                              "--skip_bad_records"])  # fmt: skip
+    assert (str(args.image_folder), args.batch_size, args.skip_bad_records, args.max_new_tokens) == ("i", 3, True, 16)

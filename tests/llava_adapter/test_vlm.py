@@ -16,6 +16,7 @@ from transformers import (
     AutoProcessor,
     CLIPImageProcessor,
     CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -27,7 +28,6 @@ from transformers import (
 )
 
 import mllm_sparse
-from llava_adapter import swap
 from llava_adapter.llms import TINY_LLMS, load_llm
 from llava_adapter.modeling import (
     build_vlm,
@@ -36,7 +36,8 @@ from llava_adapter.modeling import (
     projector_state_dict,
     save_projector,
 )
-from llava_adapter.towers import PooledVisionConfig, PooledVisionModel, num_image_tokens
+from llava_adapter.towers import LayerTokens, PooledVisionConfig, PooledVisionModel, layer_tokens, num_image_tokens
+from mllm_sparse_recipes.commands import swap
 
 
 def red_image(size=(80, 40)) -> Image.Image:
@@ -57,7 +58,7 @@ def test_build_save_and_reload_in_a_fresh_process_then_generate(tokenizer, tmp_p
     image_path = tmp_path / "red.png"
     red_image().save(image_path)
     code = f"""
-import json, mllm_sparse
+import json, llava_adapter  # registers the SparseFormer, the pooled tower and the processor
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 model = AutoModelForImageTextToText.from_pretrained({str(tmp_path)!r}).eval()
@@ -123,7 +124,7 @@ def test_processor_takes_n_from_the_tower_not_a_patch_formula(tokenizer):
     assert default_feature_selection(vision, -vision.num_units) == (-vision.num_units, "full")
     clip = CLIPVisionConfig(image_size=64, patch_size=16)
     assert num_image_tokens(clip, -2, "default") == 16
-    assert num_image_tokens(PooledVisionConfig(clip, num_tokens=4), -2, "default") == 4
+    assert num_image_tokens(PooledVisionConfig(clip, num_latent_tokens=4), -2, "default") == 4
 
 
 def test_pooled_tower_averages_patch_grids():
@@ -131,7 +132,7 @@ def test_pooled_tower_averages_patch_grids():
     clip = CLIPVisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=64, patch_size=16
     )
-    tower = PooledVisionModel(PooledVisionConfig(clip, num_tokens=4)).eval()
+    tower = PooledVisionModel(PooledVisionConfig(clip, num_latent_tokens=4)).eval()
     pixels = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         full = tower.vit(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
@@ -142,7 +143,7 @@ def test_pooled_tower_averages_patch_grids():
     torch.testing.assert_close(pooled[:, 0], full[:, 0])
     torch.testing.assert_close(pooled[:, 1], top_left)
     with pytest.raises(ValueError, match="square number"):
-        PooledVisionConfig(clip, num_tokens=5)
+        PooledVisionConfig(clip, num_latent_tokens=5)
 
 
 def test_projector_round_trip_and_llava_bin_keys(tokenizer, tmp_path):
@@ -272,7 +273,7 @@ def test_siglip_teacher_is_a_full_token_tower(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="no CLS token to drop"):
         num_image_tokens(tower.model.config, -2, "default")
     with pytest.raises(ValueError, match="needs a CLIP ViT teacher"):
-        load_tower(f"hf:{tmp_path / 'siglip'}", pool_tokens=4)
+        load_tower(f"hf:{tmp_path / 'siglip'}", num_latent_tokens=4)
     model = build_vlm(tower.model, tiny_llm(tokenizer), tokenizer, "mlp2x_gelu").eval()
     assert model.config.image_seq_length == 16
     with torch.no_grad():
@@ -295,3 +296,123 @@ def test_tiny_llm_from_a_corpus_inits_at_one_over_sqrt_width(name, tmp_path):
     assert weights.std().item() == pytest.approx(width**-0.5, rel=0.05)
     with pytest.raises(ValueError, match="tokenizer-corpus"):
         load_llm(name)
+
+
+# ----------------------------------------------------------------------------------- the token budget, one name
+
+
+def test_a_pooled_config_saved_with_the_old_key_still_loads(tmp_path):
+    clip = CLIPVisionConfig(image_size=64, patch_size=16)
+    saved = PooledVisionConfig(clip, num_latent_tokens=4).to_dict()
+    assert saved["num_latent_tokens"] == 4 and "num_tokens" not in saved
+    old = {k: v for k, v in saved.items() if k != "num_latent_tokens"} | {"num_tokens": 9}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    loaded = PooledVisionConfig.from_pretrained(tmp_path)
+    assert loaded.num_latent_tokens == 9 and not hasattr(loaded, "num_tokens")
+    # inside a saved LLaVA config, the way a model folder holds it
+    llava = LlavaConfig(vision_config=old, text_config=LlamaConfig(**LLM_SIZES).to_dict())
+    assert llava.vision_config.num_latent_tokens == 9
+    with pytest.raises(ValueError, match="num_tokens is the old name"):
+        PooledVisionConfig(clip, num_latent_tokens=4, num_tokens=9)
+
+
+def test_layer_tokens_read_the_budget_from_each_tower_config():
+    with_cls = mllm_sparse.create_model("test_sparseformer_btsp").config
+    without_cls = no_cls_sparseformer().config
+    clip = CLIPVisionConfig(image_size=64, patch_size=16, hidden_size=32, num_attention_heads=2)
+    assert layer_tokens(with_cls, -2) == LayerTokens(15, True, 64)
+    assert layer_tokens(with_cls, 0) == LayerTokens(15, False, 32)  # before the CLS token is inserted
+    assert layer_tokens(without_cls, -2) == LayerTokens(12, False, 64)
+    assert layer_tokens(PooledVisionConfig(clip, num_latent_tokens=4), -2) == LayerTokens(4, True, 32)
+    assert layer_tokens(clip, -2) == LayerTokens(16, True, 32)
+
+
+def no_cls_sparseformer():
+    """The test SparseFormer with 12 latent tokens and no CLS token (its head averages the latent tokens)."""
+    return mllm_sparse.create_model(
+        "test_sparseformer_btsp", cls_token_insert_layer=0, head_op="latent_avg", num_latent_tokens=12
+    )
+
+
+def tiny_clip(folder):
+    """A 64-px CLIP ViT with 16-px patches (a 4×4 grid, 16 patch tokens + CLS), saved as an `hf:` teacher."""
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=64, patch_size=16
+    )
+    CLIPVisionModelWithProjection(config).save_pretrained(folder)
+    return f"hf:{folder}"
+
+
+@pytest.fixture
+def towers(tmp_path) -> dict[str, tuple[list[str], int]]:
+    """Tower name → (its `--encoder ...` options, N: the budget, the image tokens the LLM should read)."""
+    mllm_sparse.create_model("test_sparseformer_btsp").save_pretrained(tmp_path / "sf-cls")
+    no_cls_sparseformer().save_pretrained(tmp_path / "sf-no-cls")
+    clip = tiny_clip(tmp_path / "clip")
+    return {
+        "sparseformer-cls": (["--encoder", str(tmp_path / "sf-cls")], 15),
+        "sparseformer-no-cls": (["--encoder", str(tmp_path / "sf-no-cls")], 12),
+        "pooled": (["--encoder", clip, "--num-latent-tokens", "4"], 4),
+        "vit": (["--encoder", clip], 16),
+    }
+
+
+@pytest.mark.parametrize("command", ["build-vlm", "swap"])
+@pytest.mark.parametrize("tower", ["sparseformer-cls", "sparseformer-no-cls", "pooled", "vit"])
+def test_the_llm_reads_exactly_the_budget(command, tower, towers, tokenizer, tmp_path, capsys):
+    """For every kind of tower, both commands give a model whose tower hands the LLM N features and whose processor
+    inserts N placeholders, N the tower's budget; stock `generate` runs on the saved folder."""
+    options, n = towers[tower]
+    if command == "build-vlm":
+        llm = tmp_path / "llm"
+        tiny_llm(tokenizer).save_pretrained(llm)
+        tokenizer.save_pretrained(llm)
+        source = ["--llm", str(llm)]
+    else:
+        make_llava_hf(tokenizer, tmp_path / "llava-hf")
+        source = ["--llava", str(tmp_path / "llava-hf")]
+    out = tmp_path / "vlm"
+    assert run(capsys, command, *source, *options, "--out", str(out)) == 0
+    assert f"→ {n} image tokens" in capsys.readouterr().out
+    model = AutoModelForImageTextToText.from_pretrained(out).eval()
+    processor = AutoProcessor.from_pretrained(out)
+    assert model.config.image_seq_length == processor.num_image_tokens == n
+    batch = processor(images=[red_image()], text=["<image>\nWhat colour?"], return_tensors="pt")
+    assert int((batch["input_ids"] == model.config.image_token_id).sum()) == n
+    with torch.no_grad():
+        features = model.get_image_features(pixel_values=batch["pixel_values"], return_dict=True).pooler_output
+    assert [tuple(f.shape) for f in features] == [(n, model.config.text_config.hidden_size)]
+    generated = model.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert generated.shape[1] == batch["input_ids"].shape[1] + 3
+
+
+def test_the_old_pool_tokens_flag_still_works_and_says_what_it_became(tokenizer, tmp_path, capsys):
+    make_llava_hf(tokenizer, tmp_path / "llava-hf")
+    clip = tiny_clip(tmp_path / "clip")
+    args = ["swap", "--llava", str(tmp_path / "llava-hf"), "--encoder", clip, "--out", str(tmp_path / "vlm")]
+    assert run(capsys, *args, "--pool-tokens", "4") == 0
+    err = capsys.readouterr().err
+    assert "--pool-tokens is deprecated: use --num-latent-tokens 4" in err
+    assert AutoModelForImageTextToText.from_pretrained(tmp_path / "vlm").config.image_seq_length == 4
+    assert run(capsys, *args, "--pool-tokens", "4", "--num-latent-tokens", "4") == 2
+    one_line(capsys, "give --num-latent-tokens only")
+    # a saved tower's config sets its own budget
+    mllm_sparse.create_model("test_sparseformer_btsp").save_pretrained(tmp_path / "sf")
+    args[args.index(clip)] = str(tmp_path / "sf")
+    assert run(capsys, *args, "--num-latent-tokens", "4") == 2
+    one_line(capsys, "--num-latent-tokens", "its own token budget")
+
+
+def test_the_commands_choices_are_the_librarys():
+    from llava_adapter.conversation import TEMPLATES
+    from llava_adapter.modeling import PROJECTORS
+    from llava_adapter.processing import IMAGE_ASPECT_RATIOS
+    from llava_adapter.towers import SELECT_STRATEGIES
+    from mllm_sparse_recipes.commands import _vlm_options as options
+
+    assert set(options.PROJECTORS) == set(PROJECTORS)
+    assert options.SELECT_STRATEGIES == SELECT_STRATEGIES
+    assert options.IMAGE_ASPECT_RATIOS == IMAGE_ASPECT_RATIOS
+    assert options.TEMPLATES == TEMPLATES
+    assert options.TINY_LLMS == tuple(TINY_LLMS)

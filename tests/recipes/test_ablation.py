@@ -169,4 +169,4 @@ def test_arm_towers_order_and_baselines():
     settings = {"teacher": "open_clip:T@w", "budgets": [49, 16], "baselines": ["pooled"]}
     towers = arm_towers(settings, {49: "e49", 16: "e16"})
     assert list(towers) == ["sparseformer-49", "pooled-49", "sparseformer-16", "pooled-16"]
-    assert towers["pooled-16"] == ["--encoder", "open_clip:T@w", "--pool-tokens", "16"]
+    assert towers["pooled-16"] == {"encoder": "open_clip:T@w", "num_latent_tokens": 16}

@@ -25,7 +25,8 @@ from llava_adapter.chat import ChatEngine
 from llava_adapter.modeling import build_vlm
 from llava_adapter.token_regions import answer_attention, grid_boxes, image_token_regions
 from llava_adapter.towers import PooledVisionConfig, PooledVisionModel
-from mllm_sparse_recipes.demo import Conversation, DemoSessions, build_app, build_parser, launch, regions_picture
+from mllm_sparse_recipes.commands.demo import build_parser
+from mllm_sparse_recipes.demo import Conversation, DemoSessions, DemoSettings, build_app, launch, regions_picture, run
 
 TEMPLATE = "vicuna_v1"
 GEN = dict(max_new_tokens=5, min_new_tokens=5)
@@ -89,7 +90,7 @@ def test_pooled_regions_are_the_patches_each_pooled_token_averages():
     overlap; a patch lies inside a pooled token's box exactly when it contributes to that token."""
     clip = CLIPVisionConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
                             image_size=112, patch_size=8)  # fmt: skip
-    tower = PooledVisionModel(PooledVisionConfig(clip, num_tokens=16))
+    tower = PooledVisionModel(PooledVisionConfig(clip, num_latent_tokens=16))
     one_hot = torch.eye(196).unsqueeze(0)  # patch p carries feature p
     pooled = tower.pool(torch.cat([torch.zeros(1, 1, 196), one_hot], dim=1))[0, 1:]  # [16 tokens, 196 patches]
     centres = (grid_boxes(14)[:, :2] + grid_boxes(14)[:, 2:]) / 2
@@ -289,6 +290,37 @@ def test_the_demo_bounds_a_visitor_by_default():
     args = build_parser().parse_args(["--model", "m"])
     assert (args.max_upload_mb, args.max_image_megapixels) == (20, 50)
     assert (args.session_ttl_minutes, args.max_sessions) == (60, 1000)
+    settings = DemoSettings(model=Path("m"))
+    assert (settings.max_upload_mb, settings.max_image_megapixels) == (20, 50)
+    assert (settings.session_ttl_minutes, settings.max_sessions) == (60, 1000)
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "flag"),
+    [
+        ("max_new_tokens", 0, "--max-new-tokens"),
+        ("max_image_megapixels", 90, "--max-image-megapixels"),
+        ("session_ttl_minutes", 0.001, "--session-ttl-minutes"),
+        ("max_upload_mb", 0, "--max-upload-mb"),
+        ("max_sessions", 0, "--max-sessions"),
+    ],
+)
+def test_run_refuses_a_bad_setting_before_the_model_loads(tmp_path, setting, value, flag):
+    settings = DemoSettings(model=tmp_path / "no-such-model", **{setting: value})
+    with pytest.raises(ValueError, match=flag):
+        run(settings)
+
+
+def test_run_serves_the_page(vlm_dir, gradio_env):
+    import httpx
+
+    port = free_port()
+    app = run(DemoSettings(model=vlm_dir, template=TEMPLATE, device="cpu", port=port), block=False)
+    try:
+        page = httpx.get(f"http://127.0.0.1:{port}/", timeout=30)
+        assert page.status_code == 200 and f"mllm-sparse chat: {vlm_dir}" in page.text
+    finally:
+        app.close()
 
 
 def png_header(width: int, height: int) -> bytes:
