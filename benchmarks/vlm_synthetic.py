@@ -71,11 +71,12 @@ def arms(args) -> dict[str, dict[str, Any]]:
 
 def build_arm(args, tower: dict[str, Any], base: Path) -> None:
     """`build-vlm` an arm's untrained VLM (tower, `mlp2x_gelu` projector, `args.llm`) into `base` unless there."""
-    from llava_adapter.build_vlm import BuildVlmSettings, run
+    from llava_adapter.build_vlm import BuildVlmSettings
+    from llava_adapter.build_vlm import run as build_vlm
 
     if not (base / "config.json").is_file():
-        run(BuildVlmSettings(**tower, llm=str(args.llm), tokenizer_corpus=args.world, projector="mlp2x_gelu",
-                             out=base, seed=0))  # fmt: skip
+        build_vlm(BuildVlmSettings(**tower, llm=str(args.llm), tokenizer_corpus=args.world, projector="mlp2x_gelu",
+                                   out=base, seed=0))  # fmt: skip
 
 
 def llm_origin(llm: str) -> str:
