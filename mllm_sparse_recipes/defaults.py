@@ -8,6 +8,10 @@ Each function returns the argument list of a stage's `main(argv)`, exactly what 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bootstrap.train import BootstrapSettings
 
 # The bootstrap's region term: with it a 16-token SparseFormer keeps small objects (token probe small-only AUC
 # 0.602 -> 0.866 at weight 4; 12 gives 0.869), README § Speed.
@@ -31,25 +35,27 @@ def teacher_spec(teacher: Path) -> str:
     return f"open_clip:{model}@{teacher / 'open_clip_model.safetensors'}"
 
 
-def bootstrap_arguments(
+def bootstrap_settings(
     teacher: str,
     data: Path,
     out: Path,
     num_latent_tokens: int,
     steps: int,
-    *extra: str,
+    *,
     batch_size: int = BOOTSTRAP_BATCH_SIZE,
     lr: float = BOOTSTRAP_LR,
     region_distill_weight: float = REGION_DISTILL_WEIGHT,
-) -> list[str]:
-    """`mllm-sparse bootstrap` of a SparseFormer with `num_latent_tokens` latent tokens (and the CLS token) from the
-    teacher spec `teacher` (see `teacher_spec`) on the images of `data`, with the region term; `extra` are further
-    bootstrap arguments (e.g. `--cache-teacher`)."""
-    return [
-        "--teacher", teacher, "--num-tokens", str(num_latent_tokens + 1), "--data", str(data),
-        "--out", str(out), "--steps", str(steps), "--batch-size", str(batch_size), "--lr", str(lr),
-        "--warmup-steps", str(max(1, steps // 20)), "--region-distill-weight", str(region_distill_weight), *extra,
-    ]  # fmt: skip
+    **settings: Any,
+) -> BootstrapSettings:
+    """`mllm-sparse bootstrap` of a SparseFormer with `num_latent_tokens` latent tokens (plus the CLS token where the
+    teacher has one) from the teacher spec `teacher` (see `teacher_spec`) on the images of `data`, with the region
+    term; `settings` are further `BootstrapSettings` fields (e.g. `cache_teacher=True`)."""
+    from bootstrap.train import BootstrapSettings
+
+    return BootstrapSettings(
+        teacher=teacher, num_latent_tokens=num_latent_tokens, data=data, out=out, steps=steps, batch_size=batch_size,
+        lr=lr, warmup_steps=max(1, steps // 20), region_distill_weight=region_distill_weight, **settings,
+    )  # fmt: skip
 
 
 def train_vlm_arguments(
