@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -30,12 +31,19 @@ or gradient stops the run before anything is saved from it.
 """
 
 
+def teacher_models() -> list[str]:
+    """`bootstrap.TEACHER_MODELS`, read from its config folder: importing `bootstrap` would load torch."""
+    spec = importlib.util.find_spec("bootstrap")
+    folder = Path(spec.origin).parent / "model_configs" if spec and spec.origin else None
+    return sorted(p.stem for p in folder.glob("*.json")) if folder else []
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = command_parser("train-teacher", DESCRIPTION)
     p.add_argument("--data", type=Path, required=True, help="a world written by `mllm-sparse synth`")
     p.add_argument("--out", type=Path, required=True, help="output folder for the teacher")
     p.add_argument("--model", default="synth-vit-t-8",
-                   help="open_clip architecture (the synthetic world's: bootstrap.TEACHER_MODELS)")  # fmt: skip
+                   help=f"open_clip architecture ({', '.join(teacher_models())})")  # fmt: skip
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--minutes", type=float, help="train for this long, the schedule following the clock "
                         "(default: 10, unless --steps is given)")  # fmt: skip

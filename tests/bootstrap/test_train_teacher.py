@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import bootstrap  # noqa: F401  (registers the teacher architectures)
+import bootstrap  # registers the teacher architectures
 from bootstrap.train_teacher import caption_weights, cut_captions_warning, lr_at
 from mllm_sparse.checkpoint import load_safetensors
 from mllm_sparse.synth.dataset import SyntheticWorld
@@ -49,6 +49,12 @@ def test_teacher_architectures_are_registered_and_vit_like():
     for name in ("synth-vit-t-8", "synth-vit-t-16", "synth-vit-s-16"):
         model = open_clip.create_model(name)
         assert tuple(model.visual.grid_size) == (14, 14)  # 196 patch tokens: 224 px / 16 or 112 px / 8
+
+
+def test_the_command_help_names_the_registered_architectures():
+    from mllm_sparse_recipes.commands.train_teacher import teacher_models
+
+    assert teacher_models() == list(bootstrap.TEACHER_MODELS) and "synth-vit-t-8" in teacher_models()
 
 
 def test_training_writes_open_clip_checkpoints_that_load(trained_teacher):
