@@ -21,33 +21,34 @@ from pathlib import Path
 
 from results_io import RESULTS, machine, write_results
 
-from bootstrap.train import main as bootstrap_main
+from bootstrap import train as bootstrap_train
 from mllm_sparse_recipes.defaults import (
     BOOTSTRAP_BATCH_SIZE,
     BOOTSTRAP_LR,
     REGION_DISTILL_WEIGHT,
-    bootstrap_arguments,
+    bootstrap_settings,
     teacher_spec,
 )
 
 
-def run(args, out: Path, num_latent: int, steps: int, *extra: str, cache: Path | None = None) -> dict:
-    """Bootstrap a student with `num_latent` latent tokens (and the CLS token) into `out`; its report."""
+def run(args, out: Path, num_latent: int, steps: int, cache: Path | None = None, **settings) -> dict:
+    """Bootstrap a student with `num_latent` latent tokens (and the CLS token) into `out`, with further
+    `BootstrapSettings` fields `settings`; its report."""
     shutil.rmtree(out, ignore_errors=True)
     if cache is not None:  # teacher targets depend on the teacher and the images only: share one cache
         out.mkdir(parents=True)
         shutil.copy(cache, out / cache.name)
-    bootstrap_main(
-        bootstrap_arguments(
+    bootstrap_train.run(
+        bootstrap_settings(
             teacher_spec(args.teacher),
             args.world,
             out,
             num_latent,
             steps,
-            *extra,
             batch_size=args.batch_size,
             lr=args.lr,
             region_distill_weight=args.region_distill_weight,
+            **settings,
         )
     )
     return json.loads((out / "bootstrap_report.json").read_text())
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Throughput: the same short run with the teacher computed per batch, then from the cache (cache built first).
     no_cache = run(args, args.work / "throughput_no_cache", budgets["1/4"], args.throughput_steps)
-    cached = run(args, args.work / "throughput_cache", budgets["1/4"], args.throughput_steps, "--cache-teacher")
+    cached = run(args, args.work / "throughput_cache", budgets["1/4"], args.throughput_steps, cache_teacher=True)
     throughput = {
         "without_cache_images_per_s": no_cache["images_per_second_this_run"],
         "with_cache_images_per_s": cached["images_per_second_this_run"],
@@ -92,9 +93,8 @@ def main(argv: list[str] | None = None) -> int:
             args.work / f"n{latent}",
             latent,
             args.steps,
-            "--cache-teacher",
-            "--eval-every",
-            str(args.eval_every),
+            cache_teacher=True,
+            eval_every=args.eval_every,
             cache=args.work / "throughput_cache" / "teacher_cache.safetensors",
         )
         results[fraction] = {

@@ -22,7 +22,7 @@ import open_clip
 from results_io import RESULTS, machine, write_results
 
 import bootstrap
-from bootstrap.train_teacher import main as train_teacher
+from bootstrap import train_teacher
 from bootstrap.zero_shot import question_probe_report, zero_shot_report
 from mllm_sparse.files import read_jsonl
 from mllm_sparse.synth import generate_world
@@ -122,17 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         generate_world(train_root, args.train_images, 224, seed=0, difficulty="default")
     teacher_dir = args.teacher or args.work / "teacher"
     if args.teacher is None:
-        train_teacher(
-            [
-                "--data",
-                str(train_root),
-                "--out",
-                str(teacher_dir),
-                "--model",
-                args.model,
-                "--minutes",
-                str(args.minutes),
-            ]
+        train_teacher.run(
+            train_teacher.TeacherSettings(data=train_root, out=teacher_dir, model=args.model, minutes=args.minutes)
         )
     trained = json.loads((teacher_dir / "zero_shot.json").read_text())
     model_name = trained["model"]

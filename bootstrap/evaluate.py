@@ -1,13 +1,14 @@
 """Evaluating a bootstrapped encoder against its teacher: held-out cosine, GFLOPs, zero-shot retention.
 
-`mllm-sparse eval-encoder --encoder DIR --teacher SPEC --data DIR` runs it on its own.
+`run(EvalEncoderSettings(...))` (`mllm-sparse eval-encoder --encoder DIR --teacher SPEC --data DIR`) runs it on its
+own.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from mllm_sparse import SparseFormerModel, profile
+from mllm_sparse.files import write_text
 from mllm_sparse.profiling import count_gflops
 
 from .data import TwoViewImages, list_images
@@ -84,35 +86,51 @@ def evaluate_encoder(
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mllm-sparse eval-encoder", description=__doc__)
-    parser.add_argument("--encoder", type=Path, required=True, help="a bootstrapped encoder folder")
-    parser.add_argument("--teacher", required=True, help="open_clip:NAME[@TAG|PATH] or hf:ID|DIR")
-    parser.add_argument("--data", type=Path, required=True, help="a synthetic world, image folder or LLaVA .json")
-    parser.add_argument("--image-folder", type=Path)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, help="write the result JSON here")
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    student = SparseFormerModel.from_pretrained(args.encoder).to(device).eval()
-    teacher = load_teacher(args.teacher)
+@dataclass
+class EvalEncoderSettings:
+    """What `mllm-sparse eval-encoder` does: one field per option of the command.
+
+    Attributes:
+        encoder: a bootstrapped encoder folder.
+        teacher: `open_clip:NAME[@TAG|PATH]` or `hf:ID|DIR` (`bootstrap.load_teacher`).
+        data: a synthetic world (its test split), an image folder or a LLaVA .json.
+        image_folder: root of a LLaVA .json's image paths; None: the .json's folder.
+        batch_size: images per batch.
+        device: "cuda" or "cpu"; None: cuda when available.
+        out: also write the result as JSON here.
+    """
+
+    encoder: Path
+    teacher: str
+    data: Path
+    image_folder: Path | None = None
+    batch_size: int = 64
+    device: str | None = None
+    out: Path | None = None
+
+
+def run(settings: EvalEncoderSettings) -> dict:
+    """The encoder against its teacher (`evaluate_encoder`) on `settings.data`; written to `settings.out` if given."""
+    if settings.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {settings.batch_size}")
+    device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    data_path = Path(settings.data)
+    student = SparseFormerModel.from_pretrained(settings.encoder).to(device).eval()
+    teacher = load_teacher(settings.teacher)
     teacher.model.to(device)
-    world = args.data.is_dir() and (args.data / "world.json").is_file()
-    paths = list_images(args.data, "test" if world else "train", args.image_folder)
+    world = data_path.is_dir() and (data_path / "world.json").is_file()
+    paths = list_images(data_path, "test" if world else "train", settings.image_folder)
     arch, size = teacher.arch, student.config.image_size
     data = TwoViewImages(paths, size, arch.image_size, arch.mean, arch.std)
     result = evaluate_encoder(
         student,
         teacher,
-        DataLoader(data, batch_size=args.batch_size),
+        DataLoader(data, batch_size=settings.batch_size),
         size,
         device,
         lambda: torch.autocast(device.type, enabled=False),
-        args.data if world else None,
+        data_path if world else None,
     )
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
-    return 0
+    if settings.out is not None:
+        write_text(settings.out, json.dumps(result, indent=2) + "\n")
+    return result

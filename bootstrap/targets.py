@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -30,6 +30,8 @@ from mllm_sparse.files import atomic_path
 
 from .data import TwoViewImages
 from .teachers import Teacher
+
+logger = logging.getLogger(__name__)
 
 CACHE_NAME = "teacher_cache.safetensors"
 CACHE_FORMAT = "1"
@@ -134,9 +136,9 @@ class TeacherTargets:
         if path.is_file():
             reason = self._stale(path, sources)
             if reason is None:
-                print(f"teacher cache {path}: reused (same teacher, images and preprocessing)", flush=True)
+                logger.info(f"teacher cache {path}: reused (same teacher, images and preprocessing)")
                 return
-            print(f"teacher cache {path}: {reason}; rebuilding it", file=sys.stderr, flush=True)
+            logger.warning(f"teacher cache {path}: {reason}; rebuilding it")
         parts: dict[str, list[torch.Tensor]] = {}
         for _, _, teacher_pixels in tqdm(loader, desc="teacher cache", unit="batch"):
             for key, value in self.compute(teacher_pixels.to(device)).items():

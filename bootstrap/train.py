@@ -1,26 +1,30 @@
-"""`mllm-sparse bootstrap`: align a SparseFormer student with its CLIP ViT teacher, without labels.
+"""What `mllm-sparse bootstrap` does: align a SparseFormer student with its CLIP ViT teacher, without labels.
 
-    mllm-sparse bootstrap --teacher SPEC --num-tokens N --data PATH --out DIR [--steps S | --epochs E] [...]
+    run(BootstrapSettings(teacher=SPEC, num_latent_tokens=N, data=PATH, out=DIR, steps=S))
 
-DIR becomes the encoder (`AutoModel.from_pretrained(DIR)` after `import mllm_sparse`) with
-`bootstrap_report.{json,md}`; checkpoints go to DIR/checkpoints/step_*/ (every `--save-every` steps and at the end)
-and `--resume` continues from the newest good one exactly (same data order, same optimizer and RNG state). A run
-without `--resume` into a DIR that holds checkpoints is refused; so is a resumed run with a setting that changes the
-weights (all but --eval-every, --save-every, --workers and --device); a non-finite loss or gradient stops the run
-before anything is saved from it (`mllm_sparse.training`).
+N is the token budget: the latent tokens, the image tokens an LLM reads; the student also has a CLS token where the
+teacher has one, never counted in N. DIR becomes the encoder (`AutoModel.from_pretrained(DIR)` after
+`import mllm_sparse`) with `bootstrap_report.{json,md}`; checkpoints go to DIR/checkpoints/step_*/ (every
+`save_every` steps and at the end) and `resume` continues from the newest good one exactly (same data order, same
+optimizer and RNG state). A run without `resume` into a DIR that holds checkpoints is refused; so is a resumed run
+with a setting that changes the weights (all but eval_every, save_every, workers and device); a non-finite loss or
+gradient stops the run before anything is saved from it (`mllm_sparse.training`).
 
 Data parallel: `torchrun --nproc_per_node G -m mllm_sparse_recipes.cli bootstrap ...` (add `--nnodes`/`--rdzv-endpoint`
-for several nodes). `--batch-size` stays the global batch, split across ranks, so a run gives the same result
-on any number of ranks.
+for several nodes). `batch_size` stays the global batch, split across ranks, so a run gives the same result on any
+number of ranks.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+import dataclasses
+import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,58 +44,81 @@ from .region_distill import random_boxes, region_distill_loss
 from .targets import CACHE_NAME, TeacherTargets
 from .teachers import load_teacher
 
+logger = logging.getLogger(__name__)
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="mllm-sparse bootstrap", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--teacher", required=True, help="open_clip:NAME[@TAG|PATH] or hf:ID|DIR")
-    p.add_argument("--num-tokens", type=int, required=True, help="output tokens, CLS included")
-    p.add_argument("--data", type=Path, required=True, help="image folder, synthetic world or LLaVA .json")
-    p.add_argument("--image-folder", type=Path, help="root of a LLaVA .json's image paths")
-    p.add_argument("--out", type=Path, required=True)
-    budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--steps", type=int)
-    budget.add_argument("--epochs", type=float)
-    p.add_argument("--batch-size", type=int, default=64, help="global batch (all ranks, all accumulation steps)")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--clip-grad", type=float, default=1.0)
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast for student and teacher")
-    p.add_argument("--cache-teacher", action="store_true", help="compute teacher embeddings once, reuse them")
-    p.add_argument(
-        "--token-loss-weight",
-        type=float,
-        default=0.0,
-        help="weight of the token-level term (latent tokens vs RoI-pooled teacher patches)",
-    )
-    p.add_argument(
-        "--region-distill-weight",
-        type=float,
-        default=0.0,
-        help="weight of the region term (random boxes, down to one teacher patch: RoI-weighted student tokens vs "
-        "the teacher's patches under the box)",
-    )
-    p.add_argument("--region-boxes", type=int, default=16, help="random boxes per image for the region term")
-    p.add_argument("--token-loss-layer", type=int, default=-1, help="student unit whose tokens the token terms align")
-    p.add_argument("--trainable-cortex", type=int, help="cortex blocks to fine-tune (default: half, as the paper)")
-    p.add_argument("--image-size", type=int, help="student input size (default: the teacher's)")
-    p.add_argument(
-        "--num-sampling-points",
-        type=int,
-        default=16,
-        help="sampling points per latent token (default 16, the paper's)",
-    )
-    p.add_argument("--val-fraction", type=float, default=0.05, help="held-out share of an image folder")
-    p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: only at the end)")
-    p.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: only at the end)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in DIR/checkpoints")
-    p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return p
+DEFAULT_STEPS = 1000  # when neither steps nor epochs is given
+
+
+@dataclass
+class BootstrapSettings:
+    """What `mllm-sparse bootstrap` does: one field per option of the command.
+
+    Attributes:
+        teacher: `open_clip:NAME[@TAG|PATH]` or `hf:ID|DIR` (`bootstrap.load_teacher`).
+        num_latent_tokens: the token budget: latent tokens, the image tokens an LLM reads (a CLS token, which the
+            student has where the teacher has one, is not one of them).
+        data: an image folder, a synthetic world or a LLaVA .json.
+        out: the encoder's folder.
+        image_folder: root of a LLaVA .json's image paths; None: the .json's folder.
+        steps: optimizer steps; with `epochs` None too: 1000.
+        epochs: passes over the training images (instead of `steps`).
+        batch_size: the global batch (all ranks, all accumulation steps).
+        grad_accum: micro-batches per optimizer step.
+        lr, weight_decay, warmup_steps, clip_grad: AdamW and its schedule (linear warm-up, cosine decay).
+        bf16: bf16 autocast for student and teacher.
+        cache_teacher: compute the teacher's embeddings once and reuse them.
+        token_loss_weight: weight of the token-level term (latent tokens vs RoI-pooled teacher patches).
+        region_distill_weight: weight of the region term (random boxes: RoI-weighted student tokens vs the teacher's
+            patches under the box).
+        region_boxes: random boxes per image for the region term.
+        token_loss_layer: the student unit whose tokens the token terms align.
+        trainable_cortex: cortex blocks to fine-tune; None: half, as the paper.
+        image_size: the student's input side; None: the teacher's.
+        num_sampling_points: sampling points per latent token.
+        val_fraction: held-out share of an image folder.
+        eval_every: steps between evaluations (0: only at the end).
+        save_every: steps between checkpoints (0: only at the end).
+        resume: continue from the newest checkpoint in OUT/checkpoints.
+        workers: data-loader workers.
+        seed: the seed of the student's initialisation, the data order and the region term's boxes.
+        device: "cuda" or "cpu"; None: cuda when available.
+    """
+
+    teacher: str
+    num_latent_tokens: int
+    data: Path
+    out: Path
+    image_folder: Path | None = None
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int = 64
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 0
+    clip_grad: float = 1.0
+    bf16: bool = False
+    cache_teacher: bool = False
+    token_loss_weight: float = 0.0
+    region_distill_weight: float = 0.0
+    region_boxes: int = 16
+    token_loss_layer: int = -1
+    trainable_cortex: int | None = None
+    image_size: int | None = None
+    num_sampling_points: int = 16
+    val_fraction: float = 0.05
+    eval_every: int = 0
+    save_every: int = 0
+    resume: bool = False
+    workers: int = 0
+    seed: int = 0
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        # paths are recorded in the run's settings as paths (`RunFolder.from_args`), whatever the caller gave
+        self.data, self.out = Path(self.data), Path(self.out)
+        if self.image_folder is not None:
+            self.image_folder = Path(self.image_folder)
 
 
 def roi_pooled_patches(patches: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
@@ -121,7 +148,7 @@ def roi_pooled_patches(patches: torch.Tensor, rois: torch.Tensor) -> torch.Tenso
     return weights @ patches.float()
 
 
-def save(run: RunFolder, student, optimizer, scheduler, state: dict) -> None:
+def save(folder: RunFolder, student, optimizer, scheduler, state: dict) -> None:
     """A checkpoint of the student after `state["step"]` steps (refused if a weight is not finite)."""
     trainer_state = {
         "optimizer": optimizer.state_dict(),
@@ -129,7 +156,7 @@ def save(run: RunFolder, student, optimizer, scheduler, state: dict) -> None:
         "state": state,
         "torch_rng": torch.get_rng_state(),
     }
-    run.save(state["step"], student.save_pretrained, student.state_dict(), trainer_state)
+    folder.save(state["step"], student.save_pretrained, student.state_dict(), trainer_state)
 
 
 def alignment_loss(
@@ -178,17 +205,16 @@ def rank_indices(order: torch.Tensor, start: int, end: int, batch_size: int, wor
     return torch.cat([world.shard(order[i : i + batch_size]) for i in range(start, end, batch_size)]).tolist()
 
 
-def off_grid_warning(num_latent: int, has_cls: bool) -> str | None:
+def off_grid_warning(num_latent: int) -> str | None:
     """A warning when some latent tokens start on the whole image: the initial RoIs tile only the largest square
     number of them (the reference's rule); on the synthetic world such tokens stay global through bootstrapping."""
     root = math.isqrt(num_latent)
     if root * root == num_latent:
         return None
-    cls = int(has_cls)
     return (
         f"warning: {num_latent - root * root} of the {num_latent} latent tokens start on the whole image (the initial "
-        f"RoIs tile a {root}x{root} grid); for every token on the grid use --num-tokens {root * root + cls} or "
-        f"{(root + 1) ** 2 + cls}" + (" (the CLS token included)" if has_cls else "")
+        f"RoIs tile a {root}x{root} grid); for every token on the grid use --num-latent-tokens {root * root} or "
+        f"{(root + 1) ** 2}"
     )
 
 
@@ -196,89 +222,99 @@ def off_grid_warning(num_latent: int, has_cls: bool) -> str | None:
 FREE_SETTINGS = ("eval_every", "save_every", "workers", "device")
 
 
-def check_arguments(args: argparse.Namespace) -> None:
-    """One clear `ValueError` for a numeric argument outside its range."""
-    at_least = {"num_tokens": 2, "batch_size": 1, "grad_accum": 1, "region_boxes": 1, "num_sampling_points": 1,
+def check_settings(settings: BootstrapSettings) -> None:
+    """One clear `ValueError` for a numeric setting outside its range."""
+    at_least = {"num_latent_tokens": 1, "batch_size": 1, "grad_accum": 1, "region_boxes": 1, "num_sampling_points": 1,
                 "steps": 1, "image_size": 1, "trainable_cortex": 0, "warmup_steps": 0, "eval_every": 0,
                 "save_every": 0, "workers": 0}  # fmt: skip
     for name, low in at_least.items():
-        value = getattr(args, name)
+        value = getattr(settings, name)
         if value is not None and value < low:
-            what = "counts the CLS token too, so it " if name == "num_tokens" else ""
-            raise ValueError(f"--{name.replace('_', '-')} {what}must be >= {low}, got {value}")
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
     positive = ("lr", "clip_grad", "epochs")
     non_negative = ("weight_decay", "token_loss_weight", "region_distill_weight")
     for name in positive + non_negative:
-        value = getattr(args, name)
+        value = getattr(settings, name)
         bound = "> 0" if name in positive else ">= 0"
         if value is not None and not (math.isfinite(value) and (value > 0 if name in positive else value >= 0)):
             raise ValueError(f"--{name.replace('_', '-')} must be a finite number {bound}, got {value}")
-    if not 0 <= args.val_fraction < 1:
-        raise ValueError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    if not 0 <= settings.val_fraction < 1:
+        raise ValueError(f"--val-fraction must be in [0, 1), got {settings.val_fraction}")
+    if settings.steps is not None and settings.epochs is not None:
+        raise ValueError("give --steps or --epochs, not both")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    check_arguments(args)
-    if args.steps is None and args.epochs is None:
-        args.steps = 1000
-    world = init_world(args.device)
+def run(settings: BootstrapSettings) -> dict[str, Any] | None:
+    """Bootstrap the encoder into `settings.out`; its report (`bootstrap_report.json`) on the main rank, None on the
+    others under torchrun."""
+    check_settings(settings)
+    settings = dataclasses.replace(
+        settings,
+        steps=DEFAULT_STEPS if settings.steps is None and settings.epochs is None else settings.steps,
+        device=settings.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+    )
+    world = init_world(settings.device)
     try:
         if not world.is_main:
-            return train(args, world)
+            return train(settings, world)
         # a run that fails before its first checkpoint leaves no folder behind (a finished teacher cache stays)
-        with removed_on_early_failure(args.out, keep=[CACHE_NAME]):
-            return train(args, world)
+        with removed_on_early_failure(settings.out, keep=[CACHE_NAME]):
+            return train(settings, world)
     finally:
         world.close()
 
 
-def train(args: argparse.Namespace, world: World) -> int:
-    torch.manual_seed(args.seed)
+def train(settings: BootstrapSettings, world: World) -> dict[str, Any] | None:
+    torch.manual_seed(settings.seed)
     device = world.device
     autocast = (
         (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
-        if args.bf16
+        if settings.bf16
         else (lambda: torch.autocast(device.type, enabled=False))
     )
-    per_rank, rest = divmod(args.batch_size, world.size * args.grad_accum)
+    per_rank, rest = divmod(settings.batch_size, world.size * settings.grad_accum)
     if per_rank < 1 or rest:
         raise ValueError(
-            f"--batch-size {args.batch_size} must be a multiple of ranks × --grad-accum = "
-            f"{world.size} × {args.grad_accum}"
+            f"--batch-size {settings.batch_size} must be a multiple of ranks × --grad-accum = "
+            f"{world.size} × {settings.grad_accum}"
         )
 
-    run = RunFolder.from_args(args, "bootstrap", FREE_SETTINGS, ["model.safetensors"], specs=["teacher"])
-    resumed = run.start(args.resume)  # first: a refusal costs nothing
-    teacher = load_teacher(args.teacher)
+    folder = RunFolder.from_args(settings, "bootstrap", FREE_SETTINGS, ["model.safetensors"], specs=["teacher"])
+    resumed = folder.start(settings.resume)  # first: a refusal costs nothing
+    teacher = load_teacher(settings.teacher)
     teacher.model.to(device).requires_grad_(False)
     arch = teacher.arch
-    image_size = args.image_size or arch.image_size
-    num_latent = args.num_tokens - int(arch.has_cls)  # --num-tokens counts the CLS token where there is one
-    if world.is_main and (warning := off_grid_warning(num_latent, arch.has_cls)):
-        print(warning)
+    image_size = settings.image_size or arch.image_size
+    if world.is_main and (warning := off_grid_warning(settings.num_latent_tokens)):
+        logger.warning(warning)
     student, report = inherit(
-        teacher, num_latent, args.trainable_cortex, image_size=image_size, num_sampling_points=args.num_sampling_points
+        teacher,
+        settings.num_latent_tokens,
+        settings.trainable_cortex,
+        image_size=image_size,
+        num_sampling_points=settings.num_sampling_points,
     )
     student.to(device).train()
 
-    world_like = (args.data / "world.json").is_file() if args.data.is_dir() else False
-    train_paths = list_images(args.data, "train", args.image_folder)
+    world_like = (settings.data / "world.json").is_file() if settings.data.is_dir() else False
+    train_paths = list_images(settings.data, "train", settings.image_folder)
     if world_like:
-        val_paths = list_images(args.data, "val")
+        val_paths = list_images(settings.data, "val")
     else:
-        num_val = int(len(train_paths) * args.val_fraction)
+        num_val = int(len(train_paths) * settings.val_fraction)
         train_paths, val_paths = train_paths[num_val:], train_paths[:num_val]
     train_set = TwoViewImages(train_paths, image_size, arch.image_size, arch.mean, arch.std)
     val_set = TwoViewImages(val_paths, image_size, arch.image_size, arch.mean, arch.std)
-    val_loader = DataLoader(val_set, batch_size=args.batch_size, num_workers=args.workers)
-    if len(train_set) < args.batch_size:
-        raise ValueError(f"--batch-size {args.batch_size} exceeds the {len(train_set)} training images in {args.data}")
-    steps_per_epoch = len(train_set) // args.batch_size
-    total_steps = args.steps or max(1, round(args.epochs * steps_per_epoch))
+    val_loader = DataLoader(val_set, batch_size=settings.batch_size, num_workers=settings.workers)
+    if len(train_set) < settings.batch_size:
+        raise ValueError(
+            f"--batch-size {settings.batch_size} exceeds the {len(train_set)} training images in {settings.data}"
+        )
+    steps_per_epoch = len(train_set) // settings.batch_size
+    total_steps = settings.steps or max(1, round(settings.epochs * steps_per_epoch))
 
-    optimizer = torch.optim.AdamW(param_groups(student, args.weight_decay), lr=args.lr, betas=(0.9, 0.999))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.warmup_steps, total_steps))
+    optimizer = torch.optim.AdamW(param_groups(student, settings.weight_decay), lr=settings.lr, betas=(0.9, 0.999))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(settings.warmup_steps, total_steps))
     state = {"step": 0, "epoch": 0, "position": 0, "losses": [], "evals": []}
     if resumed is not None:
         student.load_state_dict(resumed.weights["model.safetensors"], strict=True)
@@ -288,19 +324,19 @@ def train(args: argparse.Namespace, world: World) -> int:
         state = saved["state"]
         torch.set_rng_state(saved["torch_rng"])
         if world.is_main:
-            print(f"resumed from {resumed.path} at step {state['step']}")
+            logger.info(f"resumed from {resumed.path} at step {state['step']}")
     model = student if world.size == 1 else DistributedDataParallel(student)
 
-    targets = TeacherTargets(teacher, args.token_loss_weight > 0 or args.region_distill_weight > 0, autocast)
-    if args.cache_teacher:
+    targets = TeacherTargets(teacher, settings.token_loss_weight > 0 or settings.region_distill_weight > 0, autocast)
+    if settings.cache_teacher:
         # The main rank computes the cache; the others load the file it wrote.
-        cache_path = args.out / CACHE_NAME
+        cache_path = settings.out / CACHE_NAME
         if world.is_main:
             targets.build_cache(
-                DataLoader(train_set, batch_size=args.batch_size, num_workers=args.workers),
+                DataLoader(train_set, batch_size=settings.batch_size, num_workers=settings.workers),
                 cache_path,
                 device,
-                args.bf16,
+                settings.bf16,
             )
         world.barrier()
         if not world.is_main:
@@ -310,20 +346,20 @@ def train(args: argparse.Namespace, world: World) -> int:
     seen = 0
     bar = tqdm(total=total_steps, initial=state["step"], unit="step", desc="bootstrap", disable=not world.is_main)
     while state["step"] < total_steps:
-        order = epoch_order(len(train_set), args.seed, state["epoch"])
-        usable = len(order) // args.batch_size * args.batch_size
+        order = epoch_order(len(train_set), settings.seed, state["epoch"])
+        usable = len(order) // settings.batch_size * settings.batch_size
         if state["position"] >= usable:
             state["epoch"], state["position"] = state["epoch"] + 1, 0
             continue
-        mine = rank_indices(order, state["position"], usable, args.batch_size, world)
-        micro_batches = iter(DataLoader(train_set, batch_size=per_rank, sampler=mine, num_workers=args.workers))
+        mine = rank_indices(order, state["position"], usable, settings.batch_size, world)
+        micro_batches = iter(DataLoader(train_set, batch_size=per_rank, sampler=mine, num_workers=settings.workers))
         while state["position"] < usable and state["step"] < total_steps:
             optimizer.zero_grad(set_to_none=True)
             total = 0.0
-            for k in range(args.grad_accum):
+            for k in range(settings.grad_accum):
                 index, pixels, teacher_pixels = next(micro_batches)
                 batch_targets = targets.get(index, teacher_pixels, device)
-                last = k == args.grad_accum - 1
+                last = k == settings.grad_accum - 1
                 # Gradients are averaged across ranks once per optimizer step, on the last micro-batch.
                 with contextlib.nullcontext() if last or world.size == 1 else model.no_sync():
                     with autocast():
@@ -332,47 +368,49 @@ def train(args: argparse.Namespace, world: World) -> int:
                             student.config.num_latent_tokens,
                             pixels.to(device),
                             batch_targets,
-                            args.token_loss_weight,
-                            args.token_loss_layer,
-                            args.region_distill_weight,
-                            args.region_boxes,
+                            settings.token_loss_weight,
+                            settings.token_loss_layer,
+                            settings.region_distill_weight,
+                            settings.region_boxes,
                             # the image and the step pick the boxes, so any number of ranks draws the same ones
                             index * total_steps + state["step"],
                         )
-                    loss = loss / args.grad_accum
+                    loss = loss / settings.grad_accum
                     # before backward: a NaN sampling grid crashes grid_sample's backward on CPU; all ranks agree
-                    total += run.check_loss(loss, state["step"] + 1, lambda ok: world.mean(float(not ok)) == 0)
+                    total += folder.check_loss(loss, state["step"] + 1, lambda ok: world.mean(float(not ok)) == 0)
                     loss.backward()
             total = world.mean(total)
             # the gradients are all-reduced, so every rank sees the same norm and stops in the same step
-            norm = torch.nn.utils.clip_grad_norm_([p for p in student.parameters() if p.requires_grad], args.clip_grad)
-            run.check_grad_norm(norm, state["step"] + 1)
+            norm = torch.nn.utils.clip_grad_norm_(
+                [p for p in student.parameters() if p.requires_grad], settings.clip_grad
+            )
+            folder.check_grad_norm(norm, state["step"] + 1)
             optimizer.step()
             scheduler.step()
             state["step"] += 1
-            state["position"] += args.batch_size
+            state["position"] += settings.batch_size
             state["losses"].append(round(total, 6))
-            seen += args.batch_size
+            seen += settings.batch_size
             bar.update(1)
             bar.set_postfix(loss=f"{total:.4f}", img_s=f"{seen / (time.perf_counter() - start):.1f}")
-            if args.eval_every and state["step"] % args.eval_every == 0 and len(val_paths) and world.is_main:
+            if settings.eval_every and state["step"] % settings.eval_every == 0 and len(val_paths) and world.is_main:
                 cosine = held_out_cosine(student, targets.compute, val_loader, device, autocast)
                 state["evals"].append({"step": state["step"], "cosine": cosine})
-            if args.save_every and state["step"] % args.save_every == 0:
-                run.check_weights(student.state_dict(), state["step"])  # on every rank, so that all stop together
+            if settings.save_every and state["step"] % settings.save_every == 0:
+                folder.check_weights(student.state_dict(), state["step"])  # on every rank, so that all stop together
                 if world.is_main:
-                    save(run, student, optimizer, scheduler, state)
+                    save(folder, student, optimizer, scheduler, state)
                 world.barrier()
     bar.close()
     seconds = time.perf_counter() - start
-    run.check_weights(student.state_dict(), state["step"])
+    folder.check_weights(student.state_dict(), state["step"])
     if not world.is_main:
         world.barrier()  # wait for the main rank's final checkpoint and evaluation
-        return 0
+        return None
 
     student.eval()
-    save(run, student, optimizer, scheduler, state)  # checks the weights: nothing non-finite reaches DIR
-    student.save_pretrained(args.out)
+    save(folder, student, optimizer, scheduler, state)  # checks the weights: nothing non-finite reaches DIR
+    student.save_pretrained(settings.out)
     final = evaluate_encoder(
         student,
         teacher,
@@ -380,38 +418,40 @@ def train(args: argparse.Namespace, world: World) -> int:
         image_size,
         device,
         autocast,
-        args.data if world_like else None,
+        settings.data if world_like else None,
     )
     result = {
-        "teacher": args.teacher,
-        "num_tokens": args.num_tokens,
+        "teacher": settings.teacher,
+        "num_latent_tokens": settings.num_latent_tokens,
+        "cls_tokens": int(arch.has_cls),
         "steps": state["step"],
         "ranks": world.size,
         "train_seconds_this_run": round(seconds, 1),
         "images_per_second_this_run": round(seen / max(seconds, 1e-9), 2),
-        "teacher_cache": args.cache_teacher,
+        "teacher_cache": settings.cache_teacher,
         "loss_terms": {
-            "token_loss_weight": args.token_loss_weight,
-            "region_distill_weight": args.region_distill_weight,
-            "region_boxes": args.region_boxes,
-            "token_loss_layer": args.token_loss_layer,
+            "token_loss_weight": settings.token_loss_weight,
+            "region_distill_weight": settings.region_distill_weight,
+            "region_boxes": settings.region_boxes,
+            "token_loss_layer": settings.token_loss_layer,
         },
         "loss_curve": state["losses"],
         "evals": state["evals"],
         "final": final,
         "inheritance": report.to_dict(),
     }
-    write_json(args.out / "bootstrap_report.json", result)
-    (args.out / "bootstrap_report.md").write_text(report_markdown(result))
-    print(report_markdown(result))
+    write_json(settings.out / "bootstrap_report.json", result)
+    (settings.out / "bootstrap_report.md").write_text(report_markdown(result))
     world.barrier()
-    return 0
+    return result
 
 
 def report_markdown(result: dict) -> str:
     final = result["final"]
     lines = [
-        f"# Bootstrap report: {result['num_tokens']} tokens from `{result['teacher']}`",
+        f"# Bootstrap report: {result['num_latent_tokens']} latent tokens"
+        + (" (+ the CLS token)" if result["cls_tokens"] else "")
+        + f" from `{result['teacher']}`",
         "",
         f"- steps: {result['steps']} ({result['images_per_second_this_run']} images/s in this run, "
         f"teacher cache: {result['teacher_cache']})",
@@ -435,7 +475,3 @@ def report_markdown(result: dict) -> str:
         f"{len(inh['new'])} new; {len(inh['frozen'])} frozen; {len(inh['trained'])} trained.",
     ]
     return "\n".join(lines) + "\n"
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

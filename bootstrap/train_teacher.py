@@ -1,4 +1,5 @@
-"""`mllm-sparse train-teacher`: train a small open_clip CLIP contrastively on a synthetic world's captions.
+"""What `mllm-sparse train-teacher` does: train a small open_clip CLIP contrastively on a synthetic world's captions
+(`run(TeacherSettings(data=WORLD, out=DIR, steps=S))`).
 
 The teacher is what every later stage is measured against, so it is trained to a real zero-shot accuracy and
 saved in open_clip's own formats:
@@ -8,19 +9,24 @@ saved in open_clip's own formats:
     DIR/open_clip_config.json         architecture + preprocessing (open_clip.create_model("local-dir:DIR"))
     DIR/zero_shot.{json,md}           zero-shot top-1 on the world's test labels
 
-With `--save-every N` the run also writes DIR/checkpoints/step_*/ every N steps and at the end, and `--resume`
-continues from the newest good one: exactly with `--steps`; with `--minutes` the clock continues from the training
-time the checkpoint records. A run without `--resume` into a DIR that holds checkpoints is refused, and so is a
-resumed run with a setting that changes the weights (all but --threads, --device and --save-every); a non-finite loss
+With `save_every=N` the run also writes DIR/checkpoints/step_*/ every N steps and at the end, and `resume`
+continues from the newest good one: exactly with `steps`; with `minutes` the clock continues from the training
+time the checkpoint records. A run without `resume` into a DIR that holds checkpoints is refused, and so is a
+resumed run with a setting that changes the weights (all but threads, device and save_every); a non-finite loss
 or gradient stops the run before anything is saved from it (`mllm_sparse.training`).
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
+import logging
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import open_clip
@@ -40,46 +46,56 @@ from .region_captions import RegionCaptions, box_weights, region_loss
 from .teacher_models import TEACHER_MODELS, register_teacher_configs
 from .zero_shot import zero_shot_report
 
+logger = logging.getLogger(__name__)
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mllm-sparse train-teacher", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--data", type=Path, required=True, help="a world written by `mllm-sparse synth`")
-    parser.add_argument("--out", type=Path, required=True, help="output folder for the teacher")
-    parser.add_argument(
-        "--model", default="synth-vit-t-8", help=f"open_clip architecture ({', '.join(TEACHER_MODELS)})"
-    )
-    budget = parser.add_mutually_exclusive_group()
-    budget.add_argument("--minutes", type=float, help="train for this long (the schedule follows the clock)")
-    budget.add_argument("--steps", type=int, help="train for this many steps")
+DEFAULT_MINUTES = 10.0  # when neither minutes nor steps is given
+
+
+@dataclass
+class TeacherSettings:
+    """What `mllm-sparse train-teacher` does: one field per option of the command.
+
+    Attributes:
+        data: a world written by `mllm-sparse synth`.
+        out: the teacher's folder.
+        model: an open_clip architecture (`TEACHER_MODELS` for the synthetic world).
+        minutes: train for this long (the schedule follows the clock); with `steps` None too: 10.
+        steps: train for this many steps (instead of `minutes`).
+        batch_size: images per step.
+        lr, weight_decay: AdamW's.
+        warmup: warm-up fraction of the budget.
+        caption_weights: sampling weight of each caption of an image (full, principal + two, principal alone).
+        region_weight: weight of the region-caption term (each object's caption at its box, from scenes.jsonl;
+            `bootstrap.region_captions`); 0 trains on whole-image captions alone.
+        seed: the seed of the initialisation, the data order and the caption choice.
+        save_every: steps between checkpoints, also written at the end (0: none).
+        resume: continue from the newest checkpoint in OUT/checkpoints.
+        threads: torch CPU threads; None: torch's default.
+        device: "cuda" or "cpu"; None: cuda when available.
+    """
+
+    data: Path
+    out: Path
+    model: str = "synth-vit-t-8"
+    minutes: float | None = None
+    steps: int | None = None
     # Small batches: on a CPU the budget is optimiser steps, and 32 captions still hold most of the 48 classes.
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--weight-decay", type=float, default=0.1)
-    parser.add_argument("--warmup", type=float, default=0.05, help="warm-up fraction of the budget")
-    parser.add_argument(
-        "--caption-weights",
-        type=float,
-        nargs="+",
-        default=[0.0, 0.0, 1.0],
-        help="sampling weight of each caption of an image (full, principal + two, principal alone)",
-    )
-    parser.add_argument(
-        "--region-weight",
-        type=float,
-        default=1.0,
-        help="weight of the region-caption term: each object's caption at its box, from scenes.jsonl "
-        "(bootstrap/region_captions.py); 0 trains on whole-image captions alone",
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--save-every", type=int, default=0, help="steps between checkpoints, also written at the end (0: none)"
-    )
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in DIR/checkpoints")
-    parser.add_argument("--threads", type=int, help="torch CPU threads")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return parser
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 0.1
+    warmup: float = 0.05
+    caption_weights: list[float] = field(default_factory=lambda: [0.0, 0.0, 1.0])
+    region_weight: float = 1.0
+    seed: int = 0
+    save_every: int = 0
+    resume: bool = False
+    threads: int | None = None
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        # paths are recorded in the run's settings as paths (`RunFolder.from_args`), whatever the caller gave
+        self.data, self.out = Path(self.data), Path(self.out)
+        self.caption_weights = list(self.caption_weights)
 
 
 def caption_weights(weights: list[float], per_image: int) -> Tensor:
@@ -153,62 +169,95 @@ def save_teacher(model: torch.nn.Module, name: str, out: Path, image_size: int) 
 FREE_SETTINGS = ("threads", "device", "save_every")
 
 
-def check_arguments(args: argparse.Namespace) -> None:
-    """One clear `ValueError` for a numeric argument outside its range."""
-    if (args.minutes is not None and not args.minutes > 0) or (args.steps is not None and args.steps <= 0):
+def check_settings(settings: TeacherSettings) -> None:
+    """One clear `ValueError` for a numeric setting outside its range."""
+    if settings.minutes is not None and settings.steps is not None:
+        raise ValueError("give --minutes or --steps, not both")
+    if (settings.minutes is not None and not settings.minutes > 0) or (
+        settings.steps is not None and settings.steps <= 0
+    ):
         raise ValueError("--minutes and --steps must be positive")
-    if args.batch_size < 1 or args.save_every < 0 or (args.threads is not None and args.threads < 1):
+    if settings.batch_size < 1 or settings.save_every < 0 or (settings.threads is not None and settings.threads < 1):
         raise ValueError("--batch-size and --threads must be >= 1, --save-every >= 0")
-    if not (math.isfinite(args.lr) and args.lr > 0) or not (
-        math.isfinite(args.weight_decay) and args.weight_decay >= 0
+    if not (math.isfinite(settings.lr) and settings.lr > 0) or not (
+        math.isfinite(settings.weight_decay) and settings.weight_decay >= 0
     ):
         raise ValueError(
-            f"--lr must be a finite number > 0 and --weight-decay >= 0, got {args.lr}, {args.weight_decay}"
+            f"--lr must be a finite number > 0 and --weight-decay >= 0, got {settings.lr}, {settings.weight_decay}"
         )
-    if not 0 <= args.warmup < 1:
-        raise ValueError(f"--warmup is a fraction of the budget in [0, 1), got {args.warmup}")
-    if args.region_weight < 0:
-        raise ValueError(f"--region-weight must be >= 0, got {args.region_weight}")
+    if not 0 <= settings.warmup < 1:
+        raise ValueError(f"--warmup is a fraction of the budget in [0, 1), got {settings.warmup}")
+    if settings.region_weight < 0:
+        raise ValueError(f"--region-weight must be >= 0, got {settings.region_weight}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+class _NoRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+
+@contextmanager
+def untrained_model_expected() -> Iterator[None]:
+    """Drop open_clip's "No pretrained weights loaded" warning while building a model that is about to be trained:
+    it has no weights by design. open_clip logs it on the root logger (a logger's filters see only its own records,
+    so no other message is touched); its own module logger is covered too, should a later version use that."""
+    loggers = [logging.getLogger(), logging.getLogger("open_clip.factory")]
+    quiet = _NoRandomInitWarning()
+    for target in loggers:
+        target.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for target in loggers:
+            target.removeFilter(quiet)
+
+
+def run(settings: TeacherSettings) -> dict[str, Any]:
+    """Train the teacher into `settings.out` (see the module docstring); its zero-shot report (`zero_shot.json`)."""
     register_teacher_configs()
-    if args.model not in open_clip.list_models():
-        raise ValueError(f"Unknown open_clip model {args.model!r}; teachers for the synthetic world: {TEACHER_MODELS}")
-    if args.minutes is None and args.steps is None:
-        args.minutes = 10.0
-    check_arguments(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    run = RunFolder.from_args(args, "train-teacher", FREE_SETTINGS, [WEIGHTS_FILE])
-    resumed = run.start(args.resume)
-    torch.manual_seed(args.seed)
-    device = torch.device(args.device)
+    if settings.model not in open_clip.list_models():
+        raise ValueError(
+            f"Unknown open_clip model {settings.model!r}; teachers for the synthetic world: {TEACHER_MODELS}"
+        )
+    check_settings(settings)
+    settings = dataclasses.replace(
+        settings,
+        minutes=DEFAULT_MINUTES if settings.minutes is None and settings.steps is None else settings.minutes,
+        device=settings.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+    )
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    folder = RunFolder.from_args(settings, "train-teacher", FREE_SETTINGS, [WEIGHTS_FILE])
+    resumed = folder.start(settings.resume)
+    torch.manual_seed(settings.seed)
+    device = torch.device(settings.device)
 
-    model = open_clip.create_model(args.model, output_dict=True).to(device)
-    tokenizer = open_clip.get_tokenizer(args.model)
+    with untrained_model_expected():
+        model = open_clip.create_model(settings.model, output_dict=True).to(device)
+    tokenizer = open_clip.get_tokenizer(settings.model)
     image_size = model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else model.visual.image_size
-    world = SyntheticWorld(args.data)
+    world = SyntheticWorld(settings.data)
     train = world.captioned_images("train", image_size)
     # [N, K, L]: K caption slots per image (one per weight; an image with fewer captions repeats them), tokenised
     # once; each step samples one slot per image.
-    weights = caption_weights(args.caption_weights, max(len(c) for c in train.captions))
+    weights = caption_weights(settings.caption_weights, max(len(c) for c in train.captions))
     tokens = torch.stack([tokenizer([c[k % len(c)] for k in range(len(weights))]) for c in train.captions])
-    if warning := cut_captions_warning(tokenizer, train.captions, weights, train.paths, args.model):
-        print(warning)
-    print(
-        f"teacher {args.model}: {sum(p.numel() for p in model.visual.parameters()) / 1e6:.2f} M visual params, "
+    if warning := cut_captions_warning(tokenizer, train.captions, weights, train.paths, settings.model):
+        logger.warning(warning)
+    logger.info(
+        f"teacher {settings.model}: {sum(p.numel() for p in model.visual.parameters()) / 1e6:.2f} M visual params, "
         f"{model.visual.grid_size[0] * model.visual.grid_size[1]} patch tokens; {len(train)} training images"
     )
 
-    regions = RegionCaptions.from_scenes(train.scenes, train.paths) if args.region_weight > 0 else None
+    regions = RegionCaptions.from_scenes(train.scenes, train.paths) if settings.region_weight > 0 else None
     region_text = tokenizer(regions.texts) if regions is not None else None
     grid = model.visual.grid_size[0]
 
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, settings.weight_decay), lr=settings.lr, betas=(0.9, 0.98), eps=1e-6
+    )
     loss_fn = open_clip.ClipLoss()
-    generator = torch.Generator().manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(settings.seed)
     state = {"step": 0, "cursor": 0, "order": torch.randperm(len(train), generator=generator), "seconds": 0.0}
     state["losses"] = []
     if resumed is not None:
@@ -217,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         generator.set_state(resumed.trainer_state["generator"])
         torch.set_rng_state(resumed.trainer_state["torch_rng"])
         state = resumed.trainer_state["state"]
-        print(f"resumed from {resumed.path} at step {state['step']}")
+        logger.info(f"resumed from {resumed.path} at step {state['step']}")
 
     def save() -> None:
         cpu = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -227,24 +276,26 @@ def main(argv: list[str] | None = None) -> int:
             "torch_rng": torch.get_rng_state(),
             "state": state,
         }
-        run.save(state["step"], lambda folder: save_file(cpu, folder / WEIGHTS_FILE), cpu, trainer_state)
+        folder.save(state["step"], lambda folder: save_file(cpu, folder / WEIGHTS_FILE), cpu, trainer_state)
 
     start = time.perf_counter()
     before = state["seconds"]  # training time of the runs this one continues
-    bar = tqdm(total=args.steps if args.steps else None, initial=state["step"], unit="step", desc="train-teacher")
+    bar = tqdm(
+        total=settings.steps if settings.steps else None, initial=state["step"], unit="step", desc="train-teacher"
+    )
     model.train()
     model.visual.output_tokens = True  # (pooled, final patch tokens) for the region term
     while True:
         state["seconds"] = before + time.perf_counter() - start
-        progress = state["step"] / args.steps if args.steps else state["seconds"] / (args.minutes * 60)
+        progress = state["step"] / settings.steps if settings.steps else state["seconds"] / (settings.minutes * 60)
         if progress >= 1.0:
             break
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(progress, args.lr, args.warmup)
-        if state["cursor"] + args.batch_size > len(state["order"]):
+            group["lr"] = lr_at(progress, settings.lr, settings.warmup)
+        if state["cursor"] + settings.batch_size > len(state["order"]):
             state["order"], state["cursor"] = torch.randperm(len(train), generator=generator), 0
-        idx = state["order"][state["cursor"] : state["cursor"] + args.batch_size]
-        state["cursor"] += args.batch_size
+        idx = state["order"][state["cursor"] : state["cursor"] + settings.batch_size]
+        state["cursor"] += settings.batch_size
         pixels = train.pixels(idx).to(device)
         choice = torch.multinomial(weights, len(idx), replacement=True, generator=generator)
         pooled, patches = model.visual(pixels)
@@ -256,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         text_features = model.encode_text(texts.to(device), normalize=True)
         loss = loss_fn(F.normalize(pooled, dim=-1), text_features[: len(idx)], model.logit_scale.exp())
         if regions is not None:
-            loss = loss + args.region_weight * region_loss(
+            loss = loss + settings.region_weight * region_loss(
                 patches,
                 model.visual.proj,
                 box_weights(regions.boxes[rows], grid).to(device),
@@ -265,43 +316,42 @@ def main(argv: list[str] | None = None) -> int:
                 target.to(device),
                 model.logit_scale,
             )
-        value = run.check_loss(loss, state["step"] + 1)
+        value = folder.check_loss(loss, state["step"] + 1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        run.check_grad_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0), state["step"] + 1)
+        folder.check_grad_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0), state["step"] + 1)
         optimizer.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
         state["step"] += 1
         state["losses"].append(value)
         bar.update(1)
-        bar.set_postfix(loss=f"{value:.3f}", img_s=f"{state['step'] * args.batch_size / state['seconds']:.0f}")
-        if args.save_every and state["step"] % args.save_every == 0:
+        bar.set_postfix(loss=f"{value:.3f}", img_s=f"{state['step'] * settings.batch_size / state['seconds']:.0f}")
+        if settings.save_every and state["step"] % settings.save_every == 0:
             save()
     bar.close()
     step, losses, train_seconds = state["step"], state["losses"], state["seconds"]
 
     model.visual.output_tokens = False
     model.eval()
-    if args.save_every and step % args.save_every:
+    if settings.save_every and step % settings.save_every:
         save()
-    run.check_weights(model.state_dict(), step)  # nothing non-finite reaches DIR
-    save_teacher(model, args.model, args.out, image_size)
+    folder.check_weights(model.state_dict(), step)  # nothing non-finite reaches DIR
+    save_teacher(model, settings.model, settings.out, image_size)
     report = zero_shot_report(model, tokenizer, world, "test", image_size, device)
     report.update(
-        model=args.model,
-        data=str(args.data),
+        model=settings.model,
+        data=str(settings.data),
         steps=step,
-        batch_size=args.batch_size,
-        region_weight=args.region_weight,
+        batch_size=settings.batch_size,
+        region_weight=settings.region_weight,
         train_seconds=round(train_seconds, 1),
-        images_per_second=round(step * args.batch_size / train_seconds, 1),
+        images_per_second=round(step * settings.batch_size / train_seconds, 1),
         loss_curve=[round(float(np.mean(losses[i : i + 10])), 4) for i in range(0, len(losses), 10)],
     )
-    write_json(args.out / "zero_shot.json", report)
-    (args.out / "zero_shot.md").write_text(zero_shot_markdown(report))
-    print(zero_shot_markdown(report))
-    return 0
+    write_json(settings.out / "zero_shot.json", report)
+    (settings.out / "zero_shot.md").write_text(zero_shot_markdown(report))
+    return report
 
 
 def zero_shot_markdown(report: dict) -> str:

@@ -18,7 +18,6 @@ step: the weights as safetensors, `trainer_state.pt` (optimizer, scheduler, coun
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -127,16 +126,21 @@ class RunFolder:
     @classmethod
     def from_args(
         cls,
-        args: argparse.Namespace,
+        args: Any,
         command: str,
         free: Sequence[str],
         weight_files: Sequence[str],
         specs: Sequence[str] = (),
     ) -> RunFolder:
-        """The folder `args.out` with the run's settings: every argument but --out and --resume; those named in `free`
-        may change on resume. A path (a `Path` argument, or the local file or folder inside a string argument named in
+        """The folder `args.out` with the run's settings: every field but `out` and `resume`; those named in `free`
+        may change on resume. A path (a `Path` field, or the local file or folder inside a string field named in
         `specs`, e.g. `open_clip:NAME@PATH`) is recorded absolute and relative to OUT, and matches if either does: a
-        run moved or copied together with its inputs still resumes."""
+        run moved or copied together with its inputs still resumes.
+
+        Args:
+            args: the run's settings: a settings dataclass instance (e.g. `bootstrap.train.BootstrapSettings`) or an
+                `argparse.Namespace`, whose field names are the command's option names (`lr` is `--lr`).
+        """
         values = {}
         for key, value in vars(args).items():
             if isinstance(value, Path) or (key in specs and isinstance(value, str)):

@@ -2,26 +2,25 @@
 benchmarks, so that a quickstart run, an ablation arm and a benchmark arm are the same pipeline at different sizes.
 The learning rates and batch sizes were chosen on the synthetic world.
 
-Each function returns a stage's typed settings, or, for a stage not yet given them, the argument list of its
-`main(argv)`: exactly what a user would type after the command.
+Each function returns a stage's typed settings, the ones its command builds from what a user types.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from bootstrap.train import BootstrapSettings
     from llava_adapter.evaluate import EvalVlmSettings
 
-# The bootstrap's region term: with it a 16-token SparseFormer keeps small objects (token probe small-only AUC
-# 0.602 -> 0.866 at weight 4; 12 gives 0.869), README § Speed.
+# The bootstrap's region term keeps small objects in a 16-token SparseFormer (the token probe, benchmarks/README.md).
 REGION_DISTILL_WEIGHT = 4.0
 BOOTSTRAP_BATCH_SIZE = 64
 BOOTSTRAP_LR = 1e-3
 
-# LLaVA's two stages on the world (chosen on the pooled-16 arm, commit f9a9893): stage 1 trains the projector with the
-# LLM frozen, stage 2 the LLM and the projector; the tower stays frozen.
+# LLaVA's two stages on the world (chosen on the pooled-16 arm): stage 1 trains the projector with the LLM frozen,
+# stage 2 the LLM and the projector; the tower stays frozen.
 TEMPLATE = "chat_template"
 VLM_BATCH_SIZE = 16
 STAGE1_PROJECTOR_LR = 2e-3
@@ -36,25 +35,27 @@ def teacher_spec(teacher: Path) -> str:
     return f"open_clip:{model}@{teacher / 'open_clip_model.safetensors'}"
 
 
-def bootstrap_arguments(
+def bootstrap_settings(
     teacher: str,
     data: Path,
     out: Path,
     num_latent_tokens: int,
     steps: int,
-    *extra: str,
+    *,
     batch_size: int = BOOTSTRAP_BATCH_SIZE,
     lr: float = BOOTSTRAP_LR,
     region_distill_weight: float = REGION_DISTILL_WEIGHT,
-) -> list[str]:
-    """`mllm-sparse bootstrap` of a SparseFormer with `num_latent_tokens` latent tokens (and the CLS token) from the
-    teacher spec `teacher` (see `teacher_spec`) on the images of `data`, with the region term; `extra` are further
-    bootstrap arguments (e.g. `--cache-teacher`)."""
-    return [
-        "--teacher", teacher, "--num-tokens", str(num_latent_tokens + 1), "--data", str(data),
-        "--out", str(out), "--steps", str(steps), "--batch-size", str(batch_size), "--lr", str(lr),
-        "--warmup-steps", str(max(1, steps // 20)), "--region-distill-weight", str(region_distill_weight), *extra,
-    ]  # fmt: skip
+    **settings: Any,
+) -> BootstrapSettings:
+    """`mllm-sparse bootstrap` of a SparseFormer with `num_latent_tokens` latent tokens (plus the CLS token where the
+    teacher has one) from the teacher spec `teacher` (see `teacher_spec`) on the images of `data`, with the region
+    term; `settings` are further `BootstrapSettings` fields (e.g. `cache_teacher=True`)."""
+    from bootstrap.train import BootstrapSettings
+
+    return BootstrapSettings(
+        teacher=teacher, num_latent_tokens=num_latent_tokens, data=data, out=out, steps=steps, batch_size=batch_size,
+        lr=lr, warmup_steps=max(1, steps // 20), region_distill_weight=region_distill_weight, **settings,
+    )  # fmt: skip
 
 
 def train_vlm_arguments(

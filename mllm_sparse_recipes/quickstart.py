@@ -132,11 +132,12 @@ def run_pipeline(args: QuickstartSettings, s: dict[str, Any]) -> dict[str, Path]
     # fmt: off
     stages.run("world", world, lambda: synth_cli.main(
         ["--out", str(world), "--num-images", str(s["num_images"]), "--seed", seed]))
-    stages.run("teacher", teacher, lambda: train_teacher.main(
-        ["--data", str(world), "--out", str(teacher), "--steps", str(s["teacher_steps"]), "--seed", seed, *threads]))
-    stages.run("encoder", encoder, lambda: bootstrap_train.main(defaults.bootstrap_arguments(
-        defaults.teacher_spec(teacher), world, encoder, s["num_latent_tokens"], s["bootstrap_steps"], "--cache-teacher",
-        "--save-every", str(max(1, s["bootstrap_steps"] // 4)), "--seed", seed, *resume_flag(encoder),
+    stages.run("teacher", teacher, lambda: train_teacher.run(train_teacher.TeacherSettings(
+        data=world, out=teacher, steps=s["teacher_steps"], seed=args.seed, threads=args.threads)))
+    stages.run("encoder", encoder, lambda: bootstrap_train.run(defaults.bootstrap_settings(
+        defaults.teacher_spec(teacher), world, encoder, s["num_latent_tokens"], s["bootstrap_steps"],
+        cache_teacher=True, save_every=max(1, s["bootstrap_steps"] // 4), seed=args.seed,
+        resume=bool(resume_flag(encoder)),
     )), resumable=True)
     if args.llm is None:
         stages.run("llm", llm, lambda: scene_llm.main(

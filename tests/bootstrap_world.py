@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 def bootstrap_args(setup: tuple[Path, str], out: Path, *extra: str) -> list[str]:
-    """`mllm-sparse bootstrap` arguments: 9 tokens, batches of 4 at 64 px, lr 3e-3, into `out`."""
+    """`mllm-sparse bootstrap` arguments: 8 latent tokens, batches of 4 at 64 px, lr 3e-3, into `out`."""
     root, spec = setup
-    return ["--teacher", spec, "--num-tokens", "9", "--data", str(root / "world"), "--out", str(out),
+    return ["--teacher", spec, "--num-latent-tokens", "8", "--data", str(root / "world"), "--out", str(out),
             "--batch-size", "4", "--image-size", "64", "--lr", "3e-3", *extra]  # fmt: skip

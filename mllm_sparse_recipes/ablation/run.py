@@ -184,12 +184,12 @@ def bootstrap_encoders(settings: dict[str, Any], out: Path) -> dict[int, str]:
         folder = Path(encoders[n])
         if cache is not None and not (folder / cache.name).exists():
             share_file(cache, folder / cache.name)
-        command = defaults.bootstrap_arguments(
+        command = defaults.bootstrap_settings(
             settings["teacher"], Path(settings["bootstrap_data"]), folder, n, settings["bootstrap_steps"],
-            "--cache-teacher", "--save-every", str(max(1, settings["bootstrap_steps"] // 4)),
-            "--seed", str(settings["seed"]), *resume_flag(folder),
+            cache_teacher=True, save_every=max(1, settings["bootstrap_steps"] // 4), seed=settings["seed"],
+            resume=bool(resume_flag(folder)),
         )  # fmt: skip
-        stages.run(f"n{n}", folder, lambda command=command: bootstrap_train.main(command), resumable=True)
+        stages.run(f"n{n}", folder, lambda command=command: bootstrap_train.run(command), resumable=True)
         cache = next(folder.glob("teacher_cache*.safetensors"), None)
     return encoders
 

@@ -2,6 +2,7 @@
 refuses changed settings, a damaged newest checkpoint falls back, a stale teacher cache is rebuilt, absurd numbers get
 one line."""
 
+import logging
 import os
 import shutil
 import signal
@@ -24,6 +25,7 @@ from bootstrap.teachers import load_teacher
 from mllm_sparse.checkpoint import load_safetensors
 from mllm_sparse.training import DivergenceError
 from mllm_sparse_recipes.cli import main as cli_main
+from mllm_sparse_recipes.commands.bootstrap import main as bootstrap_main
 
 
 def steps_in(out):
@@ -80,7 +82,7 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(setup, tmp_path, one_th
     assert cli_main(["bootstrap", *bootstrap_args(setup, straight, *extra)]) == 0  # the same command, uninterrupted
     resumed = cli_process.run("bootstrap", *bootstrap_args(setup, killed, *extra, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resumed from" in resumed.stdout
+    assert "resumed from" in resumed.stderr  # logged
     assert_same_weights(straight, killed)
 
 
@@ -117,7 +119,8 @@ def damage(path, how):
         (path.parent / "trainer_state.pt").unlink()
 
 
-def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_good_one(setup, tmp_path, capsys):
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_good_one(setup, tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO, logger="bootstrap")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     args = ("--steps", "3", "--save-every", "1")
     assert cli_main(["bootstrap", *bootstrap_args(setup, straight, *args)]) == 0
@@ -127,10 +130,11 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_good_one(setup, 
         damage(resumed / "checkpoints" / "step_00000003" / "model.safetensors", how)
         (resumed / "model.safetensors").unlink()
         capsys.readouterr()
+        caplog.clear()
         assert cli_main(["bootstrap", *bootstrap_args(setup, resumed, *args, "--resume")]) == 0, how
         captured = capsys.readouterr()
         assert "skipping damaged checkpoint" in captured.err and "step_00000003" in captured.err, how
-        assert f"resumed from {resumed / 'checkpoints' / 'step_00000002'} at step 2" in captured.out, how
+        assert f"resumed from {resumed / 'checkpoints' / 'step_00000002'} at step 2" in caplog.text, how
         assert_same_weights(straight, resumed)
 
 
@@ -183,7 +187,7 @@ def test_non_finite_gradients_stop_the_run_before_the_update(setup, tmp_path, mo
     out = tmp_path / "run"
     # 2 steps: code without the check would take no backward pass through the NaN weights (a segfault in pytest)
     with pytest.raises(DivergenceError) as err:
-        train_module.main(bootstrap_args(setup, out, "--steps", "2", "--save-every", "1"))
+        bootstrap_main(bootstrap_args(setup, out, "--steps", "2", "--save-every", "1"))
     assert "the gradient norm became nan in step 2; stopped before the update" in str(err.value)
     assert f"the last good checkpoint is {out / 'checkpoints' / 'step_00000001'}" in str(err.value)
     assert steps_in(out) == ["step_00000001"]
@@ -204,23 +208,23 @@ def test_non_finite_weights_are_never_saved(setup, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.optim.AdamW, "step", overflowing_step)
     out = tmp_path / "run"
     with pytest.raises(DivergenceError, match=r"the weights after step 2 are not finite \(.+\); they were not saved"):
-        train_module.main(bootstrap_args(setup, out, "--steps", "2", "--save-every", "1"))  # 2: as above
+        bootstrap_main(bootstrap_args(setup, out, "--steps", "2", "--save-every", "1"))  # 2: as above
     assert steps_in(out) == ["step_00000001"] and not (out / "model.safetensors").exists()
 
 
-def test_a_first_step_failure_leaves_nothing_that_blocks_a_rerun(setup, tmp_path, capsys):
+def test_a_first_step_failure_leaves_nothing_that_blocks_a_rerun(setup, tmp_path, caplog):
     out = tmp_path / "run"
     bad = bootstrap_args(setup, out, "--steps", "1", "--token-loss-weight", "1", "--token-loss-layer", "0")
     with pytest.raises(ValueError, match="token loss: student unit 0 width"):
-        train_module.main(bad)
+        bootstrap_main(bad)
     assert not out.exists()
     with pytest.raises(ValueError, match="token loss: student unit 0 width"):
-        train_module.main([*bad, "--cache-teacher"])
+        bootstrap_main([*bad, "--cache-teacher"])
     assert sorted(p.name for p in out.iterdir()) == [CACHE_NAME]  # the finished cache stays, to be reused
-    capsys.readouterr()
-    assert train_module.main(bootstrap_args(setup, out, "--steps", "1", "--token-loss-weight", "1",
-                                            "--cache-teacher")) == 0  # fmt: skip
-    assert "reused" in capsys.readouterr().out
+    caplog.set_level(logging.INFO, logger="bootstrap")
+    assert bootstrap_main(bootstrap_args(setup, out, "--steps", "1", "--token-loss-weight", "1",
+                                         "--cache-teacher")) == 0  # fmt: skip
+    assert "reused" in caplog.text
 
 
 def test_torchrun_ranks_agree_to_stop_when_one_rank_sees_a_nan_loss(setup, tmp_path):
@@ -275,22 +279,22 @@ def teacher_embeddings(spec, paths):
         return teacher.encode_image(torch.stack([data[i][2] for i in range(len(data))])).float()
 
 
-def test_a_cache_of_another_teacher_is_rebuilt_not_reused(setup, other_teacher, tmp_path, capsys):
+def test_a_cache_of_another_teacher_is_rebuilt_not_reused(setup, other_teacher, tmp_path, caplog):
     root, spec = setup
     first, second = tmp_path / "first", tmp_path / "second"
-    assert train_module.main(bootstrap_args(setup, first, "--steps", "1", "--cache-teacher")) == 0
+    assert bootstrap_main(bootstrap_args(setup, first, "--steps", "1", "--cache-teacher")) == 0
     second.mkdir()
     shutil.copy(first / CACHE_NAME, second / CACHE_NAME)
-    capsys.readouterr()
+    caplog.clear()
     args = bootstrap_args((root, other_teacher), second, "--steps", "1", "--cache-teacher")
-    assert train_module.main(args) == 0
-    err = capsys.readouterr().err
+    assert bootstrap_main(args) == 0
+    err = caplog.text
     assert f"computed from other inputs: teacher {spec!r} -> {other_teacher!r}; rebuilding it" in err
     cached = load_file(second / CACHE_NAME)["embeds"]
     torch.testing.assert_close(cached, teacher_embeddings(other_teacher, list_images(root / "world", "train")))
 
 
-def test_a_cache_of_fewer_images_is_rebuilt(setup, tmp_path, capsys):
+def test_a_cache_of_fewer_images_is_rebuilt(setup, tmp_path, caplog):
     root, _ = setup
     few = tmp_path / "few_images"
     few.mkdir()
@@ -299,19 +303,20 @@ def test_a_cache_of_fewer_images_is_rebuilt(setup, tmp_path, capsys):
     small, large = tmp_path / "small", tmp_path / "large"
     small_args = bootstrap_args(setup, small, "--steps", "1", "--cache-teacher", "--val-fraction", "0")
     small_args[small_args.index("--data") + 1] = str(few)
-    assert train_module.main(small_args) == 0
+    assert bootstrap_main(small_args) == 0
     large.mkdir()
     os.link(small / CACHE_NAME, large / CACHE_NAME)
-    capsys.readouterr()
-    assert train_module.main(bootstrap_args(setup, large, "--steps", "1", "--cache-teacher")) == 0
-    assert "computed from other inputs: images 8 -> 24; rebuilding it" in capsys.readouterr().err
+    caplog.clear()
+    assert bootstrap_main(bootstrap_args(setup, large, "--steps", "1", "--cache-teacher")) == 0
+    assert "computed from other inputs: images 8 -> 24; rebuilding it" in caplog.text
     assert load_file(large / CACHE_NAME)["embeds"].shape[0] == 24
     assert load_file(small / CACHE_NAME)["embeds"].shape[0] == 8  # the rebuild replaced the link, not its file
 
 
 def test_the_cache_records_its_sources_and_is_reused_through_a_hard_link_or_rebuilt_when_damaged(
-    setup, tmp_path, capsys
+    setup, tmp_path, caplog
 ):
+    caplog.set_level(logging.INFO, logger="bootstrap")
     root, spec = setup
     teacher = load_teacher(spec)
     data = TwoViewImages(list_images(root / "world", "train"), 64, 64, teacher.arch.mean, teacher.arch.std)
@@ -332,25 +337,29 @@ def test_the_cache_records_its_sources_and_is_reused_through_a_hard_link_or_rebu
     shared = tmp_path / "b" / CACHE_NAME
     shared.parent.mkdir()
     os.link(first, shared)
-    capsys.readouterr()
+    caplog.clear()
     build(shared)
-    assert "reused" in capsys.readouterr().out and os.stat(shared).st_ino == os.stat(first).st_ino
+    assert "reused" in caplog.text and os.stat(shared).st_ino == os.stat(first).st_ino
     # a term that needs patch tokens: rebuilt with them
+    caplog.clear()
     targets = build(shared, need_patches=True)
-    assert "it holds no patch tokens, which the token or region term needs; rebuilding it" in capsys.readouterr().err
+    assert "it holds no patch tokens, which the token or region term needs; rebuilding it" in caplog.text
     assert set(targets.cache) == {"embeds", "patches"} and os.stat(shared).st_ino != os.stat(first).st_ino
     # one with patch tokens serves a run that needs none
+    caplog.clear()
     build(shared)
-    assert "reused" in capsys.readouterr().out
+    assert "reused" in caplog.text
     # truncated: rebuilt, with one line saying so
     shared.write_bytes(shared.read_bytes()[:100])
+    caplog.clear()
     targets = build(shared)
-    assert "unreadable (truncated or corrupt?)" in capsys.readouterr().err
+    assert "unreadable (truncated or corrupt?)" in caplog.text
     torch.testing.assert_close(load_file(shared)["embeds"], load_file(first)["embeds"])
     assert targets.cache["embeds"].shape == (24, teacher.arch.proj_dim)
 
 
-def test_a_cache_copied_together_with_its_images_is_reused(setup, tmp_path, capsys):
+def test_a_cache_copied_together_with_its_images_is_reused(setup, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="bootstrap")
     root, spec = setup
     teacher = load_teacher(spec)
     shutil.copytree(root / "world", tmp_path / "x" / "world")  # copy2: sizes and modification times kept
@@ -362,6 +371,6 @@ def test_a_cache_copied_together_with_its_images_is_reused(setup, tmp_path, caps
 
     build(tmp_path / "x")
     shutil.copytree(tmp_path / "x", tmp_path / "y")
-    capsys.readouterr()
+    caplog.clear()
     build(tmp_path / "y")
-    assert "reused" in capsys.readouterr().out
+    assert "reused" in caplog.text

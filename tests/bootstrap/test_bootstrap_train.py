@@ -18,16 +18,21 @@ import mllm_sparse  # noqa: F401
 from bootstrap.train import off_grid_warning, roi_pooled_patches
 from mllm_sparse.training import DivergenceError
 from mllm_sparse_recipes.cli import main as cli_main
+from mllm_sparse_recipes.commands.bootstrap import main as bootstrap_main
 
 
-def test_two_steps_through_the_cli_into_a_checkpoint_that_reloads(setup, tmp_path, capsys):
+def test_two_steps_through_the_cli_into_a_checkpoint_that_reloads(setup, tmp_path, capsys, caplog):
     out = tmp_path / "enc"
     assert cli_main(["bootstrap", *_args(setup, out, "--steps", "2")]) == 0
-    # 9 tokens with CLS: 8 latents, 4 on the 2x2 grid and 4 on the whole image, said before training
-    assert "4 of the 8 latent tokens start on the whole image" in capsys.readouterr().out
+    # 8 latent tokens (and the CLS token): 4 on the 2x2 grid and 4 on the whole image, said before training
+    assert "4 of the 8 latent tokens start on the whole image" in caplog.text
+    assert "use --num-latent-tokens 4 or 9" in caplog.text
+    assert "\n# Bootstrap report: 8 latent tokens (+ the CLS token) from `open_clip:" in capsys.readouterr().out
     model = AutoModel.from_pretrained(out)
-    assert type(model).__name__ == "SparseFormerModel" and model.config.num_tokens == 9
+    assert type(model).__name__ == "SparseFormerModel" and model.config.num_latent_tokens == 8
+    assert model.config.num_tokens == 9 and model.config.has_cls_token
     report = json.loads((out / "bootstrap_report.json").read_text())
+    assert (report["num_latent_tokens"], report["cls_tokens"]) == (8, 1)
     assert report["steps"] == 2 and len(report["loss_curve"]) == 2
     assert {"teacher", "student"} <= set(report["final"]["zero_shot"]) and "held_out_cosine" in report["final"]
     assert report["inheritance"]["layer_map"] == {"1": 3, "2": 4}
@@ -45,8 +50,8 @@ def test_two_steps_through_the_cli_into_a_checkpoint_that_reloads(setup, tmp_pat
 
 
 def test_a_siglip_teacher_bootstraps_through_the_cli(setup, tmp_path):
-    """SigLIP: no CLS token (all --num-tokens are latent), attention-pool head; a vision-only checkpoint has no
-    text tower, so the report carries cosine but no zero-shot."""
+    """SigLIP: no CLS token, attention-pool head; a vision-only checkpoint has no text tower, so the report carries
+    cosine but no zero-shot."""
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
     root, _ = setup
@@ -59,8 +64,10 @@ def test_a_siglip_teacher_bootstraps_through_the_cli(setup, tmp_path):
     args = _args((root, f"hf:{tmp_path / 'siglip'}"), out, "--steps", "2")
     assert cli_main(["bootstrap", *args]) == 0
     model = AutoModel.from_pretrained(out)
-    assert model.config.num_tokens == 9 and not model.config.has_cls_token and model.config.head_op == "map"
+    assert model.config.num_latent_tokens == 8 and model.config.num_tokens == 8
+    assert not model.config.has_cls_token and model.config.head_op == "map"
     report = json.loads((out / "bootstrap_report.json").read_text())
+    assert (report["num_latent_tokens"], report["cls_tokens"]) == (8, 0)
     assert "zero_shot" not in report["final"] and report["final"]["teacher_tokens"] == 16
     assert report["final"]["held_out_cosine"] > -1
 
@@ -138,14 +145,14 @@ def test_torchrun_with_two_cpu_ranks_matches_one_process(setup, tmp_path):
 
 def test_batch_must_split_over_ranks_and_accumulation(setup, tmp_path):
     with pytest.raises(ValueError, match="multiple of ranks × --grad-accum = 1 × 3"):
-        train_module.main(_args(setup, tmp_path / "b", "--steps", "1", "--grad-accum", "3"))
+        bootstrap_main(_args(setup, tmp_path / "b", "--steps", "1", "--grad-accum", "3"))
 
 
 def test_off_grid_warning_names_the_token_counts_that_fill_the_grid():
-    assert off_grid_warning(16, has_cls=True) is None and off_grid_warning(49, has_cls=False) is None
-    assert "use --num-tokens 10 or 17 (the CLS token included)" in off_grid_warning(15, has_cls=True)
-    assert "6 of the 15 latent tokens" in off_grid_warning(15, has_cls=True)
-    assert off_grid_warning(48, has_cls=False).endswith("use --num-tokens 36 or 49")
+    assert off_grid_warning(16) is None and off_grid_warning(49) is None
+    assert "6 of the 15 latent tokens" in off_grid_warning(15)
+    assert off_grid_warning(15).endswith("use --num-latent-tokens 9 or 16")
+    assert off_grid_warning(48).endswith("use --num-latent-tokens 36 or 49")
 
 
 def test_roi_pooling_averages_the_patches_inside_each_box():
@@ -160,19 +167,19 @@ def test_roi_pooling_averages_the_patches_inside_each_box():
 def test_nan_loss_stops_with_a_clear_error(setup, tmp_path, monkeypatch):
     monkeypatch.setattr(train_module, "alignment_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
     with pytest.raises(DivergenceError, match="loss became nan in step 1; stopped before its backward pass"):
-        train_module.main(_args(setup, tmp_path / "nan", "--steps", "1"))
+        bootstrap_main(_args(setup, tmp_path / "nan", "--steps", "1"))
 
 
 def test_bad_inputs(setup, tmp_path):
     with pytest.raises(FileNotFoundError, match="Bootstrap data not found"):
-        train_module.main(_args(setup, tmp_path / "x", "--steps", "1")[: -0 or None] + ["--data", str(tmp_path / "no")])
+        bootstrap_main(_args(setup, tmp_path / "x", "--steps", "1")[: -0 or None] + ["--data", str(tmp_path / "no")])
     with pytest.raises(ValueError, match="must look like"):
-        train_module.main(["--teacher", "vit", "--num-tokens", "9", "--data", ".", "--out", str(tmp_path)])
-    with pytest.raises(ValueError, match=">= 2"):
-        train_module.main(_args(setup, tmp_path / "y", "--steps", "1") + ["--num-tokens", "1"])
+        bootstrap_main(["--teacher", "vit", "--num-latent-tokens", "9", "--data", ".", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="--num-latent-tokens must be >= 1, got 0"):
+        bootstrap_main(_args(setup, tmp_path / "y", "--steps", "1") + ["--num-latent-tokens", "0"])
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        train_module.main(_args(setup, tmp_path / "z", "--steps", "1", "--resume"))
+        bootstrap_main(_args(setup, tmp_path / "z", "--steps", "1", "--resume"))
     bad = tmp_path / "bad.json"
     bad.write_text("[{")
     with pytest.raises(ValueError, match="Malformed JSON"):
-        train_module.main(_args(setup, tmp_path / "w", "--steps", "1") + ["--data", str(bad)])
+        bootstrap_main(_args(setup, tmp_path / "w", "--steps", "1") + ["--data", str(bad)])

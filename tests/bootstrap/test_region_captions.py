@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import bootstrap  # noqa: F401  (registers the teacher architectures)
 from bootstrap.region_captions import RegionCaptions, box_weights, region_loss
-from bootstrap.train_teacher import main as train_teacher
+from mllm_sparse_recipes.commands.train_teacher import main as train_teacher
 
 NAME = "synth-vit-test-16"
 

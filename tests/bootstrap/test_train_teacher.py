@@ -1,4 +1,5 @@
 import json
+import logging
 import shutil
 import signal
 
@@ -8,12 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import bootstrap  # noqa: F401  (registers the teacher architectures)
+import bootstrap  # registers the teacher architectures
 from bootstrap.train_teacher import caption_weights, cut_captions_warning, lr_at
-from bootstrap.train_teacher import main as train_teacher
 from mllm_sparse.checkpoint import load_safetensors
 from mllm_sparse.synth.dataset import SyntheticWorld
 from mllm_sparse_recipes.cli import main as cli
+from mllm_sparse_recipes.commands.train_teacher import main as train_teacher
 
 NAME = "synth-vit-test-16"
 
@@ -48,6 +49,12 @@ def test_teacher_architectures_are_registered_and_vit_like():
     for name in ("synth-vit-t-8", "synth-vit-t-16", "synth-vit-s-16"):
         model = open_clip.create_model(name)
         assert tuple(model.visual.grid_size) == (14, 14)  # 196 patch tokens: 224 px / 16 or 112 px / 8
+
+
+def test_the_command_help_names_the_registered_architectures():
+    from mllm_sparse_recipes.commands.train_teacher import teacher_models
+
+    assert teacher_models() == list(bootstrap.TEACHER_MODELS) and "synth-vit-t-8" in teacher_models()
 
 
 def test_training_writes_open_clip_checkpoints_that_load(trained_teacher):
@@ -97,6 +104,18 @@ def test_training_moves_the_weights_and_lowers_the_loss(tmp_path, trained_teache
     )
     curve = json.loads((out / "zero_shot.json").read_text())["loss_curve"]
     assert curve[-1] < curve[0]
+
+
+def test_an_untrained_teacher_is_built_without_the_no_pretrained_weights_warning(trained_teacher, tmp_path, caplog):
+    """open_clip warns that a model it builds has no pretrained weights; train-teacher builds one to train it, so
+    that warning says nothing there, and only there."""
+    caplog.set_level(logging.INFO)
+    assert train_teacher(teacher_args(trained_teacher / "world", tmp_path / "t", "--steps", "1")) == 0
+    assert f"teacher {NAME}:" in caplog.text  # the run's own lines are logged
+    assert "No pretrained weights loaded" not in caplog.text
+    caplog.clear()
+    open_clip.create_model(NAME)  # elsewhere open_clip still says it
+    assert f"No pretrained weights loaded for model '{NAME}'" in caplog.text
 
 
 def test_caption_weights():
@@ -177,13 +196,16 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(trained_teacher, tmp_pa
     assert cli(["train-teacher", *teacher_args(world, straight, *extra)]) == 0  # the same command, uninterrupted
     resumed = cli_process.run("train-teacher", *teacher_args(world, killed, *extra, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resumed from" in resumed.stdout
+    assert "resumed from" in resumed.stderr  # logged
     assert same_teacher_weights(straight, killed)
     a, b = (json.loads((p / "zero_shot.json").read_text()) for p in (straight, killed))
     assert a["loss_curve"] == b["loss_curve"] and a["top1"] == b["top1"]
 
 
-def test_resume_refuses_changed_settings_falls_back_from_a_damaged_checkpoint(trained_teacher, tmp_path, capsys):
+def test_resume_refuses_changed_settings_falls_back_from_a_damaged_checkpoint(
+    trained_teacher, tmp_path, capsys, caplog
+):
+    caplog.set_level(logging.INFO, logger="bootstrap")
     world, straight, out = trained_teacher / "world", tmp_path / "straight", tmp_path / "run"
     extra = ("--steps", "3", "--save-every", "1")
     assert cli(["train-teacher", *teacher_args(world, straight, *extra)]) == 0
@@ -200,7 +222,8 @@ def test_resume_refuses_changed_settings_falls_back_from_a_damaged_checkpoint(tr
     assert cli(["train-teacher", *teacher_args(world, out, "--steps", "3", "--save-every", "3", "--resume")]) == 0
     captured = capsys.readouterr()
     assert "skipping damaged checkpoint" in captured.err and "step_00000003" in captured.err
-    assert "at step 2" in captured.out and "do not change the weights: --save-every 1 -> 3" in captured.out
+    assert "resumed from" in caplog.text and "at step 2" in caplog.text
+    assert "do not change the weights: --save-every 1 -> 3" in captured.out
     assert same_teacher_weights(straight, out)
 
 

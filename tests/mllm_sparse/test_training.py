@@ -117,3 +117,28 @@ def test_a_run_moved_with_its_inputs_resumes_and_other_inputs_are_refused(tmp_pa
     assert run_of(b, a / "data", a / "teacher.bin").start(resume=True) is not None  # the same absolute inputs
     with pytest.raises(ValueError, match=rf"--data '{a / 'data'}' -> '{tmp_path / 'elsewhere'}'"):
         run_of(a, tmp_path / "elsewhere", a / "teacher.bin").start(resume=True)
+
+
+def test_a_settings_dataclass_records_what_its_namespace_records(tmp_path):
+    """Commands hand their library a settings dataclass; the run records the same settings as from the parsed
+    arguments, paths included."""
+    import argparse
+    from dataclasses import dataclass
+    from pathlib import Path
+
+    @dataclass
+    class Settings:
+        out: Path
+        data: Path
+        lr: float = 0.1
+        workers: int = 0
+        resume: bool = False
+
+    (tmp_path / "data").mkdir()
+    settings = Settings(tmp_path / "run", tmp_path / "data")
+    a = RunFolder.from_args(settings, "demo", ["workers"], ["w.safetensors"])
+    b = RunFolder.from_args(argparse.Namespace(**vars(settings)), "demo", ["workers"], ["w.safetensors"])
+    assert (a.settings, a.free, a.out) == (b.settings, b.free, b.out)
+    assert (
+        set(a.settings) == {"data", "lr"} and a.settings["data"]["relative"] == "../data" and a.free == {"workers": 0}
+    )
