@@ -192,7 +192,8 @@ def run_pipeline(args: argparse.Namespace, s: dict[str, Any]) -> dict[str, Path]
     from bootstrap import train_teacher
     from llava_adapter import evaluate, train
     from llava_adapter.build_vlm import main as build_vlm_main
-    from mllm_sparse.synth import cli as synth_cli
+    from mllm_sparse.synth import generate as synth
+    from mllm_sparse.training import latest_checkpoint
 
     from . import scene_llm
 
@@ -204,8 +205,8 @@ def run_pipeline(args: argparse.Namespace, s: dict[str, Any]) -> dict[str, Path]
     world, teacher, encoder, llm, vlm = (paths[k] for k in ("world", "teacher", "encoder", "llm", "vlm"))
     stages = Stages(out, "quickstart")
     # fmt: off
-    stages.run("world", world, lambda: synth_cli.main(
-        ["--out", str(world), "--num-images", str(s["num_images"]), "--seed", seed]))
+    stages.run("world", world, lambda: synth.run(
+        synth.SynthSettings(out=world, num_images=s["num_images"], seed=args.seed)))
     stages.run("teacher", teacher, lambda: train_teacher.main(
         ["--data", str(world), "--out", str(teacher), "--steps", str(s["teacher_steps"]), "--seed", seed, *threads]))
     stages.run("encoder", encoder, lambda: bootstrap_train.main(defaults.bootstrap_arguments(
@@ -213,11 +214,10 @@ def run_pipeline(args: argparse.Namespace, s: dict[str, Any]) -> dict[str, Path]
         "--save-every", str(max(1, s["bootstrap_steps"] // 4)), "--seed", seed, *resume_flag(encoder),
     )), resumable=True)
     if args.llm is None:
-        stages.run("llm", llm, lambda: scene_llm.main(
-            ["--data", str(world), "--out", str(llm), "--question-steps", str(s["llm_question_steps"]),
-             "--record-steps", str(s["llm_record_steps"]),
-             "--eval-every", str(min(500, s["llm_question_steps"] + s["llm_record_steps"])), "--seed", seed,
-             *threads, *resume_flag(llm)]), resumable=True)
+        stages.run("llm", llm, lambda: scene_llm.run(scene_llm.ScenePretrainSettings(
+            data=world, out=llm, question_steps=s["llm_question_steps"], record_steps=s["llm_record_steps"],
+            eval_every=min(500, s["llm_question_steps"] + s["llm_record_steps"]), seed=args.seed,
+            threads=args.threads, resume=latest_checkpoint(llm) is not None)), resumable=True)
     stages.run("vlm", vlm, lambda: build_vlm_main(
         ["--encoder", str(encoder), "--llm", str(llm), "--projector", "mlp2x_gelu", "--out", str(vlm), "--seed", seed]))
     train_data = world / "llava_train.json"
