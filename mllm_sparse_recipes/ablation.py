@@ -315,11 +315,14 @@ def train_arm(settings: dict[str, Any], name: str, tower: list[str], out: Path) 
         )
     data, images = Path(settings["train_data"]), Path(settings["image_folder"])
     for (stage, start, epochs, lr, projector_lr), before in zip(plan, ("base", "stage1"), strict=False):
-        command = [*defaults.train_vlm_arguments(start, folder / stage, data, images, epochs, lr, projector_lr,
-                                               batch_size=settings["batch_size"], seed=seed,
-                                               model_max_length=settings["model_max_length"]),
-                   *shlex.split(settings["train_args"])]  # fmt: skip
-        stages.run(stage, folder / stage, lambda command=command: train.main(command), resumable=True, inputs=(before,))
+
+        def train_stage(start=start, out=folder / stage, epochs=epochs, lr=lr, projector_lr=projector_lr) -> None:
+            extra = train.parse_overrides(shlex.split(settings["train_args"]))
+            train.run(*defaults.train_vlm_settings(
+                start, out, data, images, epochs, lr, projector_lr, batch_size=settings["batch_size"], seed=seed,
+                model_max_length=settings["model_max_length"], overrides=extra))  # fmt: skip
+
+        stages.run(stage, folder / stage, train_stage, resumable=True, inputs=(before,))
         evaluation = folder / f"eval_{stage}"
         scored = evaluation / evaluate.JSON_NAME
         if stages.is_done(evaluation.name) and read_json(scored).get("limit") != settings["eval_limit"]:

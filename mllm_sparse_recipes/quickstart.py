@@ -221,10 +221,10 @@ def run_pipeline(args: argparse.Namespace, s: dict[str, Any]) -> dict[str, Path]
     stages.run("vlm", vlm, lambda: build_vlm_main(
         ["--encoder", str(encoder), "--llm", str(llm), "--projector", "mlp2x_gelu", "--out", str(vlm), "--seed", seed]))
     train_data = world / "llava_train.json"
-    stages.run("stage1", paths["stage1"], lambda: train.main(defaults.train_vlm_arguments(
+    stages.run("stage1", paths["stage1"], lambda: train.run(*defaults.train_vlm_settings(
         vlm, paths["stage1"], train_data, world, s["vlm_epochs"], 0.0, defaults.STAGE1_PROJECTOR_LR, seed=args.seed)),
         resumable=True, inputs=("world", "vlm"))
-    stages.run("stage2", paths["stage2"], lambda: train.main(defaults.train_vlm_arguments(
+    stages.run("stage2", paths["stage2"], lambda: train.run(*defaults.train_vlm_settings(
         paths["stage1"], paths["stage2"], train_data, world, s["vlm_epochs"], defaults.STAGE2_LR, defaults.STAGE2_LR,
         seed=args.seed)), resumable=True, inputs=("stage1",))
     stages.run("eval", paths["eval"], lambda: evaluate.main(
