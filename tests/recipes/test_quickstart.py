@@ -4,6 +4,7 @@ that changed, bad arguments; and the question-only prior it reports against."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -86,7 +87,7 @@ def test_every_stage_runs_and_the_report_reads_their_outputs(run_dir):
     assert "| eval |" in markdown and "question-only prior" in markdown and "mllm-sparse demo --model" in markdown
 
 
-def test_a_rerun_continues_from_checkpoints_and_redoes_unfinished_stages(run_dir, tmp_path, capsys):
+def test_a_rerun_continues_from_checkpoints_and_redoes_unfinished_stages(run_dir, tmp_path, capsys, caplog):
     out = copy_of(run_dir, tmp_path)
     for stage in quickstart.STAGES[2:]:  # as if stopped during the bootstrap
         (out / DONE_DIR / stage).unlink()
@@ -96,11 +97,13 @@ def test_a_rerun_continues_from_checkpoints_and_redoes_unfinished_stages(run_dir
     (out / "vlm").mkdir()
     (out / "vlm" / "config.json").write_text("{}")  # a half-written folder: cleared, not trusted
     capsys.readouterr()
+    caplog.set_level(logging.INFO)
     assert cli_main(["quickstart", "--out", str(out), *SMOKE]) == 0
     printed = capsys.readouterr().out
     assert printed.count("done earlier") == 2  # world, teacher
-    assert printed.count("resumed from") == 2  # encoder, llm: from their last checkpoints, not from scratch
-    assert "at step 3" in printed and "at step 5" in printed
+    said = printed + caplog.text  # what the stages print and what the libraries log
+    assert said.count("resumed from") == 2  # encoder, llm: from their last checkpoints, not from scratch
+    assert "at step 3" in said and "at step 5" in said
     assert AutoModelForImageTextToText.from_pretrained(out / "vlm").config.image_seq_length == 9
 
 
