@@ -304,10 +304,10 @@ def run(settings: ScenePretrainSettings) -> dict:
         raise ValueError(f"--lr must be a finite number > 0, --warmup-steps and --eval-every >= 0, got {args.lr}")
     if args.eval_records < 1 or args.vocab_size < 1 or (args.threads is not None and args.threads < 1):
         raise ValueError("--eval-records, --vocab-size and --threads must be >= 1")
-    folder = RunFolder.from_args(
+    run_folder = RunFolder.from_args(
         args, "pretrain-llm", FREE_SETTINGS, [f"{LLM_DIR}/*.safetensors", PROJECTOR_FILE], specs=["llm"]
     )
-    resumed = folder.start(args.resume)
+    resumed = run_folder.start(args.resume)
     # A resumed run continues the checkpoint's LLM and tokenizer (--llm must name the one it started from).
     model, tokenizer = load_llm(
         str(resumed.path / LLM_DIR) if resumed else args.llm, args.data, args.vocab_size, args.seed
@@ -359,7 +359,7 @@ def run(settings: ScenePretrainSettings) -> dict:
 
     def checkpoint_now() -> None:
         trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "state": state}
-        folder.save(state["step"], write_weights, weights(), trainer_state)
+        run_folder.save(state["step"], write_weights, weights(), trainer_state)
 
     model.train()
     start = time.perf_counter()
@@ -378,10 +378,10 @@ def run(settings: ScenePretrainSettings) -> dict:
         indices = order[state["position"] : state["position"] + size].tolist()
         batch = data.batch(indices, collator, args.seed * 7919 + state["epoch"])
         loss = scene_forward(model, projector, batch, image_token_id).loss
-        value = folder.check_loss(loss, state["step"] + 1)
+        value = run_folder.check_loss(loss, state["step"] + 1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        folder.check_grad_norm(torch.nn.utils.clip_grad_norm_(params, 1.0), state["step"] + 1)
+        run_folder.check_grad_norm(torch.nn.utils.clip_grad_norm_(params, 1.0), state["step"] + 1)
         optimizer.step()
         scheduler.step()
         state["step"] += 1
@@ -407,7 +407,7 @@ def run(settings: ScenePretrainSettings) -> dict:
     else:
         final = evaluate(model, projector, test["records"], collator, image_token_id)
         checkpoint_now()
-    folder.check_weights(weights(), state["step"])  # nothing non-finite reaches DIR
+    run_folder.check_weights(weights(), state["step"])  # nothing non-finite reaches DIR
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
