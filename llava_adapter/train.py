@@ -8,18 +8,24 @@ folds them into one model.
 
 `--model_name_or_path` is a LLaVA folder (from `mllm-sparse build-vlm`, a llava-hf checkpoint or a merged model). As
 in LLaVA, it may instead be a causal LM with `--vision_tower`; with a LLaVA folder, `--vision_tower` swaps its tower.
+
+`main(argv)` is LLaVA's command line (`scripts/train_vlm.py`); code calls `run(model_args, data_args, training_args)`
+with the same three argument groups, built by `arguments({field: value})` (each field named as its option).
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
 import math
 import os
 import shutil
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -109,9 +115,13 @@ class VlmTrainingArguments(TrainingArguments):
     )
 
 
-def parse_args(argv: list[str] | None):
-    parser = HfArgumentParser((ModelArguments, DataArguments, VlmTrainingArguments))
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+# The three argument groups of a run, as `HfArgumentParser` gives them to LLaVA's `train.py`.
+TrainArguments = tuple[ModelArguments, DataArguments, VlmTrainingArguments]
+ARGUMENT_TYPES = (ModelArguments, DataArguments, VlmTrainingArguments)
+
+
+def check_arguments(model_args: ModelArguments, data_args: DataArguments, training_args: VlmTrainingArguments) -> None:
+    """Raise `ValueError` for arguments that contradict each other or name no template or feature."""
     if data_args.version not in TEMPLATES:
         raise ValueError(f"--version must be one of {TEMPLATES}, got {data_args.version!r}")
     if model_args.mm_vision_select_feature not in (None, *SELECT_FEATURES):
@@ -122,7 +132,42 @@ def parse_args(argv: list[str] | None):
         raise ValueError("--learning_rate 0 without a --mm_projector_lr: nothing would train")
     if training_args.learning_rate == 0 and training_args.lora_enable:
         raise ValueError("--learning_rate 0 with --lora_enable: the LoRA adapters would never move")
+
+
+def parse_args(argv: list[str] | None) -> TrainArguments:
+    """LLaVA's command line (`scripts/train_vlm.py`) → the three argument groups, checked."""
+    parser = HfArgumentParser(ARGUMENT_TYPES)
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    check_arguments(model_args, data_args, training_args)
     return model_args, data_args, training_args
+
+
+def arguments(values: Mapping[str, Any]) -> TrainArguments:
+    """The three argument groups from field name → value (each name a field of one of them, as on the command line
+    without its dashes), checked. The same values give the same groups as `parse_args` of their command line."""
+    names = {f.name for group in ARGUMENT_TYPES for f in dataclasses.fields(group) if f.init}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"not training arguments: {', '.join(unknown)}")
+    groups = tuple(
+        group(**{f.name: values[f.name] for f in dataclasses.fields(group) if f.init and f.name in values})
+        for group in ARGUMENT_TYPES
+    )
+    check_arguments(*groups)
+    return groups
+
+
+def parse_overrides(argv: Sequence[str]) -> dict[str, Any]:
+    """The arguments given in `argv` (LLaVA's spelling, e.g. ["--bf16", "True"]) as field name → value, converted as
+    `parse_args` converts them; nothing for those not given. For recipes that pass a user's extra arguments on."""
+    parser = HfArgumentParser(ARGUMENT_TYPES)
+    for action in parser._actions:
+        if action.dest != "help":
+            action.default, action.required = argparse.SUPPRESS, False
+    given, unused = parser.parse_known_args(list(argv))
+    if unused:
+        raise ValueError(f"Some specified arguments are not used by the HfArgumentParser: {unused}")
+    return vars(given)
 
 
 def is_llava_folder(path: str) -> bool:
@@ -426,9 +471,11 @@ def prepare_output_dir(model_args, data_args, training_args) -> Path | None:
     return resume
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(model_args: ModelArguments, data_args: DataArguments, training_args: VlmTrainingArguments) -> None:
+    """Train as `scripts/train_vlm.py` does with the same arguments (see the module docstring): into
+    `training_args.output_dir`, resuming from its newest complete checkpoint, or refusing, as the command line does."""
     checkpoints.force_weights_only_loads()
-    model_args, data_args, training_args = parse_args(argv)
+    check_arguments(model_args, data_args, training_args)
     resume = prepare_output_dir(model_args, data_args, training_args)
     set_seed(training_args.seed)  # a new projector and LoRA's initial weights: the same run gives the same model
     model, processor, assembled = load_model(model_args, data_args)
@@ -471,6 +518,11 @@ def main(argv: list[str] | None = None) -> int:
         # "terminate called without an active exception" after a finished run (exit code -6).
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """LLaVA's command line: `scripts/train_vlm.py ARGS` (`--help` lists them)."""
+    run(*parse_args(argv))
     return 0
 
 

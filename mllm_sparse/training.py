@@ -19,10 +19,10 @@ step: the weights as safetensors, `trainer_state.pt` (optimizer, scheduler, coun
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
-import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,6 +38,8 @@ from .files import atomic_dir, read_json
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.pt"
 SETTINGS_FILE = "run_settings.json"
+
+logger = logging.getLogger(__name__)
 
 
 class DivergenceError(ValueError):
@@ -169,7 +171,7 @@ class RunFolder:
                 resumed = self._read(path)
             except CheckpointError as err:
                 skipped.append(f"{path.name}: {err}")
-                print(f"{self.command}: skipping damaged checkpoint {path}: {err}", file=sys.stderr, flush=True)
+                logger.warning("%s: skipping damaged checkpoint %s: %s", self.command, path, err)
                 continue
             self._check_settings(resumed)
             return resumed
@@ -253,11 +255,10 @@ class RunFolder:
 
     def _check_settings(self, resumed: Resumed) -> None:
         if resumed.recorded is None:
-            print(
-                f"{self.command}: {resumed.path} records no settings (an older checkpoint); resuming without checking "
-                "them",
-                file=sys.stderr,
-                flush=True,
+            logger.warning(
+                "%s: %s records no settings (an older checkpoint); resuming without checking them",
+                self.command,
+                resumed.path,
             )
             return
         saved, path = resumed.recorded, resumed.path
@@ -273,7 +274,9 @@ class RunFolder:
         stated = [f"{_flag(k)} {_shown(free_before[k])} -> {_shown(v)}" for k, v in _plain(self.free).items()
                   if k in free_before and not _same(free_before[k], v)]  # fmt: skip
         if stated:
-            print(f"{self.command}: resuming with changed settings that do not change the weights: {'; '.join(stated)}")
+            logger.warning(
+                "%s: resuming with changed settings that do not change the weights: %s", self.command, "; ".join(stated)
+            )
 
     def _remove_stale_temporaries(self) -> None:
         # what an interrupted `atomic_dir` leaves (.step_N.XXXX.tmp, .step_N.old); one run writes a folder at a time

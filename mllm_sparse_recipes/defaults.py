@@ -7,12 +7,14 @@ Each function returns a stage's typed settings, the ones its command builds from
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from bootstrap.train import BootstrapSettings
     from llava_adapter.evaluate import EvalVlmSettings
+    from llava_adapter.train import TrainArguments
 
 # The bootstrap's region term keeps small objects in a 16-token SparseFormer (the token probe, benchmarks/README.md).
 REGION_DISTILL_WEIGHT = 4.0
@@ -58,7 +60,7 @@ def bootstrap_settings(
     )  # fmt: skip
 
 
-def train_vlm_arguments(
+def train_vlm_settings(
     start: Path,
     out: Path,
     train_data: Path,
@@ -70,22 +72,27 @@ def train_vlm_arguments(
     batch_size: int = VLM_BATCH_SIZE,
     seed: int = 0,
     model_max_length: int = 512,
-) -> list[str]:
-    """`scripts/train_vlm.py` from the LLaVA folder `start` into `out` on `train_data` (LLaVA JSON, images under
-    `image_folder`): `lr` for the LLM (0: frozen), `projector_lr` for the projector, the tower frozen; a full model
-    folder is saved, and an interrupted run resumes from its newest checkpoint. 512 tokens hold every
-    synthetic-world conversation; real data with a 576-token tower wants LLaVA's 2048."""
-    return [
-        "--model_name_or_path", str(start), "--data_path", str(train_data), "--image_folder", str(image_folder),
-        "--version", TEMPLATE, "--output_dir", str(out),
-        "--num_train_epochs", str(epochs), "--per_device_train_batch_size", str(batch_size),
-        "--learning_rate", str(lr), "--mm_projector_lr", str(projector_lr), "--lr_scheduler_type", "cosine",
-        "--warmup_steps", "0.03", "--weight_decay", "0.0", "--logging_steps", "50",
+    overrides: Mapping[str, Any] | None = None,
+) -> TrainArguments:
+    """The arguments of `llava_adapter.train.run` from the LLaVA folder `start` into `out` on `train_data` (LLaVA
+    JSON, images under `image_folder`): `lr` for the LLM (0: frozen), `projector_lr` for the projector, the tower
+    frozen; a full model folder is saved, and an interrupted run resumes from its newest checkpoint. 512 tokens hold
+    every synthetic-world conversation; real data with a 576-token tower wants LLaVA's 2048. `overrides` (field name
+    -> value, e.g. from `llava_adapter.train.parse_overrides`) replace or add to these."""
+    from llava_adapter.train import arguments
+
+    values = {
+        "model_name_or_path": str(start), "data_path": str(train_data), "image_folder": str(image_folder),
+        "version": TEMPLATE, "output_dir": str(out),
+        "num_train_epochs": float(epochs), "per_device_train_batch_size": int(batch_size),
+        "learning_rate": float(lr), "mm_projector_lr": float(projector_lr), "lr_scheduler_type": "cosine",
+        "warmup_steps": 0.03, "weight_decay": 0.0, "logging_steps": 50.0,
         # a checkpoint every tenth of the run, the newest kept: a killed stage continues from it
-        "--save_strategy", "steps", "--save_steps", "0.1", "--save_total_limit", "1",
-        "--report_to", "none", "--seed", str(seed), "--model_max_length", str(model_max_length),
-        "--dataloader_num_workers", "0",
-    ]  # fmt: skip
+        "save_strategy": "steps", "save_steps": 0.1, "save_total_limit": 1,
+        "report_to": "none", "seed": int(seed), "model_max_length": int(model_max_length),
+        "dataloader_num_workers": 0,
+    }  # fmt: skip
+    return arguments({**values, **(overrides or {})})
 
 
 def eval_vlm_settings(

@@ -22,7 +22,7 @@ from mllm_sparse.images import load_image
 
 from . import defaults
 from .plans import PLANS, Plan
-from .stages import Stages, guard_settings, resume_flag
+from .stages import Stages, guard_settings
 
 SETTINGS_FILE = "quickstart_settings.json"
 REPORT_NAME = "quickstart"
@@ -118,40 +118,39 @@ def run_pipeline(args: QuickstartSettings, s: dict[str, Any]) -> dict[str, Path]
     from llava_adapter import evaluate, train
     from llava_adapter.build_vlm import BuildVlmSettings
     from llava_adapter.build_vlm import run as build_vlm
-    from mllm_sparse.synth import cli as synth_cli
+    from mllm_sparse.synth import generate as synth
+    from mllm_sparse.training import latest_checkpoint
 
     from . import scene_llm
 
-    out, seed = args.out, str(args.seed)
-    threads = [] if args.threads is None else ["--threads", str(args.threads)]
+    out = args.out
     paths = {name: out / name for name in STAGES}
     if args.llm is not None:
         paths["llm"] = args.llm
     world, teacher, encoder, llm, vlm = (paths[k] for k in ("world", "teacher", "encoder", "llm", "vlm"))
     stages = Stages(out, "quickstart")
     # fmt: off
-    stages.run("world", world, lambda: synth_cli.main(
-        ["--out", str(world), "--num-images", str(s["num_images"]), "--seed", seed]))
+    stages.run("world", world, lambda: synth.run(
+        synth.SynthSettings(out=world, num_images=s["num_images"], seed=args.seed)))
     stages.run("teacher", teacher, lambda: train_teacher.run(train_teacher.TeacherSettings(
         data=world, out=teacher, steps=s["teacher_steps"], seed=args.seed, threads=args.threads)))
     stages.run("encoder", encoder, lambda: bootstrap_train.run(defaults.bootstrap_settings(
         defaults.teacher_spec(teacher), world, encoder, s["num_latent_tokens"], s["bootstrap_steps"],
         cache_teacher=True, save_every=max(1, s["bootstrap_steps"] // 4), seed=args.seed,
-        resume=bool(resume_flag(encoder)),
+        resume=latest_checkpoint(encoder) is not None,
     )), resumable=True)
     if args.llm is None:
-        stages.run("llm", llm, lambda: scene_llm.main(
-            ["--data", str(world), "--out", str(llm), "--question-steps", str(s["llm_question_steps"]),
-             "--record-steps", str(s["llm_record_steps"]),
-             "--eval-every", str(min(500, s["llm_question_steps"] + s["llm_record_steps"])), "--seed", seed,
-             *threads, *resume_flag(llm)]), resumable=True)
+        stages.run("llm", llm, lambda: scene_llm.run(scene_llm.ScenePretrainSettings(
+            data=world, out=llm, question_steps=s["llm_question_steps"], record_steps=s["llm_record_steps"],
+            eval_every=min(500, s["llm_question_steps"] + s["llm_record_steps"]), seed=args.seed,
+            threads=args.threads, resume=latest_checkpoint(llm) is not None)), resumable=True)
     stages.run("vlm", vlm, lambda: build_vlm(BuildVlmSettings(
         encoder=str(encoder), llm=str(llm), out=vlm, projector="mlp2x_gelu", seed=args.seed)))
     train_data = world / "llava_train.json"
-    stages.run("stage1", paths["stage1"], lambda: train.main(defaults.train_vlm_arguments(
+    stages.run("stage1", paths["stage1"], lambda: train.run(*defaults.train_vlm_settings(
         vlm, paths["stage1"], train_data, world, s["vlm_epochs"], 0.0, defaults.STAGE1_PROJECTOR_LR, seed=args.seed)),
         resumable=True, inputs=("world", "vlm"))
-    stages.run("stage2", paths["stage2"], lambda: train.main(defaults.train_vlm_arguments(
+    stages.run("stage2", paths["stage2"], lambda: train.run(*defaults.train_vlm_settings(
         paths["stage1"], paths["stage2"], train_data, world, s["vlm_epochs"], defaults.STAGE2_LR, defaults.STAGE2_LR,
         seed=args.seed)), resumable=True, inputs=("stage1",))
     stages.run("eval", paths["eval"], lambda: evaluate.run(

@@ -31,11 +31,12 @@ non-finite loss or gradient stops the run before anything is saved from it (`mll
 
 from __future__ import annotations
 
-import argparse
+import logging
 import math
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -65,6 +66,8 @@ from .scene_tokens import SCENE_FEATURES, scene_tokens
 REPORT_NAME = "scene_pretrain"
 PROJECTOR_FILE = "scene_projector.safetensors"
 LLM_DIR = "llm"  # inside a checkpoint
+
+logger = logging.getLogger(__name__)
 
 
 def turn_types(record: Mapping) -> list[str]:
@@ -235,37 +238,57 @@ def answer_spans(labels: Tensor) -> list[slice]:
     return [slice(int(a), int(b)) for a, b in zip(starts, ends, strict=True)]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="mllm-sparse pretrain-llm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--data", type=Path, required=True, help="a world written by `mllm-sparse synth`")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--llm", default="tiny-llama", help="a tiny LLM name, or a causal LM folder to continue")
-    p.add_argument("--vocab-size", type=int, default=1024, help="tiny LLMs: BPE vocabulary size")
-    p.add_argument("--template", choices=TEMPLATES, default="chat_template", help="the one VLM training will use")
-    p.add_argument("--question-steps", type=int, default=2000, help="phase 1: steps on single questions")
-    p.add_argument("--question-batch-size", type=int, default=64, help="phase 1: questions per step")
-    p.add_argument("--record-steps", type=int, default=1000, help="phase 2: steps on whole (multi-turn) records")
-    p.add_argument("--record-batch-size", type=int, default=16, help="phase 2: records per step")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup-steps", type=int, default=100, help="per phase; each phase then decays to 0 (cosine)")
-    p.add_argument("--eval-every", type=int, default=500, help="test accuracy and a checkpoint every this many steps")
-    p.add_argument(
-        "--eval-records", type=int, default=500, help="test records scored (phase 1: that many single questions)"
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT/checkpoints")
-    return p
+@dataclass
+class ScenePretrainSettings:
+    """What `mllm-sparse pretrain-llm` does: one field per option of the command.
+
+    Attributes:
+        data: a world written by `mllm-sparse synth`.
+        out: the LLM's folder (with checkpoints/ and the report).
+        llm: a tiny LLM name, or a causal LM folder to continue.
+        vocab_size: tiny LLMs: BPE vocabulary size.
+        template: the conversation template VLM training will use (one of `TEMPLATES`).
+        question_steps: phase 1: steps on single questions.
+        question_batch_size: phase 1: questions per step.
+        record_steps: phase 2: steps on whole (multi-turn) records.
+        record_batch_size: phase 2: records per step.
+        lr: peak learning rate of each phase.
+        warmup_steps: per phase; each phase then decays to 0 (cosine).
+        eval_every: test accuracy and a checkpoint every this many steps (0: only at the end).
+        eval_records: test records scored (phase 1: that many records' single questions).
+        seed: the same seed and settings give the same weights.
+        threads: torch CPU threads; None: torch's.
+        resume: continue from the newest checkpoint in OUT/checkpoints.
+    """
+
+    data: Path
+    out: Path
+    llm: str = "tiny-llama"
+    vocab_size: int = 1024
+    template: str = "chat_template"
+    question_steps: int = 2000
+    question_batch_size: int = 64
+    record_steps: int = 1000
+    record_batch_size: int = 16
+    lr: float = 2e-3
+    warmup_steps: int = 100
+    eval_every: int = 500
+    eval_records: int = 500
+    seed: int = 0
+    threads: int | None = None
+    resume: bool = False
 
 
 # Settings that cannot change the weights: they may differ on --resume (and are stated); every other one may not.
 FREE_SETTINGS = ("eval_every", "eval_records", "threads")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(settings: ScenePretrainSettings) -> dict:
+    """Scene-pretrain an LLM into `settings.out` (see the module docstring); returns the report written to
+    OUT/scene_pretrain.json, whose "final" holds the test accuracy in percent, overall and by question type."""
+    args = replace(settings, data=Path(settings.data), out=Path(settings.out))
+    if args.template not in TEMPLATES:
+        raise ValueError(f"--template must be one of {', '.join(TEMPLATES)}, got {args.template!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     for name in ("scenes.jsonl", "llava_train.json", "llava_test.json"):
@@ -281,10 +304,10 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"--lr must be a finite number > 0, --warmup-steps and --eval-every >= 0, got {args.lr}")
     if args.eval_records < 1 or args.vocab_size < 1 or (args.threads is not None and args.threads < 1):
         raise ValueError("--eval-records, --vocab-size and --threads must be >= 1")
-    run = RunFolder.from_args(
+    run_folder = RunFolder.from_args(
         args, "pretrain-llm", FREE_SETTINGS, [f"{LLM_DIR}/*.safetensors", PROJECTOR_FILE], specs=["llm"]
     )
-    resumed = run.start(args.resume)
+    resumed = run_folder.start(args.resume)
     # A resumed run continues the checkpoint's LLM and tokenizer (--llm must name the one it started from).
     model, tokenizer = load_llm(
         str(resumed.path / LLM_DIR) if resumed else args.llm, args.data, args.vocab_size, args.seed
@@ -324,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = saved["state"]
-        print(f"resumed from {resumed.path} at step {state['step']}")
+        logger.info("resumed from %s at step %d", resumed.path, state["step"])
 
     def write_weights(folder: Path) -> None:
         model.save_pretrained(folder / LLM_DIR)
@@ -336,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def checkpoint_now() -> None:
         trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "state": state}
-        run.save(state["step"], write_weights, weights(), trainer_state)
+        run_folder.save(state["step"], write_weights, weights(), trainer_state)
 
     model.train()
     start = time.perf_counter()
@@ -355,10 +378,10 @@ def main(argv: list[str] | None = None) -> int:
         indices = order[state["position"] : state["position"] + size].tolist()
         batch = data.batch(indices, collator, args.seed * 7919 + state["epoch"])
         loss = scene_forward(model, projector, batch, image_token_id).loss
-        value = run.check_loss(loss, state["step"] + 1)
+        value = run_folder.check_loss(loss, state["step"] + 1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        run.check_grad_norm(torch.nn.utils.clip_grad_norm_(params, 1.0), state["step"] + 1)
+        run_folder.check_grad_norm(torch.nn.utils.clip_grad_norm_(params, 1.0), state["step"] + 1)
         optimizer.step()
         scheduler.step()
         state["step"] += 1
@@ -370,7 +393,8 @@ def main(argv: list[str] | None = None) -> int:
             scored_on = state["phase"]
             result = evaluate(model, projector, test[scored_on], collator, image_token_id)
             state["evals"].append({"step": state["step"], "on": scored_on, **result})
-            bar.write(f"step {state['step']}: test accuracy ({scored_on}) {result['accuracy']}% {result['by_type']}")
+            logger.info("step %d: test accuracy (%s) %s%% %s", state["step"], scored_on, result["accuracy"],
+                        result["by_type"])  # fmt: skip
             state["seconds"] += time.perf_counter() - start
             start = time.perf_counter()
             checkpoint_now()
@@ -383,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         final = evaluate(model, projector, test["records"], collator, image_token_id)
         checkpoint_now()
-    run.check_weights(weights(), state["step"])  # nothing non-finite reaches DIR
+    run_folder.check_weights(weights(), state["step"])  # nothing non-finite reaches DIR
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
@@ -409,8 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.out / f"{REPORT_NAME}.json", report)
     with atomic_path(args.out / f"{REPORT_NAME}.md") as tmp:
         tmp.write_text(to_markdown(report))
-    print(f"test accuracy {final['accuracy']}% {final['by_type']}; LLM saved to {args.out}")
-    return 0
+    logger.info("LLM saved to %s", args.out)
+    return report
 
 
 def to_markdown(report: Mapping) -> str:

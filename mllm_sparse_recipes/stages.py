@@ -130,10 +130,3 @@ def guard_settings(
             "continue it."
         )
     return before
-
-
-def resume_flag(folder: Path) -> list[str]:
-    """`--resume` where a stage (the bootstrap, `pretrain-llm`) left checkpoints behind in `folder`."""
-    from mllm_sparse.training import latest_checkpoint
-
-    return ["--resume"] if latest_checkpoint(folder) is not None else []

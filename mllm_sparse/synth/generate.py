@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,8 @@ from .text import (
     zero_shot_templates,
 )
 from .world import COLORS, SHAPES, WorldSettings, class_names, make_scene
+
+logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
@@ -164,3 +167,49 @@ def generate_world(
     }
     write_json(out / "world.json", world)
     return world
+
+
+@dataclass
+class SynthSettings:
+    """What `mllm-sparse synth` does: one field per option of the command.
+
+    Attributes:
+        out: the world's folder (new, or empty unless `overwrite`).
+        num_images: images in all (80% train, 10% val, 10% test).
+        image_size: side of the square images in pixels.
+        seed: the same seed gives the same bytes.
+        difficulty: one of `world.DIFFICULTIES`.
+        max_turns: questions per image record, 1 or 2..this many; None: the difficulty's (12).
+        workers: processes; None: all cores, at most 8.
+        overwrite: allow writing into a non-empty folder.
+    """
+
+    out: Path
+    num_images: int = 2000
+    image_size: int = 224
+    seed: int = 0
+    difficulty: str = "default"
+    max_turns: int | None = None
+    workers: int | None = None
+    overwrite: bool = False
+
+
+def run(settings: SynthSettings, progress: bool = True) -> dict:
+    """Write the world of `settings` (see `generate_world`); returns its `world.json` content with the
+    `images_per_second` it was generated at."""
+    out = Path(settings.out)
+    if out.exists() and any(out.iterdir()) and not settings.overwrite:
+        raise ValueError(f"{out} is not empty; pass --overwrite to write into it anyway")
+    world = generate_world(
+        out,
+        settings.num_images,
+        settings.image_size,
+        settings.seed,
+        settings.difficulty,
+        settings.workers,
+        progress=progress,
+        max_turns=settings.max_turns,
+    )
+    rate = world["num_images"] / max(world["generation_seconds"], 1e-9)
+    logger.info("wrote %d images to %s (%.1f images/s)", world["num_images"], out, rate)
+    return {**world, "images_per_second": round(rate, 1)}

@@ -16,9 +16,10 @@ import torch
 
 from llava_adapter.llms import TINY_LLMS
 from mllm_sparse.files import atomic_path, read_json, write_json
+from mllm_sparse.training import latest_checkpoint
 
 from .. import defaults
-from ..stages import Stages, guard_settings, resume_flag
+from ..stages import Stages, guard_settings
 from . import SETTINGS_FILE, TRAINING_SETTINGS, VLM_STAGES, AblationSettings
 from .report import to_markdown, write_report
 from .statistics import paired_comparisons, predictions, scores
@@ -184,12 +185,12 @@ def bootstrap_encoders(settings: dict[str, Any], out: Path) -> dict[int, str]:
         folder = Path(encoders[n])
         if cache is not None and not (folder / cache.name).exists():
             share_file(cache, folder / cache.name)
-        command = defaults.bootstrap_settings(
+        encoder = defaults.bootstrap_settings(
             settings["teacher"], Path(settings["bootstrap_data"]), folder, n, settings["bootstrap_steps"],
             cache_teacher=True, save_every=max(1, settings["bootstrap_steps"] // 4), seed=settings["seed"],
-            resume=bool(resume_flag(folder)),
+            resume=latest_checkpoint(folder) is not None,
         )  # fmt: skip
-        stages.run(f"n{n}", folder, lambda command=command: bootstrap_train.run(command), resumable=True)
+        stages.run(f"n{n}", folder, lambda encoder=encoder: bootstrap_train.run(encoder), resumable=True)
         cache = next(folder.glob("teacher_cache*.safetensors"), None)
     return encoders
 
@@ -217,11 +218,14 @@ def train_arm(settings: dict[str, Any], name: str, tower: dict[str, Any], out: P
         )
     data, images = Path(settings["train_data"]), Path(settings["image_folder"])
     for (stage, start, epochs, lr, projector_lr), before in zip(plan, ("base", "stage1"), strict=False):
-        command = [*defaults.train_vlm_arguments(start, folder / stage, data, images, epochs, lr, projector_lr,
-                                               batch_size=settings["batch_size"], seed=seed,
-                                               model_max_length=settings["model_max_length"]),
-                   *shlex.split(settings["train_args"])]  # fmt: skip
-        stages.run(stage, folder / stage, lambda command=command: train.main(command), resumable=True, inputs=(before,))
+
+        def train_stage(start=start, out=folder / stage, epochs=epochs, lr=lr, projector_lr=projector_lr) -> None:
+            extra = train.parse_overrides(shlex.split(settings["train_args"]))
+            train.run(*defaults.train_vlm_settings(
+                start, out, data, images, epochs, lr, projector_lr, batch_size=settings["batch_size"], seed=seed,
+                model_max_length=settings["model_max_length"], overrides=extra))  # fmt: skip
+
+        stages.run(stage, folder / stage, train_stage, resumable=True, inputs=(before,))
         evaluation = folder / f"eval_{stage}"
         scored = evaluation / evaluate.JSON_NAME
         if stages.is_done(evaluation.name) and read_json(scored).get("limit") != settings["eval_limit"]:

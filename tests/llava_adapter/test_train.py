@@ -87,6 +87,29 @@ def test_stage1_trains_only_the_projector_and_saves_it_alone(vlm_dir, data, imag
     assert any(not torch.equal(trained[k], before[k]) for k in trained)
 
 
+def test_a_typed_run_trains_what_the_command_line_trains(vlm_dir, data, image_folder, tmp_path):
+    """`train.run` with the argument groups built in code: the same projector as `main` with the same arguments on
+    the command line, the same settings recorded, and the same refusal of a folder holding a finished run."""
+    extra = ["--version", "vicuna_v1", "--tune_mm_mlp_adapter", "True", "--learning_rate", "1e-2", "--use_cpu", "True"]
+    assert train.main(common_args(vlm_dir, data, image_folder, tmp_path / "argv", *extra)) == 0
+    values = {
+        "model_name_or_path": str(vlm_dir), "data_path": str(data), "image_folder": str(image_folder),
+        "output_dir": str(tmp_path / "typed"), "per_device_train_batch_size": 2, "max_steps": 2, "report_to": "none",
+        "save_strategy": "no", "logging_steps": 1.0, "model_max_length": 128, "dataloader_num_workers": 0,
+        "version": "vicuna_v1", "tune_mm_mlp_adapter": True, "learning_rate": 1e-2, "use_cpu": True,
+    }  # fmt: skip
+    train.run(*train.arguments(values))
+    argv, typed = (load_file(str(tmp_path / name / PROJECTOR_FILE)) for name in ("argv", "typed"))
+    assert argv.keys() == typed.keys() and all(torch.equal(argv[k], typed[k]) for k in argv)
+    recorded = [json.loads((tmp_path / name / "train_settings.json").read_text()) for name in ("argv", "typed")]
+    paths = ("output_dir", "logging_dir")
+    assert [{k: v for k, v in r.items() if k not in paths} for r in recorded][0] == {
+        k: v for k, v in recorded[1].items() if k not in paths
+    }
+    with pytest.raises(ValueError, match="holds a finished run"):
+        train.run(*train.arguments({**values, "output_dir": str(tmp_path / "argv")}))
+
+
 def test_lora_save_reload_and_merge_give_the_same_logits(vlm_dir, data, image_folder, tmp_path, tokenizer):
     out = tmp_path / "lora"
     args = ["--lora_enable", "True", "--lora_r", "4", "--lora_alpha", "8", "--learning_rate", "5e-2"]

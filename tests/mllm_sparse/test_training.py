@@ -45,19 +45,19 @@ def test_leftovers_of_an_interrupted_save_are_removed_and_never_resumed(tmp_path
     assert not stale.exists()
 
 
-def test_a_malformed_settings_file_makes_a_checkpoint_damaged(tmp_path, capsys):
+def test_a_malformed_settings_file_makes_a_checkpoint_damaged(tmp_path, caplog):
     run = folder(tmp_path)
     save(run, 1)
     (save(run, 2).joinpath(SETTINGS_FILE)).write_text("{")
     assert folder(tmp_path).start(resume=True).path.name == "step_00000001"
-    assert "skipping damaged checkpoint" in capsys.readouterr().err
+    assert "skipping damaged checkpoint" in caplog.text
 
 
-def test_an_older_checkpoint_without_settings_resumes_with_a_message(tmp_path, capsys):
+def test_an_older_checkpoint_without_settings_resumes_with_a_message(tmp_path, caplog):
     run = folder(tmp_path)
     (save(run, 1) / SETTINGS_FILE).unlink()
     assert folder(tmp_path, lr=0.5).start(resume=True) is not None
-    assert "records no settings" in capsys.readouterr().err
+    assert "records no settings" in caplog.text
 
 
 def test_a_setting_added_since_the_checkpoint_is_not_compared(tmp_path):

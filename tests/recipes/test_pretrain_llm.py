@@ -4,6 +4,7 @@ exact resume, the LLM it leaves for `build_vlm`, and clear errors."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import signal
 
@@ -14,14 +15,16 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import mllm_sparse
-from llava_adapter.conversation import RecordError
+from llava_adapter.conversation import TEMPLATES, RecordError
 from llava_adapter.data import DataCollatorForLlava
 from llava_adapter.llms import load_llm
 from llava_adapter.modeling import build_vlm
 from mllm_sparse.synth import generate_world
 from mllm_sparse.synth.world import COLOR_NAMES, SHAPES
 from mllm_sparse_recipes.cli import main as cli
+from mllm_sparse_recipes.commands import pretrain_llm as pretrain_llm_command
 from mllm_sparse_recipes.scene_llm import (
+    ScenePretrainSettings,
     SceneRecords,
     answer_spans,
     read_scenes,
@@ -30,6 +33,7 @@ from mllm_sparse_recipes.scene_llm import (
     split_questions,
     turn_types,
 )
+from mllm_sparse_recipes.scene_llm import run as pretrain
 from mllm_sparse_recipes.scene_tokens import SCENE_FEATURES, object_features, scene_tokens
 
 OBJECTS = [
@@ -174,6 +178,24 @@ def test_pretrain_llm_runs_resumes_exactly_and_feeds_build_vlm(world, tmp_path):
     assert vlm(input_ids=ids).logits.shape == (1, ids.shape[1], len(tokenizer))
 
 
+def test_the_typed_call_trains_what_the_command_trains(world, tmp_path, capsys):
+    steps = ["--question-steps", "2", "--record-steps", "1", "--eval-every", "2"]
+    assert run(world, tmp_path / "cli", *steps) == 0
+    assert "test accuracy" in capsys.readouterr().out
+    settings = ScenePretrainSettings(data=world, out=tmp_path / "typed", question_steps=2, record_steps=1, eval_every=2,
+                                     question_batch_size=8, record_batch_size=4, threads=1, eval_records=3)  # fmt: skip
+    report = pretrain(settings)
+    assert report == json.loads((tmp_path / "typed" / "scene_pretrain.json").read_text())
+    assert same_llm_weights(tmp_path / "cli", tmp_path / "typed")
+    recorded = json.loads(next((tmp_path / "typed" / "checkpoints").glob("*/run_settings.json")).read_text())
+    recorded_names = set(recorded["settings"]) | set(recorded["free"])
+    assert recorded_names == {f for f in vars(settings) if f not in ("out", "resume")}
+
+
+def test_the_command_offers_the_templates():
+    assert pretrain_llm_command.TEMPLATES == TEMPLATES
+
+
 def test_bad_worlds_fail_clearly(world, tmp_path, capsys):
     assert cli(["pretrain-llm", "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "is not a synthetic world (no scenes.jsonl)" in capsys.readouterr().err
@@ -209,13 +231,13 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(world, tmp_path):
     assert cli(["pretrain-llm", *args, "--out", str(straight)]) == 0  # the same command, uninterrupted
     resumed = cli_process.run("pretrain-llm", *args, "--out", str(killed), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resumed from" in resumed.stdout
+    assert "resumed from" in resumed.stderr  # the command line logs to stderr
     assert same_llm_weights(straight, killed)
     a, b = (json.loads((p / "scene_pretrain.json").read_text()) for p in (straight, killed))
     assert a["final"] == b["final"] and [e["accuracy"] for e in a["evals"]] == [e["accuracy"] for e in b["evals"]]
 
 
-def test_resume_refuses_changed_settings_and_falls_back_from_a_damaged_checkpoint(world, tmp_path, capsys):
+def test_resume_refuses_changed_settings_and_falls_back_from_a_damaged_checkpoint(world, tmp_path, capsys, caplog):
     straight, out = tmp_path / "straight", tmp_path / "run"
     steps = ["--question-steps", "2", "--record-steps", "1", "--eval-every", "1"]
     assert run(world, straight, *steps) == 0
@@ -229,11 +251,11 @@ def test_resume_refuses_changed_settings_and_falls_back_from_a_damaged_checkpoin
     projector = out / "checkpoints" / "step_00000003" / "scene_projector.safetensors"
     projector.write_bytes(projector.read_bytes()[:-8])
     (out / "model.safetensors").unlink()
+    caplog.set_level(logging.INFO)
     assert run(world, out, *steps[:-1], "3", "--resume", "--eval-records", "2") == 0
-    captured = capsys.readouterr()
-    assert "skipping damaged checkpoint" in captured.err and "step_00000003" in captured.err
-    assert "at step 2" in captured.out
-    assert "do not change the weights: --eval-every 1 -> 3; --eval-records 3 -> 2" in captured.out
+    assert "skipping damaged checkpoint" in caplog.text and "step_00000003" in caplog.text
+    assert f"resumed from {out / 'checkpoints' / 'step_00000002'} at step 2" in caplog.text
+    assert "do not change the weights: --eval-every 1 -> 3; --eval-records 3 -> 2" in caplog.text
     assert same_llm_weights(straight, out)
 
 

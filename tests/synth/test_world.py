@@ -6,9 +6,12 @@ import pytest
 from PIL import Image
 
 from mllm_sparse.synth import COLORS, SHAPES, WorldSettings, class_names, generate_world, make_scene
-from mllm_sparse.synth.cli import main as synth_main
 from mllm_sparse.synth.dataset import SyntheticWorld
+from mllm_sparse.synth.generate import SynthSettings, run
 from mllm_sparse.synth.png import encode_png
+from mllm_sparse.synth.world import DIFFICULTIES
+from mllm_sparse_recipes.commands import synth as synth_command
+from mllm_sparse_recipes.commands.synth import main as synth_main
 
 
 def _digest(root):
@@ -117,6 +120,21 @@ def test_cli_writes_a_world_and_refuses_bad_arguments(tmp_path, capsys):
         synth_main(["--out", str(tmp_path / "y"), "--image-size", "8"])
     with pytest.raises(SystemExit):
         synth_main(["--out", str(tmp_path / "z"), "--difficulty", "nightmare"])
+
+
+def test_the_typed_call_writes_what_the_command_writes(tmp_path, capsys):
+    assert synth_main(["--out", str(tmp_path / "cli"), "--num-images", "12", "--image-size", "32", "--seed", "2"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    world = run(SynthSettings(out=tmp_path / "typed", num_images=12, image_size=32, seed=2), progress=False)
+    assert world["splits"] == printed["splits"] and world["images_per_second"] > 0
+    assert _digest(tmp_path / "cli") == _digest(tmp_path / "typed")
+    with pytest.raises(ValueError, match="not empty"):
+        run(SynthSettings(out=tmp_path / "typed", num_images=12, image_size=32))
+    run(SynthSettings(out=tmp_path / "typed", num_images=12, image_size=32, overwrite=True), progress=False)
+
+
+def test_the_command_offers_the_worlds_difficulties():
+    assert synth_command.DIFFICULTIES == DIFFICULTIES
 
 
 def test_reading_a_broken_world_names_the_file(tmp_path, small_world):
