@@ -32,20 +32,18 @@ class Plan:
 
 PLANS = {
     # Every stage at a size where it learns: the teacher's zero-shot accuracy, the encoder's retention of it, the
-    # LLM's lookup of objects and the VLM's gain over the question-only prior are all visible (README § Quickstart).
+    # LLM's lookup of objects and the VLM's gain over the question-only prior are all visible (benchmarks/README.md).
     "laptop": Plan(
         num_images=8000,
         teacher_steps=1200,
         bootstrap_steps=1200,
         llm_question_steps=1750,
         llm_record_steps=500,
-        # 1 epoch each, as LLaVA, left stage 1's loss at 0.64 in one run (51.9% after stage 2) and 0.54 in another
-        # (59.7%), so close to where the frozen LLM starts reading the projected tokens that chance decides; after 2
-        # epochs of stage 1 it is 0.44 and stage 2 ends at 60.8% (README § Quickstart).
+        # 2 epochs, not LLaVA's 1: after 1 epoch the frozen LLM is only starting to read the projected tokens
         vlm_epochs=2.0,
         eval_records=300,
     ),
-    # Every stage for a few steps: checks an installation end to end in about 30 s; the numbers mean nothing.
+    # Every stage for a few steps: checks an installation end to end; the numbers mean nothing.
     "smoke": Plan(
         num_images=100,
         teacher_steps=3,
