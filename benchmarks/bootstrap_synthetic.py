@@ -22,6 +22,7 @@ from pathlib import Path
 from results_io import RESULTS, machine, write_results
 
 from bootstrap import train as bootstrap_train
+from mllm_sparse_recipes.cli import configure_logging
 from mllm_sparse_recipes.defaults import (
     BOOTSTRAP_BATCH_SIZE,
     BOOTSTRAP_LR,
@@ -55,6 +56,7 @@ def run(args, out: Path, num_latent: int, steps: int, cache: Path | None = None,
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_logging()  # the libraries' progress lines, as the command line shows them
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", type=Path, default=Path("runs/sw/teacher"))
     parser.add_argument("--world", type=Path, default=Path("runs/sw/train_default"))

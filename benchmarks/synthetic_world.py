@@ -28,6 +28,7 @@ from mllm_sparse.files import read_jsonl
 from mllm_sparse.synth import generate_world
 from mllm_sparse.synth.dataset import SyntheticWorld
 from mllm_sparse.synth.world import DIFFICULTIES
+from mllm_sparse_recipes.cli import configure_logging
 
 
 def scene_stats(root: Path) -> dict:
@@ -93,6 +94,7 @@ def to_markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_logging()  # the libraries' progress lines, as the command line shows them
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("runs/benchmark_synthetic_world"))
     parser.add_argument("--teacher", type=Path, help="a trained teacher folder (skips training)")

@@ -33,6 +33,7 @@ from vlm_synthetic import add_arm_arguments, arms, build_arm
 
 from mllm_sparse.files import read_json, read_jsonl
 from mllm_sparse.images import load_image
+from mllm_sparse_recipes.cli import configure_logging
 
 SIZES = ("small", "medium", "large")
 
@@ -215,6 +216,7 @@ def to_markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_logging()  # the libraries' progress lines, as the command line shows them
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arm_arguments(parser)  # the LLM only matters for building a missing arm: the probe reads the tower alone
     parser.add_argument(

@@ -36,6 +36,7 @@ from mllm_sparse_recipes.ablation import BASELINES, AblationSettings
 from mllm_sparse_recipes.ablation.plots import plot
 from mllm_sparse_recipes.ablation.report import to_markdown
 from mllm_sparse_recipes.ablation.run import arm_towers, run
+from mllm_sparse_recipes.cli import configure_logging
 from mllm_sparse_recipes.defaults import STAGE1_PROJECTOR_LR, STAGE2_LR, VLM_BATCH_SIZE, teacher_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,6 +93,7 @@ def llm_origin(llm: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_logging()  # the libraries' progress lines, as the command line shows them
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arm_arguments(parser)
     parser.add_argument("--epochs", type=float, default=1.0, help="stage 1's epochs")

@@ -136,9 +136,9 @@ class TeacherTargets:
         if path.is_file():
             reason = self._stale(path, sources)
             if reason is None:
-                logger.info(f"teacher cache {path}: reused (same teacher, images and preprocessing)")
+                logger.info("teacher cache %s: reused (same teacher, images and preprocessing)", path)
                 return
-            logger.warning(f"teacher cache {path}: {reason}; rebuilding it")
+            logger.warning("teacher cache %s: %s; rebuilding it", path, reason)
         parts: dict[str, list[torch.Tensor]] = {}
         for _, _, teacher_pixels in tqdm(loader, desc="teacher cache", unit="batch"):
             for key, value in self.compute(teacher_pixels.to(device)).items():

@@ -324,7 +324,7 @@ def train(settings: BootstrapSettings, world: World) -> dict[str, Any] | None:
         state = saved["state"]
         torch.set_rng_state(saved["torch_rng"])
         if world.is_main:
-            logger.info(f"resumed from {resumed.path} at step {state['step']}")
+            logger.info("resumed from %s at step %d", resumed.path, state["step"])
     model = student if world.size == 1 else DistributedDataParallel(student)
 
     targets = TeacherTargets(teacher, settings.token_loss_weight > 0 or settings.region_distill_weight > 0, autocast)

@@ -266,7 +266,7 @@ def run(settings: TeacherSettings) -> dict[str, Any]:
         generator.set_state(resumed.trainer_state["generator"])
         torch.set_rng_state(resumed.trainer_state["torch_rng"])
         state = resumed.trainer_state["state"]
-        logger.info(f"resumed from {resumed.path} at step {state['step']}")
+        logger.info("resumed from %s at step %d", resumed.path, state["step"])
 
     def save() -> None:
         cpu = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

@@ -53,9 +53,15 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+PACKAGES = ("mllm_sparse", "bootstrap", "llava_adapter", "mllm_sparse_recipes")
+
+
 def configure_logging() -> None:
-    """The libraries log through `logging`; the command line shows their INFO lines as plain text on stderr."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    """Our packages log through `logging`: the command line shows their INFO lines as plain text on stderr, and only
+    the warnings of the libraries we call (their INFO chatter, e.g. open_clip's model building, stays quiet)."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    for package in PACKAGES:
+        logging.getLogger(package).setLevel(logging.INFO)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,11 +1,12 @@
-"""`mllm-sparse pretrain-llm`: scene pretraining, the synthetic world's stand-in for a pretrained LLM such as Vicuna.
+"""What `mllm-sparse pretrain-llm` does: scene pretraining, the synthetic world's stand-in for a pretrained LLM
+such as Vicuna.
 
     mllm-sparse pretrain-llm --data WORLD --out DIR [--llm tiny-llama] [--question-steps 2000 --record-steps 1000]
 
 LLaVA starts from an LLM that already answers questions about what its context holds; its two stages only teach
 the projector (and then the LLM) to present an image in a form that LLM can read. A tiny LLM built from a config
 has no such skill, and learning to look an object up among the visual tokens while it also learns to read them
-takes a from-scratch tiny LLM thousands of steps (README, "the from-scratch LLM's lookup").
+takes a from-scratch tiny LLM thousands of steps (benchmarks/README.md, the from-scratch LLM's lookup).
 
 Scene pretraining teaches it on the world's ground truth: the world's own LLaVA records, with the same template,
 image placeholders and answer-only labels as VLM training, but every image replaced by its scene tokens
@@ -15,7 +16,7 @@ a two-layer MLP (the scene projector) maps to the LLM's width. Two phases, each 
 1. the records' questions one at a time (`--question-steps`): here the lookup appears, after ~1,500 steps of 64;
 2. whole records (`--record-steps`): multi-turn, text-only ones included, as VLM training sees them. An LLM that
    has only seen single questions is lost in a conversation, and whole records from the start did not bring the
-   lookup within 2,500 steps of 16 (README).
+   lookup within 2,500 steps of 16 (benchmarks/README.md).
 
 Padding matters too: with every scene padded to 16 tokens, the LLM answered "is there a red star" from the bag of
 colours and shapes present and never learnt to look the star up (colour questions at 37% after 5,000 steps).
@@ -43,6 +44,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from llava_adapter.conversation import (
@@ -364,41 +366,44 @@ def run(settings: ScenePretrainSettings) -> dict:
     model.train()
     start = time.perf_counter()
     order, order_key = None, None
-    bar = tqdm(total=total_steps, initial=state["step"], unit="step", desc="pretrain-llm")
-    while state["step"] < total_steps:
-        phase = "questions" if state["step"] < args.question_steps else "records"
-        if phase != state["phase"]:
-            state["phase"], state["epoch"], state["position"] = phase, 0, 0
-        data, size = train[phase], phases[phase][1]
-        if order_key != (phase, state["epoch"]):
-            order, order_key = epoch_order(len(data), args.seed, state["epoch"]), (phase, state["epoch"])
-        if state["position"] + size > len(order):
-            state["epoch"], state["position"] = state["epoch"] + 1, 0
-            continue
-        indices = order[state["position"] : state["position"] + size].tolist()
-        batch = data.batch(indices, collator, args.seed * 7919 + state["epoch"])
-        loss = scene_forward(model, projector, batch, image_token_id).loss
-        value = run_folder.check_loss(loss, state["step"] + 1)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        run_folder.check_grad_norm(torch.nn.utils.clip_grad_norm_(params, 1.0), state["step"] + 1)
-        optimizer.step()
-        scheduler.step()
-        state["step"] += 1
-        state["position"] += size
-        state["losses"].append(round(value, 5))
-        bar.update(1)
-        bar.set_postfix(loss=f"{value:.4f}")
-        if args.eval_every and state["step"] % args.eval_every == 0:
-            scored_on = state["phase"]
-            result = evaluate(model, projector, test[scored_on], collator, image_token_id)
-            state["evals"].append({"step": state["step"], "on": scored_on, **result})
-            logger.info("step %d: test accuracy (%s) %s%% %s", state["step"], scored_on, result["accuracy"],
-                        result["by_type"])  # fmt: skip
-            state["seconds"] += time.perf_counter() - start
-            start = time.perf_counter()
-            checkpoint_now()
-    bar.close()
+    # the evaluations log while the bar runs: through tqdm, so the bar is not broken up
+    with (
+        logging_redirect_tqdm(),
+        tqdm(total=total_steps, initial=state["step"], unit="step", desc="pretrain-llm") as bar,
+    ):
+        while state["step"] < total_steps:
+            phase = "questions" if state["step"] < args.question_steps else "records"
+            if phase != state["phase"]:
+                state["phase"], state["epoch"], state["position"] = phase, 0, 0
+            data, size = train[phase], phases[phase][1]
+            if order_key != (phase, state["epoch"]):
+                order, order_key = epoch_order(len(data), args.seed, state["epoch"]), (phase, state["epoch"])
+            if state["position"] + size > len(order):
+                state["epoch"], state["position"] = state["epoch"] + 1, 0
+                continue
+            indices = order[state["position"] : state["position"] + size].tolist()
+            batch = data.batch(indices, collator, args.seed * 7919 + state["epoch"])
+            loss = scene_forward(model, projector, batch, image_token_id).loss
+            value = run_folder.check_loss(loss, state["step"] + 1)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            run_folder.check_grad_norm(torch.nn.utils.clip_grad_norm_(params, 1.0), state["step"] + 1)
+            optimizer.step()
+            scheduler.step()
+            state["step"] += 1
+            state["position"] += size
+            state["losses"].append(round(value, 5))
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.4f}")
+            if args.eval_every and state["step"] % args.eval_every == 0:
+                scored_on = state["phase"]
+                result = evaluate(model, projector, test[scored_on], collator, image_token_id)
+                state["evals"].append({"step": state["step"], "on": scored_on, **result})
+                logger.info("step %d: test accuracy (%s) %s%% %s", state["step"], scored_on, result["accuracy"],
+                            result["by_type"])  # fmt: skip
+                state["seconds"] += time.perf_counter() - start
+                start = time.perf_counter()
+                checkpoint_now()
     state["seconds"] += time.perf_counter() - start
 
     evals = state["evals"]

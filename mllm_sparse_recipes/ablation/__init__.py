@@ -88,6 +88,13 @@ class AblationSettings:
     seed: int = 0
     out: Path = Path("runs/ablation")
 
+    def __post_init__(self) -> None:
+        # typed callers may pass strings: the paths are used as paths
+        for name in ("world", "train_data", "image_folder", "test_data", "bootstrap_data", "tokenizer_corpus", "out"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, Path(value))
+
 
 def stage_title(stage: str) -> str:
     return stage.replace("stage", "stage ")

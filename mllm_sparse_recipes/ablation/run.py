@@ -3,7 +3,6 @@ arm in LLaVA's two stages, compare and time them (`run`)."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import shlex
@@ -111,12 +110,20 @@ def resolve(args: AblationSettings) -> dict[str, Any]:
         "projector_lr": args.projector_lr,
         "stage2_lr": args.stage2_lr,
         "model_max_length": args.model_max_length,
-        "train_args": args.train_args,
+        "train_args": checked_train_args(args.train_args),
         "eval_limit": args.eval_limit or None,
         "max_new_tokens": args.max_new_tokens,
         "timing_questions": args.timing_questions,
         "seed": args.seed,
     }  # fmt: skip
+
+
+def checked_train_args(train_args: str) -> str:
+    """`--train-args` as given, once LLaVA's parser has read it: a typo fails now, not after hours of bootstrapping."""
+    from llava_adapter import train
+
+    train.parse_overrides(shlex.split(train_args))
+    return train_args
 
 
 def check_settings(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
@@ -131,9 +138,25 @@ def check_settings(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
     guard_settings(path, wanted, "ablation", lambda key: "")
     settings = {**settings, **{k: v for k, v in before.items() if settings.get(k) is None and v is not None}}
     for name, tower in arm_towers(settings, encoder_folders(settings, out)).items():
-        guard_settings(out / "arms" / name / "arm.json", arm_recipe(settings, tower), f"arm {name}")
+        recorded = out / "arms" / name / "arm.json"
+        if recorded.is_file() and isinstance(read_json(recorded).get("tower"), list):
+            write_json(recorded, {**read_json(recorded), "tower": tower_of_arguments(read_json(recorded)["tower"])})
+        guard_settings(recorded, arm_recipe(settings, tower), f"arm {name}")
     write_json(path, settings)
     return settings
+
+
+def tower_of_arguments(arguments: list[str]) -> dict[str, Any]:
+    """An arm's tower as ablations recorded it before settings were typed (`build-vlm` arguments such as
+    ["--encoder", X, "--pool-tokens", "16"]) in today's form ({"encoder": X, "num_latent_tokens": 16})."""
+    fields = {"--encoder": ("encoder", str), "--pool-tokens": ("num_latent_tokens", int)}
+    tower = {}
+    for flag, value in zip(arguments[::2], arguments[1::2], strict=True):
+        if flag not in fields:
+            raise ValueError(f"an arm.json records the tower argument {flag}, which this version does not know")
+        name, kind = fields[flag]
+        tower[name] = kind(value)
+    return tower
 
 
 def arm_recipe(settings: dict[str, Any], tower: dict[str, Any]) -> dict[str, Any]:
@@ -305,7 +328,6 @@ def train_score_and_compare(settings: dict[str, Any], out: Path) -> dict[str, An
 def run(args: AblationSettings, write: bool = True) -> tuple[dict[str, Any], str]:
     """Check the settings and those of an earlier run into `args.out`, then train, score, compare and time every arm;
     the report and its Markdown, written with the plots to OUT/ablation.{json,md} (`write`)."""
-    args = dataclasses.replace(args, out=Path(args.out))
     settings = resolve(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -21,9 +21,9 @@ from pathlib import Path
 
 from . import parser as command_parser
 from . import settings_from
+from ._vlm_options import TEMPLATES
 
 SETTINGS = "mllm_sparse_recipes.scene_llm:ScenePretrainSettings"  # what `main` hands to the library
-TEMPLATES = ("plain", "vicuna_v1", "chat_template")  # llava_adapter.conversation.TEMPLATES, without importing torch
 
 
 def build_parser() -> argparse.ArgumentParser:

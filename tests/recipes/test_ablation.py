@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from llava_adapter.evaluate import question_only_prior
 from mllm_sparse_recipes import ablation
-from mllm_sparse_recipes.ablation.run import arm_towers
+from mllm_sparse_recipes.ablation.run import arm_towers, checked_train_args, tower_of_arguments
 from mllm_sparse_recipes.cli import main as cli_main
 
 TINY = ["--stage1-epochs", "0.25", "--stage2-epochs", "0.25", "--eval-limit", "3", "--timing-questions", "1"]
@@ -170,3 +170,21 @@ def test_arm_towers_order_and_baselines():
     towers = arm_towers(settings, {49: "e49", 16: "e16"})
     assert list(towers) == ["sparseformer-49", "pooled-49", "sparseformer-16", "pooled-16"]
     assert towers["pooled-16"] == {"encoder": "open_clip:T@w", "num_latent_tokens": 16}
+
+
+def test_an_arm_recorded_as_build_vlm_arguments_reads_as_todays_tower():
+    assert tower_of_arguments(["--encoder", "open_clip:T@w", "--pool-tokens", "16"]) == {
+        "encoder": "open_clip:T@w",
+        "num_latent_tokens": 16,
+    }
+    assert tower_of_arguments(["--encoder", "runs/e16"]) == {"encoder": "runs/e16"}
+    with pytest.raises(ValueError, match="--projector"):
+        tower_of_arguments(["--encoder", "e", "--projector", "linear"])
+
+
+def test_train_args_are_read_before_any_work():
+    assert (
+        checked_train_args("--bf16 True --gradient_checkpointing True") == "--bf16 True --gradient_checkpointing True"
+    )
+    with pytest.raises(ValueError, match="--bf17"):
+        checked_train_args("--bf17 True")
