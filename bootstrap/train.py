@@ -2,17 +2,9 @@
 
     run(BootstrapSettings(teacher=SPEC, num_latent_tokens=N, data=PATH, out=DIR, steps=S))
 
-N is the token budget: the latent tokens, the image tokens an LLM reads; the student also has a CLS token where the
-teacher has one, never counted in N. DIR becomes the encoder (`AutoModel.from_pretrained(DIR)` after
-`import mllm_sparse`) with `bootstrap_report.{json,md}`; checkpoints go to DIR/checkpoints/step_*/ (every
-`save_every` steps and at the end) and `resume` continues from the newest good one exactly (same data order, same
-optimizer and RNG state). A run without `resume` into a DIR that holds checkpoints is refused; so is a resumed run
-with a setting that changes the weights (all but eval_every, save_every, workers and device); a non-finite loss or
-gradient stops the run before anything is saved from it (`mllm_sparse.training`).
-
-Data parallel: `torchrun --nproc_per_node G -m mllm_sparse_recipes.cli bootstrap ...` (add `--nnodes`/`--rdzv-endpoint`
-for several nodes). `batch_size` stays the global batch, split across ranks, so a run gives the same result on any
-number of ranks.
+N is the token budget, the image tokens an LLM reads; a CLS token, where the teacher has one, is never counted in it.
+DIR becomes the encoder with its report and checkpoints, which `resume` continues exactly; the outputs, the resume
+rules and data-parallel runs are in the command's help (`mllm_sparse_recipes/commands/bootstrap.py`).
 """
 
 from __future__ import annotations

@@ -1,19 +1,7 @@
 """What `mllm-sparse train-teacher` does: train a small open_clip CLIP contrastively on a synthetic world's captions
-(`run(TeacherSettings(data=WORLD, out=DIR, steps=S))`).
-
-The teacher is what every later stage is measured against, so it is trained to a real zero-shot accuracy and
-saved in open_clip's own formats:
-
-    DIR/open_clip_model.safetensors   weights (open_clip.create_model(NAME, pretrained=this file))
-    DIR/NAME.json                     the architecture (open_clip.add_model_config(this file))
-    DIR/open_clip_config.json         architecture + preprocessing (open_clip.create_model("local-dir:DIR"))
-    DIR/zero_shot.{json,md}           zero-shot top-1 on the world's test labels
-
-With `save_every=N` the run also writes DIR/checkpoints/step_*/ every N steps and at the end, and `resume`
-continues from the newest good one: exactly with `steps`; with `minutes` the clock continues from the training
-time the checkpoint records. A run without `resume` into a DIR that holds checkpoints is refused, and so is a
-resumed run with a setting that changes the weights (all but threads, device and save_every); a non-finite loss
-or gradient stops the run before anything is saved from it (`mllm_sparse.training`).
+(`run(TeacherSettings(data=WORLD, out=DIR, steps=S))`), saved in open_clip's own formats, with checkpoints that
+`resume` continues exactly; the files it writes and the resume rules are in the command's help
+(`mllm_sparse_recipes/commands/train_teacher.py`).
 """
 
 from __future__ import annotations

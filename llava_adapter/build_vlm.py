@@ -23,14 +23,12 @@ from .modeling import build_vlm, model_folder, projector_type
 from .towers import load_tower, processor_for
 
 
-@dataclass
-class BuildVlmSettings:
-    """What `mllm-sparse build-vlm` does: one field per option of the command.
+@dataclass(kw_only=True)
+class TowerSettings:
+    """How a vision tower goes into a LLaVA model: the options `build-vlm` and `swap` share.
 
     Attributes:
         encoder: the vision tower: a bootstrapped SparseFormer folder, or a CLIP teacher spec (`open_clip:…`, `hf:…`).
-        llm: a causal LM folder or hub id, or a tiny LLM name (`llms.TINY_LLMS`).
-        out: the model folder to write.
         num_latent_tokens: with a CLIP spec, average-pool its patch tokens to this many (a square number), the
             image tokens the LLM reads (CLS not counted); None: every patch token (a SparseFormer folder has its own).
         projector: "mlp2x_gelu" or "linear" (`modeling.PROJECTORS`).
@@ -38,19 +36,30 @@ class BuildVlmSettings:
         vision_select_strategy: "default" (drop the CLS token) or "full"; None: "default" where the layer has a CLS
             token, else "full".
         image_aspect_ratio: "pad", "resize" or "crop" (`processing.IMAGE_ASPECT_RATIOS`).
-        tokenizer_corpus: tiny LLMs: text to train the tokenizer on.
-        vocab_size: tiny LLMs: BPE vocabulary size.
-        seed: seeds the new projector (and a tiny LLM's weights).
     """
 
     encoder: str
-    llm: str
-    out: Path
     num_latent_tokens: int | None = None
     projector: str = "mlp2x_gelu"
     vision_feature_layer: int | None = None
     vision_select_strategy: str | None = None
     image_aspect_ratio: str = "pad"
+
+
+@dataclass(kw_only=True)
+class BuildVlmSettings(TowerSettings):
+    """What `mllm-sparse build-vlm` does: one field per option of the command (the tower's in `TowerSettings`).
+
+    Attributes:
+        llm: a causal LM folder or hub id, or a tiny LLM name (`llms.TINY_LLMS`).
+        out: the model folder to write.
+        tokenizer_corpus: tiny LLMs: text to train the tokenizer on.
+        vocab_size: tiny LLMs: BPE vocabulary size.
+        seed: seeds the new projector (and a tiny LLM's weights).
+    """
+
+    llm: str
+    out: Path
     tokenizer_corpus: Path | None = None
     vocab_size: int = 1024
     seed: int = 0

@@ -17,38 +17,24 @@ from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGenera
 from mllm_sparse.checkpoint import load_checked
 from mllm_sparse.files import write_json
 
-from .build_vlm import summarize
+from .build_vlm import TowerSettings, summarize
 from .modeling import model_folder, replace_tower
 from .towers import load_tower, processor_for
 
 REPORT_NAME = "swap_report.json"
 
 
-@dataclass
-class SwapSettings:
-    """What `mllm-sparse swap` does: one field per option of the command.
+@dataclass(kw_only=True)
+class SwapSettings(TowerSettings):
+    """What `mllm-sparse swap` does: one field per option of the command (the new tower's in `TowerSettings`).
 
     Attributes:
         llava: a llava-hf checkpoint folder or hub id; its LLM and tokenizer are kept.
-        encoder: the new vision tower: a SparseFormer folder, or a CLIP teacher spec (`open_clip:…`, `hf:…`).
         out: the model folder to write.
-        num_latent_tokens: with a CLIP spec, average-pool its patch tokens to this many (a square number), the
-            image tokens the LLM reads (CLS not counted); None: every patch token (a SparseFormer folder has its own).
-        projector: the new projector's type, "mlp2x_gelu" or "linear".
-        vision_feature_layer: the tower layer the projector reads; None: -2.
-        vision_select_strategy: "default" (drop the CLS token) or "full"; None: "default" where the layer has a CLS
-            token, else "full".
-        image_aspect_ratio: "pad", "resize" or "crop".
     """
 
     llava: str
-    encoder: str
     out: Path
-    num_latent_tokens: int | None = None
-    projector: str = "mlp2x_gelu"
-    vision_feature_layer: int | None = None
-    vision_select_strategy: str | None = None
-    image_aspect_ratio: str = "pad"
 
 
 def run(settings: SwapSettings) -> dict[str, Any]:
