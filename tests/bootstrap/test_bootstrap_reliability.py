@@ -86,7 +86,7 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(setup, tmp_path, one_th
     assert_same_weights(straight, killed)
 
 
-def test_resume_refuses_changed_settings_and_a_rerun_refuses_to_overwrite(setup, tmp_path, capsys):
+def test_resume_refuses_changed_settings_and_a_rerun_refuses_to_overwrite(setup, tmp_path, capsys, caplog):
     out = tmp_path / "run"
     assert cli_main(["bootstrap", *bootstrap_args(setup, out, "--steps", "2", "--save-every", "1")]) == 0
     before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
@@ -102,9 +102,7 @@ def test_resume_refuses_changed_settings_and_a_rerun_refuses_to_overwrite(setup,
     # settings that cannot change the weights may change, and are stated
     free = bootstrap_args(setup, out, "--steps", "2", "--resume", "--eval-every", "1", "--save-every", "2")
     assert cli_main(["bootstrap", *free]) == 0
-    assert "changed settings that do not change the weights: --eval-every 0 -> 1; --save-every 1 -> 2" in (
-        capsys.readouterr().out
-    )
+    assert "changed settings that do not change the weights: --eval-every 0 -> 1; --save-every 1 -> 2" in caplog.text
 
 
 def damage(path, how):
