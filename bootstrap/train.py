@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from mllm_sparse.files import write_json
+from mllm_sparse.files import paths_as_paths, write_json
 from mllm_sparse.training import RunFolder, epoch_order, lr_lambda, removed_on_early_failure
 
 from .data import TwoViewImages, list_images
@@ -107,10 +107,7 @@ class BootstrapSettings:
     device: str | None = None
 
     def __post_init__(self) -> None:
-        # paths are recorded in the run's settings as paths (`RunFolder.from_args`), whatever the caller gave
-        self.data, self.out = Path(self.data), Path(self.out)
-        if self.image_folder is not None:
-            self.image_folder = Path(self.image_folder)
+        paths_as_paths(self)
 
 
 def roi_pooled_patches(patches: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
@@ -271,7 +268,7 @@ def train(settings: BootstrapSettings, world: World) -> dict[str, Any] | None:
             f"{world.size} × {settings.grad_accum}"
         )
 
-    folder = RunFolder.from_args(settings, "bootstrap", FREE_SETTINGS, ["model.safetensors"], specs=["teacher"])
+    folder = RunFolder.from_settings(settings, "bootstrap", FREE_SETTINGS, ["model.safetensors"], specs=["teacher"])
     resumed = folder.start(settings.resume)  # first: a refusal costs nothing
     teacher = load_teacher(settings.teacher)
     teacher.model.to(device).requires_grad_(False)

@@ -25,7 +25,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from mllm_sparse.configuration import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from mllm_sparse.files import atomic_path, write_json
+from mllm_sparse.files import atomic_path, paths_as_paths, write_json
 from mllm_sparse.synth.dataset import SyntheticWorld
 from mllm_sparse.training import RunFolder
 
@@ -81,8 +81,7 @@ class TeacherSettings:
     device: str | None = None
 
     def __post_init__(self) -> None:
-        # paths are recorded in the run's settings as paths (`RunFolder.from_args`), whatever the caller gave
-        self.data, self.out = Path(self.data), Path(self.out)
+        paths_as_paths(self)
         self.caption_weights = list(self.caption_weights)
 
 
@@ -215,7 +214,7 @@ def run(settings: TeacherSettings) -> dict[str, Any]:
     )
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    folder = RunFolder.from_args(settings, "train-teacher", FREE_SETTINGS, [WEIGHTS_FILE])
+    folder = RunFolder.from_settings(settings, "train-teacher", FREE_SETTINGS, [WEIGHTS_FILE])
     resumed = folder.start(settings.resume)
     torch.manual_seed(settings.seed)
     device = torch.device(settings.device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -9,6 +10,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 
 def _umask() -> int:
@@ -117,3 +119,12 @@ def read_jsonl(path: str | Path) -> list[dict]:
             except json.JSONDecodeError as err:
                 raise ValueError(f"Malformed JSON in {path} line {number}: {err}") from err
     return rows
+
+
+def paths_as_paths(settings: Any) -> None:
+    """Make each field of a settings dataclass that is annotated as a path (`Path`, `Path | None`) and holds a string
+    a `Path`: typed callers may pass either, and the run records and uses paths."""
+    for field in dataclasses.fields(settings):
+        value = getattr(settings, field.name)
+        if isinstance(value, str) and "Path" in str(field.type):
+            setattr(settings, field.name, Path(value))

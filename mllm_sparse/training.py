@@ -126,30 +126,30 @@ class RunFolder:
     weight_files: Sequence[str]
 
     @classmethod
-    def from_args(
+    def from_settings(
         cls,
-        args: Any,
+        settings: Any,
         command: str,
         free: Sequence[str],
         weight_files: Sequence[str],
         specs: Sequence[str] = (),
     ) -> RunFolder:
-        """The folder `args.out` with the run's settings: every field but `out` and `resume`; those named in `free`
+        """The folder `settings.out` with the run's settings: every field but `out` and `resume`; those named in `free`
         may change on resume. A path (a `Path` field, or the local file or folder inside a string field named in
         `specs`, e.g. `open_clip:NAME@PATH`) is recorded absolute and relative to OUT, and matches if either does: a
         run moved or copied together with its inputs still resumes.
 
         Args:
-            args: the run's settings: a settings dataclass instance (e.g. `bootstrap.train.BootstrapSettings`) or an
+            settings: the run's settings: a settings dataclass instance (e.g. `bootstrap.train.BootstrapSettings`) or an
                 `argparse.Namespace`, whose field names are the command's option names (`lr` is `--lr`).
         """
         values = {}
-        for key, value in vars(args).items():
+        for key, value in vars(settings).items():
             if isinstance(value, Path) or (key in specs and isinstance(value, str)):
-                value = path_setting(value, args.out)
+                value = path_setting(value, settings.out)
             if key not in ("out", "resume"):
                 values[key] = value
-        return cls(args.out, command, values, {k: values.pop(k) for k in free}, weight_files)
+        return cls(settings.out, command, values, {k: values.pop(k) for k in free}, weight_files)
 
     def start(self, resume: bool) -> Resumed | None:
         """The checkpoint to continue from (with `resume`), or None for a new run, after the checks: a new run into a
@@ -285,7 +285,7 @@ class RunFolder:
 
 
 def path_setting(value: str | Path, out: Path) -> Any:
-    """A setting that is or holds a local path (see `RunFolder.from_args`): {"spec", "path", "relative"}, "spec" with
+    """A setting that is or holds a local path (`RunFolder.from_settings`): {"spec", "path", "relative"}, "spec" with
     `{path}` in place of the path; the value itself if it names no existing file or folder."""
     text = str(value)
     for start in [0, *(i + 1 for i, c in enumerate(text) if c in ":@")]:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from mllm_sparse.files import atomic_path, read_json, write_json
+from mllm_sparse.files import atomic_path, paths_as_paths, read_json, write_json
 from mllm_sparse.images import load_image
 
 from . import defaults
@@ -49,6 +49,9 @@ class QuickstartSettings:
     llm: Path | None = None
     seed: int = 0
     threads: int | None = None
+
+    def __post_init__(self) -> None:
+        paths_as_paths(self)
 
 
 STAGES = ("world", "teacher", "encoder", "llm", "vlm", "stage1", "stage2", "eval", "show")
@@ -329,7 +332,6 @@ def to_markdown(r: dict[str, Any]) -> str:
 def run(args: QuickstartSettings) -> tuple[dict[str, Any], str]:
     """Run (or continue) the quickstart into `args.out`; its report and the report's Markdown, both also written to
     OUT/quickstart.{json,md}."""
-    args = dataclasses.replace(args, out=Path(args.out), llm=None if args.llm is None else Path(args.llm))
     if args.plan not in PLANS:
         raise ValueError(f"unknown plan {args.plan!r}; the plans: {', '.join(sorted(PLANS))}")
     settings = settings_of(args)

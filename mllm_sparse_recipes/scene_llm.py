@@ -306,7 +306,7 @@ def run(settings: ScenePretrainSettings) -> dict:
         raise ValueError(f"--lr must be a finite number > 0, --warmup-steps and --eval-every >= 0, got {args.lr}")
     if args.eval_records < 1 or args.vocab_size < 1 or (args.threads is not None and args.threads < 1):
         raise ValueError("--eval-records, --vocab-size and --threads must be >= 1")
-    run_folder = RunFolder.from_args(
+    run_folder = RunFolder.from_settings(
         args, "pretrain-llm", FREE_SETTINGS, [f"{LLM_DIR}/*.safetensors", PROJECTOR_FILE], specs=["llm"]
     )
     resumed = run_folder.start(args.resume)

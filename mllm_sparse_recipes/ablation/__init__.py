@@ -89,11 +89,9 @@ class AblationSettings:
     out: Path = Path("runs/ablation")
 
     def __post_init__(self) -> None:
-        # typed callers may pass strings: the paths are used as paths
-        for name in ("world", "train_data", "image_folder", "test_data", "bootstrap_data", "tokenizer_corpus", "out"):
-            value = getattr(self, name)
-            if value is not None:
-                setattr(self, name, Path(value))
+        from mllm_sparse.files import paths_as_paths  # here: this module is read by `--help`, before torch loads
+
+        paths_as_paths(self)
 
 
 def stage_title(stage: str) -> str:

@@ -105,7 +105,7 @@ def test_a_run_moved_with_its_inputs_resumes_and_other_inputs_are_refused(tmp_pa
 
     def run_of(root, data, teacher):
         args = argparse.Namespace(out=root / "run", data=data, teacher=f"kind:name@{teacher}", resume=True)
-        return RunFolder.from_args(args, "demo", [], ["w.safetensors"], specs=["teacher"])
+        return RunFolder.from_settings(args, "demo", [], ["w.safetensors"], specs=["teacher"])
 
     a = tmp_path / "a"
     run = run_of(a, a / "data", a / "teacher.bin")
@@ -136,8 +136,8 @@ def test_a_settings_dataclass_records_what_its_namespace_records(tmp_path):
 
     (tmp_path / "data").mkdir()
     settings = Settings(tmp_path / "run", tmp_path / "data")
-    a = RunFolder.from_args(settings, "demo", ["workers"], ["w.safetensors"])
-    b = RunFolder.from_args(argparse.Namespace(**vars(settings)), "demo", ["workers"], ["w.safetensors"])
+    a = RunFolder.from_settings(settings, "demo", ["workers"], ["w.safetensors"])
+    b = RunFolder.from_settings(argparse.Namespace(**vars(settings)), "demo", ["workers"], ["w.safetensors"])
     assert (a.settings, a.free, a.out) == (b.settings, b.free, b.out)
     assert (
         set(a.settings) == {"data", "lr"} and a.settings["data"]["relative"] == "../data" and a.free == {"workers": 0}
