@@ -5,6 +5,10 @@
 N is the token budget, the image tokens an LLM reads; a CLS token, where the teacher has one, is never counted in it.
 DIR becomes the encoder with its report and checkpoints, which `resume` continues exactly; the outputs, the resume
 rules and data-parallel runs are in the command's help (`mllm_sparse_recipes/commands/bootstrap.py`).
+
+The loop is written here, not on HF `Trainer`: ranks read strided shares of one global data order (N ranks take the
+very steps of one process), the teacher cache is looked up by dataset index, and the loss is checked before the
+backward pass; Trainer's sampler and `training_step` do none of these.
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
+from transformers import get_cosine_schedule_with_warmup
 
 from mllm_sparse.files import paths_as_paths, write_json
-from mllm_sparse.training import RunFolder, epoch_order, lr_lambda, removed_on_early_failure
+from mllm_sparse.training import RunFolder, epoch_order, removed_on_early_failure
 
 from .data import TwoViewImages, list_images
 from .distributed import World, init_world
@@ -303,7 +308,7 @@ def train(settings: BootstrapSettings, world: World) -> dict[str, Any] | None:
     total_steps = settings.steps or max(1, round(settings.epochs * steps_per_epoch))
 
     optimizer = torch.optim.AdamW(param_groups(student, settings.weight_decay), lr=settings.lr, betas=(0.9, 0.999))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(settings.warmup_steps, total_steps))
+    scheduler = get_cosine_schedule_with_warmup(optimizer, settings.warmup_steps, total_steps)
     state = {"step": 0, "epoch": 0, "position": 0, "losses": [], "evals": []}
     if resumed is not None:
         student.load_state_dict(resumed.weights["model.safetensors"], strict=True)

@@ -2,6 +2,9 @@
 (`run(TeacherSettings(data=WORLD, out=DIR, steps=S))`), saved in open_clip's own formats, with checkpoints that
 `resume` continues exactly; the files it writes and the resume rules are in the command's help
 (`mllm_sparse_recipes/commands/train_teacher.py`).
+
+The loop is written here, not on HF `Trainer`: `--minutes` budgets a run by time and the learning rate follows that
+fraction of the run (`lr_at`), which neither Trainer nor transformers' step-count schedules can.
 """
 
 from __future__ import annotations

@@ -30,7 +30,8 @@ Templates:
 - `chat_template`: the tokenizer's own `apply_chat_template` (roles human→user, gpt→assistant). Each assistant span is
   the text between the rendering of the turns before it (with the generation prompt) and the rendering up to and
   including it; trailing whitespace after the span (e.g. ChatML's newline after `<|im_end|>`) is not supervised.
-  The template must be prefix-consistent, which is checked.
+  The template must be prefix-consistent, which is checked. (Not `return_assistant_tokens_mask`: it needs
+  `{% generation %}` markers that most released templates, Qwen2's and Llama 3's among them, do not have.)
 
 Truncation (`max_length`) cuts from the end and never through the image placeholders: if the text before them plus
 the N placeholders do not fit, `RecordError` names the record and the numbers. A truncated record may be left with no

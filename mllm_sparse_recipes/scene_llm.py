@@ -28,6 +28,9 @@ checkpoints/step_*/ (every `--eval-every` steps and at the end, written atomical
 exactly from the newest good one. A run without `--resume` into a DIR that holds checkpoints is refused, and so is a
 resumed run with a setting that changes the weights (all but --eval-every, --eval-records and --threads); a
 non-finite loss or gradient stops the run before anything is saved from it (`mllm_sparse.training`).
+
+The loop is written here, not on HF `Trainer`, because one run is two phases with their own data, batch size,
+schedule and test format, and a checkpoint holds the scene projector beside the LLM.
 """
 
 from __future__ import annotations
@@ -43,9 +46,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import SequentialLR
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
 from llava_adapter.conversation import (
     IGNORE_INDEX,
@@ -60,8 +64,9 @@ from llava_adapter.conversation import (
 from llava_adapter.data import DataCollatorForLlava
 from llava_adapter.llms import load_llm
 from llava_adapter.modeling import add_image_token
+from mllm_sparse.checkpoint import CheckpointError
 from mllm_sparse.files import atomic_path, read_json, read_jsonl, write_json
-from mllm_sparse.training import RunFolder, epoch_order, lr_lambda
+from mllm_sparse.training import RunFolder, epoch_order
 
 from .scene_tokens import SCENE_FEATURES, scene_tokens
 
@@ -240,6 +245,15 @@ def answer_spans(labels: Tensor) -> list[slice]:
     return [slice(int(a), int(b)) for a, b in zip(starts, ends, strict=True)]
 
 
+def phase_schedule(
+    optimizer: torch.optim.Optimizer, warmup: int, question_steps: int, record_steps: int
+) -> SequentialLR:
+    """The learning rate of both phases: each warms up linearly over `warmup` steps and decays to 0 by a cosine
+    (transformers' schedule), the second starting when the first has ended."""
+    phases = [get_cosine_schedule_with_warmup(optimizer, warmup, n) for n in (question_steps, record_steps) if n]
+    return SequentialLR(optimizer, phases, [question_steps] if len(phases) == 2 else [])
+
+
 @dataclass
 class ScenePretrainSettings:
     """What `mllm-sparse pretrain-llm` does: one field per option of the command.
@@ -335,17 +349,16 @@ def run(settings: ScenePretrainSettings) -> dict:
     params = [p for p in [*model.parameters(), *projector.parameters()] if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     total_steps = args.question_steps + args.record_steps
-    warmup = max(1, args.warmup_steps)
-    first, second = lr_lambda(warmup, args.question_steps), lr_lambda(warmup, args.record_steps)
-
-    def schedule(step: int) -> float:
-        return first(step) if step < args.question_steps else second(step - args.question_steps)
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scheduler = phase_schedule(optimizer, args.warmup_steps, args.question_steps, args.record_steps)
     state = {"step": 0, "phase": "questions", "epoch": 0, "position": 0, "seconds": 0.0, "losses": [], "evals": []}
     if resumed is not None:
         projector.load_state_dict(resumed.weights[PROJECTOR_FILE])
         saved = resumed.trainer_state
+        if "_schedulers" not in saved["scheduler"]:
+            raise CheckpointError(
+                f"{resumed.path}: written by an earlier pretrain-llm whose learning-rate schedule differs; resume it "
+                "with that version, or start a new run"
+            )
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = saved["state"]
