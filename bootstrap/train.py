@@ -171,7 +171,7 @@ def alignment_loss(
         box_keys: [B] one key per image for the region term's random boxes (`region_distill.random_boxes`).
     """
     need_tokens = token_weight > 0 or region_weight > 0
-    out = model(pixels, output_hidden_states=token_layer if need_tokens else None)
+    out = model(pixels, output_hidden_states=need_tokens or None)
     loss = 1 - F.cosine_similarity(out.image_embeds.float(), targets["embeds"], dim=-1).mean()
     if need_tokens:
         latent, rois = out.hidden_states[token_layer][:, -num_latent_tokens:], out.hidden_rois[token_layer]

@@ -38,8 +38,10 @@ class SparseFormerOutput(ModelOutput):
         pooler_output: [B, C] the head's token after the final norm (what `proj` consumes).
         rois: [B, N_latent, 4] final normalised x1y1x2y2 RoIs of the latent tokens.
         hidden_states: one [B, N_u, C_u] entry per unit (the unit's output tokens), when asked for. With an int or
-            list of ints as `output_hidden_states`, only those entries are filled and the rest are None.
-        hidden_rois: one [B, N_latent, 4] entry per unit, when hidden states are asked for.
+            list of ints as `output_hidden_states` (HF's `vision_feature_layer`, as transformers' LLaVA passes it),
+            only those entries are filled and the rest are None; the model then stops after the deepest unit asked
+            for, and the final fields above are None.
+        hidden_rois: one [B, N_latent, 4] entry per unit, when hidden states are asked for (None for units not run).
         sampling_points: one [B, N_latent, P, 2] entry per unit (None for units without sampling), when asked for.
     """
 
@@ -262,7 +264,8 @@ class SparseFormerModel(SparseFormerPreTrainedModel):
         Args:
             pixel_values: [B, 3, H, W], normalised with `config.image_mean` / `config.image_std`; any H, W.
             output_hidden_states: True for every unit's output tokens; an int or list of ints (negative counts from
-                the end, as HF's `vision_feature_layer`) keeps only those units' entries.
+                the end, as HF's `vision_feature_layer`) asks for only those units' tokens: the units after the
+                deepest one and the head are skipped, and the final fields of the output are None.
             output_sampling_points: also return each unit's final sampling points.
             return_dict: False returns a tuple, as HF models do.
             kwargs: HF plumbing flags (e.g. `output_attentions`), accepted for pipeline compatibility; attention
@@ -273,20 +276,27 @@ class SparseFormerModel(SparseFormerPreTrainedModel):
             raise TypeError(f"SparseFormerModel.forward got unexpected arguments: {sorted(unknown)}")
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
-        keep = selected_hidden_states(output_hidden_states, self.config.num_units)
+        num_units = self.config.num_units
+        keep = selected_hidden_states(output_hidden_states, num_units)
         record = keep is not None
+        # LLaVA reads one unit's tokens: stop there, as `get_feature_tokens` does
+        only_selected = record and output_hidden_states is not True
+        last = max(keep) if only_selected else num_units - 1
         tokens, rois, unit_tokens, unit_rois, unit_points = self._run_units(
-            pixel_values, self.config.num_units - 1, record, output_sampling_points
+            pixel_values, last, record, output_sampling_points
         )
-        pooled = self.pool(tokens)
+        skipped = (None,) * (num_units - 1 - last)
+        pooled = None if only_selected else self.pool(tokens)
         output = SparseFormerOutput(
-            image_embeds=self.proj(pooled),
-            last_hidden_state=tokens,
+            image_embeds=None if only_selected else self.proj(pooled),
+            last_hidden_state=None if only_selected else tokens,
             pooler_output=pooled,
-            rois=rois,
-            hidden_states=tuple(t if i in keep else None for i, t in enumerate(unit_tokens)) if record else None,
-            hidden_rois=tuple(unit_rois) if record else None,
-            sampling_points=tuple(unit_points) if output_sampling_points else None,
+            rois=None if only_selected else rois,
+            hidden_states=tuple(t if i in keep else None for i, t in enumerate(unit_tokens)) + skipped
+            if record
+            else None,
+            hidden_rois=tuple(unit_rois) + skipped if record else None,
+            sampling_points=tuple(unit_points) + skipped if output_sampling_points else None,
         )
         if return_dict is False or (return_dict is None and not self.config.return_dict):
             return output.to_tuple()

@@ -74,6 +74,31 @@ print(json.dumps([type(model).__name__, type(processor).__name__, out.tolist()])
     assert generated == expected.tolist()
 
 
+def test_inside_llava_the_sparseformer_stops_at_the_layer_it_reads_with_identical_outputs(tokenizer):
+    """LLaVA asks the tower for `hidden_states[-2]`: the last unit and the head never run, and the logits and the
+    generated tokens are bit-identical to a tower that runs to the end."""
+    model, processor = tiny_vlm(tokenizer)
+    tower = model.model.vision_tower
+    inputs = processor(images=[red_image()], text=["<image>\nWhat colour is it?"], return_tensors="pt")
+    ran = []
+    hook = tower.layers[-1].register_forward_hook(lambda *_: ran.append(1))
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert ran == []
+    short_path = tower.forward
+    tower.forward = lambda *args, output_hidden_states=None, **kwargs: short_path(
+        *args, output_hidden_states=True, **kwargs
+    )
+    with torch.no_grad():
+        full_logits = model(**inputs).logits
+        full_tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    hook.remove()
+    assert ran  # the reference did run the last unit
+    assert torch.equal(logits, full_logits)
+    assert torch.equal(tokens, full_tokens)
+
+
 def test_linear_projector_is_one_linear_map(tokenizer):
     model, _ = tiny_vlm(tokenizer, "linear")
     projector = model.model.multi_modal_projector

@@ -39,13 +39,23 @@ def test_cls_token_is_inserted_before_the_configured_unit(btsp_model):
     torch.testing.assert_close(out.hidden_rois[-1], out.rois)
 
 
-def test_hidden_state_selection_by_index_keeps_only_those(btsp_model):
+def test_hidden_state_selection_by_index_keeps_only_those_and_stops_there(btsp_model):
     x = torch.randn(1, 3, 64, 64)
+    ran = []
+    hooks = [m.register_forward_hook(lambda *_, m=m: ran.append(m)) for m in (btsp_model.layers[-1], btsp_model.norm)]
     with torch.no_grad():
         full = btsp_model(x, output_hidden_states=True)
+        assert ran == [btsp_model.layers[-1], btsp_model.norm]
+        ran.clear()
         picked = btsp_model(x, output_hidden_states=-2)
+    for hook in hooks:
+        hook.remove()
+    assert ran == []  # neither the last unit nor the head's norm ran
     assert [h is None for h in picked.hidden_states] == [True, True, False, True]
-    torch.testing.assert_close(picked.hidden_states[-2], full.hidden_states[-2])
+    assert [r is None for r in picked.hidden_rois] == [False, False, False, True]
+    assert picked.last_hidden_state is None and picked.image_embeds is None and picked.pooler_output is None
+    assert torch.equal(picked.hidden_states[-2], full.hidden_states[-2])
+    assert torch.equal(picked.hidden_rois[-2], full.hidden_rois[-2])
     with pytest.raises(IndexError, match="out of range"):
         btsp_model(x, output_hidden_states=7)
 
