@@ -22,6 +22,7 @@ import torch
 from results_io import RESULTS, cpu_name, write_results
 
 import mllm_sparse
+from bootstrap.teacher_models import register_teacher_configs
 from mllm_sparse.profiling import count_gflops
 
 SPARSEFORMER = "sparseformer_btsp_openai_clip_large"
@@ -37,10 +38,12 @@ def cpu_has_native_bf16() -> bool:
     return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
 
 
-def build_models(device: torch.device) -> dict[str, torch.nn.Module]:
-    sparseformer = mllm_sparse.create_model(SPARSEFORMER, num_tokens=64).to(device).eval()
-    vit = open_clip.create_model(VIT, pretrained=None).visual.to(device).eval()
-    return {"sparseformer": sparseformer, "vit": vit}
+def build_models(device: torch.device, sparseformer: str, vit: str) -> dict[str, torch.nn.Module]:
+    register_teacher_configs()  # the --quick ViT is one of the synthetic world's teachers
+    return {
+        "sparseformer": mllm_sparse.create_model(sparseformer).to(device).eval(),
+        "vit": open_clip.create_model(vit, pretrained=None).visual.to(device).eval(),
+    }
 
 
 def timed(model: torch.nn.Module, pixels: torch.Tensor, dtype: str, device: torch.device) -> float:
@@ -80,9 +83,10 @@ def to_markdown(report: dict) -> str:
     lines = [
         "# Encoder speed: SparseFormer vs ViT-L/14-336",
         "",
-        f"- SparseFormer: `{SPARSEFORMER}`, {report['sparseformer']['tokens']} tokens, "
+        f"- SparseFormer: `{report['sparseformer']['preset']}`, {report['sparseformer']['tokens']} tokens, "
         f"{report['sparseformer']['gflops']:.1f} GFLOPs/image",
-        f"- ViT: open_clip `{VIT}`, {report['vit']['tokens']} patch tokens, {report['vit']['gflops']:.1f} GFLOPs/image",
+        f"- ViT: {report['vit']['model']}, {report['vit']['tokens']} patch tokens, "
+        f"{report['vit']['gflops']:.1f} GFLOPs/image",
         f"- FLOP ratio: **{report['flop_ratio']:.2f}×** (torch FLOP counter, {report['image_size']} px)",
         f"- Device: {env['device']} ({env['device_name']}), torch {env['torch']}, {env['threads']} threads",
         "",
@@ -112,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument("--quick", action="store_true", help="tiny encoders, one batch: checks the code path")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     parser.add_argument("--name", default="encoder_speed", help="result file stem")
     args = parser.parse_args(argv)
@@ -119,14 +124,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    sparseformer, vit = SPARSEFORMER, VIT
+    if args.quick:
+        sparseformer, vit, args.image_size, args.batch_sizes, args.repeats, args.warmup = (
+            "test_sparseformer_btsp", "synth-vit-t-8", 112, [1], 1, 0,
+        )  # fmt: skip
     torch.manual_seed(0)
-    models = build_models(device)
+    models = build_models(device, sparseformer, vit)
     example = torch.randn(1, 3, args.image_size, args.image_size, device=device)
     sf_flops = count_gflops(models["sparseformer"], example)
     vit_flops = count_gflops(models["vit"], example)
     if args.compile:
         models = {name: torch.compile(model) for name, model in models.items()}
-    vit_tokens = (args.image_size // 14) ** 2
+    vit_tokens = (args.image_size // models["vit"].patch_size[0]) ** 2
 
     notes = []
     native_bf16 = device.type == "cuda" or cpu_has_native_bf16()
@@ -150,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {
         "image_size": args.image_size,
-        "sparseformer": {"preset": SPARSEFORMER, "tokens": 64, "gflops": sf_flops},
-        "vit": {"model": f"open_clip {VIT}", "tokens": vit_tokens, "gflops": vit_flops},
+        "sparseformer": {"preset": sparseformer, "tokens": models["sparseformer"].num_tokens, "gflops": sf_flops},
+        "vit": {"model": f"open_clip {vit}", "tokens": vit_tokens, "gflops": vit_flops},
         "flop_ratio": vit_flops / sf_flops,
         "compiled": args.compile,
         "environment": {
