@@ -1,6 +1,6 @@
 """Inference with a saved LLaVA model: multi-turn chat, streaming, batched generation, and per-stage timings.
 
-    engine = ChatEngine.from_pretrained("runs/vlm", template="vicuna_v1")
+    engine = ChatEngine.from_pretrained("runs/stage2")      # prompts with the template the model trained with
     reply = engine.chat("What colour is the star?", image="scene.png")
     reply.text, reply.timings.encode_s, reply.timings.prefill_s, reply.timings.tokens_per_s
     engine.chat("And the circle?")                        # the first question and answer are in the prompt
@@ -9,7 +9,8 @@
     engine.generate_batch(["What colour is the star?", "Is a circle round?"], ["scene.png", None])
 
 Prompts are rendered by `llava_adapter.conversation.encode_conversation` with the template the model was trained
-with, so inference sees exactly the token layout of training (N image placeholders from the processor).
+with (training records it in the processor), so inference sees exactly the token layout of training (N image
+placeholders from the processor).
 
 How the stages are timed (`Timings`):
 
@@ -29,6 +30,7 @@ On CUDA every boundary is preceded by `torch.cuda.synchronize`, so asynchronous 
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -47,6 +49,8 @@ from mllm_sparse.checkpoint import CheckpointError, load_checked
 from mllm_sparse.images import load_image, to_rgb
 
 from .conversation import IMAGE_PLACEHOLDER, TEMPLATES, encode_conversation, has_image, record_name, validate_record
+
+logger = logging.getLogger(__name__)
 
 ImageInput = Image.Image | str | Path
 # A record's "image" field must be a file name; images given in memory get this stand-in.
@@ -151,13 +155,40 @@ def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return value
 
 
+DEFAULT_TEMPLATE = "vicuna_v1"  # LLaVA-1.5's, for a model whose processor records none
+
+
+def conversation_template(processor, asked: str | None) -> str:
+    """The template to prompt with: `asked`, or else the one the processor records (`conversation_template`, written
+    by training), or else vicuna_v1; a warning where it guesses or where `asked` contradicts the record."""
+    if asked is not None and asked not in TEMPLATES:
+        raise ValueError(f"Unknown template {asked!r}; valid templates: {list(TEMPLATES)}")
+    recorded = getattr(processor, "conversation_template", None)
+    if asked is None and recorded is None:
+        logger.warning(
+            "the model records no conversation template (it was never trained by this project); prompting with %s, "
+            "LLaVA's: pass the template it was trained with if it differs",
+            DEFAULT_TEMPLATE,
+        )
+        return DEFAULT_TEMPLATE
+    if asked is None:
+        return recorded
+    if recorded is not None and recorded != asked:
+        logger.warning(
+            "the model was trained with the %s template, but %s was asked for: using %s", recorded, asked, asked
+        )
+    return asked
+
+
 class ChatEngine:
     """A LLaVA model and its processor, ready to answer: multi-turn chat, streaming and batched generation.
 
     Args:
         model: a `LlavaForConditionalGeneration` (any tower: SparseFormer, CLIP, pooled).
         processor: its `SparseLlavaProcessor` (tokenizer + image processor + N).
-        template: the conversation template the model was trained with (`conversation.TEMPLATES`).
+        template: the conversation template (`conversation.TEMPLATES`); None: the one the model was trained with,
+            as its processor records it (`vicuna_v1`, LLaVA's, with a warning, where it records none). A template
+            that differs from the recorded one is used, with a warning naming both.
         device: where to run; None keeps the model where it is.
         dtype: cast the model to this dtype (e.g. `torch.bfloat16`); None keeps it.
 
@@ -173,12 +204,11 @@ class ChatEngine:
         self,
         model: PreTrainedModel,
         processor,
-        template: str = "vicuna_v1",
+        template: str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | str | None = None,
     ):
-        if template not in TEMPLATES:
-            raise ValueError(f"Unknown template {template!r}; valid templates: {list(TEMPLATES)}")
+        template = conversation_template(processor, template)
         dtype = _resolve_dtype(dtype)
         if device is not None:
             model = model.to(device)
@@ -206,11 +236,12 @@ class ChatEngine:
     def from_pretrained(
         cls,
         model_dir: str | Path,
-        template: str = "vicuna_v1",
+        template: str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | str | None = None,
     ) -> ChatEngine:
-        """Load a saved LLaVA folder (model + processor). `device` None: CUDA if available, else CPU."""
+        """Load a saved LLaVA folder (model + processor). `template` None: the one the folder records (see the class);
+        `device` None: CUDA if available, else CPU."""
         from transformers import AutoModelForImageTextToText, AutoProcessor  # our classes: registered by llava_adapter
 
         model_dir = Path(model_dir)

@@ -382,7 +382,7 @@ class EvalVlmSettings:
         model: a saved LLaVA folder (model + processor).
         data: the LLaVA JSON test set.
         image_folder: where the records' images are; None: `data`'s folder.
-        template: the conversation template the model trained on (`conversation.TEMPLATES`).
+        template: the conversation template (`conversation.TEMPLATES`); None: the one the model folder records.
         batch_size: questions per `generate_batch` call.
         max_new_tokens: answer length limit.
         limit: evaluate only the first `limit` records; None: all.
@@ -396,7 +396,7 @@ class EvalVlmSettings:
     model: Path
     data: Path
     image_folder: Path | None = None
-    template: str = "vicuna_v1"
+    template: str | None = None
     batch_size: int = 8
     max_new_tokens: int = 16
     limit: int | None = None
@@ -429,7 +429,7 @@ def run(settings: EvalVlmSettings) -> dict[str, Any]:
         "model": str(model),
         "data": str(data),
         "image_folder": str(image_folder),
-        "template": settings.template,
+        "template": engine.template,
         "max_new_tokens": settings.max_new_tokens,
         "limit": settings.limit,
     }

@@ -33,6 +33,8 @@ class SparseLlavaProcessor(LlavaProcessor):
         num_image_tokens: placeholders per image, N; must equal the features the model's tower yields.
         chat_template: optional Jinja template for `apply_chat_template`.
         image_token: the placeholder token string.
+        conversation_template: the conversation template (`conversation.TEMPLATES`) the model was trained with,
+            recorded by training so that every loader prompts the model as it learnt; None where it never trained.
     """
 
     def __init__(
@@ -42,11 +44,13 @@ class SparseLlavaProcessor(LlavaProcessor):
         num_image_tokens: int | None = None,
         chat_template: str | None = None,
         image_token: str = IMAGE_TOKEN,
+        conversation_template: str | None = None,
         **kwargs,
     ):
         if num_image_tokens is None or int(num_image_tokens) < 1:
             raise ValueError(f"SparseLlavaProcessor needs num_image_tokens >= 1, got {num_image_tokens!r}")
         self.num_image_tokens = int(num_image_tokens)
+        self.conversation_template = conversation_template
         super().__init__(
             image_processor=image_processor,
             tokenizer=tokenizer,

@@ -479,6 +479,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Vlm
     resume = prepare_output_dir(model_args, data_args, training_args)
     set_seed(training_args.seed)  # a new projector and LoRA's initial weights: the same run gives the same model
     model, processor, assembled = load_model(model_args, data_args)
+    processor.conversation_template = data_args.version  # every folder saved from here says how to prompt it
     if model_args.pretrain_mm_mlp_adapter:
         load_projector(model, model_args.pretrain_mm_mlp_adapter)
     if training_args.lora_enable and assembled and int(os.environ.get("RANK", "0")) == 0 and resume is None:

@@ -1,6 +1,6 @@
 """What `mllm-sparse demo` does: a Gradio chat with a LLaVA model that shows where its image tokens look.
 
-    mllm-sparse demo --model runs/quickstart/stage2 --template chat_template
+    mllm-sparse demo --model runs/quickstart/stage2
     mllm-sparse demo --model runs/stage2-merged --host 0.0.0.0 --port 7860
 
 Upload an image and the page draws, over the picture the model sees (padded or cropped as its processor does),
@@ -319,7 +319,7 @@ class DemoSettings:
 
     Attributes:
         model: a saved LLaVA folder (model + processor).
-        template: the conversation template the model trained on.
+        template: the conversation template (`conversation.TEMPLATES`); None: the one the model folder records.
         max_new_tokens: answer length limit.
         host: the address to serve on ("0.0.0.0" serves other machines).
         port: the port to serve on.
@@ -333,7 +333,7 @@ class DemoSettings:
     """
 
     model: Path
-    template: str = "vicuna_v1"
+    template: str | None = None
     max_new_tokens: int = 64
     host: str = "127.0.0.1"
     port: int = 7860

@@ -174,7 +174,7 @@ def show(model_dir: Path, world: Path, out: Path) -> None:
     from llava_adapter.chat import ChatEngine
     from llava_adapter.token_regions import regions_picture
 
-    engine = ChatEngine.from_pretrained(model_dir, template=defaults.TEMPLATE)
+    engine = ChatEngine.from_pretrained(model_dir)
     records = test_records(world)[:SHOW_IMAGES]
     panels = [regions_picture(engine, load_image(world / r["image"])) for r in records]
     gap = 8
@@ -313,16 +313,15 @@ def to_markdown(r: dict[str, Any]) -> str:
         "## From here",
         "",
         "```bash",
-        f"uv run mllm-sparse demo --model {folders['stage2']} --template {defaults.TEMPLATE}    # chat in the browser",
+        f"uv run mllm-sparse demo --model {folders['stage2']}    # chat in the browser",
         f"uv run mllm-sparse eval-vlm --model {folders['stage2']} --data {folders['world']}/llava_test.json "
-        f"--image-folder {folders['world']} --template {defaults.TEMPLATE}",
+        f"--image-folder {folders['world']}",
         f"uv run mllm-sparse inspect {folders['encoder']} --image {image} --points --out roi.png",
         "```",
         "",
         "```python",
         "from llava_adapter.chat import ChatEngine",
-        f"engine = ChatEngine.from_pretrained({json.dumps(folders['stage2'])}, "
-        f"template={json.dumps(defaults.TEMPLATE)})",
+        f"engine = ChatEngine.from_pretrained({json.dumps(folders['stage2'])})",
         f"print(engine.chat({json.dumps(question)}, image={json.dumps(image)}).text)",
         "```",
     ]  # fmt: skip

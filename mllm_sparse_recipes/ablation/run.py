@@ -283,7 +283,7 @@ def time_side_by_side(out: Path, names: list[str], stage: str, test_data: Path, 
     question in one process so that they see the same machine load."""
     from llava_adapter.chat import ChatEngine
 
-    engines = {n: ChatEngine.from_pretrained(out / "arms" / n / stage, template=defaults.TEMPLATE) for n in names}
+    engines = {n: ChatEngine.from_pretrained(out / "arms" / n / stage) for n in names}
     records = [r for r in read_json(test_data) if "image" in r][:questions]
     samples: dict[str, dict[str, list[float]]] = {n: {"encode": [], "prefill": [], "ttft": []} for n in names}
     for warm in (True, False):

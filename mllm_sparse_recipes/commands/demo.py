@@ -30,7 +30,11 @@ page closes or after --session-ttl-minutes idle; at most --max-sessions are kept
 def build_parser() -> argparse.ArgumentParser:
     p = command_parser("demo", DESCRIPTION)
     p.add_argument("--model", type=Path, required=True, help="a saved LLaVA folder (model + processor)")
-    p.add_argument("--template", choices=TEMPLATES, default="vicuna_v1", help="the template the model trained on")
+    p.add_argument(
+        "--template",
+        choices=TEMPLATES,
+        help="the conversation template (default: the one the model folder records, vicuna_v1 where it records none)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit")
     p.add_argument("--host", default="127.0.0.1", help="the address to serve on; 0.0.0.0 to serve other machines")
     p.add_argument("--port", type=int, default=7860, help="the port to serve on")

@@ -30,7 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, required=True, help="LLaVA JSON test set (e.g. a world's llava_test.json)")
     p.add_argument("--image-folder", type=Path, help="where the records' images are (default: --data's folder)")
     hidden_alias(p, "--image_folder", "image_folder", type=Path)  # LLaVA's spelling
-    p.add_argument("--template", choices=TEMPLATES, default="vicuna_v1", help="the template the model trained on")
+    p.add_argument(
+        "--template",
+        choices=TEMPLATES,
+        help="the conversation template (default: the one the model folder records, vicuna_v1 where it records none)",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="questions per generate call")
     hidden_alias(p, "--batch_size", "batch_size", type=int)
     p.add_argument("--max-new-tokens", type=int, default=16, help="answer length limit")

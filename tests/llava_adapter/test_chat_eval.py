@@ -4,10 +4,13 @@ untrained VLM: a test SparseFormer (15 latent tokens) + a 2-layer Llama, saved a
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 from pathlib import Path
 
 import pytest
 from tiny_vlm import save_tiny_vlm
+from transformers import AutoProcessor
 
 from llava_adapter.chat import ChatEngine
 from llava_adapter.conversation import RecordError
@@ -32,6 +35,24 @@ def engine(vlm_dir) -> ChatEngine:
 def _fresh_conversation(request):
     if "engine" in request.fixturenames:
         request.getfixturevalue("engine").reset()
+
+
+def test_the_template_comes_from_the_model_folder_and_a_contradiction_is_named(vlm_dir, tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="llava_adapter.chat")
+    assert ChatEngine.from_pretrained(vlm_dir, device="cpu").template == "vicuna_v1"  # a built, untrained model
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "records no conversation template" in warning and "vicuna_v1" in warning
+    trained = tmp_path / "trained"
+    shutil.copytree(vlm_dir, trained)
+    processor = AutoProcessor.from_pretrained(trained)
+    processor.conversation_template = "chat_template"  # as training records it
+    processor.save_pretrained(trained)
+    caplog.clear()
+    assert ChatEngine.from_pretrained(trained, device="cpu").template == "chat_template"
+    assert caplog.records == []
+    assert ChatEngine.from_pretrained(trained, template="vicuna_v1", device="cpu").template == "vicuna_v1"
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "trained with the chat_template template, but vicuna_v1 was asked for" in warning
 
 
 def test_multi_turn_chat_keeps_history(engine, image_folder):

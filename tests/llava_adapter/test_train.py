@@ -14,7 +14,7 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 from tiny_vlm import common_args, free_port, save_tiny_vlm
-from transformers import AutoModelForImageTextToText
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from llava_adapter import train
 from llava_adapter.merge_lora import merge_lora
@@ -58,8 +58,9 @@ def test_zero_learning_rate_trains_the_projector_alone_into_a_full_model(vlm_dir
         n for n, _ in model.named_parameters() if ".multi_modal_projector." in n
     }
     out = tmp_path / "frozen_llm"
-    extra = ["--version", "vicuna_v1", "--learning_rate", "0", "--mm_projector_lr", "1e-2", "--use_cpu", "True"]
+    extra = ["--version", "chat_template", "--learning_rate", "0", "--mm_projector_lr", "1e-2", "--use_cpu", "True"]
     assert train.main(common_args(vlm_dir, data, image_folder, out, *extra)) == 0
+    assert AutoProcessor.from_pretrained(out).conversation_template == "chat_template"  # how to prompt it
     before = AutoModelForImageTextToText.from_pretrained(vlm_dir).state_dict()
     after = AutoModelForImageTextToText.from_pretrained(out).state_dict()
     moved = {k for k in before if not torch.equal(before[k], after[k])}
@@ -128,9 +129,9 @@ def test_lora_save_reload_and_merge_give_the_same_logits(vlm_dir, data, image_fo
     merged = AutoModelForImageTextToText.from_pretrained(merged_dir).eval()
 
     from PIL import Image
-    from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(merged_dir)
+    assert processor.conversation_template == "vicuna_v1"  # the adapter's training template survives the merge
     batch = processor(images=[Image.open(image_folder / "a.png")], text=["<image>\nWhat colour?"], return_tensors="pt")
     with torch.no_grad():
         plain_base = AutoModelForImageTextToText.from_pretrained(vlm_dir).eval()(**batch).logits
