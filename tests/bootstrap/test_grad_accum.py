@@ -31,15 +31,6 @@ def _run(setup, out, grad_accum: int) -> dict:
     return train_module.run(settings)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine two threads can run them ten times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_accumulating_micro_batches_matches_one_batch(setup, tmp_path, monkeypatch, one_thread):
     """2 micro-batches of 2 images and 4 of 1 against batches of 4: the same loss curve and the same weights after
     3 steps."""
