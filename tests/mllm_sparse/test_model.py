@@ -221,7 +221,7 @@ def _layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("head_op", ["cls", "avg", "latent_avg", "map"])
-def test_every_head_pools_the_tokens_as_written_out_by_hand(head_op):
+def test_every_head_pools_the_tokens_as_written_out_by_hand(head_op, one_thread):
     """Each `head_op` on a model with a CLS token (first): which tokens it reads and in which order it normalises."""
     model = mllm_sparse.create_model("test_sparseformer_btsp", head_op=head_op).eval()
     with torch.no_grad():
