@@ -22,3 +22,13 @@ def btsp_model():
 def v1_model():
     """Tiny v1-layout encoder: 9 latent tokens, avg head, type-1 RoI adjusting, zero padding."""
     return mllm_sparse.create_model("test_sparseformer_v1")
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: tiny models gain nothing from threads, and on a busy machine two threads
+    can run them ten times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

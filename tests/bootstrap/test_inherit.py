@@ -232,3 +232,14 @@ def test_students_save_and_reload(which, request, tmp_path):
     pixels = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(pixels).image_embeds, student(pixels).image_embeds)
+
+
+@pytest.mark.parametrize("which", ["open_clip_teacher", "hf_teacher"])
+def test_patch_tokens_are_the_tokens_after_the_cls_token(which, request):
+    """The token and region terms' targets: a CLS teacher's 16 patch tokens, never its CLS token."""
+    teacher = request.getfixturevalue(which)
+    pixels = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        everything, patches = teacher.tokens(pixels, -1), teacher.patch_tokens(pixels)
+    assert everything.shape[1] == 17 and patches.shape[1] == 16
+    torch.testing.assert_close(patches, everything[:, 1:], rtol=0, atol=0)

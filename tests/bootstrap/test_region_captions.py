@@ -1,4 +1,5 @@
 import json
+import math
 
 import open_clip
 import pytest
@@ -79,3 +80,22 @@ def test_training_with_region_captions(tmp_path):
         train_teacher([*args, "--out", str(tmp_path / "u"), "--region-weight", "1"])
     with pytest.raises(ValueError, match="--region-weight must be >= 0"):
         train_teacher([*args, "--out", str(tmp_path / "u"), "--region-weight", "-1"])
+
+
+def test_region_loss_is_the_cross_entropy_written_out_by_hand():
+    """Each region: the box-weighted mean of its own image's patch tokens, projected and normalised, against every
+    caption at temperature exp(logit_scale); cross-entropy averaged over the regions."""
+    torch.manual_seed(4)
+    tokens, proj = torch.randn(2, 4, 3, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64)
+    text = F.normalize(torch.randn(3, 2, dtype=torch.float64), dim=-1)
+    # region 0: the left half of image 1 (cells 0 and 2 of the 2×2 grid); region 1: cell 3 of image 0
+    weights = torch.tensor([[0.5, 0.0, 0.5, 0.0], [0.0, 0.0, 0.0, 1.0]], dtype=torch.float64)
+    token_image, target, scale = torch.tensor([1, 0]), torch.tensor([2, 0]), torch.tensor(2.0, dtype=torch.float64)
+    regions = [(tokens[1, 0] + tokens[1, 2]) / 2, tokens[0, 3]]
+    expected = 0.0
+    for region, answer in zip(regions, target.tolist(), strict=True):
+        feature = region @ proj
+        logits = [math.exp(2.0) * float(feature @ t) / float(feature.norm()) for t in text]
+        expected += (math.log(sum(math.exp(v) for v in logits)) - logits[answer]) / 2
+    got = region_loss(tokens, proj, weights, token_image, text, target, scale)
+    assert got.item() == pytest.approx(expected, abs=1e-9)

@@ -277,3 +277,39 @@ def test_errors_name_the_record(tokenizer):
 def test_record_error_pickles():
     err = pickle.loads(pickle.dumps(RecordError("record 'x'", "broken")))
     assert str(err) == "record 'x': broken" and err.record == "record 'x'" and err.detail == "broken"
+
+
+# ChatML's layout: every turn closes with its end token and then a newline, which is trailing whitespace after an
+# answer (the tiny tokenizer's eos stands in for <|im_end|>).
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_chatml_template_supervises_the_answer_and_its_end_token_but_not_the_newline_after(tokenizer):
+    chatml = copy.deepcopy(tokenizer)
+    chatml.chat_template = CHATML
+    eos, img = tokenizer.eos_token_id, [IMAGE_ID] * N
+    ids, labels = expected(
+        tokenizer,
+        [
+            ("<|im_start|>user\n", False),
+            (img, False),
+            ("\nWhat colour is the circle?", False),
+            ([eos], False),  # the user's end token is not the model's to predict
+            ("\n<|im_start|>assistant\n", False),
+            ("The circle is red.", True),
+            ([eos], True),
+            ("\n<|im_start|>user\nHow many stars?", False),
+            ([eos], False),
+            ("\n<|im_start|>assistant\n", False),
+            ("3", True),
+            ([eos], True),
+            ("\n", False),
+        ],
+    )
+    encoded = encode_conversation(two_turn_record(), chatml, "chat_template", N)
+    check(encoded, ids, labels)
+    supervised = encoded.input_ids[encoded.labels != IGNORE_INDEX]
+    assert tokenizer.decode(supervised) == "The circle is red.</s>3</s>"

@@ -210,10 +210,21 @@ def test_batch_runs_through_llava(make_dataset, mixed, tokenizer):
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_ID, vision_feature_layer=-1)
     model = LlavaForConditionalGeneration(config).eval()
     dataset = make_dataset(mixed, num_image_tokens=(32 // 8) ** 2)  # 16 patch features ("default" drops CLS)
-    batch = DataCollatorForLlava(tokenizer)([dataset[i] for i in range(len(dataset))])
+    items = [dataset[i] for i in range(len(dataset))]
+    batch = DataCollatorForLlava(tokenizer)(items)
+    assert int((batch["input_ids"] == IMAGE_ID).sum()) == 3 * 16  # 3 image records
     with torch.no_grad():
         out = model(**batch)
     assert torch.isfinite(out.loss)
+    # By hand: each position predicts the next token; only the items' own supervised labels count, padding never.
+    log_probs = out.logits.float().log_softmax(-1)
+    terms = []
+    for row, item in enumerate(items):
+        for t in range(1, len(item["labels"])):
+            if int(item["labels"][t]) != IGNORE_INDEX:
+                terms.append(-log_probs[row, t - 1, int(item["labels"][t])])
+    assert len(terms) == int((batch["labels"] != IGNORE_INDEX).sum()) > 0
+    torch.testing.assert_close(out.loss, torch.stack(terms).mean(), atol=1e-5, rtol=1e-5)
 
 
 def test_sampler_groups_by_modality_and_is_deterministic():

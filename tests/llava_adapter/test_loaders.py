@@ -26,7 +26,14 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 import mllm_sparse
 from llava_adapter.chat import ChatEngine
 from llava_adapter.data import LlavaJsonDataset
-from llava_adapter.modeling import load_projector, model_folder, projector_state_dict, read_projector, save_projector
+from llava_adapter.modeling import (
+    PROJECTOR_PREFIX,
+    load_projector,
+    model_folder,
+    projector_state_dict,
+    read_projector,
+    save_projector,
+)
 from llava_adapter.train import NON_LORA_FILE
 from mllm_sparse.checkpoint import CheckpointError
 
@@ -330,3 +337,46 @@ def test_16_bit_image_in_a_llava_dataset_matches_its_8_bit_version(
         LlavaJsonDataset(
             write_data([image_record("d", "folder.png")]), tmp_path, tokenizer, image_processor, "vicuna_v1", 16, 512
         )
+
+
+# ------------------------------------------------------------------------------------------- strict loading
+
+
+def test_projector_file_missing_keys_or_with_an_extra_key_is_refused_by_name(tokenizer, tmp_path):
+    model, _ = tiny_vlm(tokenizer)
+    state = projector_state_dict(model)
+    before = {k: v.clone() for k, v in state.items()}
+    partial = {k: v for k, v in state.items() if ".linear_1." in k}  # linear_2 absent
+    save_file(partial, str(tmp_path / "partial.safetensors"))
+    with pytest.raises(ValueError, match=r"partial\.safetensors: projector keys .* do not match") as err:
+        load_projector(model, tmp_path / "partial.safetensors")
+    assert "linear_2.weight" in str(err.value) and "linear_2.bias" in str(err.value)
+    # under the projector prefix, so the file reads as a projector and only the key check can refuse it
+    extra = {**{k: v + 1 for k, v in state.items()}, PROJECTOR_PREFIX + "linear_3.weight": torch.zeros(2, 2)}
+    save_file(extra, str(tmp_path / "extra.safetensors"))
+    with pytest.raises(ValueError, match=r"extra\.safetensors: .*linear_3\.weight"):
+        load_projector(model, tmp_path / "extra.safetensors")
+    for key, value in projector_state_dict(model).items():  # neither file changed the model
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("side", ["extra", "missing"])
+def test_a_full_checkpoint_with_an_extra_or_a_missing_key_is_refused_by_name(tokenizer, tmp_path, side):
+    """Resume's full-weight load (`checkpoints.load_full_weights`) is strict from both sides."""
+    from llava_adapter.checkpoints import load_full_weights
+
+    model, _ = tiny_vlm(tokenizer)
+    model.save_pretrained(tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / "model.safetensors"
+    state = load_file(str(path))
+    load_full_weights(model, tmp_path / "ckpt")  # the checkpoint as saved loads
+    key = next(k for k in state if k.endswith("multi_modal_projector.linear_2.bias"))
+    if side == "extra":
+        state["model.no_such_module.weight"] = torch.zeros(2)
+        named = "model.no_such_module.weight"
+    else:
+        del state[key]
+        named = "multi_modal_projector.linear_2.bias"
+    save_file(state, str(path))
+    with pytest.raises(CheckpointError, match=rf"ckpt: weights do not match the model \(.*{named}"):
+        load_full_weights(model, tmp_path / "ckpt")

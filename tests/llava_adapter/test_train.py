@@ -179,3 +179,43 @@ def test_deepspeed_stage1_zero2_then_stage2_lora_zero3(vlm_dir, data, image_fold
     assert all(non_lora[k].shape == projector[k].shape for k in projector)
     merged = merge_lora(stage2, tmp_path / "merged")
     assert isinstance(merged, torch.nn.Module)
+
+
+def test_gradient_accumulation_matches_one_batch(
+    vlm_dir, image_folder, image_record, write_data, tmp_path, monkeypatch, one_thread
+):
+    """Global batch 4 as 1×4, 2×2 and 4×1 (micro-batch × accumulation): the same loss curve and projector. The answers
+    differ in length, so a loss averaged per micro-batch instead of over the global batch's tokens shows."""
+    answers = ["Red.", "A blue square on the left.", "Green.", "Two.", "A red circle.", "Yes.", "No.", "Three stars."]
+    records = [image_record(f"r{i}", image="abc"[i % 3] + ".png", answer=a) for i, a in enumerate(answers)]
+    data = write_data(records)
+    losses: dict[int, list[float]] = {}
+    original = train.save_outputs
+
+    def recording(trainer, *args, **kwargs):
+        steps = trainer.args.gradient_accumulation_steps
+        losses[steps] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        return original(trainer, *args, **kwargs)
+
+    monkeypatch.setattr(train, "save_outputs", recording)
+    projectors = {}
+    for batch, steps in ((4, 1), (2, 2), (1, 4)):
+        out = tmp_path / f"accum{steps}"
+        extra = ["--per_device_train_batch_size", str(batch), "--gradient_accumulation_steps", str(steps)]
+        extra += [
+            "--tune_mm_mlp_adapter",
+            "True",
+            "--version",
+            "vicuna_v1",
+            "--learning_rate",
+            "1e-2",
+            "--use_cpu",
+            "True",
+        ]
+        assert train.main(common_args(vlm_dir, data, image_folder, out, *extra)) == 0
+        projectors[steps] = load_file(str(out / PROJECTOR_FILE))
+    assert len(losses[1]) == 2
+    for steps in (2, 4):
+        assert losses[steps] == pytest.approx(losses[1], abs=1e-4)
+        for key, value in projectors[1].items():
+            torch.testing.assert_close(projectors[steps][key], value, atol=1e-5, rtol=1e-4, msg=f"{steps}: {key}")

@@ -137,3 +137,19 @@ def test_non_finite_weights_are_refused_by_name(tmp_path):
             load(path)
         assert "good" not in str(err.value)
     assert torch.isnan(load_safetensors(path, allow_nonfinite=True)["bad.weight"]).any()
+
+
+@pytest.mark.parametrize("side", ["extra", "missing"])
+def test_one_extra_or_one_missing_key_alone_is_refused_by_name(tmp_path, btsp_model, side):
+    """Each side of strictness on its own: a relaxed loader that accepts either one fails here."""
+    state = dict(btsp_model.state_dict())
+    if side == "extra":
+        state["layers.0.no_such.weight"] = torch.zeros(2)
+        title, key = "unexpected keys (1)", "layers.0.no_such.weight"
+    else:
+        state.pop("layers.3.attn.proj.bias")
+        title, key = "missing keys (1)", "layers.3.attn.proj.bias"
+    save_file(state, tmp_path / "one_off.safetensors")
+    with pytest.raises(CheckpointMismatchError) as err:
+        mllm_sparse.create_model("test_sparseformer_btsp", pretrained=tmp_path / "one_off.safetensors")
+    assert f"{title}: {key}" in str(err.value) and "one_off.safetensors" in str(err.value)

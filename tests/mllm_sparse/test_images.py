@@ -112,3 +112,15 @@ def test_a_directory_is_not_reported_as_missing(tmp_path):
     (tmp_path / "photo.png").mkdir()
     with pytest.raises(ImageLoadError, match="photo.png is a directory, not an image"):
         load_image(tmp_path / "photo.png")
+
+
+@pytest.mark.parametrize("size", [(60, 100), (100, 60)])  # (width, height): portrait and landscape
+def test_preprocess_crop_takes_the_centred_square_of_a_non_square_image(size):
+    """crop_pct 0.5 of the shorter side 60: a 30-px square at left (W − 30) // 2, top (H − 30) // 2, no resampling."""
+    width, height = size
+    rows, cols = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+    array = np.stack([rows, cols, (rows + cols) % 7], axis=-1).astype(np.uint8)  # every pixel says where it was
+    pixels = preprocess(Image.fromarray(array), 30, (0.0, 0.0, 0.0), (1 / 255, 1 / 255, 1 / 255), crop_pct=0.5)
+    left, top = (width - 30) // 2, (height - 30) // 2
+    expected = torch.from_numpy(array[top : top + 30, left : left + 30].astype(np.float32)).permute(2, 0, 1)
+    torch.testing.assert_close(pixels, expected, atol=1e-3, rtol=0)

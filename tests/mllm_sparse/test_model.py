@@ -211,3 +211,47 @@ def test_fresh_init_follows_the_reference_scheme():
     assert unit.roi_adjust_module[-1].weight.abs().sum() == 0
     torch.testing.assert_close(unit.roi_offset_bias.view(9, 2)[0], torch.tensor([-1 / 3, -1 / 3]))
     assert isinstance(model, SparseFormerModel)
+
+
+def _layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
+    """LayerNorm written out: (x − mean) / sqrt(biased var + eps) · weight + bias."""
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + norm.eps) * norm.weight + norm.bias
+
+
+@pytest.mark.parametrize("head_op", ["cls", "avg", "latent_avg", "map"])
+def test_every_head_pools_the_tokens_as_written_out_by_hand(head_op, one_thread):
+    """Each `head_op` on a model with a CLS token (first): which tokens it reads and in which order it normalises."""
+    model = mllm_sparse.create_model("test_sparseformer_btsp", head_op=head_op).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # non-trivial LayerNorm affine and head weights
+            p.normal_(0, 0.5)
+    tokens = torch.randn(2, 5, model.config.hidden_size)
+    cls, latent = tokens[:, 0], tokens[:, 1:]
+    if head_op == "cls":
+        expected = _layer_norm(cls, model.norm)
+    elif head_op == "avg":
+        expected = _layer_norm(tokens.mean(1), model.norm)
+    elif head_op == "latent_avg":
+        expected = _layer_norm(latent, model.norm).mean(1)  # normed per token, CLS left out
+    else:
+        head, normed = model.head, _layer_norm(tokens, model.norm)
+        dim, heads = normed.shape[-1], head.num_heads
+        w, b = head.qkv.weight, head.qkv.bias
+        q = head.probe[0, 0] @ w[:dim].T + b[:dim]
+        k = normed @ w[dim : 2 * dim].T + b[dim : 2 * dim]
+        v = normed @ w[2 * dim :].T + b[2 * dim :]
+        step = dim // heads
+        outs = []
+        for h in range(heads):
+            part = slice(h * step, (h + 1) * step)
+            weights = torch.softmax(k[..., part] @ q[part] / step**0.5, dim=-1)  # [B, T] over all 5 tokens
+            outs.append(torch.einsum("bt,btc->bc", weights, v[..., part]))
+        pooled = head.proj(torch.cat(outs, -1))
+        expected = pooled + head.mlp(_layer_norm(pooled, head.norm))
+    with torch.no_grad():
+        torch.testing.assert_close(model.pool(tokens), expected, atol=1e-5, rtol=1e-5)
+        # the forward's image embedding is the projection of exactly this pooled summary
+        out = model(torch.randn(1, 3, 48, 64))
+        torch.testing.assert_close(out.image_embeds, model.proj(model.pool(out.last_hidden_state)))

@@ -123,3 +123,35 @@ def test_attention_matches_explicit_softmax():
 def test_quick_gelu():
     x = torch.linspace(-4, 4, 9)
     torch.testing.assert_close(QuickGELU()(x), x * torch.sigmoid(1.702 * x))
+
+
+def test_restricted_gradient_bound_is_one_pixel_of_height_on_a_non_square_map():
+    """H ≠ W: both coordinates are clamped to 1 / H, the reference's bound (not 1 / W)."""
+    torch.manual_seed(0)
+    feat = torch.randn(1, 3, 4, 16)  # H = 4, W = 16
+    points = torch.rand(1, 6, 5, 2, requires_grad=True)
+    (sample_features(feat, points, restrict_grad_norm=False) * 1e3).sum().backward()
+    free = points.grad.clone()
+    points.grad = None
+    (sample_features(feat, points, restrict_grad_norm=True) * 1e3).sum().backward()
+    assert (free[..., 0].abs() > 1 / 4).any() and (free[..., 1].abs() > 1 / 4).any()
+    torch.testing.assert_close(points.grad, free.clamp(-1 / 4, 1 / 4))
+
+
+def test_roi_points_read_the_non_square_map_at_x_times_width_and_y_times_height():
+    """RoI → sampling points → bilinear read on an H ≠ W map whose channels are the column and the row index."""
+    height, width = 3, 8
+    rows, cols = torch.meshgrid(
+        torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32), indexing="ij"
+    )
+    feat = torch.stack([cols, rows])[None]  # [1, 2, H, W]
+    rois = torch.tensor([[[0.25, 0.2, 0.75, 0.9]]])  # centre (0.5, 0.55), size (0.5, 0.7)
+    offsets = torch.tensor([[[-1.0, -1.0, 1.0, 1.0]]])  # two points, each coordinate std sqrt(2) around 0
+    points = sampling_points(rois, offsets)
+    step = 1 / (3 * math.sqrt(2))  # standardised offset: ±1 / (3 · std)
+    expected_points = torch.tensor([[0.5 - step * 0.5, 0.55 - step * 0.7], [0.5 + step * 0.5, 0.55 + step * 0.7]])
+    torch.testing.assert_close(points[0, 0], expected_points, atol=1e-5, rtol=0)
+    sampled = sample_features(feat, points)[0, 0]  # [P, 2]: (column, row) read at each point
+    # align_corners=False: pixel centres at (index + 0.5) / size, and a linear ramp interpolates exactly
+    torch.testing.assert_close(sampled[:, 0], expected_points[:, 0] * width - 0.5, atol=1e-4, rtol=0)
+    torch.testing.assert_close(sampled[:, 1], expected_points[:, 1] * height - 0.5, atol=1e-4, rtol=0)
