@@ -333,6 +333,26 @@ def flops_of(arm: Arm, scale: Scale, device: torch.device) -> dict[str, float]:
     }
 
 
+def profile_ttft(arm: Arm, device: torch.device) -> str:
+    """Where one batch-1 `generate` (first token) spends its time: torch's profiler, top operators by own time."""
+    model = arm.model
+    pixels = torch.randn(1, 3, arm.tower.config.image_size, arm.tower.config.image_size, device=device)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.inference_mode(), torch.profiler.profile(activities=activities) as prof:
+        model.generate(
+            input_ids=prompt(model, 1, device),
+            pixel_values=pixels.to(model.dtype),
+            max_new_tokens=1,
+            do_sample=False,
+            pad_token_id=model.config.pad_token_id,
+        )
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=20)
+    return f"== {arm.name} ({arm.image_tokens} image tokens), batch 1, time to first token\n{table}\n\n"
+
+
 def build_llm(config: PretrainedConfig, layers: int | None, dtype: torch.dtype, device: torch.device):
     """A random-weight causal LM of this shape, whole or sliced to `layers` decoder layers; (model, Scale)."""
     full = config.num_hidden_layers
@@ -401,6 +421,11 @@ def run_llm(
                 flush=True,
             )
     watch.remove()
+    if args.profile:
+        profiles = [profile_ttft(arm, device) for arm in arms[:2]]  # the ViT and the first SparseFormer
+        path = args.out_dir / f"{args.name}_profile_{name}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(profiles))
     add_ratios(results)
     return {
         "llm": name,
@@ -545,6 +570,9 @@ def main(argv: list[str] | None = None) -> int:
         "measures every LLM whole (default: vicuna-7b=2)",
     )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--profile", action="store_true", help="also profile the ViT's and the first SparseFormer's TTFT (batch 1)"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny shapes, one round: checks the code path in seconds")
     parser.add_argument("--out-dir", type=Path, default=RESULTS, help="(default: benchmarks/results)")
     parser.add_argument("--name", default="vlm_latency", help="result file stem (default: vlm_latency)")
