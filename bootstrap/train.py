@@ -27,10 +27,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
-from transformers import get_cosine_schedule_with_warmup
 
 from mllm_sparse.files import paths_as_paths, write_json
-from mllm_sparse.training import RunFolder, epoch_order, removed_on_early_failure
+from mllm_sparse.training import RunFolder, epoch_order, lr_lambda, removed_on_early_failure
 
 from .data import TwoViewImages, list_images
 from .distributed import World, init_world
@@ -308,7 +307,7 @@ def train(settings: BootstrapSettings, world: World) -> dict[str, Any] | None:
     total_steps = settings.steps or max(1, round(settings.epochs * steps_per_epoch))
 
     optimizer = torch.optim.AdamW(param_groups(student, settings.weight_decay), lr=settings.lr, betas=(0.9, 0.999))
-    scheduler = get_cosine_schedule_with_warmup(optimizer, settings.warmup_steps, total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(settings.warmup_steps, total_steps))
     state = {"step": 0, "epoch": 0, "position": 0, "losses": [], "evals": []}
     if resumed is not None:
         student.load_state_dict(resumed.weights["model.safetensors"], strict=True)

@@ -46,10 +46,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
-from torch.optim.lr_scheduler import SequentialLR
+from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from llava_adapter.conversation import (
     IGNORE_INDEX,
@@ -64,9 +64,8 @@ from llava_adapter.conversation import (
 from llava_adapter.data import DataCollatorForLlava
 from llava_adapter.llms import load_llm
 from llava_adapter.modeling import add_image_token
-from mllm_sparse.checkpoint import CheckpointError
 from mllm_sparse.files import atomic_path, read_json, read_jsonl, write_json
-from mllm_sparse.training import RunFolder, epoch_order
+from mllm_sparse.training import RunFolder, epoch_order, lr_lambda
 
 from .scene_tokens import SCENE_FEATURES, scene_tokens
 
@@ -245,13 +244,11 @@ def answer_spans(labels: Tensor) -> list[slice]:
     return [slice(int(a), int(b)) for a, b in zip(starts, ends, strict=True)]
 
 
-def phase_schedule(
-    optimizer: torch.optim.Optimizer, warmup: int, question_steps: int, record_steps: int
-) -> SequentialLR:
-    """The learning rate of both phases: each warms up linearly over `warmup` steps and decays to 0 by a cosine
-    (transformers' schedule), the second starting when the first has ended."""
-    phases = [get_cosine_schedule_with_warmup(optimizer, warmup, n) for n in (question_steps, record_steps) if n]
-    return SequentialLR(optimizer, phases, [question_steps] if len(phases) == 2 else [])
+def phase_schedule(optimizer: torch.optim.Optimizer, warmup: int, question_steps: int, record_steps: int) -> LambdaLR:
+    """The learning rate of both phases: each warms up linearly over `warmup` steps (at least 1) and decays to 0 by
+    a cosine (`mllm_sparse.training.lr_lambda`), the second starting when the first has ended."""
+    first, second = lr_lambda(max(1, warmup), question_steps), lr_lambda(max(1, warmup), record_steps)
+    return LambdaLR(optimizer, lambda step: first(step) if step < question_steps else second(step - question_steps))
 
 
 @dataclass
@@ -354,11 +351,6 @@ def run(settings: ScenePretrainSettings) -> dict:
     if resumed is not None:
         projector.load_state_dict(resumed.weights[PROJECTOR_FILE])
         saved = resumed.trainer_state
-        if "_schedulers" not in saved["scheduler"]:
-            raise CheckpointError(
-                f"{resumed.path}: written by an earlier pretrain-llm whose learning-rate schedule differs; resume it "
-                "with that version, or start a new run"
-            )
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = saved["state"]

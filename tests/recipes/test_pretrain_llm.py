@@ -263,7 +263,7 @@ def test_resume_refuses_changed_settings_and_falls_back_from_a_damaged_checkpoin
 def test_a_diverging_run_stops_before_its_backward_pass(world, tmp_path, capsys):
     """At --lr 1e20 the weights of step 1 overflow the LLM's norms in step 2: its loss is NaN."""
     out = tmp_path / "div"
-    args = ["--question-steps", "4", "--record-steps", "0", "--eval-every", "1", "--warmup-steps", "0", "--lr", "1e20"]
+    args = ["--question-steps", "4", "--record-steps", "0", "--eval-every", "1", "--warmup-steps", "1", "--lr", "1e20"]
     for extra in ((), ("--resume",)):
         assert run(world, out, *args, *extra) == 2
         (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
@@ -283,9 +283,9 @@ def test_absurd_numbers_get_one_line(world, tmp_path, capsys, extra):
 @pytest.mark.parametrize(
     ("question_steps", "record_steps", "expected"),
     [
-        (5, 4, [0.0, 0.5, 1.0, 0.75, 0.25, 0.0, 0.5, 1.0, 0.5]),
-        (0, 4, [0.0, 0.5, 1.0, 0.5]),
-        (5, 0, [0.0, 0.5, 1.0, 0.75, 0.25]),
+        (5, 4, [0.5, 1.0, 1.0, 0.75, 0.25, 0.5, 1.0, 1.0, 0.5]),
+        (0, 4, [0.5, 1.0, 1.0, 0.5]),
+        (5, 0, [0.5, 1.0, 1.0, 0.75, 0.25]),
     ],
 )
 def test_each_phase_warms_up_and_decays_on_its_own(question_steps, record_steps, expected):
