@@ -13,7 +13,7 @@ SETTINGS = "mllm_sparse_recipes.demo:DemoSettings"  # what `main` hands to the l
 
 DESCRIPTION = """A Gradio chat with a LLaVA model that shows where its image tokens look.
 
-    mllm-sparse demo --model runs/quickstart/stage2 --template chat_template
+    mllm-sparse demo --model runs/quickstart/stage2          # prompts as the model was trained
     mllm-sparse demo --model runs/stage2-merged --host 0.0.0.0 --port 7860
 
 Upload an image and the page draws, over the picture the model sees, the region each of the N image tokens stands
