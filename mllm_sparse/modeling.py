@@ -286,12 +286,18 @@ class SparseFormerModel(SparseFormerPreTrainedModel):
             pixel_values, last, record, output_sampling_points
         )
         skipped = (None,) * (num_units - 1 - last)
-        pooled = None if only_selected else self.pool(tokens)
+        if only_selected:  # the final tokens were never computed
+            final = {}
+        else:
+            pooled = self.pool(tokens)
+            final = {
+                "image_embeds": self.proj(pooled),
+                "last_hidden_state": tokens,
+                "pooler_output": pooled,
+                "rois": rois,
+            }
         output = SparseFormerOutput(
-            image_embeds=None if only_selected else self.proj(pooled),
-            last_hidden_state=None if only_selected else tokens,
-            pooler_output=pooled,
-            rois=None if only_selected else rois,
+            **final,
             hidden_states=tuple(t if i in keep else None for i, t in enumerate(unit_tokens)) + skipped
             if record
             else None,
