@@ -48,7 +48,15 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from mllm_sparse.checkpoint import CheckpointError, load_checked
 from mllm_sparse.images import load_image, to_rgb
 
-from .conversation import IMAGE_PLACEHOLDER, TEMPLATES, encode_conversation, has_image, record_name, validate_record
+from .conversation import (
+    IGNORE_INDEX,
+    IMAGE_PLACEHOLDER,
+    TEMPLATES,
+    encode_conversation,
+    has_image,
+    record_name,
+    validate_record,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -365,6 +373,7 @@ class ChatEngine:
         self,
         records_or_prompts: Sequence[Mapping | str],
         images: Sequence[ImageInput | None] | None = None,
+        stop: Sequence[str] = (),
         **gen_kwargs,
     ) -> list[str]:
         """Answer many prompts in one left-padded batch (greedy and KV-cached by default); `last_timings` holds
@@ -375,6 +384,8 @@ class ChatEngine:
                 questions (one human turn each; `<image>` is put before the text when the row has an image).
             images: per row, a PIL image, a file path or None (text-only); None for an all-text batch. A record
                 with an "image" field needs one, a record without none.
+            stop: strings that end an answer: a row stops generating at the first one and its text is cut before
+                it (lmms-eval's `until`).
             **gen_kwargs: `generate` keywords.
         Returns:
             One answer per row, in order.
@@ -400,8 +411,85 @@ class ChatEngine:
                 raise ValueError(f"{record_name(row, i)} (row {i}) {need}")
             records.append(row)
             loaded.append(None if image is None else _load(image))
-        texts, _, _, _ = self._generate(records, loaded, gen_kwargs)
+        texts, _, _, _ = self._generate(records, loaded, gen_kwargs, stop=stop)
         return texts
+
+    # ------------------------------------------------------------------------------------------------------ scoring
+
+    def score_answers(
+        self, records: Sequence[Mapping], images: Sequence[ImageInput | None] | None = None
+    ) -> list[tuple[float, bool]]:
+        """Log-probability of each record's last answer given the turns (and image) before it, in one forward pass.
+
+        The answer's tokens are those the template supervises for the last gpt turn (vicuna_v1's leading space
+        included), without the tokens that close the turn (eos, a chat template's end-of-turn marker, `plain`'s
+        newline): the probability of the answer's text, not of the answer ending there.
+
+        Args:
+            records: LLaVA records ending with a gpt turn (the answer to score).
+            images: per row, a PIL image, a file path or None, as in `generate_batch`.
+        Returns:
+            Per row, (sum of the answer tokens' log-probabilities, whether greedy decoding yields every one of them).
+        """
+        rows = list(records)
+        if not rows:
+            return []
+        images = [None] * len(rows) if images is None else list(images)
+        if len(images) != len(rows):
+            raise ValueError(f"Got {len(rows)} records but {len(images)} images (use None for text-only rows)")
+        sequences, spans = [], []
+        for i, (record, image) in enumerate(zip(rows, images, strict=True)):
+            validate_record(record, i)
+            if has_image(record) != (image is not None):
+                need = "has an image field but no image was given" if image is None else "is text-only but got an image"
+                raise ValueError(f"{record_name(record, i)} (row {i}) {need}")
+            ids, start, end = self._answer_span(record, i)
+            sequences.append(ids)
+            spans.append((start, end))
+        batch = self.tokenizer.pad(
+            {"input_ids": sequences}, padding=True, padding_side="right", return_attention_mask=True,
+            return_tensors="pt",
+        )  # fmt: skip
+        kwargs: dict[str, Any] = {}
+        present = [_load(image) for image in images if image is not None]
+        if present:
+            pixels = self.processor.image_processor(images=present, return_tensors="pt")["pixel_values"]
+            kwargs["pixel_values"] = pixels.to(self.device, next(self.model.model.vision_tower.parameters()).dtype)
+        with torch.no_grad():
+            logits = self.model(
+                input_ids=batch["input_ids"].to(self.device),
+                attention_mask=batch["attention_mask"].to(self.device),
+                **kwargs,
+            ).logits
+        # Token t is predicted at position t - 1: gather exactly the answer positions of every row.
+        row = torch.cat([torch.full((end - start,), r) for r, (start, end) in enumerate(spans)]).to(self.device)
+        pos = torch.cat([torch.arange(start, end) for start, end in spans]).to(self.device)
+        predicted = logits[row, pos - 1].float()  # [T, V]
+        targets = batch["input_ids"].to(self.device)[row, pos]
+        token_logprobs = predicted.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+        logprob = torch.zeros(len(rows), device=self.device).index_add_(0, row, token_logprobs)
+        misses = torch.zeros(len(rows), device=self.device).index_add_(
+            0, row, (predicted.argmax(-1) != targets).float()
+        )
+        return [(float(lp), bool(m == 0)) for lp, m in zip(logprob.tolist(), misses.tolist(), strict=True)]
+
+    def _answer_span(self, record: Mapping, index: int) -> tuple[list[int], int, int]:
+        """The record's ids and the [start, end) positions of its last answer's tokens (see `score_answers`)."""
+        encoded = encode_conversation(
+            record, self.tokenizer, self.template, self.num_image_tokens, image_token_id=self.image_token_id
+        )
+        ids = encoded.input_ids.tolist()
+        prompt = self.prompt_ids({**record, "conversations": list(record["conversations"][:-1])})
+        if ids[: len(prompt)] != prompt:
+            raise ValueError(f"{record_name(record, index)}: the template renders the answer's prompt differently")
+        supervised = (encoded.labels[len(prompt) :] != IGNORE_INDEX).nonzero().flatten().tolist()
+        end = len(prompt) + (supervised[-1] + 1 if supervised else 0)
+        special = set(self.tokenizer.all_special_ids)
+        while end > len(prompt) and (ids[end - 1] in special or not self.tokenizer.decode([ids[end - 1]]).strip()):
+            end -= 1  # the tokens that close the turn
+        if end == len(prompt):
+            raise ValueError(f"{record_name(record, index)}: the answer to score is empty")
+        return ids, len(prompt), end
 
     # ------------------------------------------------------------------------------------------------- internals
 
@@ -442,7 +530,7 @@ class ChatEngine:
         )
         return encoded.input_ids.tolist()
 
-    def _generation_kwargs(self, gen_kwargs: Mapping) -> dict[str, Any]:
+    def _generation_kwargs(self, gen_kwargs: Mapping, stop: Sequence[str] = ()) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
             "max_new_tokens": DEFAULT_MAX_NEW_TOKENS,
             "do_sample": False,
@@ -452,8 +540,9 @@ class ChatEngine:
         }
         if self.tokenizer.eos_token_id is not None:
             kwargs["eos_token_id"] = self.tokenizer.eos_token_id
-        if self.template == "plain":
-            kwargs |= {"stop_strings": ["\n"], "tokenizer": self.tokenizer}
+        stop_strings = [*stop, *(["\n"] if self.template == "plain" else [])]
+        if stop_strings:
+            kwargs |= {"stop_strings": stop_strings, "tokenizer": self.tokenizer}
         kwargs.update(gen_kwargs)
         return kwargs
 
@@ -463,10 +552,12 @@ class ChatEngine:
         images: Sequence[Image.Image | None],
         gen_kwargs: Mapping,
         streamer: BaseStreamer | None = None,
+        stop: Sequence[str] = (),
     ) -> tuple[list[str], Timings, list[list[int]], list[list[int]]]:
         """Encode the images once, left-pad the prompts, generate; returns texts, timings, prompt and new ids."""
+        stop = [s for s in stop if s]
         prompts = [self.prompt_ids(record) for record in records]
-        generation = self._generation_kwargs(gen_kwargs)
+        generation = self._generation_kwargs(gen_kwargs, stop)
         context = getattr(self.model.config.text_config, "max_position_embeddings", None)
         longest = max(len(ids) for ids in prompts)
         if context is not None and longest + generation["max_new_tokens"] > context:
@@ -501,7 +592,7 @@ class ChatEngine:
         end = time.perf_counter()
         first = timer.first_token_time if timer.first_token_time is not None else end
         new_ids = [self._trim(row) for row in output[:, input_ids.shape[1] :].tolist()]
-        texts = [self._decode(ids) for ids in new_ids]
+        texts = [self._decode(ids, stop) for ids in new_ids]
         new_tokens = sum(len(ids) for ids in new_ids)
         decoded_after_first = new_tokens - sum(1 for ids in new_ids if ids)
         decode_s = end - first
@@ -529,8 +620,8 @@ class ChatEngine:
             ids = ids[:-1]
         return ids
 
-    def _decode(self, ids: list[int]) -> str:
+    def _decode(self, ids: list[int], stop: Sequence[str] = ()) -> str:
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        if self.template == "plain":
-            text = text.split("\n", 1)[0]
+        for end in [*stop, *(["\n"] if self.template == "plain" else [])]:
+            text = text.split(end, 1)[0]
         return text.strip()

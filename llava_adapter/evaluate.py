@@ -54,6 +54,7 @@ _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
 NO_TARGET = ("", "none")
 JSON_NAME = "eval_vlm.json"
 MD_NAME = "eval_vlm.md"
+MAX_NEW_TOKENS = 16  # the answers here are a word or two
 
 
 def normalize_answer(text: str) -> str:
@@ -236,7 +237,7 @@ def evaluate(
     records: Sequence[Mapping],
     image_folder: str | Path,
     batch_size: int = 8,
-    max_new_tokens: int = 16,
+    max_new_tokens: int = MAX_NEW_TOKENS,
     progress: bool = True,
     skip_bad_records: bool = False,
 ) -> dict[str, Any]:
@@ -398,7 +399,7 @@ class EvalVlmSettings:
     image_folder: Path | None = None
     template: str | None = None
     batch_size: int = 8
-    max_new_tokens: int = 16
+    max_new_tokens: int = MAX_NEW_TOKENS
     limit: int | None = None
     out: Path | None = None
     device: str | None = None

@@ -10,6 +10,7 @@ from .checkpoint import CheckpointMismatchError, load_pretrained, read_state_dic
 from .configuration import SparseFormerConfig
 from .images import ImageLoadError, load_image, preprocess
 from .modeling import SparseFormerModel, SparseFormerOutput
+from .open_clip_tower import OpenClipVisual
 from .presets import OFFICIAL_PRESETS, create_model, list_models, preset_config
 from .profiling import ModelProfile, profile
 from .visualize import draw_rois
@@ -22,6 +23,7 @@ __all__ = [
     "ImageLoadError",
     "ModelProfile",
     "OFFICIAL_PRESETS",
+    "OpenClipVisual",
     "SparseFormerConfig",
     "SparseFormerModel",
     "SparseFormerOutput",

@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "swap": "replace the vision tower of a llava-hf checkpoint (keeps LLM and tokenizer)",
     "merge-lora": "fold a LoRA training run into one full LLaVA model",
     "eval-vlm": "score a LLaVA model on a LLaVA JSON test set: accuracy, throughput",
+    "lmms-task": "write a LLaVA JSON test set as a local lmms-eval task pack (eval-vlm's scoring)",
     "ablate": "how many image tokens? SparseFormer vs pooling vs full ViT",
     "demo": "a Gradio chat with a LLaVA model that shows where its image tokens look",
 }

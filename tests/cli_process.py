@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,10 +20,6 @@ def cli_env() -> dict[str, str]:
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
     }
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    if env.get("PYTHONDONTWRITEBYTECODE"):
-        # without bytecode every start compiles transformers again (~10 s); a private cache keeps starts short
-        env.pop("PYTHONDONTWRITEBYTECODE")
-        env["PYTHONPYCACHEPREFIX"] = str(Path(tempfile.gettempdir()) / "mllm_sparse_test_pycache")
     return env
 
 
