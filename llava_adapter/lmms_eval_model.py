@@ -15,7 +15,8 @@ Installing this project (with the `eval` extra) registers the model through the 
 - `max_new_tokens`: the answer length for tasks that set none (default 128).
 - `num_latent_tokens`: the image-token budget; the folder's tower serves one budget, so another is refused.
 
-Batching comes from lmms-eval's `--batch_size N` (rows per `generate` call or forward pass).
+Batching comes from lmms-eval's `--batch_size N` (rows per `generate` call or forward pass). Data parallel runs
+under `accelerate launch` or `torchrun` (lmms-eval shards the documents; each rank takes the GPU of its LOCAL_RANK).
 
 Everything runs through `ChatEngine`, the inference path of `chat`, `eval-vlm` and the demo:
 
@@ -38,10 +39,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from PIL import Image
@@ -100,6 +103,8 @@ class SparseLlavaLmms(lmms):
         if int(max_new_tokens) < 1:
             raise ValueError(f"{MODEL_ID}: max_new_tokens must be positive, got {max_new_tokens}")
         self.max_new_tokens = int(max_new_tokens)
+        if device is None and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # one GPU per rank under accelerate or torchrun
         self.engine = ChatEngine.from_pretrained(Path(pretrained), template=template, device=device, dtype=dtype)
         if num_latent_tokens is not None and int(num_latent_tokens) != self.engine.num_image_tokens:
             raise ValueError(
@@ -107,6 +112,10 @@ class SparseLlavaLmms(lmms):
                 f"num_latent_tokens={num_latent_tokens}"
             )
         self._warned: set[str] = set()
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
 
     # ------------------------------------------------------------------------------------------- request handling
 
