@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModel
 
 from .checkpoint import CheckpointMismatchError, load_pretrained, read_state_dict
 from .configuration import SparseFormerConfig
+from .elastic import make_elastic
 from .images import ImageLoadError, load_image, preprocess
 from .modeling import SparseFormerModel, SparseFormerOutput
 from .open_clip_tower import OpenClipVisual
@@ -32,6 +33,7 @@ __all__ = [
     "list_models",
     "load_image",
     "load_pretrained",
+    "make_elastic",
     "preprocess",
     "preset_config",
     "profile",

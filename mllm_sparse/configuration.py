@@ -55,6 +55,9 @@ class SparseFormerConfig(PretrainedConfig):
         restrict_grad_norm: clamp the gradient of each sampling coordinate to one feature-map pixel.
         grid_sample_padding: `grid_sample` padding mode for points outside the image.
         image_mean / image_std / image_size: the preprocessing the weights expect.
+        budgets: the latent-token counts an elastic encoder serves, each with its own learned initial RoIs;
+            `num_latent_tokens` is the default one, `forward(..., num_latent_tokens=N)` picks another. None (the
+            default, and every official preset) is a fixed-budget encoder. Elastic needs `same_token_embedding`.
     """
 
     model_type = "sparseformer"
@@ -89,6 +92,7 @@ class SparseFormerConfig(PretrainedConfig):
         image_mean: Sequence[float] = OPENAI_CLIP_MEAN,
         image_std: Sequence[float] = OPENAI_CLIP_STD,
         image_size: int = 224,
+        budgets: Sequence[int] | None = None,
         **kwargs,
     ):
         self.conv_dim = conv_dim
@@ -121,12 +125,29 @@ class SparseFormerConfig(PretrainedConfig):
         self.image_mean = [float(m) for m in image_mean]
         self.image_std = [float(s) for s in image_std]
         self.image_size = image_size
+        self.budgets = None if budgets is None else sorted({int(b) for b in budgets})
         super().__init__(**kwargs)
         self.validate_fields()
 
     @property
     def has_cls_token(self) -> bool:
         return self.cls_token_insert_layer > 0
+
+    @property
+    def is_elastic(self) -> bool:
+        return self.budgets is not None
+
+    def budget(self, num_latent_tokens: int | None = None) -> int:
+        """The latent-token count to run: `num_latent_tokens` (None: the default), checked against what the encoder
+        serves; an unlisted count is refused with the list (there is no nearest-budget rule)."""
+        if num_latent_tokens is None:
+            return self.num_latent_tokens
+        n = int(num_latent_tokens)
+        served = self.budgets if self.is_elastic else [self.num_latent_tokens]
+        if n not in served:
+            kind = "this elastic encoder serves" if self.is_elastic else "this fixed-budget encoder serves only"
+            raise ValueError(f"num_latent_tokens={n}: {kind} {served} latent tokens")
+        return n
 
     @property
     def num_tokens(self) -> int:
@@ -179,6 +200,19 @@ class SparseFormerConfig(PretrainedConfig):
             raise ValueError(f"SparseFormerConfig: cls_token_insert_layer={self.cls_token_insert_layer} >= {n} units")
         if self.num_latent_tokens < 1:
             raise ValueError(f"SparseFormerConfig: num_latent_tokens must be >= 1, got {self.num_latent_tokens}")
+        if self.budgets is not None:
+            if not self.budgets or self.budgets[0] < 1:
+                raise ValueError(f"SparseFormerConfig: budgets must be positive token counts, got {self.budgets}")
+            if self.num_latent_tokens not in self.budgets:
+                raise ValueError(
+                    f"SparseFormerConfig: the default budget num_latent_tokens={self.num_latent_tokens} is not "
+                    f"among the budgets {self.budgets}"
+                )
+            if not self.same_token_embedding:
+                raise ValueError(
+                    "SparseFormerConfig: an elastic encoder (budgets) needs same_token_embedding=True: one initial "
+                    "token embedding shared by every budget"
+                )
         if self.num_sampling_points < 2:
             raise ValueError(f"SparseFormerConfig: num_sampling_points must be >= 2, got {self.num_sampling_points}")
         if any(r < 1 for r in self.repeats):

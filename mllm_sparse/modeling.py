@@ -127,7 +127,8 @@ class SparseFormerPreTrainedModel(PreTrainedModel):
                 init.copy_(module.roi_offset_bias, _initial_point_offsets(module.roi_offset_bias.numel() // 2))
         elif isinstance(module, SparseFormerModel):
             init.trunc_normal_(module.initial_embedding.weight, std=1.0)
-            init.copy_(module.initial_roi.weight, _initial_rois(module.config.num_latent_tokens))
+            for n in module.budgets:
+                init.copy_(module.initial_roi_table(n), _initial_rois(n))
             if module.cls_embedding is not None:
                 init.normal_(module.cls_embedding.weight)
 
@@ -168,9 +169,13 @@ class SparseFormerModel(SparseFormerPreTrainedModel):
 
     def __init__(self, config: SparseFormerConfig):
         super().__init__(config)
+        config.validate_fields()  # also after `from_pretrained(..., num_latent_tokens=N)` set the default budget
         widths = config.width_configs
         self.feat_extractor = EarlyConvolution(config.conv_dim)
-        self.initial_roi = nn.Embedding(config.num_latent_tokens, 4)
+        if config.is_elastic:  # one learned RoI table per budget; everything else is shared
+            self.initial_rois = nn.ModuleDict({str(n): nn.Embedding(n, 4) for n in config.budgets})
+        else:  # the official layout and keys
+            self.initial_roi = nn.Embedding(config.num_latent_tokens, 4)
         self.initial_embedding = nn.Embedding(1 if config.same_token_embedding else config.num_latent_tokens, widths[0])
         self.cls_embedding = nn.Embedding(1, widths[-1]) if config.has_cls_token else None
 
@@ -205,8 +210,19 @@ class SparseFormerModel(SparseFormerPreTrainedModel):
 
     @property
     def num_tokens(self) -> int:
-        """Tokens in `last_hidden_state`: latent tokens plus CLS where present."""
+        """Tokens in `last_hidden_state` at the default budget: latent tokens plus CLS where present."""
         return self.config.num_tokens
+
+    @property
+    def budgets(self) -> list[int]:
+        """The latent-token counts this encoder serves (one for a fixed-budget encoder)."""
+        return list(self.config.budgets) if self.config.is_elastic else [self.config.num_latent_tokens]
+
+    def initial_roi_table(self, num_latent_tokens: int) -> Tensor:
+        """[N, 4] the learned initial RoIs of budget N (`config.budget` has checked N)."""
+        if self.config.is_elastic:
+            return self.initial_rois[str(num_latent_tokens)].weight
+        return self.initial_roi.weight
 
     @property
     def cortex_start(self) -> int:
@@ -221,18 +237,18 @@ class SparseFormerModel(SparseFormerPreTrainedModel):
             raise ValueError(f"SparseFormerModel got an empty batch or image: {tuple(pixel_values.shape)}")
         return pixel_values.to(self.feat_extractor.conv1.weight.dtype)
 
-    def _initial_state(self, pixel_values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Feature map [B, C, H/4, W/4], initial tokens [B, N, D0] and RoIs [B, N, 4]."""
+    def _initial_state(self, pixel_values: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Feature map [B, C, H/4, W/4], initial tokens [B, N, D0] and RoIs [B, N, 4] for budget N."""
         feature_map = self.feat_extractor(self._check_pixels(pixel_values))
-        batch, n = pixel_values.shape[0], self.config.num_latent_tokens
+        batch = pixel_values.shape[0]
         # Materialised copies, not expanded views: views of leaf parameters trip autograd hooks (e.g. FLOP counting).
         tokens = self.initial_embedding.weight.unsqueeze(0).expand(batch, n, -1).clone()
-        rois = self.initial_roi.weight.float().unsqueeze(0).expand(batch, n, 4).clone()
+        rois = self.initial_roi_table(n).float().unsqueeze(0).expand(batch, n, 4).clone()
         return feature_map, tokens, rois
 
-    def _run_units(self, pixel_values: Tensor, last_unit: int, record: bool, record_points: bool):
-        """Run units 0..last_unit. Returns tokens, rois, and per-unit (tokens, rois, points) records."""
-        feature_map, tokens, rois = self._initial_state(pixel_values)
+    def _run_units(self, pixel_values: Tensor, last_unit: int, record: bool, record_points: bool, n: int):
+        """Run units 0..last_unit with N latent tokens. Returns tokens, rois, and per-unit (tokens, rois, points)."""
+        feature_map, tokens, rois = self._initial_state(pixel_values, n)
         unit_tokens, unit_rois, unit_points = [], [], []
         unit = 0
         for layer in self.layers[: self.unit_layer_indices[last_unit] + 1]:
@@ -257,12 +273,15 @@ class SparseFormerModel(SparseFormerPreTrainedModel):
         output_hidden_states: bool | int | list[int] | None = None,
         output_sampling_points: bool = False,
         return_dict: bool | None = None,
+        num_latent_tokens: int | None = None,
         **kwargs,
     ) -> SparseFormerOutput | tuple:
         """Encode images.
 
         Args:
             pixel_values: [B, 3, H, W], normalised with `config.image_mean` / `config.image_std`; any H, W.
+            num_latent_tokens: the budget N for this call, one of `budgets` (None: the default,
+                `config.num_latent_tokens`); an unlisted N raises `ValueError` naming the budgets.
             output_hidden_states: True for every unit's output tokens; an int or list of ints (negative counts from
                 the end, as HF's `vision_feature_layer`) asks for only those units' tokens: the units after the
                 deepest one and the head are skipped, and the final fields of the output are None.
@@ -283,7 +302,7 @@ class SparseFormerModel(SparseFormerPreTrainedModel):
         only_selected = record and output_hidden_states is not True
         last = max(keep) if only_selected else num_units - 1
         tokens, rois, unit_tokens, unit_rois, unit_points = self._run_units(
-            pixel_values, last, record, output_sampling_points
+            pixel_values, last, record, output_sampling_points, self.config.budget(num_latent_tokens)
         )
         skipped = (None,) * (num_units - 1 - last)
         if only_selected:  # the final tokens were never computed
@@ -318,11 +337,13 @@ class SparseFormerModel(SparseFormerPreTrainedModel):
             return self.head(self.norm(tokens))
         return self.norm(tokens[:, int(self.config.has_cls_token) :]).mean(dim=1)
 
-    def get_feature_tokens(self, pixel_values: Tensor, feature_layer: int = -1) -> Tensor:
+    def get_feature_tokens(
+        self, pixel_values: Tensor, feature_layer: int = -1, num_latent_tokens: int | None = None
+    ) -> Tensor:
         """Tokens after unit `feature_layer` (negative counts from the end), skipping every later unit.
 
         This is LLaVA's `vision_feature_layer` without the wasted compute: `feature_layer=-2` stops before the last
-        cortex block.
+        cortex block. `num_latent_tokens` is the budget, as in `forward`.
 
         Returns:
             [B, N_u, C_u] tokens of that unit (CLS first once it has been inserted).
@@ -330,7 +351,8 @@ class SparseFormerModel(SparseFormerPreTrainedModel):
         num_units = self.config.num_units
         if not -num_units <= feature_layer < num_units:
             raise IndexError(f"feature_layer {feature_layer} is out of range for {num_units} units")
-        tokens, *_ = self._run_units(pixel_values, feature_layer % num_units, False, False)
+        n = self.config.budget(num_latent_tokens)
+        tokens, *_ = self._run_units(pixel_values, feature_layer % num_units, False, False, n)
         return tokens
 
 

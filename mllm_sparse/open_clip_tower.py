@@ -67,7 +67,8 @@ class OpenClipVisual(nn.Module):
         if unlocked_groups <= 0:
             return
         enc = self.encoder
-        stem = [enc.feat_extractor, enc.initial_embedding, enc.initial_roi, enc.cls_embedding]
+        rois = enc.initial_rois if enc.config.is_elastic else enc.initial_roi
+        stem = [enc.feat_extractor, enc.initial_embedding, rois, enc.cls_embedding]
         last = [enc.layers[-1], enc.norm, enc.head]
         groups = [stem, *([layer] for layer in enc.layers[:-1]), last, [enc.proj]]
         for group in groups[-unlocked_groups:]:
