@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from mllm_sparse.elastic import default_budget, make_elastic
 from mllm_sparse.files import paths_as_paths, write_json
 from mllm_sparse.training import RunFolder, epoch_order, lr_lambda, removed_on_early_failure
 
@@ -52,7 +53,11 @@ class BootstrapSettings:
     Attributes:
         teacher: `open_clip:NAME[@TAG|PATH]` or `hf:ID|DIR` (`bootstrap.load_teacher`).
         num_latent_tokens: the token budget: latent tokens, the image tokens an LLM reads (a CLS token, which the
-            student has where the teacher has one, is not one of them).
+            student has where the teacher has one, is not one of them); with `budgets`, the default one.
+        budgets: train one elastic student for all these budgets (`mllm_sparse.elastic`); None: one budget.
+        budget_sampling: which budgets each step trains, drawn from the seed and the step (so the same on every
+            rank and after a resume): "draw" one budget, or "sandwich": the smallest, the largest and one drawn
+            from those between, their losses averaged over the same images and teacher targets.
         data: an image folder, a synthetic world or a LLaVA .json.
         out: the encoder's folder.
         image_folder: root of a LLaVA .json's image paths; None: the .json's folder.
@@ -84,6 +89,8 @@ class BootstrapSettings:
     num_latent_tokens: int
     data: Path
     out: Path
+    budgets: list[int] | None = None
+    budget_sampling: str = "draw"
     image_folder: Path | None = None
     steps: int | None = None
     epochs: float | None = None
@@ -152,6 +159,21 @@ def save(folder: RunFolder, student, optimizer, scheduler, state: dict) -> None:
     folder.save(state["step"], student.save_pretrained, student.state_dict(), trainer_state)
 
 
+BUDGET_SAMPLING = ("draw", "sandwich")
+
+
+def step_budgets(budgets: list[int], sampling: str, seed: int, step: int) -> list[int]:
+    """The budgets trained at `step` (see `BootstrapSettings.budget_sampling`): a function of seed and step only."""
+    if len(budgets) == 1:
+        return list(budgets)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    if sampling == "draw":
+        return [budgets[int(torch.randint(len(budgets), (1,), generator=generator))]]
+    between = budgets[1:-1]
+    drawn = [between[int(torch.randint(len(between), (1,), generator=generator))]] if between else []
+    return [budgets[0], *drawn, budgets[-1]]
+
+
 def alignment_loss(
     model,
     num_latent_tokens: int,
@@ -163,14 +185,15 @@ def alignment_loss(
     region_boxes: int,
     box_keys: torch.Tensor,
 ):
-    """1 − cos(student embedding, teacher embedding), plus the optional token-level and region terms.
+    """1 − cos(student embedding, teacher embedding), plus the optional token-level and region terms, at the budget
+    `num_latent_tokens`.
 
     Args:
         model: the student, or its DistributedDataParallel wrapper (the forward must go through it).
         box_keys: [B] one key per image for the region term's random boxes (`region_distill.random_boxes`).
     """
     need_tokens = token_weight > 0 or region_weight > 0
-    out = model(pixels, output_hidden_states=need_tokens or None)
+    out = model(pixels, output_hidden_states=need_tokens or None, num_latent_tokens=num_latent_tokens)
     loss = 1 - F.cosine_similarity(out.image_embeds.float(), targets["embeds"], dim=-1).mean()
     if need_tokens:
         latent, rois = out.hidden_states[token_layer][:, -num_latent_tokens:], out.hidden_rois[token_layer]
@@ -235,6 +258,16 @@ def check_settings(settings: BootstrapSettings) -> None:
         raise ValueError(f"--val-fraction must be in [0, 1), got {settings.val_fraction}")
     if settings.steps is not None and settings.epochs is not None:
         raise ValueError("give --steps or --epochs, not both")
+    if settings.budgets is not None:
+        if not settings.budgets or min(settings.budgets) < 1:
+            raise ValueError(f"--budgets must be positive token counts, got {settings.budgets}")
+        if settings.num_latent_tokens not in settings.budgets:
+            raise ValueError(
+                f"--num-latent-tokens {settings.num_latent_tokens} (the default budget) must be one of --budgets "
+                f"{sorted(settings.budgets)}"
+            )
+    if settings.budget_sampling not in BUDGET_SAMPLING:
+        raise ValueError(f"--budget-sampling must be one of {BUDGET_SAMPLING}, got {settings.budget_sampling!r}")
 
 
 def run(settings: BootstrapSettings) -> dict[str, Any] | None:
@@ -287,6 +320,9 @@ def train(settings: BootstrapSettings, world: World) -> dict[str, Any] | None:
         image_size=image_size,
         num_sampling_points=settings.num_sampling_points,
     )
+    budgets = sorted(set(settings.budgets)) if settings.budgets else [settings.num_latent_tokens]
+    if settings.budgets:
+        student = make_elastic(student, budgets, default=settings.num_latent_tokens)
     student.to(device).train()
 
     world_like = (settings.data / "world.json").is_file() if settings.data.is_dir() else False
@@ -354,21 +390,25 @@ def train(settings: BootstrapSettings, world: World) -> dict[str, Any] | None:
                 batch_targets = targets.get(index, teacher_pixels, device)
                 last = k == settings.grad_accum - 1
                 # Gradients are averaged across ranks once per optimizer step, on the last micro-batch.
+                trained = step_budgets(budgets, settings.budget_sampling, settings.seed, state["step"])
                 with contextlib.nullcontext() if last or world.size == 1 else model.no_sync():
                     with autocast():
-                        loss = alignment_loss(
-                            model,
-                            student.config.num_latent_tokens,
-                            pixels.to(device),
-                            batch_targets,
-                            settings.token_loss_weight,
-                            settings.token_loss_layer,
-                            settings.region_distill_weight,
-                            settings.region_boxes,
-                            # the image and the step pick the boxes, so any number of ranks draws the same ones
-                            index * total_steps + state["step"],
+                        loss = sum(
+                            alignment_loss(
+                                model,
+                                n,
+                                pixels.to(device),
+                                batch_targets,
+                                settings.token_loss_weight,
+                                settings.token_loss_layer,
+                                settings.region_distill_weight,
+                                settings.region_boxes,
+                                # the image and the step pick the boxes, so any number of ranks draws the same ones
+                                index * total_steps + state["step"],
+                            )
+                            for n in trained
                         )
-                    loss = loss / settings.grad_accum
+                    loss = loss / (settings.grad_accum * len(trained))
                     # before backward: a NaN sampling grid crashes grid_sample's backward on CPU; all ranks agree
                     total += folder.check_loss(loss, state["step"] + 1, lambda ok: world.mean(float(not ok)) == 0)
                     loss.backward()
@@ -404,15 +444,13 @@ def train(settings: BootstrapSettings, world: World) -> dict[str, Any] | None:
     student.eval()
     save(folder, student, optimizer, scheduler, state)  # checks the weights: nothing non-finite reaches DIR
     student.save_pretrained(settings.out)
-    final = evaluate_encoder(
-        student,
-        teacher,
-        val_loader,
-        image_size,
-        device,
-        autocast,
-        settings.data if world_like else None,
-    )
+    evaluations = {}
+    for n in budgets:
+        with default_budget(student, n):
+            evaluations[n] = evaluate_encoder(
+                student, teacher, val_loader, image_size, device, autocast, settings.data if world_like else None
+            )
+    final = evaluations[settings.num_latent_tokens]
     result = {
         "teacher": settings.teacher,
         "num_latent_tokens": settings.num_latent_tokens,
@@ -433,6 +471,9 @@ def train(settings: BootstrapSettings, world: World) -> dict[str, Any] | None:
         "final": final,
         "inheritance": report.to_dict(),
     }
+    if settings.budgets:
+        result["budgets"] = {str(n): evaluations[n] for n in budgets}
+        result["budget_sampling"] = settings.budget_sampling
     write_json(settings.out / "bootstrap_report.json", result)
     (settings.out / "bootstrap_report.md").write_text(report_markdown(result))
     world.barrier()
@@ -461,6 +502,21 @@ def report_markdown(result: dict) -> str:
             f"- zero-shot top-1: teacher {z['teacher'] * 100:.1f}%, student {z['student'] * 100:.1f}% "
             f"(retention {retention})"
         )
+    if "budgets" in result:
+        lines += [
+            "",
+            f"Elastic: one student for {len(result['budgets'])} budgets ({result['budget_sampling']} sampling); the "
+            "lines above are the default budget's.",
+            "",
+            "| latent tokens | GFLOPs | held-out cosine | zero-shot top-1 | retention |",
+            "|---|---|---|---|---|",
+        ]
+        for n, e in result["budgets"].items():
+            z = e.get("zero_shot", {})
+            cosine = f"{e['held_out_cosine']:.4f}" if "held_out_cosine" in e else "n/a"
+            top1 = f"{z['student'] * 100:.1f}%" if z else "n/a"
+            retention = f"{z['retention'] * 100:.1f}%" if z.get("retention") is not None else "n/a"
+            lines.append(f"| {n} | {e['student_gflops']:.2f} | {cosine} | {top1} | {retention} |")
     inh = result["inheritance"]
     lines += [
         "",

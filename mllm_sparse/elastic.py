@@ -13,8 +13,9 @@ default at load time.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -24,8 +25,8 @@ from .modeling import SparseFormerModel, _initial_rois
 def make_elastic(model: SparseFormerModel, budgets: Sequence[int], default: int | None = None) -> SparseFormerModel:
     """An elastic copy of `model` that serves `budgets`.
 
-    Every weight is copied; a budget `model` already serves keeps its learned initial RoIs, the others start on their
-    own grid (as a fresh encoder of that budget would).
+    Every weight is copied with its `requires_grad`; a budget `model` already serves keeps its learned initial RoIs,
+    the others start on their own grid (as a fresh encoder of that budget would) and train as its RoIs do.
 
     Args:
         model: a fixed-budget or elastic SparseFormer with one shared initial token embedding.
@@ -50,8 +51,25 @@ def make_elastic(model: SparseFormerModel, budgets: Sequence[int], default: int 
     shared = {k: v for k, v in model.state_dict().items() if not k.startswith(("initial_roi.", "initial_rois."))}
     result = elastic.load_state_dict(shared, strict=False)
     assert not result.unexpected_keys and all(k.startswith("initial_rois.") for k in result.missing_keys), result
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    rois_trainable = model.initial_roi_table(model.config.num_latent_tokens).requires_grad
     with torch.no_grad():
         for n in served:
             table = model.initial_roi_table(n) if n in model.budgets else _initial_rois(n)
             elastic.initial_roi_table(n).copy_(table)
+    for name, param in elastic.named_parameters():
+        param.requires_grad_(trainable.get(name, rois_trainable))
     return elastic.train(model.training)
+
+
+@contextlib.contextmanager
+def default_budget(model: SparseFormerModel, num_latent_tokens: int) -> Iterator[SparseFormerModel]:
+    """Within the block, `model`'s default budget is `num_latent_tokens`: calls that name none (evaluations,
+    profiling, `num_tokens`) run at it."""
+    n = model.config.budget(num_latent_tokens)
+    before = model.config.num_latent_tokens
+    model.config.num_latent_tokens = n
+    try:
+        yield model
+    finally:
+        model.config.num_latent_tokens = before

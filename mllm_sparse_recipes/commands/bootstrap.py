@@ -18,12 +18,14 @@ Align a SparseFormer student with its CLIP ViT teacher, without labels.
     mllm-sparse bootstrap --teacher SPEC --num-latent-tokens N --data PATH --out DIR [--steps S | --epochs E] [...]
 
 N is the token budget: the latent tokens, the image tokens an LLM reads; the student also has a CLS token where the
-teacher has one, never counted in N. DIR becomes the encoder (`AutoModel.from_pretrained(DIR)` after
-`import mllm_sparse`) with `bootstrap_report.{json,md}`; checkpoints go to DIR/checkpoints/step_*/ (every
-`--save-every` steps and at the end) and `--resume` continues from the newest good one exactly (same data order, same
-optimizer and RNG state). A run without `--resume` into a DIR that holds checkpoints is refused; so is a resumed run
-with a setting that changes the weights (all but --eval-every, --save-every, --workers and --device); a non-finite
-loss or gradient stops the run before anything is saved from it.
+teacher has one, never counted in N. `--budgets 9 16 36 64` trains one elastic student for all of them instead
+(`model(pixels, num_latent_tokens=16)` picks one per call), reported at each.
+
+DIR becomes the encoder (`AutoModel.from_pretrained(DIR)` after `import mllm_sparse`) with `bootstrap_report.{json,md}`;
+checkpoints go to DIR/checkpoints/step_*/ (every `--save-every` steps and at the end) and `--resume` continues from
+the newest good one exactly (same data order, same optimizer and RNG state). A run without `--resume` into a DIR that
+holds checkpoints is refused; so is a resumed run with a setting that changes the weights (all but --eval-every,
+--save-every, --workers and --device); a non-finite loss or gradient stops the run before anything is saved from it.
 
 Data parallel: `torchrun --nproc_per_node G -m mllm_sparse_recipes.cli bootstrap ...` (add `--nnodes`/`--rdzv-endpoint`
 for several nodes). `--batch-size` stays the global batch, split across ranks, so a run gives the same result on any
@@ -40,6 +42,15 @@ def build_parser(budget_required: bool = True) -> argparse.ArgumentParser:
                    help="the token budget: latent tokens, the image tokens an LLM reads (a CLS token, where the "
                    "teacher has one, is not counted)")  # fmt: skip
     p.add_argument("--num-tokens", type=int, help=argparse.SUPPRESS)  # deprecated: counted the CLS token
+    p.add_argument("--budgets", type=int, nargs="+", metavar="N",
+                   help="train one elastic student that serves all these budgets (then --num-latent-tokens is the "
+                        "default one; omitted, the largest)")  # fmt: skip
+    p.add_argument(
+        "--budget-sampling",
+        choices=("draw", "sandwich"),
+        default="draw",
+        help="budgets per step: draw one, or the smallest, the largest and one drawn between them",
+    )
     p.add_argument("--data", type=Path, required=True, help="image folder, synthetic world or LLaVA .json")
     p.add_argument(
         "--image-folder", type=Path, help="root of a LLaVA .json's image paths (default: the .json's folder)"
@@ -89,7 +100,10 @@ def deprecated_budget(argv: list[str]) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(budget_required=not deprecated_budget(argv)).parse_args(argv)
+    elastic = any(arg == "--budgets" or arg.startswith("--budgets=") for arg in argv)
+    args = build_parser(budget_required=not (deprecated_budget(argv) or elastic)).parse_args(argv)
+    if args.budgets and args.num_latent_tokens is None and args.num_tokens is None:
+        args.num_latent_tokens = max(args.budgets)
     from bootstrap.train import BootstrapSettings, report_markdown, run
 
     if args.num_tokens is not None:

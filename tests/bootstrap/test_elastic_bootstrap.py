@@ -1,0 +1,79 @@
+"""`mllm-sparse bootstrap --budgets`: one elastic student for several token budgets."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from bootstrap_world import bootstrap_args as _args
+from safetensors.torch import load_file
+from transformers import AutoModel
+
+import bootstrap.train as train_module
+import mllm_sparse  # noqa: F401
+from bootstrap.train import step_budgets
+from mllm_sparse_recipes.cli import main as cli_main
+
+ELASTIC = ("--budgets", "4", "8", "9")  # 8, the shared arguments' --num-latent-tokens, is the default
+
+
+def test_two_elastic_steps_give_one_student_that_serves_every_budget(setup, tmp_path, capsys, monkeypatch):
+    trained = []
+    original = train_module.alignment_loss
+
+    def recording(model, n, *args):
+        trained.append(n)
+        return original(model, n, *args)
+
+    monkeypatch.setattr(train_module, "alignment_loss", recording)
+    out = tmp_path / "enc"
+    assert cli_main(["bootstrap", *_args(setup, out, "--steps", "2", *ELASTIC, "--budget-sampling", "sandwich")]) == 0
+    assert trained == [4, 8, 9, 4, 8, 9]  # sandwich: the smallest, one between, the largest, every step
+    model = AutoModel.from_pretrained(out).eval()
+    assert model.budgets == [4, 8, 9] and model.config.num_latent_tokens == 8
+    report = json.loads((out / "bootstrap_report.json").read_text())
+    assert report["budget_sampling"] == "sandwich" and list(report["budgets"]) == ["4", "8", "9"]
+    assert report["final"] == report["budgets"]["8"]
+    for n, evaluation in report["budgets"].items():
+        assert evaluation["student_tokens"] == int(n) + 1 and "student" in evaluation["zero_shot"]
+        with torch.no_grad():
+            assert model(torch.randn(1, 3, 64, 64), num_latent_tokens=int(n)).rois.shape == (1, int(n), 4)
+    # Fewer tokens, fewer FLOPs: each budget is profiled at its own size.
+    assert report["budgets"]["4"]["student_gflops"] < report["budgets"]["9"]["student_gflops"]
+    assert "| 4 |" in capsys.readouterr().out
+
+
+def test_an_elastic_run_resumes_exactly(setup, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    cli_main(["bootstrap", *_args(setup, straight, "--steps", "4", "--save-every", "2", *ELASTIC)])
+    cli_main(["bootstrap", *_args(setup, resumed, "--steps", "4", "--save-every", "2", *ELASTIC)])
+    shutil.rmtree(resumed / "checkpoints" / "step_00000004")  # interrupted after step 2
+    (resumed / "model.safetensors").unlink()
+    cli_main(["bootstrap", *_args(setup, resumed, "--steps", "4", "--resume", *ELASTIC)])
+    a, b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert {k for k in a if k.startswith("initial_rois.")} == {f"initial_rois.{n}.weight" for n in (4, 8, 9)}
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], msg=key)
+
+
+def test_budgets_per_step_depend_on_seed_and_step_only():
+    budgets = [9, 16, 25, 36]
+    draws = [step_budgets(budgets, "draw", seed=0, step=s) for s in range(200)]
+    assert draws == [step_budgets(budgets, "draw", seed=0, step=s) for s in range(200)]
+    assert all(len(d) == 1 for d in draws) and {d[0] for d in draws} == set(budgets)
+    assert draws != [step_budgets(budgets, "draw", seed=1, step=s) for s in range(200)]
+    sandwiches = [step_budgets(budgets, "sandwich", seed=0, step=s) for s in range(200)]
+    assert all(s[0] == 9 and s[-1] == 36 and len(s) == 3 for s in sandwiches)
+    assert {s[1] for s in sandwiches} == {16, 25}
+    assert step_budgets([16], "sandwich", 0, 5) == [16]
+
+
+def test_a_default_budget_outside_the_budgets_is_refused(setup, tmp_path, capsys):
+    assert cli_main(["bootstrap", *_args(setup, tmp_path / "x", "--steps", "1", "--budgets", "4", "9")]) == 2
+    assert "--num-latent-tokens 8 (the default budget) must be one of --budgets [4, 9]" in capsys.readouterr().err
+    root, spec = setup
+    args = ["--teacher", spec, "--data", str(root / "world"), "--out", str(tmp_path / "y"), "--steps", "1"]
+    assert cli_main(["bootstrap", *args, "--budgets", "4"]) == 2  # batch 64 > the world's images: it got that far
+    assert "--batch-size 64 exceeds" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["bootstrap", *args])  # neither --num-latent-tokens nor --budgets
