@@ -56,8 +56,9 @@ class BootstrapSettings:
             student has where the teacher has one, is not one of them); with `budgets`, the default one.
         budgets: train one elastic student for all these budgets (`mllm_sparse.elastic`); None: one budget.
         budget_sampling: which budgets each step trains, drawn from the seed and the step (so the same on every
-            rank and after a resume): "draw" one budget, or "sandwich": the smallest, the largest and one drawn
-            from those between, their losses averaged over the same images and teacher targets.
+            rank and after a resume): "sandwich", the smallest, the largest and one drawn from those between, their
+            losses averaged over the same images and teacher targets (measured closer to dedicated students), or
+            "draw", one budget (cheaper).
         data: an image folder, a synthetic world or a LLaVA .json.
         out: the encoder's folder.
         image_folder: root of a LLaVA .json's image paths; None: the .json's folder.
@@ -90,7 +91,7 @@ class BootstrapSettings:
     data: Path
     out: Path
     budgets: list[int] | None = None
-    budget_sampling: str = "draw"
+    budget_sampling: str = "sandwich"
     image_folder: Path | None = None
     steps: int | None = None
     epochs: float | None = None

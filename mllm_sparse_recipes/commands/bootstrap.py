@@ -48,8 +48,9 @@ def build_parser(budget_required: bool = True) -> argparse.ArgumentParser:
     p.add_argument(
         "--budget-sampling",
         choices=("draw", "sandwich"),
-        default="draw",
-        help="budgets per step: draw one, or the smallest, the largest and one drawn between them",
+        default="sandwich",
+        help="budgets per step: the smallest, the largest and one drawn between them (closer to a dedicated student "
+        "at every budget, benchmarks/README.md), or draw one (cheaper)",
     )
     p.add_argument("--data", type=Path, required=True, help="image folder, synthetic world or LLaVA .json")
     p.add_argument(
