@@ -259,6 +259,8 @@ def repository_copy(into: Path) -> Path:
 def run_tests(copy_root: Path, tests: tuple[str, ...], timeout: float) -> str:
     """'killed' when the tests fail or time out, 'survived' when they pass."""
     env = {**os.environ, "PYTHONPATH": str(copy_root), "OMP_NUM_THREADS": "1"}
+    if env.pop("PYTHONDONTWRITEBYTECODE", None):  # else every run compiles torch and transformers again
+        env["PYTHONPYCACHEPREFIX"] = str(Path(tempfile.gettempdir()) / "mllm_sparse_test_pycache")
     command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
     try:
         done = subprocess.run(command, cwd=copy_root, env=env, capture_output=True, text=True, timeout=timeout)
