@@ -14,7 +14,7 @@ from transformers import AutoProcessor
 
 from llava_adapter.chat import ChatEngine
 from llava_adapter.conversation import RecordError
-from llava_adapter.evaluate import load_records, normalize_answer
+from llava_adapter.evaluate import load_records, normalize_answer, questions
 from mllm_sparse_recipes.cli import main as cli_main
 
 N_TOKENS = 15  # test_sparseformer_btsp: its 15 latent tokens (the CLS token is dropped)
@@ -272,3 +272,20 @@ def test_eval_vlm_shows_one_spelling_per_flag_and_still_reads_llavas():
     args = parser.parse_args(["--model", "m", "--data", "d", "--image_folder", "i", "--batch_size", "3",
                               "--skip_bad_records"])  # fmt: skip
     assert (str(args.image_folder), args.batch_size, args.skip_bad_records, args.max_new_tokens) == ("i", 3, True, 16)
+
+
+def test_questions_skip_a_leading_system_turn(tmp_path):
+    record = {
+        "id": "s",
+        "conversations": [
+            {"from": "system", "value": "Answer briefly."},
+            {"from": "human", "value": "How many stars?"},
+            {"from": "gpt", "value": "3"},
+            {"from": "human", "value": "And circles?"},
+            {"from": "gpt", "value": "1"},
+        ],
+    }
+    first, second = questions([record], tmp_path)
+    assert (first.question, first.gold, first.turn) == ("How many stars?", "3", 0)
+    assert (second.question, second.gold, second.turn) == ("And circles?", "1", 1)
+    assert [t["from"] for t in second.prompt["conversations"]] == ["system", "human", "gpt", "human"]

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from mllm_sparse.modules import AdaptiveMixing, Attention, EarlyConvolution, QuickGELU
-from mllm_sparse.ops import roi_adjust, roi_position_encoding, sample_features, sampling_points
+from mllm_sparse.ops import drop_path, roi_adjust, roi_position_encoding, sample_features, sampling_points
 
 
 def test_roi_adjust_moves_centre_by_size_and_scales_exponentially():
@@ -155,3 +155,15 @@ def test_roi_points_read_the_non_square_map_at_x_times_width_and_y_times_height(
     # align_corners=False: pixel centres at (index + 0.5) / size, and a linear ramp interpolates exactly
     torch.testing.assert_close(sampled[:, 0], expected_points[:, 0] * width - 0.5, atol=1e-4, rtol=0)
     torch.testing.assert_close(sampled[:, 1], expected_points[:, 1] * height - 0.5, atol=1e-4, rtol=0)
+
+
+def test_drop_path_zeroes_whole_samples_and_rescales_the_rest():
+    torch.manual_seed(0)
+    x = torch.rand(64, 5, 3) + 1  # no zeros of its own
+    out = drop_path(x, drop_prob=0.25, training=True)
+    dropped = (out == 0).flatten(1).all(dim=1)
+    kept = (out != 0).flatten(1).all(dim=1)
+    assert bool((dropped | kept).all())  # a sample is dropped or kept whole, never in part
+    assert 0 < int(dropped.sum()) < 64
+    torch.testing.assert_close(out[kept], x[kept] / 0.75)  # the expectation is kept
+    assert drop_path(x, 0.25, training=False) is x and drop_path(x, 0.0, training=True) is x
