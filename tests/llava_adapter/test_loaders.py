@@ -356,7 +356,13 @@ def test_projector_file_missing_keys_or_with_an_extra_key_is_refused_by_name(tok
     save_file(extra, str(tmp_path / "extra.safetensors"))
     with pytest.raises(ValueError, match=r"extra\.safetensors: .*linear_3\.weight"):
         load_projector(model, tmp_path / "extra.safetensors")
-    for key, value in projector_state_dict(model).items():  # neither file changed the model
+    save_file(state, str(tmp_path / "good.safetensors"))
+    load_projector(model, tmp_path / "good.safetensors")  # the right keys and shapes load
+    misshapen = {**state, next(iter(state)): torch.zeros(3, 3)}  # every key right, one shape wrong
+    save_file(misshapen, str(tmp_path / "misshapen.safetensors"))
+    with pytest.raises(ValueError, match=r"misshapen\.safetensors: projector shape mismatch"):
+        load_projector(model, tmp_path / "misshapen.safetensors")
+    for key, value in projector_state_dict(model).items():  # no file changed the model
         torch.testing.assert_close(value, before[key], rtol=0, atol=0)
 
 

@@ -169,6 +169,9 @@ def test_pooled_tower_averages_patch_grids():
     torch.testing.assert_close(pooled[:, 1], top_left)
     with pytest.raises(ValueError, match="square number"):
         PooledVisionConfig(clip, num_latent_tokens=5)
+    assert PooledVisionConfig(clip, num_latent_tokens=16).num_latent_tokens == 16  # the whole 4×4 grid: no pooling
+    with pytest.raises(ValueError, match="a 5×5 grid cannot pool a 4×4 patch grid"):
+        PooledVisionConfig(clip, num_latent_tokens=25)
 
 
 def test_projector_round_trip_and_llava_bin_keys(tokenizer, tmp_path):
