@@ -1,7 +1,8 @@
 """llava_adapter: SparseFormer (and ViT baseline) towers inside stock HF `LlavaForConditionalGeneration` models.
 
 Build (`build_vlm`, `mllm-sparse build-vlm`), swap towers (`replace_tower`, `mllm-sparse swap`), process inputs
-(`SparseLlavaProcessor`: N placeholders from the tower), read LLaVA JSON (`LlavaJsonDataset`), train
+(`SparseLlavaProcessor`: N placeholders from the tower), run an elastic tower's model at any of its budgets
+(`vlm_budget`), read LLaVA JSON (`LlavaJsonDataset`), train
 (`scripts/train_vlm.py`, `llava_adapter.train`) and merge LoRA runs (`mllm-sparse merge-lora`).
 
 Importing it registers its processor and pooled ViT tower (and, through `mllm_sparse`, the SparseFormer) with
@@ -11,6 +12,7 @@ transformers' Auto classes: `import llava_adapter` is the one import a process n
 
 import mllm_sparse  # noqa: F401  (registers the SparseFormer)
 
+from .budgets import served_budgets, vlm_budget
 from .conversation import TEMPLATES, encode_conversation
 from .data import DataCollatorForLlava, LlavaJsonDataset, ModalityLengthGroupedSampler
 from .modeling import build_vlm, load_projector, replace_tower, save_projector
@@ -36,4 +38,6 @@ __all__ = [
     "num_image_tokens",
     "replace_tower",
     "save_projector",
+    "served_budgets",
+    "vlm_budget",
 ]

@@ -18,6 +18,7 @@ from transformers import LlavaForConditionalGeneration
 
 from mllm_sparse.checkpoint import check_finite, check_model_folder
 
+from .budgets import served_budgets
 from .llms import load_llm
 from .modeling import build_vlm, model_folder, projector_type
 from .towers import load_tower, processor_for
@@ -82,7 +83,7 @@ def run(settings: BuildVlmSettings) -> dict[str, Any]:
         settings.vision_feature_layer,
         settings.vision_select_strategy,
     )
-    processor = processor_for(tower, tokenizer, model.config.image_seq_length, settings.image_aspect_ratio)
+    processor = processor_for(tower, tokenizer, model.config, settings.image_aspect_ratio)
     with model_folder(settings.out) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
@@ -101,12 +102,14 @@ def load_llm_checked(name_or_dir: str, corpus: Path | None, vocab_size: int, see
 
 def summarize(model: LlavaForConditionalGeneration, out: Path) -> dict[str, Any]:
     """What a saved LLaVA model is made of: its tower type, the image tokens the LLM reads per image, the feature
-    layer and selection, the projector, the LLM type and the parameter count (millions)."""
+    layer and selection, the projector, the LLM type and the parameter count (millions); `budgets` lists every
+    budget an elastic tower serves (one entry for the others)."""
     config = model.config
     return {
         "out": str(out),
         "tower": config.vision_config.model_type,
         "image_tokens": config.image_seq_length,
+        "budgets": served_budgets(model),
         "vision_feature_layer": config.vision_feature_layer,
         "vision_feature_select_strategy": config.vision_feature_select_strategy,
         "projector": projector_type(config),

@@ -48,6 +48,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from mllm_sparse.checkpoint import CheckpointError, load_checked
 from mllm_sparse.images import load_image, to_rgb
 
+from .budgets import default_latent_budget, image_tokens_at, served_budgets, vlm_budget
 from .conversation import (
     IGNORE_INDEX,
     IMAGE_PLACEHOLDER,
@@ -199,6 +200,9 @@ class ChatEngine:
             that differs from the recorded one is used, with a warning naming both.
         device: where to run; None keeps the model where it is.
         dtype: cast the model to this dtype (e.g. `torch.bfloat16`); None keeps it.
+        num_latent_tokens: the token budget to run at, one the tower serves (`budgets`; an elastic tower serves
+            several); None: the model's default. Settable later (`engine.num_latent_tokens = 9`): the next call
+            encodes its image at the new budget.
 
     Generation defaults (any `generate` keyword overrides them): greedy (`do_sample=False`, `num_beams=1`),
     `max_new_tokens=64`, `use_cache=True`; template `plain` also stops at the first newline (its captions end there
@@ -215,6 +219,7 @@ class ChatEngine:
         template: str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | str | None = None,
+        num_latent_tokens: int | None = None,
     ):
         template = conversation_template(processor, template)
         dtype = _resolve_dtype(dtype)
@@ -227,12 +232,14 @@ class ChatEngine:
         self.tokenizer = processor.tokenizer
         self.template = template
         self.image_token_id = int(model.config.image_token_id)
-        self.num_image_tokens = int(getattr(processor, "num_image_tokens", model.config.image_seq_length))
-        if self.num_image_tokens != model.config.image_seq_length:
+        inserted = int(getattr(processor, "num_image_tokens", model.config.image_seq_length))
+        if inserted != model.config.image_seq_length:
             raise ValueError(
-                f"The processor inserts {self.num_image_tokens} image placeholders but the model's tower yields "
+                f"The processor inserts {inserted} image placeholders but the model's tower yields "
                 f"{model.config.image_seq_length} features (config.image_seq_length); they must match"
             )
+        self.budgets = served_budgets(model)
+        self.num_latent_tokens = num_latent_tokens
         if self.tokenizer.pad_token_id is None:
             raise ValueError("The tokenizer has no pad token; batched generation needs one (build_vlm adds it)")
         self.conversation: list[dict[str, str]] = []
@@ -247,9 +254,10 @@ class ChatEngine:
         template: str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | str | None = None,
+        num_latent_tokens: int | None = None,
     ) -> ChatEngine:
         """Load a saved LLaVA folder (model + processor). `template` None: the one the folder records (see the class);
-        `device` None: CUDA if available, else CPU."""
+        `device` None: CUDA if available, else CPU; `num_latent_tokens` None: the model's default budget."""
         from transformers import AutoModelForImageTextToText, AutoProcessor  # our classes: registered by llava_adapter
 
         model_dir = Path(model_dir)
@@ -273,11 +281,22 @@ class ChatEngine:
             raise CheckpointError(
                 f"{model_dir}: the processor (tokenizer and image processor files) cannot be loaded: {err}"
             ) from err
-        return cls(model, processor, template=template, device=device)
+        return cls(model, processor, template=template, device=device, num_latent_tokens=num_latent_tokens)
 
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+    @property
+    def num_latent_tokens(self) -> int:
+        """The token budget images are encoded at (one of `budgets`)."""
+        return self._num_latent_tokens
+
+    @num_latent_tokens.setter
+    def num_latent_tokens(self, value: int | None) -> None:
+        n = default_latent_budget(self.model) if value is None else int(value)
+        self.num_image_tokens = image_tokens_at(self.model, n)  # refuses an unserved budget, naming the served ones
+        self._num_latent_tokens = n
 
     # ----------------------------------------------------------------------------------------------- multi-turn chat
 
@@ -455,7 +474,7 @@ class ChatEngine:
         if present:
             pixels = self.processor.image_processor(images=present, return_tensors="pt")["pixel_values"]
             kwargs["pixel_values"] = pixels.to(self.device, next(self.model.model.vision_tower.parameters()).dtype)
-        with torch.no_grad():
+        with torch.no_grad(), vlm_budget(self.model, self.num_latent_tokens):
             logits = self.model(
                 input_ids=batch["input_ids"].to(self.device),
                 attention_mask=batch["attention_mask"].to(self.device),
@@ -505,7 +524,7 @@ class ChatEngine:
         pixel_values = pixel_values.to(self.device, next(tower.parameters()).dtype)
         _synchronize(self.device)
         start = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), vlm_budget(self.model, self.num_latent_tokens):
             out = self.model.get_image_features(pixel_values=pixel_values, return_dict=True)
         _synchronize(self.device)
         seconds = time.perf_counter() - start

@@ -27,6 +27,7 @@ from transformers.trainer_pt_utils import get_length_grouped_indices
 from mllm_sparse.files import read_json
 from mllm_sparse.images import ImageLoadError, check_image_file, load_image
 
+from .budgets import batch_budget, expand_placeholders
 from .conversation import (
     IGNORE_INDEX,
     IMAGE_PLACEHOLDER,
@@ -288,15 +289,22 @@ class DataCollatorForLlava:
         tokenizer: the LLM's tokenizer.
         pad_to_multiple_of: round the padded length up to a multiple of this.
         image_token_id: the placeholder id; defaults to the tokenizer's `<image>` id.
+        budgets: for an elastic tower, {budget: placeholders per image} to draw each batch's budget from
+            (`budgets.batch_budget`, by `seed` and the batch's record ids); items carry the largest count and are
+            cut down to the drawn one. None: every batch at the items' own count.
+        seed: the run's seed, for the draw.
 
     Returns (from a call on B items, longest L):
         `input_ids` [B, L] int64, `attention_mask` [B, L] int64, `labels` [B, L] int64, `pixel_values` [M, 3, H, W]
-        for the M image records (if M > 0).
+        for the M image records (if M > 0), and with `budgets` and M > 0 `num_latent_tokens` (an int: the budget the
+        model must run the batch at, `budgets.vlm_budget`).
     """
 
     tokenizer: PreTrainedTokenizerBase
     pad_to_multiple_of: int | None = None
     image_token_id: int | None = None
+    budgets: Mapping[int, int] | None = None
+    seed: int = 0
 
     def __post_init__(self):
         self.image_token_id = resolve_image_token_id(self.tokenizer, self.image_token_id)
@@ -305,9 +313,13 @@ class DataCollatorForLlava:
         if self.pad_token_id is None:
             raise ValueError("The tokenizer has no pad, unk or eos token to pad with")
 
-    def __call__(self, items: Sequence[Mapping]) -> dict[str, Tensor]:
+    def __call__(self, items: Sequence[Mapping]) -> dict[str, Tensor | int]:
         if not items:
             raise ValueError("Cannot collate an empty batch")
+        budget = None
+        if self.budgets and any(item.get("pixel_values") is not None for item in items):
+            budget = batch_budget(list(self.budgets), self.seed, [item.get("id", "") for item in items])
+            items = [self._at_budget(item, self.budgets[budget]) for item in items]
         length = max(len(item["input_ids"]) for item in items)
         if self.pad_to_multiple_of:
             length = math.ceil(length / self.pad_to_multiple_of) * self.pad_to_multiple_of
@@ -337,4 +349,19 @@ class DataCollatorForLlava:
             if len(shapes) > 1:
                 raise ValueError(f"pixel_values of different shapes in one batch: {sorted(shapes)}")
             batch["pixel_values"] = torch.stack(images)
+        if budget is not None:
+            batch["num_latent_tokens"] = budget
         return batch
+
+    def _at_budget(self, item: Mapping, per_image: int) -> Mapping:
+        """The item with each image's placeholders (the largest budget's count) cut to `per_image`."""
+        if item.get("pixel_values") is None:
+            return item
+        input_ids, labels = expand_placeholders(
+            torch.as_tensor(item["input_ids"], dtype=torch.long),
+            torch.as_tensor(item["labels"], dtype=torch.long),
+            self.image_token_id,
+            max(self.budgets.values()),
+            per_image,
+        )
+        return {**item, "input_ids": input_ids, "labels": labels}

@@ -343,11 +343,13 @@ def throughput(
 
 def to_markdown(report: Mapping[str, Any]) -> str:
     """The report's tables: accuracy overall and by type / target size / turn / modality, then throughput."""
+    elastic = len(report.get("budgets", [])) > 1
     lines = [
         f"# eval-vlm: {report.get('model', '')}",
         "",
-        f"Data: `{report.get('data', '')}`, template `{report.get('template', '')}`: "
-        f"{report['num_records']} records, {report['num_answers']} answers"
+        f"Data: `{report.get('data', '')}`, template `{report.get('template', '')}`"
+        + (f", budget {report['num_latent_tokens']} of {report['budgets']}" if elastic else "")
+        + f": {report['num_records']} records, {report['num_answers']} answers"
         + (f", {len(report['skipped'])} skipped (listed in {JSON_NAME})." if report.get("skipped") else "."),
         "",
         "| split | key | correct | total | accuracy |",
@@ -384,6 +386,8 @@ class EvalVlmSettings:
         data: the LLaVA JSON test set.
         image_folder: where the records' images are; None: `data`'s folder.
         template: the conversation template (`conversation.TEMPLATES`); None: the one the model folder records.
+        num_latent_tokens: the token budget to encode images at, one the model's tower serves (an elastic tower
+            serves several); None: the model's default.
         batch_size: questions per `generate_batch` call.
         max_new_tokens: answer length limit.
         limit: evaluate only the first `limit` records; None: all.
@@ -398,6 +402,7 @@ class EvalVlmSettings:
     data: Path
     image_folder: Path | None = None
     template: str | None = None
+    num_latent_tokens: int | None = None
     batch_size: int = 8
     max_new_tokens: int = MAX_NEW_TOKENS
     limit: int | None = None
@@ -425,12 +430,20 @@ def run(settings: EvalVlmSettings) -> dict[str, Any]:
         raise ValueError(f"--out {out} is a file; the report is written into a folder")
     # Data errors surface before the model loads.
     records, skipped = load_records(data, image_folder, settings.limit, settings.skip_bad_records)
-    engine = ChatEngine.from_pretrained(model, template=settings.template, device=settings.device, dtype=settings.dtype)
+    engine = ChatEngine.from_pretrained(
+        model,
+        template=settings.template,
+        device=settings.device,
+        dtype=settings.dtype,
+        num_latent_tokens=settings.num_latent_tokens,
+    )
     report = {
         "model": str(model),
         "data": str(data),
         "image_folder": str(image_folder),
         "template": engine.template,
+        "num_latent_tokens": engine.num_latent_tokens,
+        "budgets": engine.budgets,
         "max_new_tokens": settings.max_new_tokens,
         "limit": settings.limit,
     }

@@ -13,7 +13,8 @@ Installing this project (with the `eval` extra) registers the model through the 
 - `device` (default: lmms-eval's `--device`, else cuda when available), `dtype` (e.g. bfloat16; default: as saved).
 - `template`: the conversation template (default: the one the folder records, as `eval-vlm`).
 - `max_new_tokens`: the answer length for tasks that set none (default 128).
-- `num_latent_tokens`: the image-token budget; the folder's tower serves one budget, so another is refused.
+- `num_latent_tokens`: the token budget images are encoded at, one the tower serves (an elastic tower serves
+  several; default: the model's own); an unserved budget is refused with the list.
 
 Batching comes from lmms-eval's `--batch_size N` (rows per `generate` call or forward pass). Data parallel runs
 under `accelerate launch` or `torchrun` (lmms-eval shards the documents; each rank takes the GPU of its LOCAL_RANK).
@@ -106,11 +107,10 @@ class SparseLlavaLmms(lmms):
         if device is None and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # one GPU per rank under accelerate or torchrun
         self.engine = ChatEngine.from_pretrained(Path(pretrained), template=template, device=device, dtype=dtype)
-        if num_latent_tokens is not None and int(num_latent_tokens) != self.engine.num_image_tokens:
-            raise ValueError(
-                f"{MODEL_ID}: {pretrained} serves {self.engine.num_image_tokens} image tokens per image, not "
-                f"num_latent_tokens={num_latent_tokens}"
-            )
+        try:
+            self.engine.num_latent_tokens = num_latent_tokens  # None: the model's default budget
+        except ValueError as err:
+            raise ValueError(f"{MODEL_ID}: {pretrained}: {err}") from None
         self._warned: set[str] = set()
 
     @property

@@ -57,7 +57,7 @@ def run(settings: SwapSettings) -> dict[str, Any]:
     model = replace_tower(
         model, tower.model, settings.projector, settings.vision_feature_layer, settings.vision_select_strategy
     )
-    processor = processor_for(tower, tokenizer, model.config.image_seq_length, settings.image_aspect_ratio)
+    processor = processor_for(tower, tokenizer, model.config, settings.image_aspect_ratio)
     with model_folder(settings.out) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)

@@ -23,6 +23,7 @@ from mllm_sparse import SparseFormerConfig
 from mllm_sparse.images import denormalize
 from mllm_sparse.visualize import draw_boxes
 
+from .budgets import vlm_budget
 from .towers import PooledVisionConfig, layer_tokens
 
 if TYPE_CHECKING:
@@ -141,9 +142,11 @@ def model_input(engine: ChatEngine, image: Image.Image) -> tuple[torch.Tensor, I
 
 
 def regions_picture(engine: ChatEngine, image: Image.Image, weights: torch.Tensor | None = None) -> Image.Image:
-    """The image as the model sees it, with the region of each image token drawn over it (filled by `weights`)."""
+    """The image as the model sees it, with the region of each image token drawn over it (filled by `weights`), at
+    the engine's budget."""
     pixels, seen = model_input(engine, image)
-    regions = image_token_regions(engine.model, pixels)[0]
+    with vlm_budget(engine.model, engine.num_latent_tokens):
+        regions = image_token_regions(engine.model, pixels)[0]
     scale = max(1, -(-PICTURE_SIDE // max(seen.size)))
     seen = seen.resize((seen.width * scale, seen.height * scale), Image.Resampling.NEAREST)
     return draw_boxes(seen, regions, weights=weights)

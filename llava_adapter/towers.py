@@ -21,6 +21,7 @@ from transformers import (
     AutoConfig,
     AutoModel,
     CLIPVisionConfig,
+    LlavaConfig,
     PretrainedConfig,
     PreTrainedModel,
     SiglipVisionConfig,
@@ -148,11 +149,14 @@ class LayerTokens:
             ViT's grid cells, a ViT's patches; never a CLS token.
         has_cls: whether a CLS token comes first, before them (LLaVA's "default" selection drops it).
         width: channels per token.
+        budgets: every `num_latent_tokens` the tower serves, ascending: an elastic SparseFormer's budgets, else the
+            one count `num_latent_tokens` (the default) is.
     """
 
     num_latent_tokens: int
     has_cls: bool
     width: int
+    budgets: tuple[int, ...]
 
 
 def layer_tokens(vision_config: PretrainedConfig, layer: int) -> LayerTokens:
@@ -164,22 +168,28 @@ def layer_tokens(vision_config: PretrainedConfig, layer: int) -> LayerTokens:
     if isinstance(vision_config, SparseFormerConfig):
         unit = layer % vision_config.num_units
         has_cls = vision_config.has_cls_token and unit >= vision_config.cls_token_insert_layer
-        return LayerTokens(vision_config.num_latent_tokens, has_cls, vision_config.width_configs[unit])
+        n = vision_config.num_latent_tokens
+        budgets = tuple(vision_config.budgets) if vision_config.is_elastic else (n,)
+        return LayerTokens(n, has_cls, vision_config.width_configs[unit], budgets)
     if isinstance(vision_config, PooledVisionConfig):
-        return LayerTokens(vision_config.num_latent_tokens, True, vision_config.hidden_size)
+        n = vision_config.num_latent_tokens
+        return LayerTokens(n, True, vision_config.hidden_size, (n,))
     if isinstance(vision_config, (CLIPVisionConfig, SiglipVisionConfig)):
         patches = (vision_config.image_size // vision_config.patch_size) ** 2
-        return LayerTokens(patches, isinstance(vision_config, CLIPVisionConfig), vision_config.hidden_size)
+        return LayerTokens(patches, isinstance(vision_config, CLIPVisionConfig), vision_config.hidden_size, (patches,))
     raise ValueError(
         f"Unsupported vision tower {type(vision_config).__name__}; expected a SparseFormer, CLIP, SigLIP or pooled "
         "tower"
     )
 
 
-def num_image_tokens(vision_config: PretrainedConfig, layer: int, select_strategy: str) -> int:
+def num_image_tokens(
+    vision_config: PretrainedConfig, layer: int, select_strategy: str, num_latent_tokens: int | None = None
+) -> int:
     """Image placeholders per image: the features the tower hands the LLM at `layer` after selection.
 
-    The layer's `num_latent_tokens`, plus its CLS token where it has one and "full" keeps it ("default" drops it).
+    The layer's `num_latent_tokens` (or the budget `num_latent_tokens`, one the tower serves), plus its CLS token
+    where it has one and "full" keeps it ("default" drops it).
     """
     if select_strategy not in SELECT_STRATEGIES:
         raise ValueError(f"vision_feature_select_strategy must be one of {SELECT_STRATEGIES}, got {select_strategy!r}")
@@ -189,7 +199,11 @@ def num_image_tokens(vision_config: PretrainedConfig, layer: int, select_strateg
             f"Layer {layer} of the {vision_config.model_type} tower has no CLS token to drop (a SigLIP ViT, or a "
             "SparseFormer unit before its CLS token is inserted); use vision_feature_select_strategy='full'"
         )
-    return tokens.num_latent_tokens + int(tokens.has_cls and select_strategy == "full")
+    n = tokens.num_latent_tokens if num_latent_tokens is None else int(num_latent_tokens)
+    if n not in tokens.budgets:
+        kind = "elastic tower serves" if len(tokens.budgets) > 1 else "tower serves only"
+        raise ValueError(f"num_latent_tokens={n}: this {vision_config.model_type} {kind} {list(tokens.budgets)}")
+    return n + int(tokens.has_cls and select_strategy == "full")
 
 
 @dataclass
@@ -243,8 +257,18 @@ def load_tower(spec: str, num_latent_tokens: int | None = None) -> LoadedTower:
     return LoadedTower(model, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
 
 
-def processor_for(tower: LoadedTower, tokenizer, num_image_tokens: int, image_aspect_ratio: str = "pad"):
-    """The `SparseLlavaProcessor` of a model with this tower: its image size and normalisation, and
-    `num_image_tokens` placeholders per image (the model config's `image_seq_length`)."""
+def processor_for(tower: LoadedTower, tokenizer, config: LlavaConfig, image_aspect_ratio: str = "pad"):
+    """The `SparseLlavaProcessor` of the LLaVA model `config` with this tower: its image size and normalisation, and
+    the placeholders per image at each budget the tower serves (`image_seq_length` at the default one)."""
     image_processor = build_image_processor(tower.model.config.image_size, tower.mean, tower.std, image_aspect_ratio)
-    return build_processor(tokenizer, image_processor, num_image_tokens)
+    return build_processor(tokenizer, image_processor, config.image_seq_length, image_token_table(config))
+
+
+def image_token_table(config: LlavaConfig) -> dict[int, int] | None:
+    """{budget: image placeholders per image at it} for every budget the LLaVA model's tower serves; None for a
+    tower that serves one budget (its count is `config.image_seq_length`)."""
+    layer, strategy = config.vision_feature_layer, config.vision_feature_select_strategy
+    served = layer_tokens(config.vision_config, layer).budgets
+    if len(served) == 1:
+        return None
+    return {n: num_image_tokens(config.vision_config, layer, strategy, n) for n in served}

@@ -4,7 +4,8 @@ Stage 1 (`--tune_mm_mlp_adapter True`): only the projector trains; `OUT/mm_proje
 Stage 2: the LLM trains (full, or LoRA with `--lora_enable True`) with the projector; the vision tower is frozen,
 except its last `--tune_vision_last_k` blocks. Full runs save an HF model folder; LoRA runs save the adapter, the
 non-LoRA trainables (`non_lora_trainables.safetensors`) and the base they apply to, and `mllm-sparse merge-lora`
-folds them into one model.
+folds them into one model. With an elastic tower, `--budgets 9 16 36 64` runs each batch at a budget drawn from those
+(both stages), so one model serves them all.
 
 `--model_name_or_path` is a LLaVA folder (from `mllm-sparse build-vlm`, a llava-hf checkpoint or a merged model). As
 in LLaVA, it may instead be a causal LM with `--vision_tower`; with a LLaVA folder, `--vision_tower` swaps its tower.
@@ -44,6 +45,7 @@ from mllm_sparse.files import atomic_dir, atomic_path, fsync_path, write_json
 from mllm_sparse.training import DivergenceError
 
 from . import checkpoints
+from .budgets import drawn_budgets, vlm_budget
 from .conversation import TEMPLATES
 from .data import DataCollatorForLlava, LlavaJsonDataset, ModalityLengthGroupedSampler
 from .llms import load_llm
@@ -91,6 +93,13 @@ class DataArguments:
     image_aspect_ratio: str = field(default="pad", metadata={"help": f"one of {IMAGE_ASPECT_RATIOS}"})
     version: str = field(default="vicuna_v1", metadata={"help": f"conversation template: {', '.join(TEMPLATES)}"})
     skip_bad_records: bool = field(default=False, metadata={"help": "skip (and count) bad records instead of failing"})
+    budgets: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "an elastic tower: run each batch at a budget drawn from these latent-token counts (by the seed "
+            "and the batch), so the projector and LLM learn them all (default: the tower's default budget only)"
+        },
+    )
 
 
 @dataclass
@@ -200,7 +209,7 @@ def load_model(model_args: ModelArguments, data_args: DataArguments):
         tower = load_tower(model_args.vision_tower, model_args.pool_tokens)
         llm, tokenizer = load_llm(model_args.model_name_or_path, model_args.tokenizer_corpus)
         model = build_vlm(tower.model, llm, tokenizer, model_args.mm_projector_type, layer, strategy)
-    return model, processor_for(tower, tokenizer, model.config.image_seq_length, data_args.image_aspect_ratio), True
+    return model, processor_for(tower, tokenizer, model.config, data_args.image_aspect_ratio), True
 
 
 def vision_blocks(tower: nn.Module) -> list[nn.Module]:
@@ -303,6 +312,15 @@ class VlmTrainer(Trainer):
             f"{what} at step {self.state.global_step + 1}; stopped before saving it. Last good checkpoint: "
             f"{self.last_good_checkpoint()}. Lower the learning rate (or check the data) and resume from there."
         )
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        # The batch's budget (an elastic tower's, drawn by the collator) holds for its forward and backward passes.
+        with vlm_budget(model, inputs.pop("num_latent_tokens", None)):
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        with vlm_budget(model, inputs.pop("num_latent_tokens", None)):
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(
@@ -493,13 +511,14 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Vlm
         model.enable_input_require_grads()
     if training_args.lora_enable:
         model = apply_lora(model, training_args)
+    budgets = drawn_budgets(model, data_args.budgets)
     dataset = LlavaJsonDataset(
         data_args.data_path,
         data_args.image_folder,
         processor.tokenizer,
         processor.image_processor,
         data_args.version,
-        model.config.image_seq_length,
+        max(budgets.values()) if budgets else model.config.image_seq_length,  # the collator cuts down to a batch's
         training_args.model_max_length,
         skip_bad_records=data_args.skip_bad_records,
         image_token_id=model.config.image_token_id,
@@ -510,7 +529,9 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Vlm
         model=model,
         args=training_args,
         train_dataset=dataset,
-        data_collator=DataCollatorForLlava(processor.tokenizer, image_token_id=model.config.image_token_id),
+        data_collator=DataCollatorForLlava(
+            processor.tokenizer, image_token_id=model.config.image_token_id, budgets=budgets, seed=training_args.seed
+        ),
     )
     trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
     save_outputs(trainer, model, processor, model_args, training_args, assembled)

@@ -8,7 +8,8 @@ the region each of the N image tokens stands for: a SparseFormer token's RoI at 
 patch, or a pooled cell, for the baselines). Ask questions in a multi-turn chat; answers stream in, with the time of
 each stage (vision encode, LLM prefill, decode) and, optionally, the LLM's attention on each image token as it
 starts to answer (the boxes it leans on fill in). Each browser session has its own conversation; one model serves
-them in turn.
+them in turn. A model whose tower is elastic (`mllm_sparse.elastic`) serves several token budgets: the page then offers
+them, and choosing one encodes the image again at it (the regions and the timings change).
 
 What a visitor can cost is bounded: uploads over `--max-upload-mb` are refused by Gradio as they arrive, images over
 `--max-image-megapixels` before they are decoded; a session keeps only the model input picture (S × S), never the
@@ -16,7 +17,8 @@ upload, and its state is freed when its page closes or after `--session-ttl-minu
 sessions are kept. A bad upload gets one line naming the file, not the server's folder.
 
 The page's events are also an API (`gradio_client`): `/image` (a file path) → the regions picture; `/send` (a
-message, the chat so far, whether to show attention) → the chat, the picture and the timings, streamed; `/clear`.
+message, the chat so far, whether to show attention) → the chat, the picture and the timings, streamed; `/budget` (a
+token budget) → the picture and the timings line at it; `/clear`.
 """
 
 from __future__ import annotations
@@ -59,11 +61,14 @@ class Conversation:
             the same pixels again), never the upload itself; None: text only.
         turns: the LLaVA turns so far.
         ended: its session ended and its image and turns were freed; it cannot be continued.
+        num_latent_tokens: the token budget its image is encoded at (one the engine's tower serves); None: the
+            model's default.
     """
 
     image: Image.Image | None = None
     turns: list[dict[str, str]] = field(default_factory=list)
     ended: bool = False
+    num_latent_tokens: int | None = None
 
 
 def describe_timings(engine: ChatEngine, reply: ChatReply | None = None, image_share: float | None = None) -> str:
@@ -127,15 +132,31 @@ class DemoSessions:
         except (ImageLoadError, OSError) as err:
             raise ImageLoadError(f"{name} is not an image PIL can read") from err
 
-    def open_image(self, path: str | Path, session: str | None = None) -> tuple[Conversation, Image.Image]:
-        """A new conversation about the image at `path` (of `session`, if given), and its regions picture. The
-        conversation keeps only the model input (S × S); the upload is dropped once converted."""
+    def open_image(
+        self, path: str | Path, session: str | None = None, num_latent_tokens: int | None = None
+    ) -> tuple[Conversation, Image.Image]:
+        """A new conversation about the image at `path` (of `session`, if given) at budget `num_latent_tokens`
+        (None: the model's default), and its regions picture. The conversation keeps only the model input (S × S);
+        the upload is dropped once converted."""
         seen = model_input(self.engine, self.read_image(path))[1]  # the processor alone: no need to hold the engine
+        conversation = Conversation(image=seen, num_latent_tokens=num_latent_tokens)
         with self.lock:
-            conversation, picture = Conversation(image=seen), regions_picture(self.engine, seen)
+            self.engine.num_latent_tokens = num_latent_tokens  # an unserved budget: ValueError naming the served
+            picture = regions_picture(self.engine, seen)
         if session is not None:
             self.track(session, conversation)
         return conversation, picture
+
+    def set_budget(self, conversation: Conversation, num_latent_tokens: int) -> tuple[Image.Image | None, str]:
+        """Encode `conversation`'s image at budget `num_latent_tokens` from its next answer on; returns its regions
+        picture at that budget (None without an image) and the timings line's token count."""
+        if conversation.ended:
+            raise ValueError(SESSION_ENDED)
+        with self.lock:
+            self.engine.num_latent_tokens = num_latent_tokens
+            conversation.num_latent_tokens = self.engine.num_latent_tokens
+            picture = None if conversation.image is None else regions_picture(self.engine, conversation.image)
+            return picture, describe_timings(self.engine)
 
     def track(self, session: str, conversation: Conversation) -> None:
         """Note that `conversation` is `session`'s, so that `end_session` can free it."""
@@ -174,6 +195,7 @@ class DemoSessions:
         engine = self.engine
         yield {"answer": "", "done": False}  # the question shows at once, also while another session holds the engine
         with self.lock:
+            engine.num_latent_tokens = conversation.num_latent_tokens
             engine.conversation = [dict(t) for t in conversation.turns]
             engine.image = conversation.image if conversation.turns else None
             first_image = conversation.image if not conversation.turns else None
@@ -217,16 +239,16 @@ def build_app(
     def refuse(err: Exception) -> gr.Error:
         return gr.Error(str(err), print_exception=False)
 
-    def on_image(upload: dict | None, request: gr.Request):
+    def on_image(upload: dict | None, budget: int | None, request: gr.Request):
         # Gradio's preprocessing is off for this event (it decodes the file with PIL and reports failures with the
         # server's path); the upload has been checked to be in Gradio's cache all the same.
         if upload is None:
-            return None, [], Conversation(), ""
+            return None, [], Conversation(num_latent_tokens=budget), ""
         path = upload.get("path")
         if path is None:
             raise refuse(ImageLoadError("The upload is not an image file"))
         try:
-            conversation, picture = sessions.open_image(path, request.session_hash)
+            conversation, picture = sessions.open_image(path, request.session_hash, budget)
         except ValueError as err:  # shown on the page; the session keeps its previous state
             raise refuse(err) from err
         return picture, [], conversation, describe_timings(sessions.engine)
@@ -251,6 +273,16 @@ def build_app(
                 raise refuse(err) from err
             raise  # not the user's doing (a bug, out of memory): logged with its traceback
 
+    def on_budget(budget: int, conversation: Conversation, request: gr.Request):
+        if conversation.ended:
+            conversation = Conversation(num_latent_tokens=budget)
+        try:
+            picture, line = sessions.set_budget(conversation, budget)
+        except ValueError as err:
+            raise refuse(err) from err
+        sessions.track(request.session_hash, conversation)
+        return (picture if picture is not None else gr.skip()), conversation, line
+
     def on_clear(conversation: Conversation, request: gr.Request):
         if conversation.ended:
             conversation = Conversation()
@@ -262,15 +294,26 @@ def build_app(
         sessions.end_session(request.session_hash)
 
     ttl = int(session_ttl_s)
+    engine = sessions.engine
+    elastic = len(engine.budgets) > 1
+    tokens = (
+        f"One model, {len(engine.budgets)} token budgets ({', '.join(map(str, engine.budgets))} image tokens per "
+        "image): pick one below."
+        if elastic
+        else f"{engine.num_image_tokens} image tokens per image."
+    )
     with gr.Blocks(title=title, delete_cache=(min(ttl, 600), ttl)) as app:
-        gr.Markdown(
-            f"## {title}\n{sessions.engine.num_image_tokens} image tokens per image. The boxes show the region each "
-            "one stands for."
-        )
+        gr.Markdown(f"## {title}\n{tokens} The boxes show the region each one stands for.")
         conversation = gr.State(Conversation(), time_to_live=ttl, delete_callback=sessions.release)
         with gr.Row():
             with gr.Column(scale=1):
                 image = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"])
+                budget = gr.Radio(
+                    engine.budgets,
+                    value=engine.num_latent_tokens,
+                    label="Image tokens (the image is encoded again at the budget chosen)",
+                    visible=elastic,
+                )
                 picture = gr.Image(type="pil", label="Where the image tokens look", interactive=False)
                 attention = gr.Checkbox(label="Fill the boxes by the LLM's attention as it answers", value=True)
             with gr.Column(scale=1):
@@ -281,7 +324,8 @@ def build_app(
                     clear = gr.Button("New conversation")
                 timings = gr.Markdown()
         image_outputs = [picture, chatbot, conversation, timings]
-        image.change(on_image, [image], image_outputs, api_name="image", preprocess=False)
+        image.change(on_image, [image, budget], image_outputs, api_name="image", preprocess=False)
+        budget.change(on_budget, [budget, conversation], [picture, conversation, timings], api_name="budget")
         send_inputs = [message, chatbot, conversation, attention]
         send_outputs = [chatbot, message, conversation, picture, timings]
         send.click(on_send, send_inputs, send_outputs, api_name="send")
@@ -320,6 +364,8 @@ class DemoSettings:
     Attributes:
         model: a saved LLaVA folder (model + processor).
         template: the conversation template (`conversation.TEMPLATES`); None: the one the model folder records.
+        num_latent_tokens: the token budget the page starts at (an elastic tower serves several); None: the model's
+            default.
         max_new_tokens: answer length limit.
         host: the address to serve on ("0.0.0.0" serves other machines).
         port: the port to serve on.
@@ -334,6 +380,7 @@ class DemoSettings:
 
     model: Path
     template: str | None = None
+    num_latent_tokens: int | None = None
     max_new_tokens: int = 64
     host: str = "127.0.0.1"
     port: int = 7860
@@ -367,7 +414,11 @@ def run(settings: DemoSettings, block: bool = True):
     stops. Returns the Gradio app (`block=False`: once it serves, to be closed by the caller)."""
     check_settings(settings)
     engine = ChatEngine.from_pretrained(
-        settings.model, template=settings.template, device=settings.device, dtype=settings.dtype
+        settings.model,
+        template=settings.template,
+        device=settings.device,
+        dtype=settings.dtype,
+        num_latent_tokens=settings.num_latent_tokens,
     )
     sessions = DemoSessions(
         engine, max_pixels=int(settings.max_image_megapixels * 1e6), max_new_tokens=settings.max_new_tokens

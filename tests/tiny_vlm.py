@@ -11,6 +11,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import mllm_sparse
 from llava_adapter.modeling import build_vlm
 from llava_adapter.processing import build_image_processor, build_processor
+from llava_adapter.towers import image_token_table
+from mllm_sparse.elastic import make_elastic
 
 LLM_SIZES = dict(
     hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
@@ -31,18 +33,28 @@ def tiny_llm(tokenizer, family=LlamaForCausalLM, config=LlamaConfig):
     )
 
 
-def tiny_vlm(tokenizer, projector: str = "mlp2x_gelu", family=LlamaForCausalLM, config=LlamaConfig):
-    """(model in eval mode, its SparseLlavaProcessor)."""
+def tiny_vlm(
+    tokenizer,
+    projector: str = "mlp2x_gelu",
+    family=LlamaForCausalLM,
+    config=LlamaConfig,
+    budgets: list[int] | None = None,
+):
+    """(model in eval mode, its SparseLlavaProcessor); `budgets`: an elastic tower serving those latent-token counts
+    (default: the largest)."""
     torch.manual_seed(0)
     encoder = mllm_sparse.create_model("test_sparseformer_btsp")
+    if budgets:
+        encoder = make_elastic(encoder, budgets)
     model = build_vlm(encoder, tiny_llm(tokenizer, family, config), tokenizer, projector).eval()
     enc = encoder.config
     image_processor = build_image_processor(enc.image_size, enc.image_mean, enc.image_std)
-    return model, build_processor(tokenizer, image_processor, model.config.image_seq_length)
+    table = image_token_table(model.config)
+    return model, build_processor(tokenizer, image_processor, model.config.image_seq_length, table)
 
 
-def save_tiny_vlm(tokenizer, folder: Path) -> Path:
-    model, processor = tiny_vlm(tokenizer)
+def save_tiny_vlm(tokenizer, folder: Path, budgets: list[int] | None = None) -> Path:
+    model, processor = tiny_vlm(tokenizer, budgets=budgets)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder

@@ -68,8 +68,10 @@ def take_deprecated_budget(args: argparse.Namespace) -> None:
 
 def describe(summary: dict[str, Any]) -> str:
     """One line about a saved LLaVA model, from `llava_adapter.build_vlm.summarize`."""
+    budgets = summary.get("budgets", [])
+    elastic = f"; elastic: {', '.join(map(str, budgets))} latent tokens per call" if len(budgets) > 1 else ""
     return (
-        f"Saved {summary['out']}: {summary['tower']} tower → {summary['image_tokens']} image tokens "
+        f"Saved {summary['out']}: {summary['tower']} tower → {summary['image_tokens']} image tokens{elastic} "
         f"(layer {summary['vision_feature_layer']}, {summary['vision_feature_select_strategy']}), "
         f"{summary['projector']} projector, {summary['llm']} LLM; {summary['params_m']:.1f}M parameters"
     )

@@ -19,12 +19,13 @@ DESCRIPTION = """A Gradio chat with a LLaVA model that shows where its image tok
 Upload an image and the page draws, over the picture the model sees, the region each of the N image tokens stands
 for (a SparseFormer token's RoI at the layer the LLM reads; a ViT patch or a pooled cell for the baselines). Ask
 questions in a multi-turn chat; answers stream in with the time of each stage and, optionally, the LLM's attention on
-each image token. Each browser session has its own conversation; one model serves them in turn.
+each image token. Each browser session has its own conversation; one model serves them in turn. A model with an
+elastic tower serves several token budgets: the page offers them and re-encodes the image at the one chosen.
 
 What a visitor can cost is bounded: uploads over --max-upload-mb are refused as they arrive, images over
 --max-image-megapixels before they are decoded; a session keeps only the model input picture, and is freed when its
 page closes or after --session-ttl-minutes idle; at most --max-sessions are kept. The page's events are also an API
-(gradio_client): /image, /send, /clear."""
+(gradio_client): /image, /send, /budget, /clear."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--template",
         choices=TEMPLATES,
         help="the conversation template (default: the one the model folder records, vicuna_v1 where it records none)",
+    )
+    p.add_argument(
+        "--num-latent-tokens",
+        type=int,
+        help="the token budget the page starts at, one the model's tower serves (default: the model's own)",
     )
     p.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit")
     p.add_argument("--host", default="127.0.0.1", help="the address to serve on; 0.0.0.0 to serve other machines")

@@ -35,6 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=TEMPLATES,
         help="the conversation template (default: the one the model folder records, vicuna_v1 where it records none)",
     )
+    p.add_argument(
+        "--num-latent-tokens",
+        type=int,
+        help="the token budget to encode images at, one the model's tower serves (an elastic tower serves several; "
+        "default: the model's own)",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="questions per generate call")
     hidden_alias(p, "--batch_size", "batch_size", type=int)
     p.add_argument("--max-new-tokens", type=int, default=16, help="answer length limit")

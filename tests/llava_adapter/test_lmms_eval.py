@@ -227,7 +227,7 @@ def test_bad_requests_name_the_task_and_document(lmm):
         lmm.generate_until([instance("generate_until", ("q", gen, visual, 3, "t", "test"), 3)])
     with pytest.raises(RequestError, match=r"task 't', doc 4: 2 images, but mllm_sparse_llava takes one"):
         lmm.generate_until([instance("generate_until", ("q", gen, visual, 4, "t", "test"), 4)])
-    with pytest.raises(ValueError, match="serves 15 image tokens per image, not num_latent_tokens=64"):
+    with pytest.raises(ValueError, match=r"num_latent_tokens=64: this sparseformer tower serves only \[15\]"):
         SparseLlavaLmms(pretrained=lmm.engine.model.name_or_path, device="cpu", num_latent_tokens=64)
     with pytest.raises(ValueError, match=r"unknown model_args \['conv_mode'\]"):
         SparseLlavaLmms(pretrained=lmm.engine.model.name_or_path, conv_mode="vicuna")

@@ -30,6 +30,12 @@ def vlm_dir(tokenizer, tmp_path_factory):
     return save_tiny_vlm(tokenizer, tmp_path_factory.mktemp("resume") / "vlm")
 
 
+@pytest.fixture(scope="module")
+def elastic_vlm_dir(tokenizer, tmp_path_factory):
+    """A tiny VLM whose tower serves 4, 9 and 15 latent tokens."""
+    return save_tiny_vlm(tokenizer, tmp_path_factory.mktemp("resume") / "elastic-vlm", budgets=[4, 9, 15])
+
+
 @pytest.fixture
 def data(image_folder, image_record, text_record, write_data):
     records = [image_record(f"img-{i}", image="abc"[i % 3] + ".png") for i in range(6)] + [text_record("txt-0")]
@@ -86,9 +92,15 @@ def run_to_end(command: list[str], out: Path) -> str:
     return (out.parent / f"{out.name}.log").read_text()
 
 
-@pytest.mark.parametrize("mode", ["full", "lora"])
-def test_kill_9_then_the_same_command_ends_with_the_uninterrupted_weights(mode, vlm_dir, data, image_folder, tmp_path):
+@pytest.mark.parametrize("mode", ["full-elastic", "lora"])
+def test_kill_9_then_the_same_command_ends_with_the_uninterrupted_weights(
+    mode, vlm_dir, elastic_vlm_dir, data, image_folder, tmp_path
+):
+    """Full fine-tuning runs on an elastic tower with a budget drawn per batch (the draw must resume too); LoRA on a
+    fixed one."""
     extra = ["--lora_enable", "True", "--lora_r", "4", "--lora_alpha", "8"] if mode == "lora" else []
+    if mode == "full-elastic":
+        vlm_dir, extra = elastic_vlm_dir, ["--budgets", "4", "9", "15"]
     script = [sys.executable, "scripts/train_vlm.py"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     run_to_end(script + run_args(vlm_dir, data, image_folder, straight, 24, *extra), straight)
@@ -97,7 +109,7 @@ def test_kill_9_then_the_same_command_ends_with_the_uninterrupted_weights(mode, 
     log = run_to_end(command, killed)  # the same command: resuming is LLaVA's default
     assert "resuming from" in log
     assert_same_weights(straight, killed)
-    if mode == "full":
+    if mode == "full-elastic":
         before = load_file(str(vlm_dir / "model.safetensors"))
         after = load_file(str(killed / "model.safetensors"))
         assert any(not torch.equal(before[k], after[k]) for k in before)  # training moved the weights

@@ -37,6 +37,7 @@ from llava_adapter.modeling import (
     save_projector,
 )
 from llava_adapter.towers import LayerTokens, PooledVisionConfig, PooledVisionModel, layer_tokens, num_image_tokens
+from mllm_sparse.elastic import make_elastic
 from mllm_sparse_recipes.commands import swap
 
 
@@ -348,11 +349,16 @@ def test_layer_tokens_read_the_budget_from_each_tower_config():
     with_cls = mllm_sparse.create_model("test_sparseformer_btsp").config
     without_cls = no_cls_sparseformer().config
     clip = CLIPVisionConfig(image_size=64, patch_size=16, hidden_size=32, num_attention_heads=2)
-    assert layer_tokens(with_cls, -2) == LayerTokens(15, True, 64)
-    assert layer_tokens(with_cls, 0) == LayerTokens(15, False, 32)  # before the CLS token is inserted
-    assert layer_tokens(without_cls, -2) == LayerTokens(12, False, 64)
-    assert layer_tokens(PooledVisionConfig(clip, num_latent_tokens=4), -2) == LayerTokens(4, True, 32)
-    assert layer_tokens(clip, -2) == LayerTokens(16, True, 32)
+    assert layer_tokens(with_cls, -2) == LayerTokens(15, True, 64, (15,))
+    assert layer_tokens(with_cls, 0) == LayerTokens(15, False, 32, (15,))  # before the CLS token is inserted
+    assert layer_tokens(without_cls, -2) == LayerTokens(12, False, 64, (12,))
+    assert layer_tokens(PooledVisionConfig(clip, num_latent_tokens=4), -2) == LayerTokens(4, True, 32, (4,))
+    assert layer_tokens(clip, -2) == LayerTokens(16, True, 32, (16,))
+    elastic = make_elastic(mllm_sparse.create_model("test_sparseformer_btsp"), [4, 9, 15], default=9).config
+    assert layer_tokens(elastic, -2) == LayerTokens(9, True, 64, (4, 9, 15))
+    assert [num_image_tokens(elastic, -2, strategy, 4) for strategy in ("default", "full")] == [4, 5]
+    with pytest.raises(ValueError, match=r"num_latent_tokens=5: this sparseformer elastic tower serves \[4, 9, 15\]"):
+        num_image_tokens(elastic, -2, "default", 5)
 
 
 def no_cls_sparseformer():
@@ -376,10 +382,12 @@ def tiny_clip(folder):
 def towers(tmp_path) -> dict[str, tuple[list[str], int]]:
     """Tower name → (its `--encoder ...` options, N: the budget, the image tokens the LLM should read)."""
     mllm_sparse.create_model("test_sparseformer_btsp").save_pretrained(tmp_path / "sf-cls")
+    make_elastic(mllm_sparse.create_model("test_sparseformer_btsp"), [4, 9, 15]).save_pretrained(tmp_path / "sf-el")
     no_cls_sparseformer().save_pretrained(tmp_path / "sf-no-cls")
     clip = tiny_clip(tmp_path / "clip")
     return {
         "sparseformer-cls": (["--encoder", str(tmp_path / "sf-cls")], 15),
+        "sparseformer-elastic": (["--encoder", str(tmp_path / "sf-el")], 15),  # its default budget
         "sparseformer-no-cls": (["--encoder", str(tmp_path / "sf-no-cls")], 12),
         "pooled": (["--encoder", clip, "--num-latent-tokens", "4"], 4),
         "vit": (["--encoder", clip], 16),
@@ -387,7 +395,7 @@ def towers(tmp_path) -> dict[str, tuple[list[str], int]]:
 
 
 @pytest.mark.parametrize("command", ["build-vlm", "swap"])
-@pytest.mark.parametrize("tower", ["sparseformer-cls", "sparseformer-no-cls", "pooled", "vit"])
+@pytest.mark.parametrize("tower", ["sparseformer-cls", "sparseformer-elastic", "sparseformer-no-cls", "pooled", "vit"])
 def test_the_llm_reads_exactly_the_budget(command, tower, towers, tokenizer, tmp_path, capsys):
     """For every kind of tower, both commands give a model whose tower hands the LLM N features and whose processor
     inserts N placeholders, N the tower's budget; stock `generate` runs on the saved folder."""
@@ -402,10 +410,13 @@ def test_the_llm_reads_exactly_the_budget(command, tower, towers, tokenizer, tmp
         source = ["--llava", str(tmp_path / "llava-hf")]
     out = tmp_path / "vlm"
     assert run(capsys, command, *source, *options, "--out", str(out)) == 0
-    assert f"→ {n} image tokens" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert f"→ {n} image tokens" in said
     model = AutoModelForImageTextToText.from_pretrained(out).eval()
     processor = AutoProcessor.from_pretrained(out)
     assert model.config.image_seq_length == processor.num_image_tokens == n
+    if tower == "sparseformer-elastic":
+        assert "elastic: 4, 9, 15 latent tokens per call" in said and processor.budgets == [4, 9, 15]
     batch = processor(images=[red_image()], text=["<image>\nWhat colour?"], return_tensors="pt")
     assert int((batch["input_ids"] == model.config.image_token_id).sum()) == n
     with torch.no_grad():
