@@ -1,4 +1,5 @@
-"""Inheritance: a SparseFormer student whose cortex and head are the last two thirds of a CLIP ViT teacher.
+"""Inheritance: a SparseFormer student whose cortex and head are the last two thirds of a CLIP ViT teacher, or an
+existing SparseFormer (ours, or an official release) that goes on learning from its teacher (`start_from`).
 
 Following the paper, the cortex takes teacher blocks N/3 … N−1 and the teacher's final LayerNorm and projection;
 the first N/3 blocks (and the patch embedding) are replaced by the new focusing transformer. By default blocks
@@ -23,12 +24,13 @@ class InheritanceReport:
     """What the student got from its teacher, and what the recipe trains."""
 
     teacher: str
-    layer_map: dict[int, int]  # teacher block → student `layers.{i}`
+    layer_map: dict[int, int]  # teacher block → student `layers.{i}` (empty when started from an encoder)
     inherited: list[str]  # parameters copied from the teacher
     initialised_from_teacher: list[str]  # parameters started from teacher values that are not a block copy
     new: list[str]  # freshly initialised parameters (the focusing transformer)
     frozen: list[str]
     trained: list[str]
+    started_from: str | None = None  # the SparseFormer the student started from; None: built from the teacher
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -81,10 +83,8 @@ def inherit(
     arch = teacher.arch
     config = student_config(arch, num_latent_tokens, **config_overrides)
     student = SparseFormerModel(config)
-    num_cortex = arch.layers - arch.layers // 3
     first = arch.layers // 3
-    cortex_layers = [student.unit_layer_indices[config.cortex_start + k] for k in range(num_cortex)]
-    layer_map = {first + k: layer for k, layer in enumerate(cortex_layers)}
+    layer_map = {first + k: layer for k, layer in enumerate(cortex_layers(student))}
     weights = teacher.to_sparseformer(layer_map)
     result = student.load_state_dict(weights, strict=False)
     if result.unexpected_keys:
@@ -95,17 +95,8 @@ def inherit(
             student.cls_embedding.weight.copy_(teacher.cls_input().detach().view(1, -1))
         from_teacher.append("cls_embedding.weight")
 
-    trainable_cortex = num_cortex // 2 if trainable_cortex is None else trainable_cortex
-    if not 0 <= trainable_cortex <= num_cortex:
-        raise ValueError(f"trainable_cortex must be in [0, {num_cortex}], got {trainable_cortex}")
-    frozen_prefixes = tuple(f"layers.{layer}." for layer in cortex_layers[trainable_cortex:]) + (
-        "norm.",
-        "head.",
-        "proj.",
-    )
+    freeze_cortex_tail(student, trainable_cortex)
     names = [name for name, _ in student.named_parameters()]
-    for name, param in student.named_parameters():
-        param.requires_grad_(not name.startswith(frozen_prefixes))
     inherited = sorted(weights)
     report = InheritanceReport(
         teacher=teacher.spec,
@@ -117,3 +108,52 @@ def inherit(
         trained=[n for n, p in student.named_parameters() if p.requires_grad],
     )
     return student, report
+
+
+def cortex_layers(student: SparseFormerModel) -> list[int]:
+    """The `layers.{i}` index of each cortex block, in order."""
+    units = len(student.config.width_configs)
+    return [student.unit_layer_indices[u] for u in range(student.config.cortex_start, units)]
+
+
+def freeze_cortex_tail(student: SparseFormerModel, trainable_cortex: int | None = None) -> None:
+    """The paper's split: the first `trainable_cortex` cortex blocks (None: half) and everything before them train;
+    the later cortex blocks, the final norm, the head and the projection stay frozen."""
+    blocks = cortex_layers(student)
+    trainable_cortex = len(blocks) // 2 if trainable_cortex is None else trainable_cortex
+    if not 0 <= trainable_cortex <= len(blocks):
+        raise ValueError(f"trainable_cortex must be in [0, {len(blocks)}], got {trainable_cortex}")
+    frozen = tuple(f"layers.{layer}." for layer in blocks[trainable_cortex:]) + ("norm.", "head.", "proj.")
+    for name, param in student.named_parameters():
+        param.requires_grad_(not name.startswith(frozen))
+
+
+def start_from(
+    encoder: SparseFormerModel, teacher: Teacher, spec: str, trainable_cortex: int | None = None
+) -> tuple[SparseFormerModel, InheritanceReport]:
+    """`encoder` as the student of `teacher`, with the freeze policy of `inherit`; `spec` names it in the report.
+
+    Raises `ValueError` when the two cannot be aligned: embeddings of different widths, or different pixel
+    normalisation (both see the same pixels).
+    """
+    config, arch = encoder.config, teacher.arch
+    ours, theirs = config.proj_dim or config.hidden_size, arch.proj_dim or arch.width
+    if ours != theirs:
+        raise ValueError(f"--init-from {spec}: its embedding has {ours} dimensions, {teacher.spec}'s {theirs}")
+    for name, mine, other in (("mean", config.image_mean, arch.mean), ("std", config.image_std, arch.std)):
+        if not torch.allclose(torch.tensor(mine, dtype=torch.float64), torch.tensor(other, dtype=torch.float64)):
+            raise ValueError(
+                f"--init-from {spec} normalises pixels with {name} {list(mine)}, {teacher.spec} with {list(other)}"
+            )
+    freeze_cortex_tail(encoder, trainable_cortex)
+    report = InheritanceReport(
+        teacher=teacher.spec,
+        layer_map={},
+        inherited=[],
+        initialised_from_teacher=[],
+        new=[],
+        frozen=[n for n, p in encoder.named_parameters() if not p.requires_grad],
+        trained=[n for n, p in encoder.named_parameters() if p.requires_grad],
+        started_from=spec,
+    )
+    return encoder, report

@@ -27,7 +27,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
+from transformers import AutoModel
 
+from mllm_sparse import SparseFormerModel, create_model, list_models
+from mllm_sparse.checkpoint import load_checked
 from mllm_sparse.elastic import default_budget, make_elastic
 from mllm_sparse.files import paths_as_paths, write_json
 from mllm_sparse.training import RunFolder, epoch_order, lr_lambda, removed_on_early_failure
@@ -35,7 +38,7 @@ from mllm_sparse.training import RunFolder, epoch_order, lr_lambda, removed_on_e
 from .data import TwoViewImages, list_images
 from .distributed import World, init_world
 from .evaluate import evaluate_encoder, held_out_cosine
-from .inherit import inherit
+from .inherit import inherit, start_from
 from .optim import param_groups
 from .region_distill import random_boxes, region_distill_loss
 from .targets import CACHE_NAME, TeacherTargets
@@ -53,7 +56,8 @@ class BootstrapSettings:
     Attributes:
         teacher: `open_clip:NAME[@TAG|PATH]` or `hf:ID|DIR` (`bootstrap.load_teacher`).
         num_latent_tokens: the token budget: latent tokens, the image tokens an LLM reads (a CLS token, which the
-            student has where the teacher has one, is not one of them); with `budgets`, the default one.
+            student has where the teacher has one, is not one of them); with `budgets`, the default one. None with
+            `init_from`: the encoder's own.
         budgets: train one elastic student for all these budgets (`mllm_sparse.elastic`); None: one budget.
         budget_sampling: which budgets each step trains, drawn from the seed and the step (so the same on every
             rank and after a resume): "sandwich", the smallest, the largest and one drawn from those between, their
@@ -61,6 +65,12 @@ class BootstrapSettings:
             "draw", one budget (cheaper).
         data: an image folder, a synthetic world or a LLaVA .json.
         out: the encoder's folder.
+        init_from: start from this SparseFormer instead of inheriting from the teacher: a `save_pretrained` folder,
+            or a preset (`mllm_sparse.list_models()`) with `init_pretrained`; its own config sets the architecture
+            (image size, sampling points), `trainable_cortex` the freeze split. With `budgets`, it becomes elastic
+            and its own budget keeps its learned RoIs (e.g. the released CLIP-L SparseFormer with its teacher).
+        init_pretrained: the weights of an `init_from` preset: an official `*_converted.pth`, a `.safetensors`
+            file, or "official" (the reference release).
         image_folder: root of a LLaVA .json's image paths; None: the .json's folder.
         steps: optimizer steps; with `epochs` None too: 1000.
         epochs: passes over the training images (instead of `steps`).
@@ -87,9 +97,11 @@ class BootstrapSettings:
     """
 
     teacher: str
-    num_latent_tokens: int
+    num_latent_tokens: int | None
     data: Path
     out: Path
+    init_from: str | None = None
+    init_pretrained: str | None = None
     budgets: list[int] | None = None
     budget_sampling: str = "sandwich"
     image_folder: Path | None = None
@@ -259,16 +271,50 @@ def check_settings(settings: BootstrapSettings) -> None:
         raise ValueError(f"--val-fraction must be in [0, 1), got {settings.val_fraction}")
     if settings.steps is not None and settings.epochs is not None:
         raise ValueError("give --steps or --epochs, not both")
+    if settings.num_latent_tokens is None and settings.init_from is None:
+        raise ValueError("give --num-latent-tokens (the token budget), or --init-from an encoder that has one")
+    if settings.init_pretrained is not None and settings.init_from is None:
+        raise ValueError("--init-pretrained gives the weights of an --init-from preset; give --init-from too")
     if settings.budgets is not None:
         if not settings.budgets or min(settings.budgets) < 1:
             raise ValueError(f"--budgets must be positive token counts, got {settings.budgets}")
-        if settings.num_latent_tokens not in settings.budgets:
+        if settings.num_latent_tokens is not None and settings.num_latent_tokens not in settings.budgets:
             raise ValueError(
                 f"--num-latent-tokens {settings.num_latent_tokens} (the default budget) must be one of --budgets "
                 f"{sorted(settings.budgets)}"
             )
     if settings.budget_sampling not in BUDGET_SAMPLING:
         raise ValueError(f"--budget-sampling must be one of {BUDGET_SAMPLING}, got {settings.budget_sampling!r}")
+
+
+def load_encoder(spec: str, pretrained: str | None) -> SparseFormerModel:
+    """The SparseFormer `--init-from` names: a saved folder, or a preset with `--init-pretrained` weights."""
+    if Path(spec).is_dir():
+        if pretrained is not None:
+            raise ValueError(f"--init-pretrained is for a preset; --init-from {spec} is a folder with its own weights")
+        model = load_checked(AutoModel.from_pretrained, spec, what="SparseFormer")
+        if not isinstance(model, SparseFormerModel):
+            raise ValueError(f"--init-from {spec} holds a {type(model).__name__}, not a SparseFormer")
+        return model
+    if spec not in list_models():
+        raise FileNotFoundError(f"--init-from {spec!r} is neither a folder nor a preset (mllm_sparse.list_models())")
+    if pretrained is None:
+        raise ValueError(f"--init-from {spec} is a preset: give its weights with --init-pretrained (file or official)")
+    return create_model(spec, pretrained=pretrained)
+
+
+def starting_budget(settings: BootstrapSettings, student: SparseFormerModel) -> BootstrapSettings:
+    """`settings` with the default budget of a run that starts from `student`: the one asked for, else the
+    encoder's own; a fixed run must keep the encoder's budgets (`--budgets` serves others)."""
+    n = settings.num_latent_tokens if settings.num_latent_tokens is not None else student.config.num_latent_tokens
+    if settings.budgets is None and n not in student.budgets:
+        raise ValueError(
+            f"--init-from {settings.init_from} serves {student.budgets} latent tokens, not {n}; give --budgets to "
+            "make it serve others"
+        )
+    if settings.budgets is not None and settings.num_latent_tokens is None and n not in settings.budgets:
+        n = max(settings.budgets)
+    return dataclasses.replace(settings, num_latent_tokens=n)
 
 
 def run(settings: BootstrapSettings) -> dict[str, Any] | None:
@@ -306,22 +352,34 @@ def train(settings: BootstrapSettings, world: World) -> dict[str, Any] | None:
             f"{world.size} × {settings.grad_accum}"
         )
 
-    folder = RunFolder.from_settings(settings, "bootstrap", FREE_SETTINGS, ["model.safetensors"], specs=["teacher"])
+    folder = RunFolder.from_settings(
+        settings, "bootstrap", FREE_SETTINGS, ["model.safetensors"], specs=["teacher", "init_from", "init_pretrained"]
+    )
     resumed = folder.start(settings.resume)  # first: a refusal costs nothing
     teacher = load_teacher(settings.teacher)
     teacher.model.to(device).requires_grad_(False)
     arch = teacher.arch
-    image_size = settings.image_size or arch.image_size
+    if settings.init_from is not None:
+        student, report = start_from(
+            load_encoder(settings.init_from, settings.init_pretrained),
+            teacher,
+            settings.init_from,
+            settings.trainable_cortex,
+        )
+        settings = starting_budget(settings, student)
+        image_size = student.config.image_size
+    else:
+        image_size = settings.image_size or arch.image_size
+        student, report = inherit(
+            teacher,
+            settings.num_latent_tokens,
+            settings.trainable_cortex,
+            image_size=image_size,
+            num_sampling_points=settings.num_sampling_points,
+        )
     if world.is_main and (warning := off_grid_warning(settings.num_latent_tokens)):
         logger.warning(warning)
-    student, report = inherit(
-        teacher,
-        settings.num_latent_tokens,
-        settings.trainable_cortex,
-        image_size=image_size,
-        num_sampling_points=settings.num_sampling_points,
-    )
-    budgets = sorted(set(settings.budgets)) if settings.budgets else [settings.num_latent_tokens]
+    budgets = sorted(set(settings.budgets)) if settings.budgets else student.budgets
     if settings.budgets:
         student = make_elastic(student, budgets, default=settings.num_latent_tokens)
     student.to(device).train()
@@ -519,9 +577,7 @@ def report_markdown(result: dict) -> str:
             retention = f"{z['retention'] * 100:.1f}%" if z.get("retention") is not None else "n/a"
             lines.append(f"| {n} | {e['student_gflops']:.2f} | {cosine} | {top1} | {retention} |")
     inh = result["inheritance"]
-    lines += [
-        "",
-        f"Inherited {len(inh['inherited'])} tensors (teacher blocks {sorted(inh['layer_map'])}); "
-        f"{len(inh['new'])} new; {len(inh['frozen'])} frozen; {len(inh['trained'])} trained.",
-    ]
+    inherited = f"Inherited {len(inh['inherited'])} tensors (teacher blocks {sorted(inh['layer_map'])})"
+    origin = f"Started from {inh['started_from']}" if inh.get("started_from") else f"{inherited}; {len(inh['new'])} new"
+    lines += ["", f"{origin}; {len(inh['frozen'])} frozen; {len(inh['trained'])} trained."]
     return "\n".join(lines) + "\n"

@@ -19,7 +19,11 @@ Align a SparseFormer student with its CLIP ViT teacher, without labels.
 
 N is the token budget: the latent tokens, the image tokens an LLM reads; the student also has a CLS token where the
 teacher has one, never counted in N. `--budgets 9 16 36 64` trains one elastic student for all of them instead
-(`model(pixels, num_latent_tokens=16)` picks one per call), reported at each.
+(`model(pixels, num_latent_tokens=16)` picks one per call), reported at each. `--init-from ENCODER` starts from an
+existing SparseFormer instead of the teacher's blocks, e.g. to make the released CLIP-L one elastic with its teacher:
+
+    mllm-sparse bootstrap --teacher open_clip:ViT-L-14@openai --init-from sparseformer_btsp_openai_clip_large \
+        --init-pretrained official --budgets 9 16 36 63 --data PATH --out DIR
 
 DIR becomes the encoder (`AutoModel.from_pretrained(DIR)` after `import mllm_sparse`) with `bootstrap_report.{json,md}`;
 checkpoints go to DIR/checkpoints/step_*/ (every `--save-every` steps and at the end) and `--resume` continues from
@@ -52,6 +56,13 @@ def build_parser(budget_required: bool = True) -> argparse.ArgumentParser:
         help="budgets per step: the smallest, the largest and one drawn between them (closer to a dedicated student "
         "at every budget, benchmarks/README.md), or draw one (cheaper)",
     )
+    p.add_argument("--init-from", metavar="ENCODER",
+                   help="start from this SparseFormer instead of inheriting from the teacher: a save_pretrained "
+                   "folder, or a preset with --init-pretrained; its config sets the architecture (and, without "
+                   "--num-latent-tokens, the budget; default: inherit the teacher's blocks)")  # fmt: skip
+    p.add_argument("--init-pretrained", metavar="WEIGHTS",
+                   help="weights of an --init-from preset: an official *_converted.pth, a .safetensors file or "
+                   "'official' (default: none, required with a preset)")  # fmt: skip
     p.add_argument("--data", type=Path, required=True, help="image folder, synthetic world or LLaVA .json")
     p.add_argument(
         "--image-folder", type=Path, help="root of a LLaVA .json's image paths (default: the .json's folder)"
@@ -101,9 +112,9 @@ def deprecated_budget(argv: list[str]) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    elastic = any(arg == "--budgets" or arg.startswith("--budgets=") for arg in argv)
-    args = build_parser(budget_required=not (deprecated_budget(argv) or elastic)).parse_args(argv)
-    if args.budgets and args.num_latent_tokens is None and args.num_tokens is None:
+    elastic, started = (any(a == f or a.startswith(f"{f}=") for a in argv) for f in ("--budgets", "--init-from"))
+    args = build_parser(budget_required=not (deprecated_budget(argv) or elastic or started)).parse_args(argv)
+    if args.budgets and args.num_latent_tokens is None and args.num_tokens is None and args.init_from is None:
         args.num_latent_tokens = max(args.budgets)
     from bootstrap.train import BootstrapSettings, report_markdown, run
 

@@ -1,6 +1,7 @@
 """`mllm-sparse bootstrap --budgets`: one elastic student for several token budgets."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -77,3 +78,63 @@ def test_a_default_budget_outside_the_budgets_is_refused(setup, tmp_path, capsys
     assert "--batch-size 64 exceeds" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli_main(["bootstrap", *args])  # neither --num-latent-tokens nor --budgets
+
+
+def test_an_existing_encoder_starts_the_run_and_becomes_elastic(setup, tmp_path, capsys, monkeypatch):
+    """`--init-from`: the run starts from the encoder's weights (its own budget bit-identical at the first step),
+    keeps its default budget, freezes the cortex tail as `inherit` does, and serves the new budgets."""
+    fixed_dir = tmp_path / "fixed"
+    assert cli_main(["bootstrap", *_args(setup, fixed_dir, "--steps", "1")]) == 0
+    fixed = AutoModel.from_pretrained(fixed_dir).eval()
+    pixels = torch.randn(2, 3, 64, 64)
+    first: dict[int, torch.Tensor] = {}
+    original = train_module.alignment_loss
+
+    def recording(model, n, *args):
+        if n not in first:
+            student = getattr(model, "module", model)  # DDP under torchrun
+            with torch.no_grad():
+                first[n] = student.eval()(pixels, num_latent_tokens=n).last_hidden_state.clone()
+            student.train()
+        return original(model, n, *args)
+
+    monkeypatch.setattr(train_module, "alignment_loss", recording)
+    root, spec = setup
+    out = tmp_path / "elastic"
+    args = ["--teacher", spec, "--data", str(root / "world"), "--out", str(out), "--batch-size", "4", "--steps", "2"]
+    assert cli_main(["bootstrap", *args, "--init-from", str(fixed_dir), "--budgets", "4", "8", "9"]) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(first[8], fixed(pixels).last_hidden_state, rtol=0, atol=0)
+    model = AutoModel.from_pretrained(out)
+    assert model.budgets == [4, 8, 9] and model.config.num_latent_tokens == 8  # the encoder's own, not the largest
+    report = json.loads((out / "bootstrap_report.json").read_text())
+    assert report["inheritance"]["started_from"] == str(fixed_dir) and list(report["budgets"]) == ["4", "8", "9"]
+    assert f"Started from {fixed_dir}" in capsys.readouterr().out
+    before, after = fixed.state_dict(), model.state_dict()
+    frozen = set(report["inheritance"]["frozen"])
+    assert frozen and {k for k in frozen if not torch.equal(before[k], after[k])} == set()
+    assert any(not torch.equal(before[k], after[k]) for k in report["inheritance"]["trained"] if k in before)
+
+
+def test_init_from_refuses_what_cannot_start_a_run(setup, tmp_path, capsys):
+    root, spec = setup
+    args = ["--teacher", spec, "--data", str(root / "world"), "--batch-size", "4", "--steps", "1"]
+    fixed_dir = tmp_path / "fixed"
+    assert cli_main(["bootstrap", *_args(setup, fixed_dir, "--steps", "1")]) == 0
+    capsys.readouterr()
+    cases = [
+        (["--init-from", str(tmp_path / "none")], "is neither a folder nor a preset"),
+        (["--init-from", "test_sparseformer_btsp"], "give its weights with --init-pretrained"),
+        (["--init-from", str(fixed_dir), "--num-latent-tokens", "4"], r"serves \[8\] latent tokens, not 4"),
+        (["--init-from", str(fixed_dir), "--init-pretrained", "official"], "is a folder with its own weights"),
+        (["--init-pretrained", "official", "--num-latent-tokens", "8"], "give --init-from too"),
+    ]
+    for i, (extra, message) in enumerate(cases):
+        assert cli_main(["bootstrap", *args, "--out", str(tmp_path / f"out{i}"), *extra]) == 2, message
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and re.search(message, err.strip().splitlines()[-1]), err
+        assert not (tmp_path / f"out{i}").exists()
+    other = mllm_sparse.create_model("test_sparseformer_btsp", proj_dim=24)
+    other.save_pretrained(tmp_path / "other")
+    assert cli_main(["bootstrap", *args, "--out", str(tmp_path / "o"), "--init-from", str(tmp_path / "other")]) == 2
+    assert "its embedding has 24 dimensions" in capsys.readouterr().err
