@@ -11,7 +11,11 @@ from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection, Siglip
 
 import bootstrap
 from bootstrap import inherit, load_teacher
-from bootstrap.converters import hf_clip_visual_to_sparseformer, open_clip_visual_to_sparseformer
+from bootstrap.converters import (
+    hf_clip_visual_to_sparseformer,
+    open_clip_visual_to_hf_clip_vision,
+    open_clip_visual_to_sparseformer,
+)
 from bootstrap.teacher_models import MODEL_CONFIG_DIR
 
 NAME = "synth-vit-test-16"  # 3 blocks, width 64, 2 heads, 64 px
@@ -164,6 +168,16 @@ def test_converters_refuse_unknown_keys_and_missing_blocks(open_clip_teacher, hf
             "mlp.fc2.bias",
         )
     } | {"norm.weight", "norm.bias", "proj.weight"}
+
+
+def test_a_batched_positional_embedding_converts_as_the_plain_one(open_clip_teacher):
+    """Some exports keep open_clip's positional embedding as [1, P, C]: the HF tower gets the same [P, C] table."""
+    state = open_clip_teacher.model.visual.state_dict()
+    plain = open_clip_visual_to_hf_clip_vision(state)
+    batched = open_clip_visual_to_hf_clip_vision({**state, "positional_embedding": state["positional_embedding"][None]})
+    assert plain.keys() == batched.keys()
+    for key in plain:
+        assert torch.equal(plain[key], batched[key]), key
 
 
 @pytest.mark.parametrize(

@@ -81,6 +81,9 @@ def test_roi_pooling_reads_x_across_and_y_down_the_patch_grid():
     assert pooled[0] == pytest.approx((0 + 1 + 2 + 3) / 4)  # the top row
     assert pooled[1] == pytest.approx((0 + 4 + 8 + 12) / 4)  # the left column
     assert pooled[2] == 9  # no centre inside: the nearest, column 1 (x 0.375) of row 2 (y 0.625)
+    # Edges are inclusive on all four sides: centres 0.125 and 0.375 lie exactly on this RoI's edges.
+    edges = roi_pooled_patches(patches, torch.tensor([[[0.125, 0.125, 0.375, 0.375], [0.375, 0.375, 0.125, 0.125]]]))
+    assert edges[0, :, 0].tolist() == [(0 + 1 + 4 + 5) / 4] * 2  # either corner order
 
 
 def _phi(z: float) -> float:

@@ -176,6 +176,33 @@ def test_projector_files_that_cannot_be_used_are_named(tokenizer, tmp_path):
 # --------------------------------------------------------------------------------------------------- build-vlm
 
 
+def test_llava_projector_bin_lands_key_by_key(tokenizer, tmp_path):
+    """haotian-liu/LLaVA's stage-1 `mm_projector.bin` (`model.mm_projector.{0,2}.*`, a pickle) loads each tensor into
+    its own linear; a LLaVA-1 single-linear file is refused as such, not as unknown keys."""
+    model, _ = tiny_vlm(tokenizer)
+    torch.manual_seed(1)
+    theirs = {
+        "model.mm_projector.0.weight": torch.randn_like(model.model.multi_modal_projector.linear_1.weight),
+        "model.mm_projector.0.bias": torch.randn_like(model.model.multi_modal_projector.linear_1.bias),
+        "model.mm_projector.2.weight": torch.randn_like(model.model.multi_modal_projector.linear_2.weight),
+        "model.mm_projector.2.bias": torch.randn_like(model.model.multi_modal_projector.linear_2.bias),
+    }
+    torch.save(theirs, tmp_path / "mm_projector.bin")
+    read = read_projector(tmp_path / "mm_projector.bin")
+    assert read.keys() == {"linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias"}
+    for ours, key in [("linear_1", "0"), ("linear_2", "2")]:
+        for kind in ("weight", "bias"):
+            assert torch.equal(read[f"{ours}.{kind}"], theirs[f"model.mm_projector.{key}.{kind}"])
+    load_projector(model, tmp_path / "mm_projector.bin")
+    for name, value in model.model.multi_modal_projector.state_dict().items():
+        assert torch.equal(value, read[name])
+    single = {"model.mm_projector.weight": theirs["model.mm_projector.0.weight"], "model.mm_projector.bias": theirs[
+        "model.mm_projector.0.bias"]}  # fmt: skip
+    torch.save(single, tmp_path / "llava1.bin")
+    with pytest.raises(ValueError, match="llava1.bin: a single-linear LLaVA-1 projector"):
+        read_projector(tmp_path / "llava1.bin")
+
+
 def test_build_vlm_damaged_encoder_or_llm_is_one_line(encoder_dir, llm_dir, tmp_path, capsys):
     good = ("--encoder", str(encoder_dir), "--llm", str(llm_dir), "--out", str(tmp_path / "vlm"))
     assert run(capsys, "build-vlm", *good) == 0

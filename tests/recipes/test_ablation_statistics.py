@@ -80,3 +80,41 @@ def test_different_answers_are_refused_with_the_record_named():
         paired_difference(a, a[:2])
     with pytest.raises(ValueError, match="no answers"):
         paired_difference([], [])
+
+
+def test_paired_comparisons_pair_each_arm_as_the_ablation_reads_them(tmp_path):
+    """SparseFormer vs the pooled arm of its N and vs the ViT, pooled vs the ViT; overall and per object size, each
+    row computed from that size's answers only, read from OUT/arms/NAME/eval_STAGE."""
+    from llava_adapter.evaluate import JSON_NAME
+    from mllm_sparse.files import write_json
+    from mllm_sparse_recipes.ablation import SIZES
+    from mllm_sparse_recipes.ablation.statistics import paired_comparisons
+
+    small, large = SIZES[0], SIZES[-1]
+    # 4 records of 2 turns: records 0-1 ask about small objects, 2-3 about large ones
+    right = {  # which answers each arm gets right, per record
+        "sparseformer-16": [[True, True], [True, True], [True, False], [False, False]],
+        "pooled-16": [[False, False], [False, True], [True, False], [False, False]],
+        "vit": [[True, True], [True, True], [True, True], [True, True]],
+    }
+    for name, correct in right.items():
+        rows = [
+            {"id": f"rec-{i}", "turn": t + 1, "correct": c, "target_size": small if i < 2 else large}
+            for i, turns in enumerate(correct)
+            for t, c in enumerate(turns)
+        ]
+        write_json(tmp_path / "arms" / name / "eval_stage2" / JSON_NAME, {"predictions": rows})
+    rows = paired_comparisons(tmp_path, ["sparseformer-16", "pooled-16", "vit"], "stage2")
+    assert [(r["a"], r["b"]) for r in rows] == [
+        ("sparseformer-16", "pooled-16"),
+        ("sparseformer-16", "vit"),
+        ("pooled-16", "vit"),
+    ]
+    sf_pooled, sf_vit, pooled_vit = rows
+    assert sf_pooled["all"]["difference"] == pytest.approx(3 / 8)
+    assert sf_pooled[small]["difference"] == pytest.approx(3 / 4) and sf_pooled[small]["answers"] == 4
+    assert sf_pooled[large]["difference"] == 0.0 and sf_pooled[large]["records"] == 2
+    assert sf_vit[small]["difference"] == 0.0 and sf_vit[large]["difference"] == pytest.approx(-3 / 4)
+    assert pooled_vit["all"]["difference"] == pytest.approx(-6 / 8)
+    assert all(r[size] is None for r in rows for size in SIZES[1:-1])  # no answers about those sizes
+    assert paired_comparisons(tmp_path, ["sparseformer-16", "vit"], "stage2")[0]["b"] == "vit"  # no pooled arm
