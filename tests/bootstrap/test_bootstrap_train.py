@@ -105,6 +105,12 @@ def test_token_loss_grad_accumulation_and_sampling_points_run(setup, tmp_path):
     cli_main(["bootstrap", *_args(setup, out, "--steps", "2", *extra)])
     report = json.loads((out / "bootstrap_report.json").read_text())
     assert report["steps"] == 2 and report["loss_terms"]["token_loss_weight"] == 0.5
+    # the same first step without the token term: same weights and batch, so the loss differs by the term alone
+    without = list(extra)
+    without[1] = "0"
+    cli_main(["bootstrap", *_args(setup, tmp_path / "no-tok", "--steps", "1", *without)])
+    first = json.loads((tmp_path / "no-tok" / "bootstrap_report.json").read_text())["loss_curve"][0]
+    assert report["loss_curve"][0] > first
     model = AutoModel.from_pretrained(out)
     assert model.config.num_sampling_points == 9
     with torch.no_grad():

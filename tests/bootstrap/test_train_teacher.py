@@ -103,7 +103,7 @@ def test_training_moves_the_weights_and_lowers_the_loss(tmp_path, trained_teache
         ]
     )
     curve = json.loads((out / "zero_shot.json").read_text())["loss_curve"]
-    assert curve[-1] < curve[0]
+    assert curve[-1] < 0.95 * curve[0]  # 12 steps at 3e-3 take off about a tenth (5.76 → 5.21 measured)
 
 
 def test_an_untrained_teacher_is_built_without_the_no_pretrained_weights_warning(trained_teacher, tmp_path, caplog):
