@@ -30,12 +30,14 @@ from .towers import layer_tokens, num_image_tokens
 
 
 def llava_model(model: nn.Module) -> LlavaForConditionalGeneration:
-    """The `LlavaForConditionalGeneration` inside DeepSpeed / DDP (`.module`) and peft wrappers."""
+    """The `LlavaForConditionalGeneration` inside DeepSpeed / DDP (`.module`), peft and `torch.compile` wrappers."""
     while not isinstance(model, LlavaForConditionalGeneration):
         if hasattr(model, "get_base_model"):
             model = model.get_base_model()
         elif isinstance(getattr(model, "module", None), nn.Module):
             model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
         else:
             raise TypeError(f"{type(model).__name__} holds no LlavaForConditionalGeneration")
     return model

@@ -155,6 +155,21 @@ def _load(image: ImageInput) -> Image.Image:
     raise TypeError(f"An image must be a PIL image or a file path, got {type(image).__name__}")
 
 
+def _one_image_per_row(rows: Sequence, images: Sequence | None, noun: str) -> list:
+    """`images` as a list with one entry per row (None: no images at all), or `ValueError` when the counts differ."""
+    images = [None] * len(rows) if images is None else list(images)
+    if len(images) != len(rows):
+        raise ValueError(f"Got {len(rows)} {noun} but {len(images)} images (use None for text-only rows)")
+    return images
+
+
+def _check_image_field(record: Mapping, index: int, image: ImageInput | None) -> None:
+    """A record with an "image" field needs an image, a record without one none."""
+    if has_image(record) != (image is not None):
+        need = "has an image field but no image was given" if image is None else "is text-only but got an image"
+        raise ValueError(f"{record_name(record, index)} (row {index}) {need}")
+
+
 def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
@@ -412,9 +427,7 @@ class ChatEngine:
         rows = list(records_or_prompts)
         if not rows:
             return []
-        images = [None] * len(rows) if images is None else list(images)
-        if len(images) != len(rows):
-            raise ValueError(f"Got {len(rows)} prompts but {len(images)} images (use None for text-only rows)")
+        images = _one_image_per_row(rows, images, "prompts")
         records, loaded = [], []
         for i, (row, image) in enumerate(zip(rows, images, strict=True)):
             if isinstance(row, str):
@@ -425,9 +438,7 @@ class ChatEngine:
             elif not isinstance(row, Mapping):
                 raise TypeError(f"Row {i}: expected a LLaVA record or a string, got {type(row).__name__}")
             validate_record(row, i, add_generation_prompt=True)
-            if has_image(row) != (image is not None):
-                need = "has an image field but no image was given" if image is None else "is text-only but got an image"
-                raise ValueError(f"{record_name(row, i)} (row {i}) {need}")
+            _check_image_field(row, i, image)
             records.append(row)
             loaded.append(None if image is None else _load(image))
         texts, _, _, _ = self._generate(records, loaded, gen_kwargs, stop=stop)
@@ -453,15 +464,11 @@ class ChatEngine:
         rows = list(records)
         if not rows:
             return []
-        images = [None] * len(rows) if images is None else list(images)
-        if len(images) != len(rows):
-            raise ValueError(f"Got {len(rows)} records but {len(images)} images (use None for text-only rows)")
+        images = _one_image_per_row(rows, images, "records")
         sequences, spans = [], []
         for i, (record, image) in enumerate(zip(rows, images, strict=True)):
             validate_record(record, i)
-            if has_image(record) != (image is not None):
-                need = "has an image field but no image was given" if image is None else "is text-only but got an image"
-                raise ValueError(f"{record_name(record, i)} (row {i}) {need}")
+            _check_image_field(record, i, image)
             ids, start, end = self._answer_span(record, i)
             sequences.append(ids)
             spans.append((start, end))

@@ -8,7 +8,10 @@ only in the vision tower, and one more with the teacher's full patch tokens:
                    bootstrapped here: `--bootstrap-data`, `--bootstrap-steps`), its CLS token dropped as LLaVA drops a
                    ViT's;
   pooled-N         the teacher ViT's patch tokens average-pooled to an n×n grid (N must be square);
-  vit              the teacher ViT's full patch tokens, LLaVA-style (`--baselines` drops it or the pooled arms).
+  vit              the teacher ViT's full patch tokens, LLaVA-style (`--baselines` drops it or the pooled arms);
+  elastic-N        with `--elastic`: ONE elastic SparseFormer bootstrapped for all the budgets (`--encoders
+                   elastic=DIR`, or here) and ONE LLaVA model trained with a budget drawn per batch, evaluated at
+                   each N: the claim that one model serves every budget, set beside the dedicated arms.
 
 Every arm starts from the same LLM (`--llm`) and is trained with the same data, steps and schedule in LLaVA's two
 stages (stage 1: the projector, the LLM frozen; stage 2 from it: the LLM and the projector; the tower frozen), then
@@ -18,7 +21,7 @@ scored by `eval-vlm` on `--test-data` after each stage. The report (`OUT/ablatio
   question-only prior (each question answered with its most frequent training answer);
 - paired differences on the same answers, with 95% cluster-bootstrap intervals over test records
   (`statistics.paired_difference`): each SparseFormer against the pooled arm of its N and against the ViT, each
-  pooled arm against the ViT;
+  pooled arm against the ViT, each elastic-N against the dedicated SparseFormer and the pooled arm of its N;
 - vision encode, LLM prefill and time to first token, every trained arm loaded side by side and timed round-robin on
   the same questions (batch 1);
 - plots: `ablation_accuracy.png` (accuracy against image tokens, overall and by object size) and
@@ -55,6 +58,7 @@ TRAINING_SETTINGS = (
     "stage1_epochs", "stage2_epochs", "batch_size", "lr", "projector_lr", "stage2_lr", "model_max_length",
     "train_args", "seed",
 )  # fmt: skip
+ELASTIC = "elastic"  # the elastic arm's folder (OUT/arms/elastic) and its encoder's key in --encoders
 
 
 @dataclass
@@ -72,6 +76,7 @@ class AblationSettings:
     bootstrap_data: Path | None = None
     bootstrap_steps: int = 2400
     baselines: list[str] = field(default_factory=lambda: list(BASELINES))
+    elastic: bool = False
     stage1_epochs: float = 1.0
     stage2_epochs: float = 1.0
     batch_size: int = defaults.VLM_BATCH_SIZE

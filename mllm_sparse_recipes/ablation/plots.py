@@ -35,8 +35,9 @@ def plot(report: dict[str, Any], out: Path, name: str = REPORT_NAME) -> list[Pat
     stage = list(next(iter(report["arms"].values())))[-1]
     arms = {n: r[stage] for n, r in report["arms"].items()}
     ticks = sorted({r["image_tokens"] for r in arms.values()})
-    methods = {"sparseformer": ("SparseFormer", "tab:red", "o"), "pooled": ("pooled ViT", "tab:blue", "s"),
-               "vit": ("ViT, all patches", "black", "*")}  # fmt: skip
+    methods = {"sparseformer": ("SparseFormer, one per budget", "tab:red", "o"),
+               "elastic": ("elastic SparseFormer, one model", "tab:orange", "D"),
+               "pooled": ("pooled ViT", "tab:blue", "s"), "vit": ("ViT, all patches", "black", "*")}  # fmt: skip
     written = []
 
     def curves(ax, value) -> None:

@@ -19,7 +19,7 @@ from mllm_sparse.training import latest_checkpoint
 
 from .. import defaults
 from ..stages import Stages, guard_settings
-from . import SETTINGS_FILE, TRAINING_SETTINGS, VLM_STAGES, AblationSettings
+from . import ELASTIC, SETTINGS_FILE, TRAINING_SETTINGS, VLM_STAGES, AblationSettings
 from .report import to_markdown, write_report
 from .statistics import paired_comparisons, predictions, scores
 
@@ -63,9 +63,12 @@ def resolve(args: AblationSettings) -> dict[str, Any]:
             raise ValueError(f"--budgets: {n} is not a positive number of tokens")
         if "pooled" in args.baselines and math.isqrt(n) ** 2 != n:
             raise ValueError(f"--budgets: {n} is not a square number (a pooled arm is an n×n grid)")
-    encoders = {}
+    encoders, elastic_encoder = {}, None
     for spec in args.encoders:
         tokens, sep, folder = spec.partition("=")
+        if sep and tokens == ELASTIC:
+            elastic_encoder = checked_elastic_encoder(spec, Path(folder), budgets, args.elastic)
+            continue
         if not sep or not tokens.isdigit():
             raise ValueError(f"--encoders {spec!r}: expected N=DIR, e.g. 16=runs/encoder")
         if int(tokens) not in budgets:
@@ -86,7 +89,7 @@ def resolve(args: AblationSettings) -> dict[str, Any]:
             raise ValueError(f"{flag} must be positive, got {value}")
     if args.timing_questions < 0:
         raise ValueError(f"--timing-questions must be 0 or more, got {args.timing_questions}")
-    missing = [n for n in budgets if n not in encoders]
+    missing = [n for n in budgets if n not in encoders] + ([ELASTIC] if args.elastic and not elastic_encoder else [])
     llm = check_llm(args.llm)
     if args.llm in TINY_LLMS and world is None and args.tokenizer_corpus is None:
         raise ValueError(f"--llm {args.llm} is trained from scratch: give --tokenizer-corpus (or --world)")
@@ -95,6 +98,8 @@ def resolve(args: AblationSettings) -> dict[str, Any]:
         "budgets": budgets,
         "encoders": encoders,
         "baselines": list(args.baselines),
+        "elastic": args.elastic,
+        "elastic_encoder": elastic_encoder,
         "llm": llm,
         "train_data": from_world(args.train_data, "llava_train.json", "--train-data"),
         "image_folder": from_world(args.image_folder, ".", "--image-folder"),
@@ -116,6 +121,19 @@ def resolve(args: AblationSettings) -> dict[str, Any]:
         "timing_questions": args.timing_questions,
         "seed": args.seed,
     }  # fmt: skip
+
+
+def checked_elastic_encoder(spec: str, folder: Path, budgets: list[int], elastic: bool) -> str:
+    """The folder of `--encoders elastic=DIR`, resolved, once it is known to serve every budget."""
+    if not elastic:
+        raise ValueError(f"--encoders {spec!r}: an elastic encoder is for --elastic")
+    config = folder / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"--encoders {spec!r}: no config.json in {folder}")
+    served = read_json(config).get("budgets") or []
+    if unserved := [n for n in budgets if n not in served]:
+        raise ValueError(f"--encoders {spec!r}: that encoder serves {served} latent tokens, not {unserved}")
+    return str(folder.resolve())
 
 
 def checked_train_args(train_args: str) -> str:
@@ -141,7 +159,7 @@ def check_settings(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
         recorded = out / "arms" / name / "arm.json"
         if recorded.is_file() and isinstance(read_json(recorded).get("tower"), list):
             write_json(recorded, {**read_json(recorded), "tower": tower_of_arguments(read_json(recorded)["tower"])})
-        guard_settings(recorded, arm_recipe(settings, tower), f"arm {name}")
+        guard_settings(recorded, arm_recipe(settings, tower, name), f"arm {name}")
     write_json(path, settings)
     return settings
 
@@ -159,28 +177,43 @@ def tower_of_arguments(arguments: list[str]) -> dict[str, Any]:
     return tower
 
 
-def arm_recipe(settings: dict[str, Any], tower: dict[str, Any]) -> dict[str, Any]:
-    """What an arm is built and trained from (its `arm.json`)."""
+def arm_recipe(settings: dict[str, Any], tower: dict[str, Any], name: str) -> dict[str, Any]:
+    """What an arm is built and trained from (its `arm.json`); the elastic arm also records the budgets it draws."""
     skip = ("bootstrap_data", "bootstrap_steps")  # the encoder's business: its folder is in `tower`
-    return {"tower": tower, "tokenizer_corpus": settings["tokenizer_corpus"],
+    drawn = {"budgets": settings["budgets"]} if name == ELASTIC else {}
+    return {"tower": tower, "tokenizer_corpus": settings["tokenizer_corpus"], **drawn,
             **{k: settings[k] for k in TRAINING_SETTINGS if k not in skip}}  # fmt: skip
 
 
-def encoder_folders(settings: dict[str, Any], out: Path) -> dict[int, str]:
-    """The encoder of every budget: the given one, or where this ablation bootstraps it (OUT/encoders/nN)."""
-    return {n: settings["encoders"].get(n) or str((out / "encoders" / f"n{n}").resolve()) for n in settings["budgets"]}
+def encoder_folders(settings: dict[str, Any], out: Path) -> dict[int | str, str]:
+    """The encoder of every budget: the given one, or where this ablation bootstraps it (OUT/encoders/nN); with
+    --elastic, under "elastic" the elastic one (given, or OUT/encoders/elastic)."""
+    folders: dict[int | str, str] = {
+        n: settings["encoders"].get(n) or str((out / "encoders" / f"n{n}").resolve()) for n in settings["budgets"]
+    }
+    if settings.get("elastic"):
+        folders[ELASTIC] = settings.get("elastic_encoder") or str((out / "encoders" / ELASTIC).resolve())
+    return folders
 
 
-def arm_towers(settings: dict[str, Any], encoders: dict[int, str]) -> dict[str, dict[str, Any]]:
+def arm_towers(settings: dict[str, Any], encoders: dict[int | str, str]) -> dict[str, dict[str, Any]]:
     """Arm name → its tower (`BuildVlmSettings` fields), in report order: vit, then per budget sparseformer-N,
-    pooled-N."""
+    pooled-N, then the elastic arm."""
     teacher = settings["teacher"]
     towers = {"vit": {"encoder": teacher}} if "vit" in settings["baselines"] else {}
     for n in settings["budgets"]:
         towers[f"sparseformer-{n}"] = {"encoder": encoders[n]}
         if "pooled" in settings["baselines"]:
             towers[f"pooled-{n}"] = {"encoder": teacher, "num_latent_tokens": n}
+    if settings.get("elastic"):
+        towers[ELASTIC] = {"encoder": encoders[ELASTIC]}
     return towers
+
+
+def arm_views(settings: dict[str, Any], name: str) -> dict[str, int | None]:
+    """The rows a trained arm gives the report, each with the budget it is scored at (None: its own): the elastic
+    arm one per budget (elastic-N, scored into OUT/arms/elastic-N), every other arm itself."""
+    return {f"{ELASTIC}-{n}": n for n in settings["budgets"]} if name == ELASTIC else {name: None}
 
 
 def share_file(source: Path, target: Path) -> None:
@@ -202,18 +235,20 @@ def bootstrap_encoders(settings: dict[str, Any], out: Path) -> dict[int, str]:
     encoders = encoder_folders(settings, out)
     stages = Stages(out / "encoders", "ablate")
     cache = None
-    for n in settings["budgets"]:
-        if n in settings["encoders"]:
-            continue
+    missing = [n for n in settings["budgets"] if n not in settings["encoders"]]
+    if settings.get("elastic") and not settings.get("elastic_encoder"):
+        missing.append(ELASTIC)  # one student for every budget, the largest its default
+    for n in missing:
         folder = Path(encoders[n])
         if cache is not None and not (folder / cache.name).exists():
             share_file(cache, folder / cache.name)
+        elastic = {"budgets": settings["budgets"]} if n == ELASTIC else {}
         encoder = defaults.bootstrap_settings(
-            settings["teacher"], Path(settings["bootstrap_data"]), folder, n, settings["bootstrap_steps"],
-            cache_teacher=True, save_every=max(1, settings["bootstrap_steps"] // 4), seed=settings["seed"],
-            resume=latest_checkpoint(folder) is not None,
+            settings["teacher"], Path(settings["bootstrap_data"]), folder, max(settings["budgets"]) if elastic else n,
+            settings["bootstrap_steps"], cache_teacher=True, save_every=max(1, settings["bootstrap_steps"] // 4),
+            seed=settings["seed"], resume=latest_checkpoint(folder) is not None, **elastic,
         )  # fmt: skip
-        stages.run(f"n{n}", folder, lambda encoder=encoder: bootstrap_train.run(encoder), resumable=True)
+        stages.run(str(n) if elastic else f"n{n}", folder, lambda e=encoder: bootstrap_train.run(e), resumable=True)
         cache = next(folder.glob("teacher_cache*.safetensors"), None)
     return encoders
 
@@ -228,7 +263,7 @@ def train_arm(settings: dict[str, Any], name: str, tower: dict[str, Any], out: P
 
     folder = out / "arms" / name
     if not (folder / "arm.json").is_file():  # a recorded one was checked by `check_settings`
-        write_json(folder / "arm.json", arm_recipe(settings, tower))
+        write_json(folder / "arm.json", arm_recipe(settings, tower, name))
     stages = Stages(folder, f"ablate {name}")
     seed = settings["seed"]
     stages.run("base", folder / "base", lambda: build_vlm(BuildVlmSettings(
@@ -244,31 +279,35 @@ def train_arm(settings: dict[str, Any], name: str, tower: dict[str, Any], out: P
 
         def train_stage(start=start, out=folder / stage, epochs=epochs, lr=lr, projector_lr=projector_lr) -> None:
             extra = train.parse_overrides(shlex.split(settings["train_args"]))
+            if name == ELASTIC:
+                extra["budgets"] = settings["budgets"]  # a budget drawn per batch
             train.run(*defaults.train_vlm_settings(
                 start, out, data, images, epochs, lr, projector_lr, batch_size=settings["batch_size"], seed=seed,
                 model_max_length=settings["model_max_length"], overrides=extra))  # fmt: skip
 
         stages.run(stage, folder / stage, train_stage, resumable=True, inputs=(before,))
-        evaluation = folder / f"eval_{stage}"
-        scored = evaluation / evaluate.JSON_NAME
-        if stages.is_done(evaluation.name) and read_json(scored).get("limit") != settings["eval_limit"]:
-            stages.marker(evaluation.name).unlink()  # scored on other records: score again
-        scoring = replace(defaults.eval_vlm_settings(folder / stage, Path(settings["test_data"]), images, evaluation,
-                                                     settings["eval_limit"], progress=False),
-                          max_new_tokens=settings["max_new_tokens"])  # fmt: skip
-        stages.run(evaluation.name, evaluation, lambda scoring=scoring: evaluate.run(scoring))
+        for view, budget in arm_views(settings, name).items():
+            view_stages = stages if view == name else Stages(out / "arms" / view, f"ablate {view}")
+            evaluation = out / "arms" / view / f"eval_{stage}"
+            scored = evaluation / evaluate.JSON_NAME
+            if view_stages.is_done(evaluation.name) and read_json(scored).get("limit") != settings["eval_limit"]:
+                view_stages.marker(evaluation.name).unlink()  # scored on other records: score again
+            scoring = replace(defaults.eval_vlm_settings(folder / stage, Path(settings["test_data"]), images,
+                                                         evaluation, settings["eval_limit"], progress=False),
+                              max_new_tokens=settings["max_new_tokens"], num_latent_tokens=budget)  # fmt: skip
+            view_stages.run(evaluation.name, evaluation, lambda scoring=scoring: evaluate.run(scoring))
 
 
 def stage_names(settings: dict[str, Any]) -> list[str]:
     return list(VLM_STAGES if settings["stage2_epochs"] else VLM_STAGES[:1])
 
 
-def arm_summary(folder: Path, stage: str) -> dict[str, Any]:
-    """An arm's scores after `stage`, and the seconds its training took up to there."""
+def arm_summary(out: Path, view: str, arm: str, stage: str) -> dict[str, Any]:
+    """A report row's scores after `stage` (OUT/arms/VIEW), and the seconds its arm's training took up to there."""
     from llava_adapter.evaluate import JSON_NAME
 
-    report = read_json(folder / f"eval_{stage}" / JSON_NAME)
-    seconds = Stages(folder, "").seconds()
+    report = read_json(out / "arms" / view / f"eval_{stage}" / JSON_NAME)
+    seconds = Stages(out / "arms" / arm, "").seconds()
     trained = VLM_STAGES[: VLM_STAGES.index(stage) + 1]
     return {
         "image_tokens": report["throughput"]["num_image_tokens"],
@@ -278,18 +317,23 @@ def arm_summary(folder: Path, stage: str) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def time_side_by_side(out: Path, names: list[str], stage: str, test_data: Path, image_folder: Path, questions: int):
-    """Median encode / prefill / time to first token per arm (batch 1, KV cache), the arms interleaved question by
-    question in one process so that they see the same machine load."""
+def time_side_by_side(
+    out: Path, views: dict[str, tuple[str, int | None]], stage: str, test_data: Path, image_folder: Path, questions: int
+):
+    """Median encode / prefill / time to first token per report row (`views`: row → (arm, budget); batch 1, KV
+    cache), the rows interleaved question by question in one process so that they see the same machine load; an
+    elastic arm is loaded once and run at each row's budget."""
     from llava_adapter.chat import ChatEngine
 
-    engines = {n: ChatEngine.from_pretrained(out / "arms" / n / stage) for n in names}
+    engines = {arm: ChatEngine.from_pretrained(out / "arms" / arm / stage) for arm, _ in views.values()}
     records = [r for r in read_json(test_data) if "image" in r][:questions]
-    samples: dict[str, dict[str, list[float]]] = {n: {"encode": [], "prefill": [], "ttft": []} for n in names}
+    samples: dict[str, dict[str, list[float]]] = {n: {"encode": [], "prefill": [], "ttft": []} for n in views}
     for warm in (True, False):
         for record in records[:2] if warm else records:
             question = record["conversations"][0]["value"]
-            for name, engine in engines.items():
+            for name, (arm, budget) in views.items():
+                engine = engines[arm]
+                engine.num_latent_tokens = budget
                 engine.reset()
                 t = engine.chat(question, image_folder / record["image"], max_new_tokens=1).timings
                 if not warm:
@@ -308,7 +352,8 @@ def train_score_and_compare(settings: dict[str, Any], out: Path) -> dict[str, An
     towers = arm_towers(settings, encoders)
     for name, tower in towers.items():
         train_arm(settings, name, tower, out)
-    names, stages = list(towers), stage_names(settings)
+    views = {view: (arm, budget) for arm in towers for view, budget in arm_views(settings, arm).items()}
+    names, stages = list(views), stage_names(settings)
     final = stages[-1]
     first_predictions = predictions(out, names[0], "stage1")
     prior = question_only_prior(settings["train_data"], first_predictions)
@@ -316,10 +361,10 @@ def train_score_and_compare(settings: dict[str, Any], out: Path) -> dict[str, An
         "settings": settings,
         "encoders": {str(n): d for n, d in encoders.items()},
         "prior": {"image_tokens": 0, **scores(prior)},
-        "arms": {n: {s: arm_summary(out / "arms" / n, s) for s in stages} for n in names},
+        "arms": {n: {s: arm_summary(out, n, views[n][0], s) for s in stages} for n in names},
         "paired": {s: paired_comparisons(out, names, s) for s in stages},
         "timing": time_side_by_side(
-            out, names, final, Path(settings["test_data"]), Path(settings["image_folder"]), settings["timing_questions"]
+            out, views, final, Path(settings["test_data"]), Path(settings["image_folder"]), settings["timing_questions"]
         ),  # fmt: skip
     }
     return report

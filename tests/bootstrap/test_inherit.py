@@ -170,6 +170,16 @@ def test_converters_refuse_unknown_keys_and_missing_blocks(open_clip_teacher, hf
     } | {"norm.weight", "norm.bias", "proj.weight"}
 
 
+def test_a_dual_tower_checkpoint_gives_only_its_vision_side(hf_teacher):
+    """A full HF CLIP checkpoint carries the text tower, its projection and the logit scale: all are left out."""
+    vision = hf_teacher.model.state_dict()  # vision_model.* and visual_projection.*
+    text = {"text_model.embeddings.token_embedding.weight": torch.zeros(4, 2), "text_projection.weight":
+            torch.zeros(2, 2), "logit_scale": torch.zeros(()), "logit_bias": torch.zeros(())}  # fmt: skip
+    plain = hf_clip_visual_to_sparseformer(hf_teacher.model.state_dict(), {5: 9})
+    both = hf_clip_visual_to_sparseformer({**vision, **text}, {5: 9})
+    assert plain.keys() == both.keys() and all(torch.equal(plain[k], both[k]) for k in plain)
+
+
 def test_a_batched_positional_embedding_converts_as_the_plain_one(open_clip_teacher):
     """Some exports keep open_clip's positional embedding as [1, P, C]: the HF tower gets the same [P, C] table."""
     state = open_clip_teacher.model.visual.state_dict()

@@ -34,6 +34,8 @@ def _targets() -> dict[str, torch.Tensor]:
 def _loss(out: SimpleNamespace, targets: dict, token_weight: float, region_weight: float) -> torch.Tensor:
     def model(pixels, output_hidden_states=None, num_latent_tokens=None):
         assert num_latent_tokens == 3  # the student runs at the budget the loss reads
+        # hidden states (every unit's tokens, a cost) are asked for only when a token term reads them
+        assert output_hidden_states is (True if token_weight > 0 or region_weight > 0 else None)
         return out
 
     return alignment_loss(

@@ -76,3 +76,13 @@ def test_the_loss_is_small_when_the_tokens_are_the_patches_and_reaches_tokens_an
     assert tokens.grad.abs().sum() > 0 and rois.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="token-loss-layer"):
         region_distill_loss(torch.randn(2, 16, 4), rois, patches, boxes)
+
+
+def test_a_box_of_no_width_still_weighs_every_token_finitely():
+    """A degenerate box (x1 = x2): each token's mass inside it underflows towards 0 in float32; the weights stay
+    finite and sum to 1 rather than turning NaN."""
+    rois = torch.tensor([[[0.0, 0.0, 1.0, 1.0], [0.2, 0.2, 0.4, 0.4]]])
+    boxes = torch.tensor([[[0.3, 0.1, 0.3, 0.9], [0.5, 0.5, 0.5 + 1e-7, 0.6]]])
+    weights = roi_box_weights(rois, boxes)
+    assert torch.isfinite(weights).all()
+    torch.testing.assert_close(weights.sum(-1), torch.ones(1, 2))

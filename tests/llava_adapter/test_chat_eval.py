@@ -14,7 +14,7 @@ from transformers import AutoProcessor
 
 from llava_adapter.chat import ChatEngine
 from llava_adapter.conversation import RecordError
-from llava_adapter.evaluate import load_records, normalize_answer, questions
+from llava_adapter.evaluate import accuracy_by, load_records, normalize_answer, questions
 from mllm_sparse_recipes.cli import main as cli_main
 
 N_TOKENS = 15  # test_sparseformer_btsp: its 15 latent tokens (the CLS token is dropped)
@@ -289,3 +289,17 @@ def test_questions_skip_a_leading_system_turn(tmp_path):
     assert (first.question, first.gold, first.turn) == ("How many stars?", "3", 0)
     assert (second.question, second.gold, second.turn) == ("And circles?", "1", 1)
     assert [t["from"] for t in second.prompt["conversations"]] == ["system", "human", "gpt", "human"]
+
+
+def test_accuracy_by_counts_each_key_and_skips_rows_without_one():
+    rows = [
+        {"type": "colour", "correct": True},
+        {"type": "colour", "correct": False},
+        {"type": "count", "correct": True},
+        {"type": "colour", "correct": True},
+        {"type": None, "correct": True},
+    ]
+    assert accuracy_by(rows, lambda r: r["type"]) == {
+        "colour": {"correct": 2, "total": 3, "accuracy": 2 / 3},
+        "count": {"correct": 1, "total": 1, "accuracy": 1.0},
+    }

@@ -353,6 +353,10 @@ def test_layer_tokens_read_the_budget_from_each_tower_config():
     assert [num_image_tokens(elastic, -2, strategy, 4) for strategy in ("default", "full")] == [4, 5]
     with pytest.raises(ValueError, match=r"num_latent_tokens=5: this sparseformer elastic tower serves \[4, 9, 15\]"):
         num_image_tokens(elastic, -2, "default", 5)
+    with pytest.raises(ValueError, match=r"num_latent_tokens=9: this sparseformer tower serves only \[15\]"):
+        num_image_tokens(with_cls, -2, "default", 9)
+    with pytest.raises(ValueError, match="must be a square number"):
+        PooledVisionConfig(clip, num_latent_tokens=0)
 
 
 def no_cls_sparseformer():

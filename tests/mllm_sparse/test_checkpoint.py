@@ -3,6 +3,7 @@ import pickle
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,15 +95,22 @@ def test_checkpoint_of_another_preset_is_refused(tmp_path, v1_model):
 
 
 class _Evil:
+    """Unpickled without `weights_only`, it creates the file `witness`."""
+
+    def __init__(self, witness: Path):
+        self.witness = str(witness)
+
     def __reduce__(self):
-        return (print, ("pickle code ran",))
+        return (open, (self.witness, "w"))
 
 
 def test_pickles_are_loaded_weights_only(tmp_path):
+    witness = tmp_path / "pickle-code-ran"
     with open(tmp_path / "evil.pth", "wb") as f:
-        pickle.dump({"model": _Evil()}, f)
-    with pytest.raises(ValueError, match="weights-only"):
+        pickle.dump({"model": _Evil(witness)}, f)
+    with pytest.raises(ValueError, match="Cannot read .*evil.pth as a weights-only PyTorch checkpoint"):
         mllm_sparse.create_model("test_sparseformer_btsp", pretrained=tmp_path / "evil.pth")
+    assert not witness.exists()
 
 
 def test_missing_and_non_state_dict_files(tmp_path):

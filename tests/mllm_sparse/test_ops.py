@@ -37,6 +37,17 @@ def test_sampling_points_are_standardised_inside_the_roi():
     )
 
 
+def test_eps_keeps_points_of_a_token_with_almost_no_spread_near_its_centre():
+    """Offsets that barely differ (std of order eps): eps is added to the std, so the points move by
+    offset / (3 (std + eps)) of the RoI size, less than the well-spread case's, never more."""
+    rois = torch.tensor([[[0.0, 0.0, 1.0, 1.0]]])
+    d = 1e-5
+    offsets = torch.tensor([[[d, d, -d, -d]]])  # two points, x and y offsets ±d: std over the points √2·d
+    points = sampling_points(rois, offsets)[0, 0]
+    expected = d / (3 * (2**0.5 * d + 1e-5))
+    torch.testing.assert_close(points, torch.tensor([[0.5 + expected] * 2, [0.5 - expected] * 2]))
+
+
 def test_sample_features_is_bilinear_with_pixel_centres():
     feat = torch.arange(2 * 4 * 6, dtype=torch.float32).view(1, 2, 4, 6)
     # Normalised (x, y) at pixel centres: x = (col + 0.5) / W.

@@ -86,18 +86,37 @@ def test_every_arm_is_trained_scored_compared_timed_and_plotted(ablation_dir, sm
     assert "![accuracy against image tokens](ablation_accuracy.png)" in markdown
 
 
-def test_a_budget_added_later_reuses_the_trained_arms(ablation_dir, smoke_run, tmp_path, capsys):
+def test_a_budget_added_later_reuses_the_trained_arms_and_an_elastic_arm_serves_both(
+    ablation_dir, smoke_run, tmp_path, capsys
+):
     out = copy_of(ablation_dir, tmp_path)
     argv = [*parts(smoke_run), "--budgets", "9", "4", "--encoders", f"9={smoke_run / 'encoder'}",
-            "--bootstrap-steps", "2", "--baselines", *TINY, "--out", str(out)]  # fmt: skip
+            "--bootstrap-steps", "2", "--baselines", "--elastic", *TINY, "--out", str(out)]  # fmt: skip
     capsys.readouterr()
     assert cli_main(["ablate", *argv]) == 0
     printed = capsys.readouterr().out
     assert printed.count("done earlier") == 5  # sparseformer-9's base, 2 stages, 2 evaluations
     report = json.loads((out / "ablation.json").read_text())
-    assert list(report["arms"]) == ["sparseformer-9", "sparseformer-4"]  # no baselines asked for this time
+    # no baselines asked for this time; one elastic model scored at each budget
+    assert list(report["arms"]) == ["sparseformer-9", "sparseformer-4", "elastic-9", "elastic-4"]
     encoder = json.loads((out / "encoders" / "n4" / "config.json").read_text())
     assert encoder["num_latent_tokens"] == 4 and report["encoders"]["4"] == str(out / "encoders" / "n4")
+
+    elastic = json.loads((out / "encoders" / "elastic" / "config.json").read_text())
+    assert elastic["budgets"] == [4, 9] and elastic["num_latent_tokens"] == 9
+    assert {n: report["arms"][f"elastic-{n}"]["stage2"]["image_tokens"] for n in (9, 4)} == {9: 9, 4: 4}
+    assert sorted(p.name for p in (out / "arms").iterdir() if p.name.startswith("elastic")) == [
+        "elastic", "elastic-4", "elastic-9"]  # fmt: skip
+    assert not (out / "arms" / "elastic-4" / "stage2").exists()  # scored there, trained once in arms/elastic
+    scored = json.loads((out / "arms" / "elastic-4" / "eval_stage2" / "eval_vlm.json").read_text())
+    assert scored["model"].endswith("arms/elastic/stage2") and scored["num_latent_tokens"] == 4
+    recipe = json.loads((out / "arms" / "elastic" / "arm.json").read_text())
+    assert recipe["budgets"] == [9, 4] and recipe["tower"] == {"encoder": str(out / "encoders" / "elastic")}
+    pairs = [(p["a"], p["b"]) for p in report["paired"]["stage2"]]
+    assert pairs == [("elastic-9", "sparseformer-9"), ("elastic-4", "sparseformer-4")]
+    seconds = {n: report["arms"][n]["stage2"]["train_seconds"] for n in ("elastic-9", "elastic-4")}
+    assert seconds["elastic-9"] == seconds["elastic-4"] > 0  # one training, shared
+    assert {"elastic-9", "elastic-4"} <= set(report["timing"])
     assert report["arms"]["sparseformer-4"]["stage2"]["image_tokens"] == 4
     settings = json.loads((out / ablation.SETTINGS_FILE).read_text())
     assert settings["bootstrap_steps"] == 2
@@ -142,6 +161,8 @@ def test_other_training_settings_are_refused(ablation_dir, smoke_run, tmp_path, 
         (["--budgets", "9", "--encoders", "4=ENCODER"], "4 is not one of --budgets [9]"),
         (["--budgets", "9", "--threads", "0"], "--threads must be positive"),
         (["--budgets", "0"], "0 is not a positive number of tokens"),
+        (["--budgets", "9", "--encoders", "elastic=ENCODER"], "an elastic encoder is for --elastic"),
+        (["--budgets", "9", "4", "--elastic", "--encoders", "elastic=ENCODER"], "serves [] latent tokens, not [9, 4]"),
     ],
 )
 def test_bad_arguments_fail_before_any_work(smoke_run, tmp_path, capsys, extra, message):

@@ -118,3 +118,14 @@ def test_paired_comparisons_pair_each_arm_as_the_ablation_reads_them(tmp_path):
     assert pooled_vit["all"]["difference"] == pytest.approx(-6 / 8)
     assert all(r[size] is None for r in rows for size in SIZES[1:-1])  # no answers about those sizes
     assert paired_comparisons(tmp_path, ["sparseformer-16", "vit"], "stage2")[0]["b"] == "vit"  # no pooled arm
+
+
+def test_the_result_does_not_depend_on_the_order_of_the_predictions():
+    """Reports list predictions in any order: the same answers give the same interval, draw for draw."""
+    rng = random.Random(2)
+    a = predictions([[rng.random() < 0.7 for _ in range(2)] for _ in range(40)])
+    b = predictions([[rng.random() < 0.5 for _ in range(2)] for _ in range(40)])
+    shuffled_a, shuffled_b = a[:], b[:]
+    random.Random(3).shuffle(shuffled_a)
+    random.Random(4).shuffle(shuffled_b)
+    assert paired_difference(shuffled_a, shuffled_b) == paired_difference(a, b)
