@@ -64,7 +64,7 @@ def image_token_regions(model, pixel_values: Tensor) -> Tensor:
         reach past the image's border; the other towers' boxes are fixed cells.
     """
     config = model.config
-    vision = config.vision_config
+    vision = model.model.vision_tower.config  # the tower's own: `vlm_budget` sets its budget there
     layer = config.vision_feature_layer
     if not isinstance(layer, int):
         raise ValueError(f"image_token_regions needs one vision_feature_layer, got {layer!r}")

@@ -45,13 +45,20 @@ class PooledVisionConfig(PretrainedConfig):
         num_latent_tokens: the token budget, pooled patch tokens per image (n×n) that the LLM reads; the CLS token is
             kept in front of them and not counted, so LLaVA's "default" selection strategy (drop the first token)
             yields exactly `num_latent_tokens`. A config saved with the old key `num_tokens` (same meaning) loads.
+            With `budgets`, the default one.
+        budgets: square token counts one model serves by pooling to each grid (M3-style nested scales; pooling has
+            no weights, so every budget shares them all); `forward(..., num_latent_tokens=N)` picks one. None: one.
     """
 
     model_type = "pooled_vision"
     sub_configs = {"vision_config": CLIPVisionConfig}
 
     def __init__(
-        self, vision_config: CLIPVisionConfig | dict | None = None, num_latent_tokens: int | None = None, **kwargs
+        self,
+        vision_config: CLIPVisionConfig | dict | None = None,
+        num_latent_tokens: int | None = None,
+        budgets: list[int] | None = None,
+        **kwargs,
     ):
         legacy = kwargs.pop("num_tokens", None)  # the key's name in configs saved before the rename
         if legacy is not None and num_latent_tokens is not None and legacy != num_latent_tokens:
@@ -63,20 +70,31 @@ class PooledVisionConfig(PretrainedConfig):
         if isinstance(vision_config, dict):
             vision_config = CLIPVisionConfig(**vision_config)
         self.vision_config = vision_config if vision_config is not None else CLIPVisionConfig()
-        if num_latent_tokens < 1 or math.isqrt(num_latent_tokens) ** 2 != num_latent_tokens:
-            raise ValueError(
-                f"PooledVisionConfig: num_latent_tokens must be a square number (n×n grid), got {num_latent_tokens}"
-            )
-        side = math.isqrt(num_latent_tokens)
         grid = self.vision_config.image_size // self.vision_config.patch_size
-        if side > grid:
-            raise ValueError(f"PooledVisionConfig: a {side}×{side} grid cannot pool a {grid}×{grid} patch grid")
+        for n in [num_latent_tokens, *(budgets or [])]:
+            if n < 1 or math.isqrt(n) ** 2 != n:
+                raise ValueError(f"PooledVisionConfig: num_latent_tokens must be a square number (n×n grid), got {n}")
+            if math.isqrt(n) > grid:
+                side = math.isqrt(n)
+                raise ValueError(f"PooledVisionConfig: a {side}×{side} grid cannot pool a {grid}×{grid} patch grid")
+        if budgets is not None and num_latent_tokens not in budgets:
+            raise ValueError(f"PooledVisionConfig: the default budget {num_latent_tokens} is not among {budgets}")
         self.num_latent_tokens = num_latent_tokens
+        self.budgets = sorted(set(budgets)) if budgets else None
         super().__init__(**kwargs)
 
     @property
     def hidden_size(self) -> int:
         return self.vision_config.hidden_size
+
+    def budget(self, num_latent_tokens: int | None = None) -> int:
+        """The pooled-token count to run: `num_latent_tokens` (None: the default), one of the served budgets."""
+        if num_latent_tokens is None:
+            return self.num_latent_tokens
+        served = self.budgets or [self.num_latent_tokens]
+        if int(num_latent_tokens) not in served:
+            raise ValueError(f"num_latent_tokens={num_latent_tokens}: this pooled tower serves {served}")
+        return int(num_latent_tokens)
 
     @property
     def image_size(self) -> int:
@@ -105,12 +123,13 @@ class PooledVisionModel(PreTrainedModel):
         self.vit = AutoModel.from_config(config.vision_config)
         self.post_init()
 
-    def pool(self, tokens: Tensor) -> Tensor:
-        """[B, 1 + P, C] CLS + patch tokens → [B, 1 + n², C] CLS + average-pooled patch grid (row-major)."""
+    def pool(self, tokens: Tensor, num_latent_tokens: int | None = None) -> Tensor:
+        """[B, 1 + P, C] CLS + patch tokens → [B, 1 + n², C] CLS + average-pooled patch grid (row-major), n² the
+        budget (None: the default)."""
         cls, patches = tokens[:, :1], tokens[:, 1:]
         batch, num_patches, width = patches.shape
         grid = math.isqrt(num_patches)
-        side = math.isqrt(self.config.num_latent_tokens)
+        side = math.isqrt(self.config.budget(num_latent_tokens))
         patches = patches.transpose(1, 2).reshape(batch, width, grid, grid)
         pooled = F.adaptive_avg_pool2d(patches, side).flatten(2).transpose(1, 2)
         return torch.cat([cls, pooled], dim=1)
@@ -120,19 +139,21 @@ class PooledVisionModel(PreTrainedModel):
         pixel_values: Tensor,
         output_hidden_states: bool | int | list[int] | None = None,
         return_dict: bool | None = None,
+        num_latent_tokens: int | None = None,
         **kwargs,
     ) -> PooledVisionOutput:
-        """[B, 3, S, S] → pooled tokens. `output_hidden_states` may be an int or list (HF's `vision_feature_layer`):
-        only those entries are pooled and the others are None."""
+        """[B, 3, S, S] → pooled tokens at budget `num_latent_tokens` (None: the default). `output_hidden_states`
+        may be an int or list (HF's `vision_feature_layer`): only those entries are pooled and the others are None."""
+        n = self.config.budget(num_latent_tokens)
         out = self.vit(pixel_values=pixel_values, output_hidden_states=True, return_dict=True)
         hidden = out.hidden_states
         keep = selected_hidden_states(output_hidden_states, len(hidden))
         return PooledVisionOutput(
-            last_hidden_state=self.pool(out.last_hidden_state),
+            last_hidden_state=self.pool(out.last_hidden_state, n),
             pooler_output=out.pooler_output,
             hidden_states=None
             if keep is None
-            else tuple(self.pool(h) if i in keep else None for i, h in enumerate(hidden)),
+            else tuple(self.pool(h, n) if i in keep else None for i, h in enumerate(hidden)),
         )
 
 
@@ -173,7 +194,7 @@ def layer_tokens(vision_config: PretrainedConfig, layer: int) -> LayerTokens:
         return LayerTokens(n, has_cls, vision_config.width_configs[unit], budgets)
     if isinstance(vision_config, PooledVisionConfig):
         n = vision_config.num_latent_tokens
-        return LayerTokens(n, True, vision_config.hidden_size, (n,))
+        return LayerTokens(n, True, vision_config.hidden_size, tuple(vision_config.budgets or [n]))
     if isinstance(vision_config, (CLIPVisionConfig, SiglipVisionConfig)):
         patches = (vision_config.image_size // vision_config.patch_size) ** 2
         return LayerTokens(patches, isinstance(vision_config, CLIPVisionConfig), vision_config.hidden_size, (patches,))

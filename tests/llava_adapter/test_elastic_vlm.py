@@ -223,3 +223,34 @@ def test_elastic_stage1_trains_the_projector_at_every_drawn_budget(
     assert (out / "mm_projector.safetensors").is_file()
     with pytest.raises(ValueError, match=r"num_latent_tokens=16: this sparseformer elastic tower serves \[4, 9, 15\]"):
         train.main([*args[:-3], "16", "--output_dir", str(tmp_path / "bad")])
+
+
+def test_a_pooled_tower_with_nested_budgets_serves_each_from_one_model(tokenizer):
+    """M3-style: one pooled ViT tower, budgets 1, 4 and 16 (nested grids), one LLaVA model."""
+    from tiny_vlm import tiny_llm
+    from transformers import CLIPVisionConfig
+
+    from llava_adapter.modeling import build_vlm
+    from llava_adapter.token_regions import image_token_regions
+    from llava_adapter.towers import PooledVisionConfig, PooledVisionModel, image_token_table
+
+    torch.manual_seed(0)
+    clip = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                            image_size=64, patch_size=16)  # fmt: skip
+    tower = PooledVisionModel(PooledVisionConfig(clip, num_latent_tokens=16, budgets=[1, 4, 16]))
+    model = build_vlm(tower, tiny_llm(tokenizer), tokenizer).eval()
+    assert image_token_table(model.config) == {1: 1, 4: 4, 16: 16}
+    pixels = torch.randn(1, 3, 64, 64)
+    for n in (1, 4, 16):
+        with vlm_budget(model, n), torch.no_grad():
+            features = model.get_image_features(pixel_values=pixels, return_dict=True).pooler_output[0]
+            assert features.shape[0] == n and image_token_regions(model, pixels).shape == (1, n, 4)
+    with torch.no_grad():  # budget 1: the mean of every patch token
+        patches = tower.vit(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+        pooled = tower(pixels, output_hidden_states=[-2], num_latent_tokens=1).hidden_states[-2][:, 1:]
+    torch.testing.assert_close(pooled, patches.mean(1, keepdim=True))
+    with pytest.raises(ValueError, match=r"this pooled_vision elastic tower serves \[1, 4, 16\]"):
+        with vlm_budget(model, 9):
+            pass
+    with pytest.raises(ValueError, match="not among"):
+        PooledVisionConfig(clip, num_latent_tokens=9, budgets=[1, 4])
