@@ -74,8 +74,7 @@ class PooledVisionConfig(PretrainedConfig):
         for n in [num_latent_tokens, *(budgets or [])]:
             if n < 1 or math.isqrt(n) ** 2 != n:
                 raise ValueError(f"PooledVisionConfig: num_latent_tokens must be a square number (n×n grid), got {n}")
-            if math.isqrt(n) > grid:
-                side = math.isqrt(n)
+            if (side := math.isqrt(n)) > grid:
                 raise ValueError(f"PooledVisionConfig: a {side}×{side} grid cannot pool a {grid}×{grid} patch grid")
         if budgets is not None and num_latent_tokens not in budgets:
             raise ValueError(f"PooledVisionConfig: the default budget {num_latent_tokens} is not among {budgets}")

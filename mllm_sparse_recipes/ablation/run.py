@@ -242,13 +242,14 @@ def bootstrap_encoders(settings: dict[str, Any], out: Path) -> dict[int, str]:
         folder = Path(encoders[n])
         if cache is not None and not (folder / cache.name).exists():
             share_file(cache, folder / cache.name)
-        elastic = {"budgets": settings["budgets"]} if n == ELASTIC else {}
+        elastic = n == ELASTIC
         encoder = defaults.bootstrap_settings(
             settings["teacher"], Path(settings["bootstrap_data"]), folder, max(settings["budgets"]) if elastic else n,
             settings["bootstrap_steps"], cache_teacher=True, save_every=max(1, settings["bootstrap_steps"] // 4),
-            seed=settings["seed"], resume=latest_checkpoint(folder) is not None, **elastic,
+            seed=settings["seed"], resume=latest_checkpoint(folder) is not None,
+            budgets=settings["budgets"] if elastic else None,
         )  # fmt: skip
-        stages.run(str(n) if elastic else f"n{n}", folder, lambda e=encoder: bootstrap_train.run(e), resumable=True)
+        stages.run(ELASTIC if elastic else f"n{n}", folder, lambda e=encoder: bootstrap_train.run(e), resumable=True)
         cache = next(folder.glob("teacher_cache*.safetensors"), None)
     return encoders
 
