@@ -227,6 +227,18 @@ def test_chat_template_must_be_prefix_consistent(tokenizer):
         encode_conversation(two_turn_record(), odd, "chat_template", N)
 
 
+def test_chat_template_must_not_render_an_answer_inside_the_previous_one(tokenizer):
+    """A template that closes the final answer with a mark the next answer reuses as its opener: supervising both
+    spans would train the shared mark twice and cut the segments out of order, so the record is refused."""
+    odd = copy.deepcopy(tokenizer)
+    odd.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' %}|{{ m['content'] }}{% endif %}{% endfor %}"
+        "{% if messages[-1]['role'] == 'assistant' and not add_generation_prompt %}|{% endif %}"
+    )
+    with pytest.raises(RecordError, match="'rec-7'.*renders message 3 before the end of the previous answer"):
+        encode_conversation(two_turn_record(), odd, "chat_template", N)
+
+
 def bad(conversations, **extra):
     return {"id": "bad-1", **extra, "conversations": conversations}
 
