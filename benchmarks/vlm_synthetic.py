@@ -4,6 +4,8 @@
                                                                 # and mllm-sparse pretrain-llm
     uv run python benchmarks/vlm_synthetic.py --epochs 0.05 --stage2-epochs 0.05 --eval-limit 40 \
         --work runs/vlm_smoke --out-dir /tmp/vlm_smoke          # a smoke run
+    uv run python benchmarks/vlm_synthetic.py --eval-limit 800 --budgets 9 16 36 --students \
+        --arms vit sparseformer pooled visionzip m3 elastic --work runs/sw/vlm_peers   # the peers side by side
 
 This is `mllm-sparse ablate` (mllm_sparse_recipes/ablation/) on the synthetic world's benchmark setting: the
 teacher of `synthetic_world.py`, the SparseFormers of `bootstrap_synthetic.py` at N = 1/4 and 1/9 of its 196 patch
@@ -15,6 +17,12 @@ the same data, steps and schedule and scored after each:
   (a) `vit`:             the teacher ViT's full patch tokens (LLaVA-style, CLS dropped);
   (b) `sparseformer-N`:  the SparseFormer bootstrapped from that teacher with N latent tokens, its CLS token dropped;
   (c) `pooled-N`:        the teacher's patch tokens average-pooled to an n×n grid, the same N.
+
+`--arms` adds the peers (`mllm-sparse ablate --help`): visionzip-N (the ViT's most-attended patches plus merged
+contextual tokens), m3-N (one model over nested pooled grids) and elastic-N (one elastic SparseFormer and one model
+over every budget). `--budgets` picks the budgets (default: the students'); a budget without a student gets its
+SparseFormer bootstrapped by the ablation from the world (`--bootstrap-steps`), so with `--students` given empty every
+dedicated encoder and the elastic one come from the same recipe.
 
 Reported (see `mllm-sparse ablate`): accuracy by question type and object size next to the question-only prior,
 paired differences with cluster-bootstrap intervals, encode / prefill / time to first token side by side, plots.
@@ -32,7 +40,7 @@ import torch
 from results_io import RESULTS, machine, write_results
 
 from llava_adapter.llms import TINY_LLMS
-from mllm_sparse_recipes.ablation import BASELINES, AblationSettings
+from mllm_sparse_recipes.ablation import ARMS, DEFAULT_ARMS, AblationSettings
 from mllm_sparse_recipes.ablation.plots import plot
 from mllm_sparse_recipes.ablation.report import to_markdown
 from mllm_sparse_recipes.ablation.run import arm_towers, run
@@ -49,7 +57,7 @@ def add_arm_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--world", type=Path, default=Path("runs/sw/train_default"))
     parser.add_argument(
         "--students",
-        nargs="+",
+        nargs="*",
         default=["49=runs/sw/bootstrap/n49", "16=runs/sw/bootstrap/n16"],
         help="TOKENS=ENCODER_DIR for each bootstrapped SparseFormer (the pooled arm uses the same TOKENS)",
     )
@@ -63,10 +71,10 @@ def add_arm_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def arms(args) -> dict[str, dict[str, Any]]:
-    """Arm name → its tower (`BuildVlmSettings` fields)."""
+    """Arm name → its tower (`BuildVlmSettings` fields): the default arms at the students' budgets."""
     budgets = [int(spec.partition("=")[0]) for spec in args.students]
     encoders = {int(n): folder for n, _, folder in (spec.partition("=") for spec in args.students)}
-    settings = {"teacher": teacher_spec(args.teacher), "budgets": budgets, "baselines": list(BASELINES)}
+    settings = {"teacher": teacher_spec(args.teacher), "budgets": budgets, "arms": list(DEFAULT_ARMS)}
     return arm_towers(settings, encoders)
 
 
@@ -96,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()  # the libraries' progress lines, as the command line shows them
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arm_arguments(parser)
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(DEFAULT_ARMS), help="the arms to train")
+    parser.add_argument("--budgets", type=int, nargs="+", help="token budgets (default: the students')")
+    parser.add_argument("--bootstrap-steps", type=int, default=2400, help="steps per SparseFormer bootstrapped here")
     parser.add_argument("--epochs", type=float, default=1.0, help="stage 1's epochs")
     parser.add_argument("--batch-size", type=int, default=VLM_BATCH_SIZE)
     parser.add_argument(
@@ -120,9 +131,12 @@ def main(argv: list[str] | None = None) -> int:
             f"--llm {args.llm}: no LLM there; run `mllm-sparse pretrain-llm --data {args.world} --out {args.llm}` "
             "first, or pass --llm tiny-llama for an LLM trained from scratch"
         )
+    budgets = args.budgets or [int(spec.partition("=")[0]) for spec in args.students]
+    given = [s for s in args.students if s.partition("=")[0] == "elastic" or int(s.partition("=")[0]) in budgets]
     settings = AblationSettings(
-        teacher=str(args.teacher), budgets=[int(spec.partition("=")[0]) for spec in args.students], llm=str(args.llm),
-        world=args.world, encoders=list(args.students), stage1_epochs=args.epochs, stage2_epochs=args.stage2_epochs,
+        teacher=str(args.teacher), budgets=budgets, llm=str(args.llm), arms=args.arms, world=args.world,
+        encoders=given, bootstrap_steps=args.bootstrap_steps, stage1_epochs=args.epochs,
+        stage2_epochs=args.stage2_epochs,
         batch_size=args.batch_size, lr=args.lr, projector_lr=args.projector_lr, stage2_lr=args.stage2_lr,
         timing_questions=args.timing_questions, threads=args.threads, model_max_length=512, out=args.work,
         eval_limit=args.eval_limit or None,

@@ -30,8 +30,12 @@ class TowerSettings:
 
     Attributes:
         encoder: the vision tower: a bootstrapped SparseFormer folder, or a CLIP teacher spec (`open_clip:…`, `hf:…`).
-        num_latent_tokens: with a CLIP spec, average-pool its patch tokens to this many (a square number), the
-            image tokens the LLM reads (CLS not counted); None: every patch token (a SparseFormer folder has its own).
+        num_latent_tokens: with a CLIP spec, cut its patch tokens to this many by `reduction`, the image tokens the
+            LLM reads (CLS not counted); None: every patch token (a SparseFormer folder has its own).
+        reduction: with a CLIP spec, how: "pool" (average-pool to an n×n grid, a square number) or "visionzip"
+            (the most-attended patches plus merged contextual tokens, `visionzip.py`).
+        budgets: with a CLIP spec, one tower serving each of these token counts (M3-style nested pooling, or
+            VisionZip at each), `num_latent_tokens` (default: the largest) the default; train it with `--budgets`.
         projector: "mlp2x_gelu" or "linear" (`modeling.PROJECTORS`).
         vision_feature_layer: the tower layer the projector reads; None: -2.
         vision_select_strategy: "default" (drop the CLS token) or "full"; None: "default" where the layer has a CLS
@@ -41,6 +45,8 @@ class TowerSettings:
 
     encoder: str
     num_latent_tokens: int | None = None
+    reduction: str = "pool"
+    budgets: list[int] | None = None
     projector: str = "mlp2x_gelu"
     vision_feature_layer: int | None = None
     vision_select_strategy: str | None = None
@@ -73,7 +79,7 @@ def run(settings: BuildVlmSettings) -> dict[str, Any]:
         `summarize` of the saved model.
     """
     torch.manual_seed(settings.seed)
-    tower = load_tower(settings.encoder, settings.num_latent_tokens)
+    tower = load_tower(settings.encoder, settings.num_latent_tokens, settings.reduction, settings.budgets)
     llm, tokenizer = load_llm_checked(settings.llm, settings.tokenizer_corpus, settings.vocab_size, settings.seed)
     model = build_vlm(
         tower.model,

@@ -53,7 +53,7 @@ def run(settings: SwapSettings) -> dict[str, Any]:
         ) from err
     tokenizer = _tokenizer(settings.llava)
     old = {"model_type": model.config.vision_config.model_type, "image_tokens": model.config.image_seq_length}
-    tower = load_tower(settings.encoder, settings.num_latent_tokens)
+    tower = load_tower(settings.encoder, settings.num_latent_tokens, settings.reduction, settings.budgets)
     model = replace_tower(
         model, tower.model, settings.projector, settings.vision_feature_layer, settings.vision_select_strategy
     )

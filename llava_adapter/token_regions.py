@@ -1,10 +1,11 @@
 """Where the image tokens an LLM receives come from, and which of them it attends to when it answers.
 
 `image_token_regions` gives, for each of the N image tokens of a LLaVA model, the image region it summarises: a
-SparseFormer token's RoI at the feature layer the LLM reads, a ViT patch's cell, a pooled token's grid cell (the CLS
-token, where kept, the whole image). `answer_attention` gives how much attention the LLM pays to each of them from
-the position that produces the answer's first token. Both are in the order of the image placeholders, so a box and a
-weight describe the same token; `mllm_sparse.visualize.draw_boxes` draws them.
+SparseFormer token's RoI at the feature layer the LLM reads, a ViT patch's cell, a pooled token's grid cell, a VisionZip
+token's patch or the box around the patches merged into it (the CLS token, where kept, the whole image).
+`answer_attention` gives how much attention the LLM pays to each of them from the position that produces the answer's
+first token. Both are in the order of the image placeholders, so a box and a weight describe the same token;
+`mllm_sparse.visualize.draw_boxes` draws them.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from mllm_sparse.visualize import draw_boxes
 
 from .budgets import vlm_budget
 from .towers import PooledVisionConfig, layer_tokens
+from .visionzip import VisionZipConfig
 
 if TYPE_CHECKING:
     from .chat import ChatEngine
@@ -49,6 +51,17 @@ def grid_boxes(side: int, patches: int | None = None) -> Tensor:
     y1, x1 = torch.meshgrid(start, start, indexing="ij")
     y2, x2 = torch.meshgrid(end, end, indexing="ij")
     return torch.stack([x1, y1, x2, y2], dim=-1).reshape(-1, 4).float()
+
+
+def group_boxes(assignment: Tensor, cells: Tensor, num_tokens: int) -> Tensor:
+    """[B, P] patch → token index and [P, 4] patch cells → [B, N, 4] each token's box: the smallest box around the
+    cells of the patches that went into it."""
+    batch = assignment.shape[0]
+    index = assignment[..., None].expand(-1, -1, 2)
+    corners = cells.expand(batch, -1, -1)
+    low = torch.full((batch, num_tokens, 2), 1.0).scatter_reduce(1, index, corners[..., :2], "amin")
+    high = torch.zeros(batch, num_tokens, 2).scatter_reduce(1, index, corners[..., 2:], "amax")
+    return torch.cat([low, high], dim=-1)
 
 
 @torch.no_grad()
@@ -77,6 +90,12 @@ def image_token_regions(model, pixel_values: Tensor) -> Tensor:
         pixel_values = pixel_values.to(tower.device, next(tower.parameters()).dtype)
         rois = tower(pixel_values, output_hidden_states=[layer]).hidden_rois[layer].float().cpu()
         regions = torch.cat([*first, rois], dim=1)
+    elif isinstance(vision, VisionZipConfig):
+        tower = model.model.vision_tower
+        pixel_values = pixel_values.to(tower.device, next(tower.parameters()).dtype)
+        assignment = tower(pixel_values, output_hidden_states=[layer]).assignments[layer].cpu()
+        side = vision.vision_config.image_size // vision.vision_config.patch_size
+        regions = torch.cat([*first, group_boxes(assignment, grid_boxes(side), vision.num_latent_tokens)], dim=1)
     else:
         if isinstance(vision, PooledVisionConfig):
             patches = vision.vision_config.image_size // vision.vision_config.patch_size

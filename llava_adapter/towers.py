@@ -1,12 +1,17 @@
 """Vision towers for the LLaVA pipeline, and how many image tokens each one hands the LLM.
 
-Three kinds of tower, all built by `AutoModel.from_config(config.vision_config)` inside transformers'
+Four kinds of tower, all built by `AutoModel.from_config(config.vision_config)` inside transformers'
 `LlavaModel`, so stock `generate`, `save_pretrained` and `from_pretrained` work for each:
 
 - `SparseFormerModel` (model_type "sparseformer"): its `num_latent_tokens` (+ CLS), from the encoder config;
 - HF `CLIPVisionModel` ("clip_vision_model"): the full-token baseline, one token per patch;
 - `PooledVisionModel` ("pooled_vision"): a CLIP ViT whose patch tokens are average-pooled to an n×n grid, the
-  baseline that asks whether a SparseFormer beats simply pooling the ViT to the same token budget.
+  baseline that asks whether a SparseFormer beats simply pooling the ViT to the same token budget (with `budgets`,
+  M3-style nested grids served by one model);
+- `VisionZipModel` ("visionzip", `visionzip.py`): a CLIP ViT cut to the budget by the CLS token's attention plus a
+  few merged contextual tokens, the strongest training-free peer.
+
+How a CLIP teacher's patch tokens are cut to a budget is a `REDUCTIONS` name: "pool" or "visionzip".
 """
 
 from __future__ import annotations
@@ -33,11 +38,14 @@ from mllm_sparse.checkpoint import load_checked
 from mllm_sparse.modeling import selected_hidden_states
 
 from .processing import build_image_processor, build_processor
+from .visionzip import VisionZipConfig, VisionZipModel
+from .vit_budget import BudgetedViTConfig, BudgetedViTModel, num_patches
 
 SELECT_STRATEGIES = ("default", "full")
+REDUCTIONS = ("pool", "visionzip")  # how a CLIP teacher's patch tokens are cut to a budget
 
 
-class PooledVisionConfig(PretrainedConfig):
+class PooledVisionConfig(BudgetedViTConfig):
     """A CLIP ViT tower whose patch tokens are average-pooled to `num_latent_tokens` (a square number) per layer.
 
     Args:
@@ -45,13 +53,13 @@ class PooledVisionConfig(PretrainedConfig):
         num_latent_tokens: the token budget, pooled patch tokens per image (n×n) that the LLM reads; the CLS token is
             kept in front of them and not counted, so LLaVA's "default" selection strategy (drop the first token)
             yields exactly `num_latent_tokens`. A config saved with the old key `num_tokens` (same meaning) loads.
-            With `budgets`, the default one.
+            With `budgets`, the default one (None: the largest of them, else 16).
         budgets: square token counts one model serves by pooling to each grid (M3-style nested scales; pooling has
             no weights, so every budget shares them all); `forward(..., num_latent_tokens=N)` picks one. None: one.
     """
 
     model_type = "pooled_vision"
-    sub_configs = {"vision_config": CLIPVisionConfig}
+    tower_name = "pooled"
 
     def __init__(
         self,
@@ -66,38 +74,16 @@ class PooledVisionConfig(PretrainedConfig):
                 f"PooledVisionConfig: num_tokens={legacy} and num_latent_tokens={num_latent_tokens} disagree; "
                 "num_tokens is the old name of num_latent_tokens"
             )
-        num_latent_tokens = next((n for n in (num_latent_tokens, legacy) if n is not None), 16)
-        if isinstance(vision_config, dict):
-            vision_config = CLIPVisionConfig(**vision_config)
-        self.vision_config = vision_config if vision_config is not None else CLIPVisionConfig()
-        grid = self.vision_config.image_size // self.vision_config.patch_size
-        for n in [num_latent_tokens, *(budgets or [])]:
-            if n < 1 or math.isqrt(n) ** 2 != n:
-                raise ValueError(f"PooledVisionConfig: num_latent_tokens must be a square number (n×n grid), got {n}")
-            if (side := math.isqrt(n)) > grid:
-                raise ValueError(f"PooledVisionConfig: a {side}×{side} grid cannot pool a {grid}×{grid} patch grid")
-        if budgets is not None and num_latent_tokens not in budgets:
-            raise ValueError(f"PooledVisionConfig: the default budget {num_latent_tokens} is not among {budgets}")
-        self.num_latent_tokens = num_latent_tokens
-        self.budgets = sorted(set(budgets)) if budgets else None
-        super().__init__(**kwargs)
+        default = max(budgets) if budgets else 16
+        num_latent_tokens = next((n for n in (num_latent_tokens, legacy) if n is not None), default)
+        super().__init__(vision_config, num_latent_tokens, budgets, **kwargs)
 
-    @property
-    def hidden_size(self) -> int:
-        return self.vision_config.hidden_size
-
-    def budget(self, num_latent_tokens: int | None = None) -> int:
-        """The pooled-token count to run: `num_latent_tokens` (None: the default), one of the served budgets."""
-        if num_latent_tokens is None:
-            return self.num_latent_tokens
-        served = self.budgets or [self.num_latent_tokens]
-        if int(num_latent_tokens) not in served:
-            raise ValueError(f"num_latent_tokens={num_latent_tokens}: this pooled tower serves {served}")
-        return int(num_latent_tokens)
-
-    @property
-    def image_size(self) -> int:
-        return self.vision_config.image_size
+    def check_budget(self, num_latent_tokens: int) -> None:
+        n, grid = num_latent_tokens, math.isqrt(num_patches(self.vision_config))
+        if n < 1 or math.isqrt(n) ** 2 != n:
+            raise ValueError(f"PooledVisionConfig: num_latent_tokens must be a square number (n×n grid), got {n}")
+        if (side := math.isqrt(n)) > grid:
+            raise ValueError(f"PooledVisionConfig: a {side}×{side} grid cannot pool a {grid}×{grid} patch grid")
 
 
 @dataclass
@@ -109,25 +95,16 @@ class PooledVisionOutput(ModelOutput):
     hidden_states: tuple[Tensor, ...] | None = None
 
 
-class PooledVisionModel(PreTrainedModel):
+class PooledVisionModel(BudgetedViTModel):
     config_class = PooledVisionConfig
     base_model_prefix = "pooled_vision"
-    main_input_name = "pixel_values"
-    input_modalities = ("image",)
-    _supports_sdpa = True
-    _no_split_modules = ["CLIPEncoderLayer"]
-
-    def __init__(self, config: PooledVisionConfig):
-        super().__init__(config)
-        self.vit = AutoModel.from_config(config.vision_config)
-        self.post_init()
 
     def pool(self, tokens: Tensor, num_latent_tokens: int | None = None) -> Tensor:
         """[B, 1 + P, C] CLS + patch tokens → [B, 1 + n², C] CLS + average-pooled patch grid (row-major), n² the
         budget (None: the default)."""
         cls, patches = tokens[:, :1], tokens[:, 1:]
-        batch, num_patches, width = patches.shape
-        grid = math.isqrt(num_patches)
+        batch, length, width = patches.shape
+        grid = math.isqrt(length)
         side = math.isqrt(self.config.budget(num_latent_tokens))
         patches = patches.transpose(1, 2).reshape(batch, width, grid, grid)
         pooled = F.adaptive_avg_pool2d(patches, side).flatten(2).transpose(1, 2)
@@ -191,15 +168,15 @@ def layer_tokens(vision_config: PretrainedConfig, layer: int) -> LayerTokens:
         n = vision_config.num_latent_tokens
         budgets = tuple(vision_config.budgets) if vision_config.is_elastic else (n,)
         return LayerTokens(n, has_cls, vision_config.width_configs[unit], budgets)
-    if isinstance(vision_config, PooledVisionConfig):
+    if isinstance(vision_config, (PooledVisionConfig, VisionZipConfig)):
         n = vision_config.num_latent_tokens
         return LayerTokens(n, True, vision_config.hidden_size, tuple(vision_config.budgets or [n]))
     if isinstance(vision_config, (CLIPVisionConfig, SiglipVisionConfig)):
         patches = (vision_config.image_size // vision_config.patch_size) ** 2
         return LayerTokens(patches, isinstance(vision_config, CLIPVisionConfig), vision_config.hidden_size, (patches,))
     raise ValueError(
-        f"Unsupported vision tower {type(vision_config).__name__}; expected a SparseFormer, CLIP, SigLIP or pooled "
-        "tower"
+        f"Unsupported vision tower {type(vision_config).__name__}; expected a SparseFormer, CLIP, SigLIP, pooled or "
+        "visionzip tower"
     )
 
 
@@ -235,32 +212,46 @@ class LoadedTower:
     std: tuple[float, ...]
 
 
-def load_tower(spec: str, num_latent_tokens: int | None = None) -> LoadedTower:
+def load_tower(
+    spec: str, num_latent_tokens: int | None = None, reduction: str = "pool", budgets: list[int] | None = None
+) -> LoadedTower:
     """A vision tower for a LLaVA model.
 
     Args:
         spec: a saved tower folder (a bootstrapped SparseFormer, or any `AutoModel` vision tower), or a CLIP teacher
             spec (`open_clip:…`, `hf:…`, see `bootstrap.load_teacher`), which becomes an HF `CLIPVisionModel` (or
             `SiglipVisionModel`): the full-token baseline.
-        num_latent_tokens: with a CLIP spec, average-pool its patch tokens to this many (a square number, the CLS
-            token not counted): the pooling baseline at the same token budget as a SparseFormer. None: every patch.
+        num_latent_tokens: with a CLIP spec, cut its patch tokens to this many by `reduction` (the CLS token not
+            counted): a baseline at the same token budget as a SparseFormer. None: every patch (or the largest of
+            `budgets`).
+        reduction: "pool" (average-pool to an n×n grid, N square) or "visionzip" (`visionzip.VisionZipModel`).
+        budgets: with a CLIP spec, one tower serving each of these budgets (M3-style nested pooling, or VisionZip at
+            each count); `num_latent_tokens` is then the default one.
     """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if budgets and num_latent_tokens is None:
+        num_latent_tokens = max(budgets)
     if spec.startswith(("open_clip:", "hf:")):
         from bootstrap import load_teacher
 
         teacher = load_teacher(spec)
         clip = teacher.to_hf_vision()
         if num_latent_tokens is not None and not isinstance(clip.config, CLIPVisionConfig):
-            raise ValueError(f"--num-latent-tokens: the pooling baseline needs a CLIP ViT teacher; {spec} is not one")
+            raise ValueError(
+                f"--num-latent-tokens: cutting the patch tokens needs a CLIP ViT teacher (with a CLS token); {spec} "
+                "is not one"
+            )
         if num_latent_tokens is not None:
-            tower = PooledVisionModel(PooledVisionConfig(clip.config, num_latent_tokens=num_latent_tokens))
+            kind = (PooledVisionConfig, PooledVisionModel) if reduction == "pool" else (VisionZipConfig, VisionZipModel)
+            tower = kind[1](kind[0](clip.config, num_latent_tokens=num_latent_tokens, budgets=budgets))
             tower.vit.load_state_dict(clip.state_dict(), strict=True)
             clip = tower.eval()
         return LoadedTower(clip, tuple(teacher.arch.mean), tuple(teacher.arch.std))
-    if num_latent_tokens is not None:
+    if num_latent_tokens is not None or reduction != "pool":
         raise ValueError(
-            "--num-latent-tokens pools a CLIP teacher spec (open_clip:… or hf:…); a saved tower folder's config sets "
-            "its own token budget"
+            "--num-latent-tokens, --budgets and --reduction cut a CLIP teacher spec (open_clip:… or hf:…); a saved "
+            "tower folder's config sets its own token budget"
         )
     from pathlib import Path
 

@@ -3,13 +3,13 @@
     mllm-sparse demo --model runs/quickstart/stage2
     mllm-sparse demo --model runs/stage2-merged --host 0.0.0.0 --port 7860
 
-Upload an image and the page draws, over the picture the model sees (padded or cropped as its processor does),
-the region each of the N image tokens stands for: a SparseFormer token's RoI at the layer the LLM reads (a ViT
-patch, or a pooled cell, for the baselines). Ask questions in a multi-turn chat; answers stream in, with the time of
-each stage (vision encode, LLM prefill, decode) and, optionally, the LLM's attention on each image token as it
-starts to answer (the boxes it leans on fill in). Each browser session has its own conversation; one model serves
-them in turn. A model whose tower is elastic (`mllm_sparse.elastic`) serves several token budgets: the page then offers
-them, and choosing one encodes the image again at it (the regions and the timings change).
+Upload an image and the page draws, over the picture the model sees (padded or cropped as its processor does), the
+region each of the N image tokens stands for: a SparseFormer token's RoI at the layer the LLM reads (a ViT patch, a
+pooled cell, or a VisionZip patch or merged group, for the baselines). Ask questions in a multi-turn chat; answers
+stream in, with the time of each stage (vision encode, LLM prefill, decode) and, optionally, the LLM's attention on each
+image token as it starts to answer (the boxes it leans on fill in). Each browser session has its own conversation; one
+model serves them in turn. A model whose tower is elastic (`mllm_sparse.elastic`) serves several token budgets: the page
+then offers them, and choosing one encodes the image again at it (the regions and the timings change).
 
 What a visitor can cost is bounded: uploads over `--max-upload-mb` are refused by Gradio as they arrive, images over
 `--max-image-megapixels` before they are decoded; a session keeps only the model input picture (S × S), never the

@@ -73,7 +73,13 @@ TARGETS: dict[str, Target] = {
     ),
     "token_counts": Target(
         "llava_adapter/towers.py",
-        ("layer_tokens", "num_image_tokens", "PooledVisionModel.pool", "PooledVisionConfig.__init__"),
+        (
+            "layer_tokens",
+            "num_image_tokens",
+            "PooledVisionModel.pool",
+            "PooledVisionConfig.__init__",
+            "PooledVisionConfig.check_budget",
+        ),
         ("tests/llava_adapter/test_vlm.py",),
     ),
     "projector_io": Target(

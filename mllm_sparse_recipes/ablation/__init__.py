@@ -1,17 +1,22 @@
 """The token-budget ablation (`mllm-sparse ablate`): how many image tokens does the LLM need, and are a
 SparseFormer's better than pooling's?
 
-For each token budget N (`--budgets`, latent tokens the LLM receives) it trains two stock LLaVA models that differ
-only in the vision tower, and one more with the teacher's full patch tokens:
+For each token budget N (`--budgets`, latent tokens the LLM receives) it trains stock LLaVA models that differ only
+in the vision tower. The arms (`--arms`, default: vit sparseformer pooled):
 
-  sparseformer-N   a SparseFormer with N latent tokens bootstrapped from the teacher (`--encoders N=DIR`, or
-                   bootstrapped here: `--bootstrap-data`, `--bootstrap-steps`), its CLS token dropped as LLaVA drops a
-                   ViT's;
-  pooled-N         the teacher ViT's patch tokens average-pooled to an n×n grid (N must be square);
-  vit              the teacher ViT's full patch tokens, LLaVA-style (`--baselines` drops it or the pooled arms);
-  elastic-N        with `--elastic`: ONE elastic SparseFormer bootstrapped for all the budgets (`--encoders
-                   elastic=DIR`, or here) and ONE LLaVA model trained with a budget drawn per batch, evaluated at
-                   each N: the claim that one model serves every budget, set beside the dedicated arms.
+  vit              the teacher ViT's full patch tokens, LLaVA-style (one model, whatever the budgets);
+  sparseformer     sparseformer-N: a SparseFormer with N latent tokens bootstrapped from the teacher (`--encoders
+                   N=DIR`, or bootstrapped here: `--bootstrap-data`, `--bootstrap-steps`), its CLS token dropped as
+                   LLaVA drops a ViT's;
+  pooled           pooled-N: the teacher ViT's patch tokens average-pooled to an n×n grid (N must be square);
+  visionzip        visionzip-N: the teacher ViT's patches the CLS token attends to most, plus a few contextual
+                   tokens merged from the rest (`llava_adapter.visionzip`), trained like every arm (VisionZip's
+                   fine-tuned setting);
+  m3               m3-N: ONE LLaVA model over the ViT pooled to every budget's grid (M3-style nested scales, N square),
+                   trained with a budget drawn per batch and scored at each N;
+  elastic          elastic-N: ONE elastic SparseFormer bootstrapped for all the budgets (`--encoders elastic=DIR`, or
+                   here) and ONE LLaVA model trained with a budget drawn per batch, scored at each N: the claim that
+                   one model serves every budget, set beside the dedicated arms and M3.
 
 Every arm starts from the same LLM (`--llm`) and is trained with the same data, steps and schedule in LLaVA's two
 stages (stage 1: the projector, the LLM frozen; stage 2 from it: the LLM and the projector; the tower frozen), then
@@ -20,15 +25,15 @@ scored by `eval-vlm` on `--test-data` after each stage. The report (`OUT/ablatio
 - accuracy of every arm after each stage, by question type and by the size of the object asked about, next to the
   question-only prior (each question answered with its most frequent training answer);
 - paired differences on the same answers, with 95% cluster-bootstrap intervals over test records
-  (`statistics.paired_difference`): each SparseFormer against the pooled arm of its N and against the ViT, each
-  pooled arm against the ViT, each elastic-N against the dedicated SparseFormer and the pooled arm of its N;
+  (`statistics.paired_difference`): each SparseFormer against every peer of its N (pooled, visionzip, m3), each
+  elastic-N against the dedicated SparseFormer, m3 and the pooled arm of its N, and every arm against the ViT;
 - vision encode, LLM prefill and time to first token, every trained arm loaded side by side and timed round-robin on
   the same questions (batch 1);
 - plots: `ablation_accuracy.png` (accuracy against image tokens, overall and by object size) and
   `ablation_speed.png` (encode, prefill and time to first token against image tokens).
 
 Like the quickstart, a rerun continues where a run stopped (each arm's stages are marked done in
-`OUT/arms/ARM/.done/`). The report covers the budgets and baselines of the command that wrote it: to add a budget to
+`OUT/arms/ARM/.done/`). The report covers the budgets and arms of the command that wrote it: to add a budget to
 a finished ablation, rerun it with the budget added, and the arms trained before are reused. The training settings are
 saved with the run, and each arm records what it was built from (`OUT/arms/ARM/arm.json`); a rerun that would train
 an arm differently (other data, LLM, schedule, or another encoder for a budget) is refused, naming the difference. A
@@ -50,7 +55,8 @@ from .. import defaults
 SIZES = ("small", "medium", "large")
 SETTINGS_FILE = "ablation_settings.json"
 REPORT_NAME = "ablation"
-BASELINES = ("vit", "pooled")
+ARMS = ("vit", "sparseformer", "pooled", "visionzip", "m3", "elastic")
+DEFAULT_ARMS = ("vit", "sparseformer", "pooled")
 VLM_STAGES = ("stage1", "stage2")  # LLaVA's two training stages, in order
 # Settings that decide what an arm learns: a rerun into the same --out must keep them (budgets may be added).
 TRAINING_SETTINGS = (
@@ -59,6 +65,7 @@ TRAINING_SETTINGS = (
     "train_args", "seed",
 )  # fmt: skip
 ELASTIC = "elastic"  # the elastic arm's folder (OUT/arms/elastic) and its encoder's key in --encoders
+ONE_MODEL_ARMS = ("m3", ELASTIC)  # one LLaVA model over every budget, a budget drawn per batch, scored at each
 
 
 @dataclass
@@ -75,8 +82,7 @@ class AblationSettings:
     encoders: list[str] = field(default_factory=list)  # "N=DIR"
     bootstrap_data: Path | None = None
     bootstrap_steps: int = 2400
-    baselines: list[str] = field(default_factory=lambda: list(BASELINES))
-    elastic: bool = False
+    arms: list[str] = field(default_factory=lambda: list(DEFAULT_ARMS))
     stage1_epochs: float = 1.0
     stage2_epochs: float = 1.0
     batch_size: int = defaults.VLM_BATCH_SIZE

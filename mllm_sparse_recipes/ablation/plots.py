@@ -37,7 +37,10 @@ def plot(report: dict[str, Any], out: Path, name: str = REPORT_NAME) -> list[Pat
     ticks = sorted({r["image_tokens"] for r in arms.values()})
     methods = {"sparseformer": ("SparseFormer, one per budget", "tab:red", "o"),
                "elastic": ("elastic SparseFormer, one model", "tab:orange", "D"),
-               "pooled": ("pooled ViT", "tab:blue", "s"), "vit": ("ViT, all patches", "black", "*")}  # fmt: skip
+               "pooled": ("pooled ViT", "tab:blue", "s"),
+               "visionzip": ("VisionZip-style ViT, one per budget", "tab:green", "^"),
+               "m3": ("M3-style pooled ViT, one model", "tab:purple", "v"),
+               "vit": ("ViT, all patches", "black", "*")}  # fmt: skip
     written = []
 
     def curves(ax, value) -> None:

@@ -19,7 +19,7 @@ from mllm_sparse.training import latest_checkpoint
 
 from .. import defaults
 from ..stages import Stages, guard_settings
-from . import ELASTIC, SETTINGS_FILE, TRAINING_SETTINGS, VLM_STAGES, AblationSettings
+from . import ARMS, ELASTIC, ONE_MODEL_ARMS, SETTINGS_FILE, TRAINING_SETTINGS, VLM_STAGES, AblationSettings
 from .report import to_markdown, write_report
 from .statistics import paired_comparisons, predictions, scores
 
@@ -58,16 +58,21 @@ def resolve(args: AblationSettings) -> dict[str, Any]:
         return str(path.resolve())
 
     budgets = list(dict.fromkeys(args.budgets))
+    arms = [arm for arm in ARMS if arm in args.arms]  # report order
+    if unknown := [arm for arm in args.arms if arm not in ARMS]:
+        raise ValueError(f"--arms: unknown arm(s) {unknown}; choose from {list(ARMS)}")
+    if not arms:
+        raise ValueError(f"--arms: name at least one of {list(ARMS)}")
     for n in budgets:
         if n < 1:
             raise ValueError(f"--budgets: {n} is not a positive number of tokens")
-        if "pooled" in args.baselines and math.isqrt(n) ** 2 != n:
-            raise ValueError(f"--budgets: {n} is not a square number (a pooled arm is an n×n grid)")
+        if gridded := [arm for arm in ("pooled", "m3") if arm in arms and math.isqrt(n) ** 2 != n]:
+            raise ValueError(f"--budgets: {n} is not a square number (the {gridded[0]} arm pools to an n×n grid)")
     encoders, elastic_encoder = {}, None
     for spec in args.encoders:
         tokens, sep, folder = spec.partition("=")
         if sep and tokens == ELASTIC:
-            elastic_encoder = checked_elastic_encoder(spec, Path(folder), budgets, args.elastic)
+            elastic_encoder = checked_elastic_encoder(spec, Path(folder), budgets, ELASTIC in arms)
             continue
         if not sep or not tokens.isdigit():
             raise ValueError(f"--encoders {spec!r}: expected N=DIR, e.g. 16=runs/encoder")
@@ -89,7 +94,8 @@ def resolve(args: AblationSettings) -> dict[str, Any]:
             raise ValueError(f"{flag} must be positive, got {value}")
     if args.timing_questions < 0:
         raise ValueError(f"--timing-questions must be 0 or more, got {args.timing_questions}")
-    missing = [n for n in budgets if n not in encoders] + ([ELASTIC] if args.elastic and not elastic_encoder else [])
+    missing = [n for n in budgets if n not in encoders and "sparseformer" in arms]
+    missing += [ELASTIC] if ELASTIC in arms and not elastic_encoder else []
     llm = check_llm(args.llm)
     if args.llm in TINY_LLMS and world is None and args.tokenizer_corpus is None:
         raise ValueError(f"--llm {args.llm} is trained from scratch: give --tokenizer-corpus (or --world)")
@@ -97,8 +103,7 @@ def resolve(args: AblationSettings) -> dict[str, Any]:
         "teacher": teacher,
         "budgets": budgets,
         "encoders": encoders,
-        "baselines": list(args.baselines),
-        "elastic": args.elastic,
+        "arms": arms,
         "elastic_encoder": elastic_encoder,
         "llm": llm,
         "train_data": from_world(args.train_data, "llava_train.json", "--train-data"),
@@ -126,7 +131,7 @@ def resolve(args: AblationSettings) -> dict[str, Any]:
 def checked_elastic_encoder(spec: str, folder: Path, budgets: list[int], elastic: bool) -> str:
     """The folder of `--encoders elastic=DIR`, resolved, once it is known to serve every budget."""
     if not elastic:
-        raise ValueError(f"--encoders {spec!r}: an elastic encoder is for --elastic")
+        raise ValueError(f"--encoders {spec!r}: an elastic encoder is for the elastic arm (--arms ... elastic)")
     config = folder / "config.json"
     if not config.is_file():
         raise FileNotFoundError(f"--encoders {spec!r}: no config.json in {folder}")
@@ -154,7 +159,8 @@ def check_settings(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
     optional = ("bootstrap_data", "bootstrap_steps")
     wanted = {k: settings[k] for k in TRAINING_SETTINGS if not (k in optional and None in (before.get(k), settings[k]))}
     guard_settings(path, wanted, "ablation", lambda key: "")
-    settings = {**settings, **{k: v for k, v in before.items() if settings.get(k) is None and v is not None}}
+    known = {k: v for k, v in before.items() if k in settings and settings[k] is None and v is not None}
+    settings = {**settings, **known}
     for name, tower in arm_towers(settings, encoder_folders(settings, out)).items():
         recorded = out / "arms" / name / "arm.json"
         if recorded.is_file() and isinstance(read_json(recorded).get("tower"), list):
@@ -178,42 +184,48 @@ def tower_of_arguments(arguments: list[str]) -> dict[str, Any]:
 
 
 def arm_recipe(settings: dict[str, Any], tower: dict[str, Any], name: str) -> dict[str, Any]:
-    """What an arm is built and trained from (its `arm.json`); the elastic arm also records the budgets it draws."""
+    """What an arm is built and trained from (its `arm.json`); a one-model arm (m3, elastic) also records the budgets
+    it draws."""
     skip = ("bootstrap_data", "bootstrap_steps")  # the encoder's business: its folder is in `tower`
-    drawn = {"budgets": settings["budgets"]} if name == ELASTIC else {}
+    drawn = {"budgets": settings["budgets"]} if name in ONE_MODEL_ARMS else {}
     return {"tower": tower, "tokenizer_corpus": settings["tokenizer_corpus"], **drawn,
             **{k: settings[k] for k in TRAINING_SETTINGS if k not in skip}}  # fmt: skip
 
 
 def encoder_folders(settings: dict[str, Any], out: Path) -> dict[int | str, str]:
     """The encoder of every budget: the given one, or where this ablation bootstraps it (OUT/encoders/nN); with
-    --elastic, under "elastic" the elastic one (given, or OUT/encoders/elastic)."""
+    the elastic arm, under "elastic" the elastic one (given, or OUT/encoders/elastic)."""
     folders: dict[int | str, str] = {
         n: settings["encoders"].get(n) or str((out / "encoders" / f"n{n}").resolve()) for n in settings["budgets"]
     }
-    if settings.get("elastic"):
+    if ELASTIC in settings["arms"]:
         folders[ELASTIC] = settings.get("elastic_encoder") or str((out / "encoders" / ELASTIC).resolve())
     return folders
 
 
 def arm_towers(settings: dict[str, Any], encoders: dict[int | str, str]) -> dict[str, dict[str, Any]]:
     """Arm name → its tower (`BuildVlmSettings` fields), in report order: vit, then per budget sparseformer-N,
-    pooled-N, then the elastic arm."""
-    teacher = settings["teacher"]
-    towers = {"vit": {"encoder": teacher}} if "vit" in settings["baselines"] else {}
+    pooled-N, visionzip-N, then the one-model arms m3 and elastic."""
+    teacher, arms = settings["teacher"], settings["arms"]
+    towers = {"vit": {"encoder": teacher}} if "vit" in arms else {}
     for n in settings["budgets"]:
-        towers[f"sparseformer-{n}"] = {"encoder": encoders[n]}
-        if "pooled" in settings["baselines"]:
+        if "sparseformer" in arms:
+            towers[f"sparseformer-{n}"] = {"encoder": encoders[n]}
+        if "pooled" in arms:
             towers[f"pooled-{n}"] = {"encoder": teacher, "num_latent_tokens": n}
-    if settings.get("elastic"):
+        if "visionzip" in arms:
+            towers[f"visionzip-{n}"] = {"encoder": teacher, "num_latent_tokens": n, "reduction": "visionzip"}
+    if "m3" in arms:
+        towers["m3"] = {"encoder": teacher, "budgets": sorted(settings["budgets"])}
+    if ELASTIC in arms:
         towers[ELASTIC] = {"encoder": encoders[ELASTIC]}
     return towers
 
 
 def arm_views(settings: dict[str, Any], name: str) -> dict[str, int | None]:
-    """The rows a trained arm gives the report, each with the budget it is scored at (None: its own): the elastic
-    arm one per budget (elastic-N, scored into OUT/arms/elastic-N), every other arm itself."""
-    return {f"{ELASTIC}-{n}": n for n in settings["budgets"]} if name == ELASTIC else {name: None}
+    """The rows a trained arm gives the report, each with the budget it is scored at (None: its own): a one-model arm
+    one per budget (e.g. elastic-N, scored into OUT/arms/elastic-N), every other arm itself."""
+    return {f"{name}-{n}": n for n in settings["budgets"]} if name in ONE_MODEL_ARMS else {name: None}
 
 
 def share_file(source: Path, target: Path) -> None:
@@ -235,8 +247,8 @@ def bootstrap_encoders(settings: dict[str, Any], out: Path) -> dict[int, str]:
     encoders = encoder_folders(settings, out)
     stages = Stages(out / "encoders", "ablate")
     cache = None
-    missing = [n for n in settings["budgets"] if n not in settings["encoders"]]
-    if settings.get("elastic") and not settings.get("elastic_encoder"):
+    missing = [n for n in settings["budgets"] if n not in settings["encoders"] and "sparseformer" in settings["arms"]]
+    if ELASTIC in settings["arms"] and not settings.get("elastic_encoder"):
         missing.append(ELASTIC)  # one student for every budget, the largest its default
     for n in missing:
         folder = Path(encoders[n])
@@ -280,7 +292,7 @@ def train_arm(settings: dict[str, Any], name: str, tower: dict[str, Any], out: P
 
         def train_stage(start=start, out=folder / stage, epochs=epochs, lr=lr, projector_lr=projector_lr) -> None:
             extra = train.parse_overrides(shlex.split(settings["train_args"]))
-            if name == ELASTIC:
+            if name in ONE_MODEL_ARMS:
                 extra["budgets"] = settings["budgets"]  # a budget drawn per batch
             train.run(*defaults.train_vlm_settings(
                 start, out, data, images, epochs, lr, projector_lr, batch_size=settings["batch_size"], seed=seed,
@@ -322,8 +334,8 @@ def time_side_by_side(
     out: Path, views: dict[str, tuple[str, int | None]], stage: str, test_data: Path, image_folder: Path, questions: int
 ):
     """Median encode / prefill / time to first token per report row (`views`: row → (arm, budget); batch 1, KV
-    cache), the rows interleaved question by question in one process so that they see the same machine load; an
-    elastic arm is loaded once and run at each row's budget."""
+    cache), the rows interleaved question by question in one process so that they see the same machine load; a
+    one-model arm is loaded once and run at each row's budget."""
     from llava_adapter.chat import ChatEngine
 
     engines = {arm: ChatEngine.from_pretrained(out / "arms" / arm / stage) for arm, _ in views.values()}

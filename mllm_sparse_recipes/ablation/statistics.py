@@ -92,14 +92,18 @@ def scores(report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# the rows each method's row is compared with at its own budget, in this order
+RIVALS = {"sparseformer": ["pooled", "visionzip", "m3"], "elastic": ["sparseformer", "m3", "pooled"]}
+
+
 def paired_comparisons(out: Path, names: list[str], stage: str) -> list[dict[str, Any]]:
-    """Each SparseFormer arm against the pooled arm of its N and against the ViT, each pooled arm against the ViT, each
-    elastic row against the dedicated SparseFormer and the pooled arm of its N: accuracy differences on the same
-    answers, overall and by object size, with 95% cluster-bootstrap intervals."""
+    """Each SparseFormer arm against every peer of its N (pooled, visionzip, m3), each elastic row against the
+    dedicated SparseFormer, m3 and the pooled arm of its N, and every arm against the ViT: accuracy differences on
+    the same answers, overall and by object size, with 95% cluster-bootstrap intervals."""
     pairs = []
     for name in names:
         method, _, budget = name.partition("-")
-        rivals = {"sparseformer": ["pooled"], "elastic": ["sparseformer", "pooled"]}.get(method, [])
+        rivals = RIVALS.get(method, [])
         pairs += [(name, f"{rival}-{budget}") for rival in rivals if f"{rival}-{budget}" in names]
         if name != "vit" and "vit" in names:
             pairs.append((name, "vit"))

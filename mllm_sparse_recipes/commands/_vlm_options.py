@@ -1,8 +1,8 @@
 """Options shared by the LLaVA commands (build-vlm, swap, eval-vlm, demo) and the summary they print.
 
-Standard library only, like every command module: the choices are spelled out here, and a test holds them equal to
-the library's (`llava_adapter.modeling.PROJECTORS`, `towers.SELECT_STRATEGIES`, `processing.IMAGE_ASPECT_RATIOS`,
-`conversation.TEMPLATES`, `llms.TINY_LLMS`).
+Standard library only, like every command module: the choices are spelled out here, and a test holds them equal to the
+library's (`llava_adapter.modeling.PROJECTORS`, `towers.SELECT_STRATEGIES`, `towers.REDUCTIONS`,
+`processing.IMAGE_ASPECT_RATIOS`, `conversation.TEMPLATES`, `llms.TINY_LLMS`).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any
 
 PROJECTORS = ("linear", "mlp2x_gelu")
 SELECT_STRATEGIES = ("default", "full")
+REDUCTIONS = ("pool", "visionzip")
 IMAGE_ASPECT_RATIOS = ("pad", "resize", "crop")
 TEMPLATES = ("plain", "vicuna_v1", "chat_template")
 TINY_LLMS = ("tiny-llama", "tiny-qwen2", "tiny-phi3")
@@ -39,6 +40,20 @@ def add_tower_arguments(parser: argparse.ArgumentParser) -> None:
         "the CLS token not counted (default: every patch token; a SparseFormer folder's config sets its own)",
     )
     parser.add_argument("--pool-tokens", type=int, help=argparse.SUPPRESS)  # deprecated spelling, same meaning
+    parser.add_argument(
+        "--reduction",
+        choices=REDUCTIONS,
+        default="pool",
+        help="with a CLIP spec and a budget: 'pool' averages the patch grid to n×n; 'visionzip' keeps the patches "
+        "the CLS token attends to most and merges the rest into a few contextual tokens (default: pool)",
+    )
+    parser.add_argument(
+        "--budgets",
+        type=int,
+        nargs="+",
+        help="with a CLIP spec: one tower serving each of these token counts (M3-style nested pooling, or VisionZip "
+        "at each); --num-latent-tokens is the default one (default: the largest). Train it with --budgets",
+    )
     parser.add_argument("--projector", choices=PROJECTORS, default="mlp2x_gelu", help="the projector LLaVA names")
     parser.add_argument(
         "--vision-feature-layer",

@@ -6,15 +6,16 @@ r"""`mllm-sparse ablate`: how many image tokens does the LLM need, and are a Spa
         --encoders 64=runs/btsp-L --bootstrap-data /data/imagenet/train --train-data llava_mix.json \
         --image-folder /data --test-data test.json --out runs/ablation-L
 
-For each token budget N (latent tokens the LLM receives) it trains stock LLaVA models that differ only in the
-vision tower: sparseformer-N (a SparseFormer with N latent tokens bootstrapped from the teacher, or given with
---encoders N=DIR), pooled-N (the teacher ViT's patch tokens average-pooled to an n×n grid) and vit (the teacher's
-full patch tokens); with --elastic, one elastic SparseFormer and one LLaVA model serving every budget, scored at
-each (elastic-N). Every arm starts from the same LLM and is trained with the same data, steps and schedule in
+For each token budget N (latent tokens the LLM receives) it trains stock LLaVA models that differ only in the vision
+tower, one per arm of --arms: sparseformer-N (a SparseFormer with N latent tokens bootstrapped from the teacher, or
+given with --encoders N=DIR), pooled-N (the teacher ViT's patch tokens average-pooled to an n×n grid), vit (the
+teacher's full patch tokens), visionzip-N (the ViT's most-attended patches plus merged contextual tokens), and two arms
+of one model serving every budget, scored at each: m3-N (the ViT pooled to nested grids, M3-style) and elastic-N (one
+elastic SparseFormer). Every arm starts from the same LLM and is trained with the same data, steps and schedule in
 LLaVA's two stages, then scored after each stage. OUT/ablation.{json,md} hold the scores by question type and object
-size beside the question-only prior, paired differences with 95% cluster-bootstrap intervals, the time to first
-token of every arm side by side, and two plots. A rerun continues where a run stopped, and budgets can be added to a
-finished ablation; a rerun that would train an arm differently is refused, naming the difference.
+size beside the question-only prior, paired differences with 95% cluster-bootstrap intervals, the time to first token of
+every arm side by side, and two plots. A rerun continues where a run stopped, and budgets can be added to a finished
+ablation; a rerun that would train an arm differently is refused, naming the difference.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import argparse
 from pathlib import Path
 
 from mllm_sparse_recipes import defaults
-from mllm_sparse_recipes.ablation import BASELINES
+from mllm_sparse_recipes.ablation import ARMS, DEFAULT_ARMS
 
 from . import parser as command_parser
 from . import settings_from
@@ -43,13 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-data", type=Path, help="LLaVA JSON to score (default: WORLD/llava_test.json)")
     p.add_argument("--encoders", nargs="*", default=[],
                    help="N=DIR: a bootstrapped SparseFormer for budget N; elastic=DIR: an elastic one serving every "
-                   "budget, for --elastic (default: bootstrap each here)")  # fmt: skip
+                   "budget, for the elastic arm (default: bootstrap each here)")  # fmt: skip
     p.add_argument("--bootstrap-data", type=Path, help="images to bootstrap missing encoders on (default: WORLD)")
     p.add_argument("--bootstrap-steps", type=int, default=2400, help="steps of 64 images per missing encoder")
-    p.add_argument("--baselines", nargs="*", choices=BASELINES, default=list(BASELINES), help="the baseline arms")
-    p.add_argument("--elastic", action="store_true",
-                   help="also train one elastic encoder and one LLaVA model over all --budgets (a budget drawn per "
-                   "batch), scored at each budget beside the dedicated arms")  # fmt: skip
+    p.add_argument("--arms", nargs="+", choices=ARMS, default=list(DEFAULT_ARMS), metavar="ARM",
+                   help=f"the arms to train, from {', '.join(ARMS)}; m3 and elastic are one model each over all "
+                   f"--budgets, a budget drawn per batch (default: {' '.join(DEFAULT_ARMS)})")  # fmt: skip
     p.add_argument("--stage1-epochs", type=float, default=1.0, help="epochs of LLaVA's stage 1")
     p.add_argument("--stage2-epochs", type=float, default=1.0, help="epochs of LLaVA's stage 2 (0: stage 1 only)")
     p.add_argument("--batch-size", type=int, default=defaults.VLM_BATCH_SIZE, help="training batch, both stages")

@@ -16,11 +16,12 @@ DESCRIPTION = """A Gradio chat with a LLaVA model that shows where its image tok
     mllm-sparse demo --model runs/quickstart/stage2          # prompts as the model was trained
     mllm-sparse demo --model runs/stage2-merged --host 0.0.0.0 --port 7860
 
-Upload an image and the page draws, over the picture the model sees, the region each of the N image tokens stands
-for (a SparseFormer token's RoI at the layer the LLM reads; a ViT patch or a pooled cell for the baselines). Ask
-questions in a multi-turn chat; answers stream in with the time of each stage and, optionally, the LLM's attention on
-each image token. Each browser session has its own conversation; one model serves them in turn. A model with an
-elastic tower serves several token budgets: the page offers them and re-encodes the image at the one chosen.
+Upload an image and the page draws, over the picture the model sees, the region each of the N image tokens stands for (a
+SparseFormer token's RoI at the layer the LLM reads; a ViT patch, a pooled cell, or a VisionZip patch or merged group
+for the baselines). Ask questions in a multi-turn chat; answers stream in with the time of each stage and, optionally,
+the LLM's attention on each image token. Each browser session has its own conversation; one model serves them in turn. A
+model with an elastic tower serves several token budgets: the page offers them and re-encodes the image at the one
+chosen.
 
 What a visitor can cost is bounded: uploads over --max-upload-mb are refused as they arrive, images over
 --max-image-megapixels before they are decoded; a session keeps only the model input picture, and is freed when its

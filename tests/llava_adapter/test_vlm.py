@@ -388,12 +388,22 @@ def towers(tmp_path) -> dict[str, tuple[list[str], int]]:
         "sparseformer-elastic": (["--encoder", str(tmp_path / "sf-el")], 15),  # its default budget
         "sparseformer-no-cls": (["--encoder", str(tmp_path / "sf-no-cls")], 12),
         "pooled": (["--encoder", clip, "--num-latent-tokens", "4"], 4),
+        "pooled-nested": (["--encoder", clip, "--budgets", "1", "4"], 4),  # M3-style; the largest is the default
+        "visionzip": (["--encoder", clip, "--num-latent-tokens", "5", "--reduction", "visionzip"], 5),
+        "visionzip-elastic": (
+            ["--encoder", clip, "--budgets", "3", "5", "9", "--num-latent-tokens", "5", "--reduction", "visionzip"],
+            5,
+        ),  # fmt: skip
         "vit": (["--encoder", clip], 16),
     }
 
 
 @pytest.mark.parametrize("command", ["build-vlm", "swap"])
-@pytest.mark.parametrize("tower", ["sparseformer-cls", "sparseformer-elastic", "sparseformer-no-cls", "pooled", "vit"])
+@pytest.mark.parametrize(
+    "tower",
+    ["sparseformer-cls", "sparseformer-elastic", "sparseformer-no-cls", "pooled", "pooled-nested", "visionzip",
+     "visionzip-elastic", "vit"],
+)  # fmt: skip
 def test_the_llm_reads_exactly_the_budget(command, tower, towers, tokenizer, tmp_path, capsys):
     """For every kind of tower, both commands give a model whose tower hands the LLM N features and whose processor
     inserts N placeholders, N the tower's budget; stock `generate` runs on the saved folder."""
@@ -413,8 +423,10 @@ def test_the_llm_reads_exactly_the_budget(command, tower, towers, tokenizer, tmp
     model = AutoModelForImageTextToText.from_pretrained(out).eval()
     processor = AutoProcessor.from_pretrained(out)
     assert model.config.image_seq_length == processor.num_image_tokens == n
-    if tower == "sparseformer-elastic":
-        assert "elastic: 4, 9, 15 latent tokens per call" in said and processor.budgets == [4, 9, 15]
+    served = {"sparseformer-elastic": [4, 9, 15], "pooled-nested": [1, 4], "visionzip-elastic": [3, 5, 9]}
+    if tower in served:
+        listed = ", ".join(map(str, served[tower]))
+        assert f"elastic: {listed} latent tokens per call" in said and processor.budgets == served[tower]
     batch = processor(images=[red_image()], text=["<image>\nWhat colour?"], return_tensors="pt")
     assert int((batch["input_ids"] == model.config.image_token_id).sum()) == n
     with torch.no_grad():
@@ -445,11 +457,12 @@ def test_the_commands_choices_are_the_librarys():
     from llava_adapter.conversation import TEMPLATES
     from llava_adapter.modeling import PROJECTORS
     from llava_adapter.processing import IMAGE_ASPECT_RATIOS
-    from llava_adapter.towers import SELECT_STRATEGIES
+    from llava_adapter.towers import REDUCTIONS, SELECT_STRATEGIES
     from mllm_sparse_recipes.commands import _vlm_options as options
 
     assert set(options.PROJECTORS) == set(PROJECTORS)
     assert options.SELECT_STRATEGIES == SELECT_STRATEGIES
+    assert options.REDUCTIONS == REDUCTIONS
     assert options.IMAGE_ASPECT_RATIOS == IMAGE_ASPECT_RATIOS
     assert options.TEMPLATES == TEMPLATES
     assert options.TINY_LLMS == tuple(TINY_LLMS)

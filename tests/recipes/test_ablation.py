@@ -31,7 +31,8 @@ def parts(run: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def ablation_dir(smoke_run, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ablation")
-    argv = [*parts(smoke_run), "--budgets", "9", "--encoders", f"9={smoke_run / 'encoder'}", *TINY, "--out", str(out)]
+    argv = [*parts(smoke_run), "--budgets", "9", "--encoders", f"9={smoke_run / 'encoder'}",
+            "--arms", "vit", "sparseformer", "pooled", "visionzip", *TINY, "--out", str(out)]  # fmt: skip
     assert cli_main(["ablate", *argv]) == 0
     return out
 
@@ -48,8 +49,11 @@ def language_model(state: dict) -> dict:
 def test_every_arm_is_trained_scored_compared_timed_and_plotted(ablation_dir, smoke_run):
     report = json.loads((ablation_dir / "ablation.json").read_text())
     arms = report["arms"]
-    assert list(arms) == ["vit", "sparseformer-9", "pooled-9"]
-    assert {n: a["stage2"]["image_tokens"] for n, a in arms.items()} == {"vit": 196, "sparseformer-9": 9, "pooled-9": 9}
+    assert list(arms) == ["vit", "sparseformer-9", "pooled-9", "visionzip-9"]
+    assert {n: a["stage2"]["image_tokens"] for n, a in arms.items()} == {
+        "vit": 196, "sparseformer-9": 9, "pooled-9": 9, "visionzip-9": 9}  # fmt: skip
+    visionzip = json.loads((ablation_dir / "arms" / "visionzip-9" / "stage2" / "config.json").read_text())
+    assert visionzip["vision_config"]["model_type"] == "visionzip"
     assert all(list(a) == ["stage1", "stage2"] for a in arms.values())
     # every arm answered the same questions, and the prior was scored on them too
     answers = {n: a["stage2"]["answers"] for n, a in arms.items()}
@@ -71,7 +75,8 @@ def test_every_arm_is_trained_scored_compared_timed_and_plotted(ablation_dir, sm
     assert any(not torch.equal(v, language_model(stage1)[k]) for k, v in language_model(stage2).items())
 
     pairs = [(p["a"], p["b"]) for p in report["paired"]["stage2"]]
-    assert pairs == [("sparseformer-9", "pooled-9"), ("sparseformer-9", "vit"), ("pooled-9", "vit")]
+    assert pairs == [("sparseformer-9", "pooled-9"), ("sparseformer-9", "visionzip-9"), ("sparseformer-9", "vit"),
+                     ("pooled-9", "vit"), ("visionzip-9", "vit")]  # fmt: skip
     first = report["paired"]["stage2"][0]["all"]
     expected = arms["sparseformer-9"]["stage2"]["accuracy"] - arms["pooled-9"]["stage2"]["accuracy"]
     assert first["difference"] == pytest.approx(expected) and first["low"] <= first["difference"] <= first["high"]
@@ -86,19 +91,22 @@ def test_every_arm_is_trained_scored_compared_timed_and_plotted(ablation_dir, sm
     assert "![accuracy against image tokens](ablation_accuracy.png)" in markdown
 
 
-def test_a_budget_added_later_reuses_the_trained_arms_and_an_elastic_arm_serves_both(
+def test_a_budget_added_later_reuses_the_trained_arms_and_the_one_model_arms_serve_both(
     ablation_dir, smoke_run, tmp_path, capsys
 ):
     out = copy_of(ablation_dir, tmp_path)
     argv = [*parts(smoke_run), "--budgets", "9", "4", "--encoders", f"9={smoke_run / 'encoder'}",
-            "--bootstrap-steps", "2", "--baselines", "--elastic", *TINY, "--out", str(out)]  # fmt: skip
+            "--bootstrap-steps", "2", "--arms", "elastic", "m3", "sparseformer", *TINY, "--out", str(out)]  # fmt: skip
     capsys.readouterr()
     assert cli_main(["ablate", *argv]) == 0
     printed = capsys.readouterr().out
     assert printed.count("done earlier") == 5  # sparseformer-9's base, 2 stages, 2 evaluations
     report = json.loads((out / "ablation.json").read_text())
-    # no baselines asked for this time; one elastic model scored at each budget
-    assert list(report["arms"]) == ["sparseformer-9", "sparseformer-4", "elastic-9", "elastic-4"]
+    # no ViT, pooled or VisionZip arm asked for this time; one M3 and one elastic model, each scored at both budgets
+    assert list(report["arms"]) == ["sparseformer-9", "sparseformer-4", "m3-9", "m3-4", "elastic-9", "elastic-4"]
+    m3 = json.loads((out / "arms" / "m3" / "stage2" / "config.json").read_text())["vision_config"]
+    assert (m3["model_type"], m3["budgets"], m3["num_latent_tokens"]) == ("pooled_vision", [4, 9], 9)
+    assert {n: report["arms"][f"m3-{n}"]["stage2"]["image_tokens"] for n in (9, 4)} == {9: 9, 4: 4}
     encoder = json.loads((out / "encoders" / "n4" / "config.json").read_text())
     assert encoder["num_latent_tokens"] == 4 and report["encoders"]["4"] == str(out / "encoders" / "n4")
 
@@ -113,7 +121,8 @@ def test_a_budget_added_later_reuses_the_trained_arms_and_an_elastic_arm_serves_
     recipe = json.loads((out / "arms" / "elastic" / "arm.json").read_text())
     assert recipe["budgets"] == [9, 4] and recipe["tower"] == {"encoder": str(out / "encoders" / "elastic")}
     pairs = [(p["a"], p["b"]) for p in report["paired"]["stage2"]]
-    assert pairs == [("elastic-9", "sparseformer-9"), ("elastic-4", "sparseformer-4")]
+    assert pairs == [("sparseformer-9", "m3-9"), ("sparseformer-4", "m3-4"), ("elastic-9", "sparseformer-9"),
+                     ("elastic-9", "m3-9"), ("elastic-4", "sparseformer-4"), ("elastic-4", "m3-4")]  # fmt: skip
     seconds = {n: report["arms"][n]["stage2"]["train_seconds"] for n in ("elastic-9", "elastic-4")}
     assert seconds["elastic-9"] == seconds["elastic-4"] > 0  # one training, shared
     assert {"elastic-9", "elastic-4"} <= set(report["timing"])
@@ -124,8 +133,8 @@ def test_a_budget_added_later_reuses_the_trained_arms_and_an_elastic_arm_serves_
 
 def test_another_eval_limit_only_scores_again(ablation_dir, smoke_run, tmp_path, capsys):
     out = copy_of(ablation_dir, tmp_path)
-    argv = [*parts(smoke_run), "--budgets", "9", "--encoders", f"9={smoke_run / 'encoder'}", "--baselines", *TINY,
-            "--eval-limit", "2", "--out", str(out)]  # fmt: skip
+    argv = [*parts(smoke_run), "--budgets", "9", "--encoders", f"9={smoke_run / 'encoder'}", "--arms", "sparseformer",
+            *TINY, "--eval-limit", "2", "--out", str(out)]  # fmt: skip
     capsys.readouterr()
     assert cli_main(["ablate", *argv]) == 0
     printed = capsys.readouterr().out
@@ -161,8 +170,12 @@ def test_other_training_settings_are_refused(ablation_dir, smoke_run, tmp_path, 
         (["--budgets", "9", "--encoders", "4=ENCODER"], "4 is not one of --budgets [9]"),
         (["--budgets", "9", "--threads", "0"], "--threads must be positive"),
         (["--budgets", "0"], "0 is not a positive number of tokens"),
-        (["--budgets", "9", "--encoders", "elastic=ENCODER"], "an elastic encoder is for --elastic"),
-        (["--budgets", "9", "4", "--elastic", "--encoders", "elastic=ENCODER"], "serves [] latent tokens, not [9, 4]"),
+        (["--budgets", "9", "--encoders", "elastic=ENCODER"], "an elastic encoder is for the elastic arm"),
+        (
+            ["--budgets", "9", "4", "--arms", "elastic", "--encoders", "elastic=ENCODER"],
+            "serves [] latent tokens, not [9, 4]",
+        ),
+        (["--budgets", "8", "--arms", "m3", "visionzip"], "8 is not a square number (the m3 arm pools"),
     ],
 )
 def test_bad_arguments_fail_before_any_work(smoke_run, tmp_path, capsys, extra, message):
@@ -186,11 +199,14 @@ def test_without_a_world_the_data_must_be_named(tmp_path, capsys, extra, message
     assert message in capsys.readouterr().err
 
 
-def test_arm_towers_order_and_baselines():
-    settings = {"teacher": "open_clip:T@w", "budgets": [49, 16], "baselines": ["pooled"]}
+def test_arm_towers_order_and_kinds():
+    settings = {"teacher": "open_clip:T@w", "budgets": [49, 16], "arms": ["sparseformer", "pooled", "visionzip", "m3"]}
     towers = arm_towers(settings, {49: "e49", 16: "e16"})
-    assert list(towers) == ["sparseformer-49", "pooled-49", "sparseformer-16", "pooled-16"]
+    assert list(towers) == ["sparseformer-49", "pooled-49", "visionzip-49", "sparseformer-16", "pooled-16",
+                            "visionzip-16", "m3"]  # fmt: skip
     assert towers["pooled-16"] == {"encoder": "open_clip:T@w", "num_latent_tokens": 16}
+    assert towers["visionzip-16"] == {"encoder": "open_clip:T@w", "num_latent_tokens": 16, "reduction": "visionzip"}
+    assert towers["m3"] == {"encoder": "open_clip:T@w", "budgets": [16, 49]}
 
 
 def test_an_arm_recorded_as_build_vlm_arguments_reads_as_todays_tower():
