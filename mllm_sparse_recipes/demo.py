@@ -239,6 +239,23 @@ def build_app(
     def refuse(err: Exception) -> gr.Error:
         return gr.Error(str(err), print_exception=False)
 
+    # A visitor's mistake is shown by a validator, at the input it concerns: an exception in the event itself would
+    # also leave an "Error" badge on every output of the event.
+    def check_image(upload: dict | None, budget: int | None):
+        problem = ""
+        if upload is not None:
+            try:
+                if upload.get("path") is None:
+                    raise ImageLoadError("The upload is not an image file")
+                sessions.read_image(upload["path"])  # decoded again by the event: JPEGs at reduced scale, cheap
+            except ImageLoadError as err:
+                problem = str(err)
+        return [gr.validate(not problem, problem), gr.validate(True, "")]
+
+    def check_send(message: str, history: list, conversation: Conversation, attention: bool):
+        typed = bool(message and message.strip())
+        return [gr.validate(typed, "Type a question first"), *[gr.validate(True, "")] * 3]
+
     def on_image(upload: dict | None, budget: int | None, request: gr.Request):
         # Gradio's preprocessing is off for this event (it decodes the file with PIL and reports failures with the
         # server's path); the upload has been checked to be in Gradio's cache all the same.
@@ -305,7 +322,14 @@ def build_app(
     with gr.Blocks(title=title, delete_cache=(min(ttl, 600), ttl)) as app:
         gr.Markdown(f"## {title}\n{tokens} The boxes show the region each one stands for.")
         conversation = gr.State(Conversation(), time_to_live=ttl, delete_callback=sessions.release)
-        with gr.Row():
+        with gr.Row():  # the chat first: on a phone the columns stack, and the conversation is what a visitor reads
+            with gr.Column(scale=1):
+                chatbot = gr.Chatbot(label="Chat", height=360, elem_id="chat")
+                message = gr.Textbox(label="Question", placeholder="Ask about the image, then press Enter")
+                with gr.Row():
+                    send = gr.Button("Send", variant="primary")
+                    clear = gr.Button("New conversation")
+                timings = gr.Markdown(elem_id="timings")
             with gr.Column(scale=1):
                 image = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"])
                 budget = gr.Radio(
@@ -314,22 +338,19 @@ def build_app(
                     label="Image tokens (the image is encoded again at the budget chosen)",
                     visible=elastic,
                 )
-                picture = gr.Image(type="pil", label="Where the image tokens look", interactive=False)
+                picture = gr.Image(
+                    type="pil", label="Where the image tokens look", interactive=False, elem_id="regions"
+                )
                 attention = gr.Checkbox(label="Fill the boxes by the LLM's attention as it answers", value=True)
-            with gr.Column(scale=1):
-                chatbot = gr.Chatbot(label="Chat", height=420)
-                message = gr.Textbox(label="Question", placeholder="Ask about the image, then press Enter")
-                with gr.Row():
-                    send = gr.Button("Send", variant="primary")
-                    clear = gr.Button("New conversation")
-                timings = gr.Markdown()
         image_outputs = [picture, chatbot, conversation, timings]
-        image.change(on_image, [image, budget], image_outputs, api_name="image", preprocess=False)
+        image.change(
+            on_image, [image, budget], image_outputs, api_name="image", preprocess=False, validator=check_image
+        )
         budget.change(on_budget, [budget, conversation], [picture, conversation, timings], api_name="budget")
         send_inputs = [message, chatbot, conversation, attention]
         send_outputs = [chatbot, message, conversation, picture, timings]
-        send.click(on_send, send_inputs, send_outputs, api_name="send")
-        message.submit(on_send, send_inputs, send_outputs, api_visibility="private")
+        send.click(on_send, send_inputs, send_outputs, api_name="send", validator=check_send)
+        message.submit(on_send, send_inputs, send_outputs, api_visibility="private", validator=check_send)
         clear.click(on_clear, [conversation], [chatbot, conversation, timings], api_name="clear")
         app.unload(on_unload)
     return app

@@ -37,6 +37,7 @@ from llava_adapter.modeling import (
     save_projector,
 )
 from llava_adapter.towers import LayerTokens, PooledVisionConfig, PooledVisionModel, layer_tokens, num_image_tokens
+from llava_adapter.visionzip import VisionZipConfig
 from mllm_sparse.elastic import make_elastic
 from mllm_sparse_recipes.commands import swap
 
@@ -357,6 +358,17 @@ def test_layer_tokens_read_the_budget_from_each_tower_config():
         num_image_tokens(with_cls, -2, "default", 9)
     with pytest.raises(ValueError, match="must be a square number"):
         PooledVisionConfig(clip, num_latent_tokens=0)
+    nested = PooledVisionConfig(clip, budgets=[16, 1, 4])  # M3-style: 1×1, 2×2 and 4×4 grids, the largest the default
+    assert layer_tokens(nested, -2) == LayerTokens(16, True, 32, (1, 4, 16))
+    assert nested.budget() == 16 and nested.budget(1) == 1
+    with pytest.raises(ValueError, match=r"the default budget 9 is not among \[1, 4\]"):
+        PooledVisionConfig(clip, num_latent_tokens=9, budgets=[1, 4])
+    with pytest.raises(ValueError, match="a 5×5 grid cannot pool a 4×4 patch grid"):
+        PooledVisionConfig(clip, budgets=[4, 25])
+    zip_config = VisionZipConfig(clip, budgets=[3, 16])
+    assert layer_tokens(zip_config, -2) == LayerTokens(16, True, 32, (3, 16))
+    with pytest.raises(ValueError, match=r"num_latent_tokens=4: this visionzip elastic tower serves \[3, 16\]"):
+        num_image_tokens(zip_config, -2, "default", 4)
 
 
 def no_cls_sparseformer():
