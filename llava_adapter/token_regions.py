@@ -10,19 +10,20 @@ first token. Both are in the order of the image placeholders, so a box and a wei
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 from transformers import CLIPVisionConfig, SiglipVisionConfig
 
 from mllm_sparse import SparseFormerConfig
 from mllm_sparse.images import denormalize
-from mllm_sparse.visualize import draw_boxes
+from mllm_sparse.visualize import attention_color, draw_boxes
 
 from .budgets import vlm_budget
 from .towers import PooledVisionConfig, layer_tokens
@@ -152,20 +153,62 @@ def answer_attention(engine, record: Mapping, image) -> AnswerAttention:
     return AnswerAttention(on_image / max(share, 1e-12), share)
 
 
-def model_input(engine: ChatEngine, image: Image.Image) -> tuple[torch.Tensor, Image.Image]:
+def model_input(engine: ChatEngine, image: Image.Image, side: int | None = None) -> tuple[torch.Tensor, Image.Image]:
     """The pixels the model gets for `image` ([1, 3, S, S], padded or cropped as its processor does) and the same
-    as an S × S picture."""
+    as an S × S picture. With `side`, the picture is made at `side` × `side` from the image itself by the processor's
+    own steps (same padding, crop and aspect; no upscaled model input), for showing it."""
     image_processor = engine.processor.image_processor
+    if side is not None:
+        image_processor = copy.deepcopy(image_processor)
+        square = {"height": side, "width": side}
+        image_processor.crop_size = square
+        image_processor.size = square if "height" in image_processor.size else {"shortest_edge": side}
     pixels = image_processor(images=[image], return_tensors="pt")["pixel_values"]
     return pixels, denormalize(pixels[0], image_processor.image_mean, image_processor.image_std)
 
 
-def regions_picture(engine: ChatEngine, image: Image.Image, weights: torch.Tensor | None = None) -> Image.Image:
-    """The image as the model sees it, with the region of each image token drawn over it (filled by `weights`), at
-    the engine's budget."""
+def regions_picture(
+    engine: ChatEngine, image: Image.Image, weights: torch.Tensor | None = None, shown: Image.Image | None = None
+) -> Image.Image:
+    """The image as the model sees it with the region of each image token drawn over it, numbered in the order the
+    LLM reads them and filled by `weights` (e.g. the LLM's attention), at the engine's budget; a legend under it
+    gives the token count and, with weights, their colour scale.
+
+    Args:
+        engine: the model.
+        image: the model input as a picture (`model_input`'s second value) or any image (processed as the model's).
+        weights: [N] one per image token (shares of the LLM's attention on the image), or None.
+        shown: the picture to draw on, `model_input(engine, upload, side)`'s: the upload at a size worth looking at;
+            None: `image` resized to at least `PICTURE_SIDE`.
+    """
     pixels, seen = model_input(engine, image)
     with vlm_budget(engine.model, engine.num_latent_tokens):
         regions = image_token_regions(engine.model, pixels)[0]
-    scale = max(1, -(-PICTURE_SIDE // max(seen.size)))
-    seen = seen.resize((seen.width * scale, seen.height * scale), Image.Resampling.NEAREST)
-    return draw_boxes(seen, regions, weights=weights)
+    if shown is None:
+        scale = max(1, -(-PICTURE_SIDE // max(seen.size)))
+        shown = seen.resize((seen.width * scale, seen.height * scale), Image.Resampling.BICUBIC)
+    drawn = draw_boxes(shown, regions, weights=weights, numbered=True)
+    return with_legend(drawn, len(regions), weights)
+
+
+def with_legend(picture: Image.Image, num_tokens: int, weights: torch.Tensor | None) -> Image.Image:
+    """`picture` with a strip under it: what the numbers are and, with `weights`, the colour scale of the fills from
+    0 to the largest weight (as a percentage)."""
+    font = ImageFont.load_default(size=max(11, picture.width // 40))
+    line = font.size + 6
+    strip = Image.new("RGB", (picture.width, line * (3 if weights is not None else 1) + 6), (255, 255, 255))
+    draw = ImageDraw.Draw(strip)
+    draw.text((6, 4), f"{num_tokens} image tokens, numbered in the order the LLM reads them", fill=(0, 0, 0), font=font)
+    if weights is not None:
+        top = float(weights.max())
+        draw.text((6, 4 + line), "fill: the LLM's attention on each token (share of its attention on the image)",
+                  fill=(0, 0, 0), font=font)  # fmt: skip
+        left, right, y = 6 + draw.textlength("0%", font=font) + 6, picture.width - 60, 4 + 2 * line
+        for x in range(int(left), int(right)):
+            draw.line([(x, y), (x, y + line - 6)], fill=attention_color((x - left) / max(right - left, 1)))
+        draw.text((6, y), "0%", fill=(0, 0, 0), font=font)
+        draw.text((right + 6, y), f"{100 * top:.0f}%", fill=(0, 0, 0), font=font)
+    out = Image.new("RGB", (picture.width, picture.height + strip.height), (255, 255, 255))
+    out.paste(picture, (0, 0))
+    out.paste(strip, (0, picture.height))
+    return out

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from .modeling import SparseFormerOutput
@@ -48,6 +48,17 @@ def draw_rois(
     return draw_boxes(image, rois, points=points, tokens=tokens, line_width=line_width)
 
 
+ATTENTION_COLORMAP = "viridis"  # perceptually even, readable over a photo and in grey
+MAX_FILL_ALPHA = 80  # of 255: the most-attended box, even under others, leaves the photo visible
+
+
+def attention_color(value: float) -> tuple[int, int, int]:
+    """The fill colour of a weight in [0, 1] (its share of the largest), on `ATTENTION_COLORMAP`."""
+    import matplotlib
+
+    return tuple(int(255 * c) for c in matplotlib.colormaps[ATTENTION_COLORMAP](value)[:3])
+
+
 def draw_boxes(
     image: Image.Image,
     boxes: Tensor,
@@ -55,17 +66,20 @@ def draw_boxes(
     points: Tensor | None = None,
     tokens: list[int] | None = None,
     line_width: int | None = None,
+    numbered: bool = False,
 ) -> Image.Image:
     """Draw one box per token over the image, each in its own colour (the colours of `draw_rois`).
 
     Args:
         image: the picture the boxes refer to (any size; boxes are normalised, so they scale to it).
         boxes: [N, 4] normalised x1, y1, x2, y2 (e.g. RoIs, patch cells or pooled grid cells).
-        weights: [N] non-negative, e.g. how much attention each token received; each box is then filled in
-            proportion to its weight over the largest one.
+        weights: [N] non-negative, e.g. how much attention each token received; each box is then filled,
+            translucently, in the colour of its weight over the largest one (`attention_color`, `ATTENTION_COLORMAP`)
+            and more opaque the larger it is.
         points: [N, P, 2] normalised x, y per token, drawn as dots (e.g. SparseFormer sampling points).
         tokens: indices of the boxes to draw (default: all).
         line_width: outline width in pixels (default: scales with the image).
+        numbered: write each box's token number (1 to N, the order the LLM reads them) in its top-left corner.
     Returns:
         A new RGB image; the input is untouched.
     """
@@ -85,17 +99,26 @@ def draw_boxes(
     line_width = line_width or max(1, round(min(width, height) / 160))
     radius = max(1.0, min(width, height) / 200)
     colors = token_colors(boxes.shape[0])
-    # Fills first, so that every outline stays visible over any fill
+    # Fills first, the least attended first, so that every outline stays visible over any fill
     order = list(selected)
     if weights is not None:
         for i in sorted(order, key=lambda i: float(weights[i])):
-            draw.rectangle(_pixel_box(boxes[i], width, height), fill=(255, 200, 0, int(150 * float(weights[i]))))
+            alpha = int(MAX_FILL_ALPHA * float(weights[i]))
+            draw.rectangle(_pixel_box(boxes[i], width, height), fill=attention_color(float(weights[i])) + (alpha,))
     for i in order:
         draw.rectangle(_pixel_box(boxes[i], width, height), outline=colors[i] + (230,), width=line_width)
         if points is not None:
             for x, y in points[i].detach().float().cpu().tolist():
                 cx, cy = x * width, y * height
                 draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=colors[i] + (200,))
+    if numbered:
+        font = ImageFont.load_default(size=max(9, round(min(width, height) / 40)))
+        for i in order:
+            x1, y1, _, _ = _pixel_box(boxes[i], width, height)
+            at = (min(max(x1, 0) + line_width + 1, width - 1), min(max(y1, 0) + line_width, height - 1))
+            label = str(i + 1)
+            draw.rectangle(draw.textbbox(at, label, font=font), fill=(0, 0, 0, 160))
+            draw.text(at, label, fill=colors[i] + (255,), font=font)
     return Image.alpha_composite(canvas.convert("RGBA"), overlay).convert("RGB")
 
 

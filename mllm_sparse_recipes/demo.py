@@ -41,11 +41,12 @@ from mllm_sparse.images import ImageLoadError, load_image
 # JPEGs decode (by DCT scaling) at no less than twice the model input side: cheap, and the processor's own resize
 # still makes the final reduction.
 JPEG_DRAFT_FACTOR = 2
+SHOWN_SIDE = 512  # the regions picture: the upload at this size, not the (often 112-336 px) model input upscaled
 DEFAULT_MAX_UPLOAD_MB = 20.0
 DEFAULT_MAX_MEGAPIXELS = 50.0
 PIL_MAX_MEGAPIXELS = Image.MAX_IMAGE_PIXELS / 1e6  # load_image refuses larger images as decompression bombs
 DEFAULT_SESSION_TTL_MINUTES = 60.0
-DEFAULT_MAX_SESSIONS = 1000  # sessions whose state Gradio keeps; each holds one model-input picture and its chat
+DEFAULT_MAX_SESSIONS = 1000  # sessions whose state Gradio keeps; each holds its model input, a 512-px picture, its chat
 SESSION_ENDED = (
     "This conversation has ended (its page closed, or it sat idle past the time limit); upload the image again or "
     "start a new conversation"
@@ -63,12 +64,14 @@ class Conversation:
         ended: its session ended and its image and turns were freed; it cannot be continued.
         num_latent_tokens: the token budget its image is encoded at (one the engine's tower serves); None: the
             model's default.
+        shown: the upload as the model sees it (same padding or crop) at `SHOWN_SIDE`, for the regions picture.
     """
 
     image: Image.Image | None = None
     turns: list[dict[str, str]] = field(default_factory=list)
     ended: bool = False
     num_latent_tokens: int | None = None
+    shown: Image.Image | None = None
 
 
 def describe_timings(engine: ChatEngine, reply: ChatReply | None = None, image_share: float | None = None) -> str:
@@ -108,7 +111,8 @@ class DemoSessions:
         self.input_side = max(model_input(engine, Image.new("RGB", (1, 1)))[0].shape[-2:])
 
     def read_image(self, path: str | Path) -> Image.Image:
-        """The image at `path` as RGB; JPEGs decoded at reduced scale, never below twice the model input side.
+        """The image at `path` as RGB; JPEGs decoded at reduced scale, never below twice the model input side (nor
+        `SHOWN_SIDE`).
 
         Raises:
             ImageLoadError: not an image PIL can read, or more than `max_pixels` (checked on the header, before
@@ -128,7 +132,7 @@ class DemoSessions:
         if width * height > self.max_pixels:
             raise ImageLoadError(f"{name} is {width}×{height} ({width * height / 1e6:.1f} megapixels); {limit}")
         try:
-            return load_image(path, draft_size=JPEG_DRAFT_FACTOR * self.input_side)
+            return load_image(path, draft_size=max(JPEG_DRAFT_FACTOR * self.input_side, SHOWN_SIDE))
         except (ImageLoadError, OSError) as err:
             raise ImageLoadError(f"{name} is not an image PIL can read") from err
 
@@ -138,11 +142,13 @@ class DemoSessions:
         """A new conversation about the image at `path` (of `session`, if given) at budget `num_latent_tokens`
         (None: the model's default), and its regions picture. The conversation keeps only the model input (S × S);
         the upload is dropped once converted."""
-        seen = model_input(self.engine, self.read_image(path))[1]  # the processor alone: no need to hold the engine
-        conversation = Conversation(image=seen, num_latent_tokens=num_latent_tokens)
+        upload = self.read_image(path)
+        seen = model_input(self.engine, upload)[1]  # the processor alone: no need to hold the engine
+        shown = model_input(self.engine, upload, SHOWN_SIDE)[1]
+        conversation = Conversation(image=seen, num_latent_tokens=num_latent_tokens, shown=shown)
         with self.lock:
             self.engine.num_latent_tokens = num_latent_tokens  # an unserved budget: ValueError naming the served
-            picture = regions_picture(self.engine, seen)
+            picture = regions_picture(self.engine, seen, shown=shown)
         if session is not None:
             self.track(session, conversation)
         return conversation, picture
@@ -155,7 +161,11 @@ class DemoSessions:
         with self.lock:
             self.engine.num_latent_tokens = num_latent_tokens
             conversation.num_latent_tokens = self.engine.num_latent_tokens
-            picture = None if conversation.image is None else regions_picture(self.engine, conversation.image)
+            picture = (
+                None
+                if conversation.image is None
+                else regions_picture(self.engine, conversation.image, shown=conversation.shown)
+            )
             return picture, describe_timings(self.engine)
 
     def track(self, session: str, conversation: Conversation) -> None:
@@ -165,7 +175,7 @@ class DemoSessions:
 
     def release(self, conversation: Conversation) -> None:
         """Free `conversation`'s image and turns for good (its session ended or expired)."""
-        conversation.image, conversation.turns, conversation.ended = None, [], True
+        conversation.image, conversation.shown, conversation.turns, conversation.ended = None, None, [], True
         with self._index_lock:
             for session, kept in list(self.conversations.items()):
                 if kept is conversation:
@@ -210,7 +220,8 @@ class DemoSessions:
                 record = engine.record()
                 record["conversations"] = record["conversations"][:-1]  # up to the question just answered
                 weights = answer_attention(engine, record, conversation.image)
-                picture, share = regions_picture(engine, conversation.image, weights.per_token), weights.image_share
+                picture = regions_picture(engine, conversation.image, weights.per_token, shown=conversation.shown)
+                share = weights.image_share
             if not conversation.ended:  # a session that ended meanwhile stays freed
                 conversation.turns = turns
             yield {

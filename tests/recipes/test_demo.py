@@ -23,7 +23,7 @@ from transformers import AutoModelForImageTextToText, CLIPVisionConfig, CLIPVisi
 import mllm_sparse
 from llava_adapter.chat import ChatEngine
 from llava_adapter.modeling import build_vlm
-from llava_adapter.token_regions import answer_attention, grid_boxes, image_token_regions
+from llava_adapter.token_regions import answer_attention, grid_boxes, image_token_regions, model_input
 from llava_adapter.towers import PooledVisionConfig, PooledVisionModel
 from mllm_sparse_recipes.commands.demo import build_parser
 from mllm_sparse_recipes.demo import Conversation, DemoSessions, DemoSettings, build_app, launch, regions_picture, run
@@ -137,11 +137,35 @@ def test_answer_attention_matches_an_eager_model_and_restores_sdpa(engine, vlm_d
     assert got.image_share == pytest.approx(float(expected.sum()), rel=1e-5)
 
 
-def test_regions_picture_shows_the_model_input_large_enough(engine):
-    picture = regions_picture(engine, scene((120, 40)))  # padded to a square, as the processor does
-    assert picture.width == picture.height >= 448
-    weighted = regions_picture(engine, scene(), weights=torch.arange(float(engine.num_image_tokens)))
-    assert weighted.tobytes() != regions_picture(engine, scene()).tobytes()
+def test_regions_picture_shows_the_upload_as_the_model_sees_it_at_a_size_worth_looking_at(engine):
+    photo = scene((120, 40))  # padded to a square, as the processor does
+    seen = model_input(engine, photo)[1]
+    shown = model_input(engine, photo, 512)[1]
+    assert seen.size == (64, 64) and shown.size == (512, 512)
+    # the same geometry (padding, crop) at another size: shrunk back, it is the model input up to resampling
+    difference = (torch.tensor(list(shown.resize(seen.size, Image.Resampling.BOX).tobytes())).float()
+                  - torch.tensor(list(seen.tobytes())).float()).abs().mean()  # fmt: skip
+    assert difference < 6
+    picture = regions_picture(engine, seen, shown=shown)
+    assert picture.width == 512 and picture.height > 512  # the legend goes under the picture
+    assert regions_picture(engine, seen).width >= 448  # without a picture to show: the model input, enlarged
+    weights = torch.arange(float(engine.num_image_tokens))
+    weighted = regions_picture(engine, seen, weights=weights, shown=shown)
+    assert weighted.height > picture.height  # and the colour scale of the fill under it
+    assert weighted.crop((0, 0, 512, 512)).tobytes() != picture.crop((0, 0, 512, 512)).tobytes()
+
+
+def test_boxes_are_numbered_on_request():
+    from mllm_sparse.visualize import draw_boxes
+
+    boxes = torch.tensor([[0.1, 0.1, 0.5, 0.5], [0.4, 0.4, 0.9, 0.9]])
+    plain, numbered = (draw_boxes(scene((200, 200)), boxes, numbered=n) for n in (False, True))
+    assert plain.tobytes() != numbered.tobytes()
+    # the numbers sit inside each box's top-left corner, nowhere else
+    inside = [(20, 20, 45, 40), (80, 80, 105, 100)]
+    changed = [plain.crop(b).tobytes() != numbered.crop(b).tobytes() for b in inside]
+    assert changed == [True, True]
+    assert plain.crop((150, 20, 200, 60)).tobytes() == numbered.crop((150, 20, 200, 60)).tobytes()
 
 
 def test_sessions_keep_their_own_conversations(engine, tmp_path):
