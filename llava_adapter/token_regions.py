@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from torch import Tensor
 from transformers import CLIPVisionConfig, SiglipVisionConfig
 
 from mllm_sparse import SparseFormerConfig
 from mllm_sparse.images import denormalize
-from mllm_sparse.visualize import attention_color, draw_boxes
+from mllm_sparse.visualize import draw_boxes, with_caption
 
 from .budgets import vlm_budget
 from .towers import PooledVisionConfig, layer_tokens
@@ -194,21 +194,8 @@ def regions_picture(
 def with_legend(picture: Image.Image, num_tokens: int, weights: torch.Tensor | None) -> Image.Image:
     """`picture` with a strip under it: what the numbers are and, with `weights`, the colour scale of the fills from
     0 to the largest weight (as a percentage)."""
-    font = ImageFont.load_default(size=max(11, picture.width // 40))
-    line = font.size + 6
-    strip = Image.new("RGB", (picture.width, line * (3 if weights is not None else 1) + 6), (255, 255, 255))
-    draw = ImageDraw.Draw(strip)
-    draw.text((6, 4), f"{num_tokens} image tokens, numbered in the order the LLM reads them", fill=(0, 0, 0), font=font)
-    if weights is not None:
-        top = float(weights.max())
-        draw.text((6, 4 + line), "fill: the LLM's attention on each token (share of its attention on the image)",
-                  fill=(0, 0, 0), font=font)  # fmt: skip
-        left, right, y = 6 + draw.textlength("0%", font=font) + 6, picture.width - 60, 4 + 2 * line
-        for x in range(int(left), int(right)):
-            draw.line([(x, y), (x, y + line - 6)], fill=attention_color((x - left) / max(right - left, 1)))
-        draw.text((6, y), "0%", fill=(0, 0, 0), font=font)
-        draw.text((right + 6, y), f"{100 * top:.0f}%", fill=(0, 0, 0), font=font)
-    out = Image.new("RGB", (picture.width, picture.height + strip.height), (255, 255, 255))
-    out.paste(picture, (0, 0))
-    out.paste(strip, (0, picture.height))
-    return out
+    lines = [f"{num_tokens} image tokens, numbered in the order the LLM reads them"]
+    if weights is None:
+        return with_caption(picture, lines)
+    lines.append("fill: the LLM's attention on each token (share of its attention on the image)")
+    return with_caption(picture, lines, ("0%", f"{100 * float(weights.max()):.0f}%"))

@@ -9,7 +9,7 @@ from transformers import AutoConfig, AutoModel
 from .checkpoint import CheckpointMismatchError, load_pretrained, read_state_dict
 from .configuration import SparseFormerConfig
 from .elastic import make_elastic
-from .images import ImageLoadError, load_image, preprocess
+from .images import ImageLoadError, center_square, load_image, preprocess
 from .modeling import SparseFormerModel, SparseFormerOutput
 from .open_clip_tower import OpenClipVisual
 from .presets import OFFICIAL_PRESETS, create_model, list_models, preset_config
@@ -28,6 +28,7 @@ __all__ = [
     "SparseFormerConfig",
     "SparseFormerModel",
     "SparseFormerOutput",
+    "center_square",
     "create_model",
     "draw_rois",
     "list_models",

@@ -10,11 +10,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .images import denormalize, load_image, preprocess
+from .images import DEFAULT_CROP_PCT, center_square, load_image, preprocess
 from .modeling import SparseFormerModel
 from .presets import create_model, list_models
 from .profiling import profile
-from .visualize import draw_rois
+from .visualize import draw_rois, with_caption
+
+PICTURE_SIDE = 448  # the RoI picture is drawn at least this large, from the image itself (not the model input)
 
 
 @dataclass
@@ -69,9 +71,17 @@ def test_pattern(size: int) -> Image.Image:
     return image
 
 
+def weights_origin(settings: InspectSettings) -> str:
+    """Where the drawn model's weights come from, in words: a preset without `pretrained` has random ones."""
+    if Path(settings.encoder).is_dir():
+        return "weights: the saved folder's"
+    return f"weights: {settings.pretrained}" if settings.pretrained else "RANDOM weights (no --pretrained)"
+
+
 def run(settings: InspectSettings) -> dict[str, Any]:
-    """Profile the encoder and draw its RoIs to `settings.out`; returns the profile with the picture's path, the
-    input side and the token counts."""
+    """Profile the encoder and draw its RoIs to `settings.out` (numbered, over the centre crop the encoder saw, at
+    least `PICTURE_SIDE` px, with a caption naming the weights' origin); returns the profile with the picture's path
+    and caption, the input side and the token counts."""
     if settings.image_size is not None and settings.image_size < 1:
         raise ValueError(f"--image-size must be a positive number of pixels, got {settings.image_size}")
     out = Path(settings.out)
@@ -80,18 +90,26 @@ def run(settings: InspectSettings) -> dict[str, Any]:
     model = load_encoder(settings.encoder, settings.pretrained, settings.num_latent_tokens)
     config = model.config
     size = settings.image_size if settings.image_size is not None else config.image_size
-    image = load_image(settings.image, draft_size=size) if settings.image else test_pattern(size)
+    image = load_image(settings.image, draft_size=size) if settings.image else test_pattern(max(size, PICTURE_SIDE))
     pixels = preprocess(image, size, config.image_mean, config.image_std)
     cost = profile(model, size)
     with torch.no_grad():
         output = model(pixels.unsqueeze(0), output_sampling_points=settings.points)
-    picture = draw_rois(denormalize(pixels, config.image_mean, config.image_std), output, show_points=settings.points)
+    seen = center_square(image, DEFAULT_CROP_PCT)  # the crop `preprocess` made, at the image's own resolution
+    if seen.width < PICTURE_SIDE:
+        seen = seen.resize((PICTURE_SIDE, PICTURE_SIDE), Image.Resampling.BICUBIC)
+    picture = draw_rois(seen, output, show_points=settings.points, numbered=True)
+    caption = [
+        f"{settings.encoder}: {config.num_latent_tokens} latent tokens, numbered; {weights_origin(settings)}",
+        f"{'the image' if settings.image else 'a test pattern'}, centre-cropped as the encoder sees it at {size} px",
+    ]
     out.parent.mkdir(parents=True, exist_ok=True)
-    picture.save(out)
+    with_caption(picture, caption).save(out)
     return {
         **cost.as_dict(),
         "image_size": size,
         "num_latent_tokens": config.num_latent_tokens,
         "cls_tokens": int(config.has_cls_token),
         "roi_picture": str(out),
+        "caption": caption,
     }

@@ -23,16 +23,19 @@ def draw_rois(
     show_points: bool = False,
     tokens: list[int] | None = None,
     line_width: int | None = None,
+    numbered: bool = False,
 ) -> Image.Image:
     """Draw each token's final RoI (and its last sampling points) over the image the model saw.
 
     Args:
-        image: the image the output came from (any size; RoIs are normalised, so they scale to it).
+        image: the image the output came from, as the model saw it (any size; RoIs are normalised to the model's
+            input, so draw on its crop: `images.center_square` of the image given to `preprocess`).
         output: a `SparseFormerOutput`; `show_points` needs it to come from `output_sampling_points=True`.
         index: which batch element to draw.
         show_points: also draw the sampling points of the last sampling op.
         tokens: latent token indices to draw (default: all).
         line_width: RoI outline width in pixels (default: scales with the image).
+        numbered: write each token's number (1 to N) in its RoI's top-left corner.
     Returns:
         A new RGB image; the input is untouched.
     """
@@ -45,7 +48,7 @@ def draw_rois(
         if not recorded:
             raise ValueError("show_points=True needs an output from forward(..., output_sampling_points=True)")
         points = recorded[-1][index]
-    return draw_boxes(image, rois, points=points, tokens=tokens, line_width=line_width)
+    return draw_boxes(image, rois, points=points, tokens=tokens, line_width=line_width, numbered=numbered)
 
 
 ATTENTION_COLORMAP = "viridis"  # perceptually even, readable over a photo and in grey
@@ -125,3 +128,41 @@ def draw_boxes(
 def _pixel_box(box: Tensor, width: int, height: int) -> list[float]:
     x1, y1, x2, y2 = box.tolist()
     return [min(x1, x2) * width, min(y1, y2) * height, max(x1, x2) * width, max(y1, y2) * height]
+
+
+def with_caption(picture: Image.Image, lines: list[str], color_scale: tuple[str, str] | None = None) -> Image.Image:
+    """`picture` with a white strip under it holding `lines` of text and, with `color_scale` (the labels of its two
+    ends), a bar of `ATTENTION_COLORMAP` from 0 to 1: the legend of `draw_boxes`' fills."""
+    font = ImageFont.load_default(size=max(11, picture.width // 40))
+    line = font.size + 6
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines = [wrapped for text in lines for wrapped in wrap(text, measure, font, picture.width - 12)]
+    rows = len(lines) + (color_scale is not None)
+    strip = Image.new("RGB", (picture.width, line * rows + 6), (255, 255, 255))
+    draw = ImageDraw.Draw(strip)
+    for i, text in enumerate(lines):
+        draw.text((6, 4 + i * line), text, fill=(0, 0, 0), font=font)
+    if color_scale is not None:
+        low, high = color_scale
+        y = 4 + len(lines) * line
+        left = 12 + draw.textlength(low, font=font)
+        right = picture.width - 12 - draw.textlength(high, font=font)
+        for x in range(int(left), int(right)):
+            draw.line([(x, y), (x, y + line - 6)], fill=attention_color((x - left) / max(right - left, 1)))
+        draw.text((6, y), low, fill=(0, 0, 0), font=font)
+        draw.text((right + 6, y), high, fill=(0, 0, 0), font=font)
+    out = Image.new("RGB", (picture.width, picture.height + strip.height), (255, 255, 255))
+    out.paste(picture, (0, 0))
+    out.paste(strip, (0, picture.height))
+    return out
+
+
+def wrap(text: str, draw: ImageDraw.ImageDraw, font, width: float) -> list[str]:
+    """`text` cut between words into lines no wider than `width` pixels in `font` (a longer word keeps a line)."""
+    lines: list[str] = []
+    for word in text.split(" "):
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines

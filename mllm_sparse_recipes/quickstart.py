@@ -172,11 +172,12 @@ def show(model_dir: Path, world: Path, out: Path) -> None:
     """`rois.png`: the final model's image-token regions on the first test images, side by side, as the demo draws
     them; `show.json`: a short chat with it about the first image (its answers next to the gold ones)."""
     from llava_adapter.chat import ChatEngine
-    from llava_adapter.token_regions import regions_picture
+    from llava_adapter.token_regions import PICTURE_SIDE, model_input, regions_picture
 
     engine = ChatEngine.from_pretrained(model_dir)
     records = test_records(world)[:SHOW_IMAGES]
-    panels = [regions_picture(engine, load_image(world / r["image"])) for r in records]
+    images = [load_image(world / r["image"]) for r in records]
+    panels = [regions_picture(engine, i, shown=model_input(engine, i, PICTURE_SIDE)[1]) for i in images]
     gap = 8
     sheet = Image.new("RGB", (sum(p.width + gap for p in panels) - gap, max(p.height for p in panels)), "white")
     for i, panel in enumerate(panels):
@@ -255,6 +256,16 @@ def summarise(args: QuickstartSettings, s: dict[str, Any], paths: dict[str, Path
     }
 
 
+def prior_verdict(plan: str, vlm: dict) -> str:
+    """What the VLM's score says against the question-only prior, in one sentence a newcomer can trust."""
+    if plan == "smoke":
+        return ("The smoke plan runs every stage for a few steps to check an install: it learns nothing, so its score "
+                "says nothing about the method.")  # fmt: skip
+    if vlm["accuracy"] > vlm["prior"]["accuracy"]:
+        return "The VLM scores above it: it reads the image."
+    return "The VLM does not score above it: it does not read the image yet (train longer, or check the data)."
+
+
 def to_markdown(r: dict[str, Any]) -> str:
     t, enc, vlm, teacher, folders = r["seconds"], r["encoder"], r["vlm"], r["teacher"], r["folders"]
 
@@ -304,7 +315,7 @@ def to_markdown(r: dict[str, Any]) -> str:
           + " | " + " | ".join(pct(row["by_target_size"].get(k)) for k in sizes) + " |"
           for name, row in (("VLM", vlm), ("question-only prior", vlm["prior"]))],
         "",
-        "The prior answers each question with its most frequent training answer: above it, the VLM reads the image.",
+        "The prior answers each question with its most frequent training answer. " + prior_verdict(r["plan"], vlm),
         "",
         f"## A chat about `{image}`",
         "",

@@ -74,13 +74,18 @@ def test_inspect_prints_cost_and_writes_the_picture(tmp_path, capsys):
     )
     report = json.loads(capsys.readouterr().out)
     assert report["num_tokens"] == 16 and report["params"] > 0 and report["gflops"] > 0
-    assert Image.open(tmp_path / "roi.png").size == (48, 48)
+    picture = Image.open(tmp_path / "roi.png")
+    assert picture.width == 448 and picture.height > 448  # drawn large, the caption under it
+    assert "RANDOM weights (no --pretrained)" in report["caption"][0]
+    assert report["caption"][1] == "the image, centre-cropped as the encoder sees it at 48 px"
 
 
 def test_inspect_a_saved_folder_and_the_token_budget(tmp_path, capsys, btsp_model):
     btsp_model.save_pretrained(tmp_path / "enc")
     assert cli_main(["inspect", str(tmp_path / "enc"), "--out", str(tmp_path / "a.png")]) == 0
     assert "15 latent (the LLM's image tokens) + 1 CLS" in capsys.readouterr().out
+    assert cli_main(["inspect", str(tmp_path / "enc"), "--out", str(tmp_path / "a.png"), "--json"]) == 0
+    assert "weights: the saved folder's" in json.loads(capsys.readouterr().out)["caption"][0]
     picture = ["--out", str(tmp_path / "b.png"), "--json"]
     assert cli_main(["inspect", "test_sparseformer_btsp", "--num-latent-tokens", "8", *picture]) == 0
     report = json.loads(capsys.readouterr().out)

@@ -80,11 +80,19 @@ def test_every_stage_runs_and_the_report_reads_their_outputs(run_dir):
 
     # where the tokens look, as the demo draws it: one 448-px panel per test image; a chat about the first
     rois = Image.open(run_dir / "show" / "rois.png")
-    assert rois.size == ((448 + 8) * quickstart.SHOW_IMAGES - 8, 448)
+    assert rois.width == (448 + 8) * quickstart.SHOW_IMAGES - 8 and rois.height > 448  # a legend under each panel
     show = report["show"]
     assert 1 <= len(show["chat"]) <= 3 and all({"question", "answer", "gold"} <= set(c) for c in show["chat"])
     markdown = (run_dir / "quickstart.md").read_text()
     assert "| eval |" in markdown and "question-only prior" in markdown and "mllm-sparse demo --model" in markdown
+    assert "it learns nothing" in markdown and "reads the image" not in markdown  # a smoke run claims nothing
+
+
+def test_the_report_says_what_beating_the_prior_means():
+    vlm = {"accuracy": 0.6, "prior": {"accuracy": 0.4}}
+    assert quickstart.prior_verdict("laptop", vlm) == "The VLM scores above it: it reads the image."
+    assert "does not read the image yet" in quickstart.prior_verdict("laptop", {**vlm, "accuracy": 0.4})
+    assert "learns nothing" in quickstart.prior_verdict("smoke", vlm)
 
 
 def test_a_rerun_continues_from_checkpoints_and_redoes_unfinished_stages(run_dir, tmp_path, capsys, caplog):
