@@ -256,6 +256,19 @@ def summarise(args: QuickstartSettings, s: dict[str, Any], paths: dict[str, Path
     }
 
 
+def summary_line(report: dict[str, Any], out: Path) -> str:
+    """What the command line prints at the end: the VLM's score beside the prior, the time, and where the report is
+    (its tables stay in the file)."""
+    vlm, minutes = report["vlm"], sum(report["seconds"].values()) / 60
+    accuracy, prior = 100 * vlm["accuracy"], 100 * vlm["prior"]["accuracy"]
+    scores = f"{accuracy:.1f}% of the test questions (question-only prior {prior:.1f}%)"
+    return (
+        f"Quickstart ({report['plan']} plan) done in {minutes:.1f} min: the VLM answers {scores}. "
+        f"{prior_verdict(report['plan'], vlm)}\nReport: {out / (REPORT_NAME + '.md')}. Chat with it: uv run "
+        f"mllm-sparse demo --model {report['folders']['stage2']}"
+    )
+
+
 def prior_verdict(plan: str, vlm: dict) -> str:
     """What the VLM's score says against the question-only prior, in one sentence a newcomer can trust."""
     if plan == "smoke":

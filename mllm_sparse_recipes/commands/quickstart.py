@@ -55,8 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from mllm_sparse_recipes.quickstart import QuickstartSettings, run
+    from mllm_sparse_recipes.quickstart import QuickstartSettings, run, summary_line
 
-    _, markdown = run(settings_from(args, QuickstartSettings))
-    print(markdown, end="")
+    settings = settings_from(args, QuickstartSettings)
+    report, _ = run(settings)
+    print(summary_line(report, settings.out))  # the tables are in the report file
     return 0

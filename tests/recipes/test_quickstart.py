@@ -93,6 +93,11 @@ def test_the_report_says_what_beating_the_prior_means():
     assert quickstart.prior_verdict("laptop", vlm) == "The VLM scores above it: it reads the image."
     assert "does not read the image yet" in quickstart.prior_verdict("laptop", {**vlm, "accuracy": 0.4})
     assert "learns nothing" in quickstart.prior_verdict("smoke", vlm)
+    report = {"vlm": vlm, "seconds": {"world": 60, "vlm": 30}, "plan": "laptop", "folders": {"stage2": "q/stage2"}}
+    first, second = quickstart.summary_line(report, Path("q")).splitlines()  # the console's summary: two lines
+    assert first == ("Quickstart (laptop plan) done in 1.5 min: the VLM answers 60.0% of the test questions "
+                     "(question-only prior 40.0%). The VLM scores above it: it reads the image.")  # fmt: skip
+    assert second == "Report: q/quickstart.md. Chat with it: uv run mllm-sparse demo --model q/stage2"
 
 
 def test_a_rerun_continues_from_checkpoints_and_redoes_unfinished_stages(run_dir, tmp_path, capsys, caplog):
