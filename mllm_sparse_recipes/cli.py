@@ -65,6 +65,16 @@ def configure_logging() -> None:
         logging.getLogger(package).setLevel(logging.INFO)
 
 
+def quiet_model_files() -> None:
+    """transformers draws a progress bar for each model it loads or saves, and a pipeline loads and saves dozens: the
+    command line turns those off and keeps the hub's download bars (a first download can take an hour)."""
+    from huggingface_hub.utils import enable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # also the hub's: turned back on below
+    enable_progress_bars()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
@@ -78,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mllm-sparse: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
     configure_logging()
+    if not {"-h", "--help"} & set(rest):  # help stays free of the libraries
+        quiet_model_files()
     module = importlib.import_module(f"mllm_sparse_recipes.commands.{command.replace('-', '_')}")
     try:
         return module.main(rest) or 0

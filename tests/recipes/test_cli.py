@@ -79,3 +79,15 @@ def test_the_parser_defaults_are_the_settings_defaults(name: str):
         )
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
         assert action.default == default, f"{name}: --{action.dest} defaults to {action.default!r} vs {default!r}"
+
+
+def test_the_command_line_draws_no_bar_per_model_file_but_keeps_download_bars(tmp_path, capfd):
+    import mllm_sparse
+
+    mllm_sparse.create_model("test_sparseformer_btsp").save_pretrained(tmp_path / "encoder")
+    capfd.readouterr()
+    assert main(["inspect", str(tmp_path / "encoder"), "--out", str(tmp_path / "roi.png")]) == 0
+    assert "Loading weights" not in capfd.readouterr().err  # transformers' bar for each model loaded
+    from huggingface_hub.utils import are_progress_bars_disabled
+
+    assert not are_progress_bars_disabled()  # a first download still shows its progress
