@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from bad_files import one_line, poison, run, truncate
@@ -352,6 +353,8 @@ def test_layer_tokens_read_the_budget_from_each_tower_config():
     elastic = make_elastic(mllm_sparse.create_model("test_sparseformer_btsp"), [4, 9, 15], default=9).config
     assert layer_tokens(elastic, -2) == LayerTokens(9, True, 64, (4, 9, 15))
     assert [num_image_tokens(elastic, -2, strategy, 4) for strategy in ("default", "full")] == [4, 5]
+    # a budget from numpy or torch gives a plain count: it becomes config.json's image_seq_length
+    assert [json.dumps(num_image_tokens(elastic, -2, "full", n)) for n in (np.int64(4), torch.tensor(9))] == ["5", "10"]
     with pytest.raises(ValueError, match=r"num_latent_tokens=5: this sparseformer elastic tower serves \[4, 9, 15\]"):
         num_image_tokens(elastic, -2, "default", 5)
     with pytest.raises(ValueError, match=r"num_latent_tokens=9: this sparseformer tower serves only \[15\]"):

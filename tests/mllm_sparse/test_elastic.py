@@ -88,3 +88,16 @@ print(shapes, default, refused)
     reloaded = SparseFormerModel.from_pretrained(tmp_path / "enc")
     for n in BUDGETS:
         assert torch.equal(reloaded.initial_roi_table(n), elastic.initial_roi_table(n))
+
+
+def test_budgets_from_numpy_or_torch_save_as_plain_numbers(btsp_model, tmp_path):
+    """A sweep's budgets often come as numpy or torch integers; the config stores plain ints, so it saves as JSON."""
+    import json
+
+    import numpy as np
+
+    elastic = make_elastic(btsp_model, np.array([4, 9, 15]), default=np.int64(9))
+    elastic.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert (saved["budgets"], saved["num_latent_tokens"]) == (BUDGETS, 9)
+    assert make_elastic(btsp_model, torch.tensor([4, 9])).config.budgets == [4, 9]
