@@ -5,8 +5,8 @@ Build (`build_vlm`, `mllm-sparse build-vlm`), swap towers (`replace_tower`, `mll
 (`vlm_budget`), read LLaVA JSON (`LlavaJsonDataset`), train
 (`scripts/train_vlm.py`, `llava_adapter.train`) and merge LoRA runs (`mllm-sparse merge-lora`).
 
-Importing it registers its processor and pooled ViT tower (and, through `mllm_sparse`, the SparseFormer) with
-transformers' Auto classes: `import llava_adapter` is the one import a process needs before
+Importing it registers its processor and the pooled and VisionZip ViT towers (and, through `mllm_sparse`, the
+SparseFormer) with transformers' Auto classes: `import llava_adapter` is the one import a process needs before
 `AutoModelForImageTextToText.from_pretrained` or `AutoProcessor.from_pretrained` loads a saved model.
 """
 
