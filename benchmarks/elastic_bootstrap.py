@@ -33,7 +33,9 @@ def bootstrap(args, out: Path, num_latent: int, cache: Path | None, **settings) 
         out.mkdir(parents=True)
         shutil.copy(cache, out / cache.name)
     spec = teacher_spec(args.teacher)
-    settings = bootstrap_settings(spec, args.world, out, num_latent, args.steps, cache_teacher=True, **settings)
+    settings = bootstrap_settings(
+        spec, args.world, out, num_latent, args.steps, cache_teacher=True, seed=args.seed, **settings
+    )
     bootstrap_train.run(settings)
     return json.loads((out / "bootstrap_report.json").read_text())
 
@@ -47,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budgets", type=int, nargs="+", default=[9, 16, 36, 64])
     parser.add_argument("--samplings", nargs="+", choices=SAMPLINGS, default=list(SAMPLINGS))
     parser.add_argument("--steps", type=int, default=600, help="per arm (the quickstart's laptop plan: 1200)")
+    parser.add_argument("--seed", type=int, default=0, help="every arm's seed (initialisation, data order, budgets)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     budgets = sorted(set(args.budgets))
@@ -94,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         "teacher": str(args.teacher),
         "world": str(args.world),
         "steps": args.steps,
+        "seed": args.seed,
         "budgets": budgets,
         "rows": rows,
         "cost": cost,
