@@ -73,12 +73,6 @@ class VisionZipConfig(BudgetedViTConfig):
             num_latent_tokens = max(budgets) if budgets else min(64, num_patches(vision_config))
         super().__init__(vision_config, num_latent_tokens, budgets, **kwargs)
 
-    def check_budget(self, num_latent_tokens: int) -> None:
-        if not 1 <= num_latent_tokens <= (patches := num_patches(self.vision_config)):
-            raise ValueError(
-                f"VisionZipConfig: num_latent_tokens must be between 1 and {patches} patches, got {num_latent_tokens}"
-            )
-
 
 def visionzip_select(
     features: Tensor, cls_attention: Tensor, keys: Tensor, num_latent_tokens: int

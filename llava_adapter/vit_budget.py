@@ -40,8 +40,13 @@ class BudgetedViTConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
     def check_budget(self, num_latent_tokens: int) -> None:
-        """Raise `ValueError` naming the config class where the tower cannot cut to `num_latent_tokens` tokens."""
-        raise NotImplementedError
+        """Raise `ValueError` naming the config class where the tower cannot cut to `num_latent_tokens` tokens: here,
+        anything but 1 to every patch (a subclass adds its own rule, e.g. a square grid)."""
+        if not 1 <= num_latent_tokens <= (patches := num_patches(self.vision_config)):
+            raise ValueError(
+                f"{type(self).__name__}: num_latent_tokens must be between 1 and {patches} patches, "
+                f"got {num_latent_tokens}"
+            )
 
     @property
     def hidden_size(self) -> int:

@@ -52,7 +52,7 @@ def demo_url(tokenizer, tmp_path_factory) -> Iterator[tuple[str, Path]]:
                 if httpx.get(url, timeout=5).status_code == 200:
                     break
             except httpx.TransportError:
-                pass
+                pass  # not listening yet: poll again
             if server.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the demo did not start:\n{log.read_text()}")
             time.sleep(0.5)
