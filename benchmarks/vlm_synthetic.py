@@ -5,7 +5,7 @@
     uv run python benchmarks/vlm_synthetic.py --epochs 0.05 --stage2-epochs 0.05 --eval-limit 40 \
         --work runs/vlm_smoke --out-dir /tmp/vlm_smoke          # a smoke run
     uv run python benchmarks/vlm_synthetic.py --eval-limit 800 --budgets 9 16 36 --students \
-        --arms vit sparseformer pooled visionzip m3 elastic --work runs/sw/vlm_peers   # the peers side by side
+        --arms vit sparseformer pooled visionzip m3 elastic --work runs/sw/vlm_peers --name vlm_peers  # the peers
 
 This is `mllm-sparse ablate` (mllm_sparse_recipes/ablation/) on the synthetic world's benchmark setting: the
 teacher of `synthetic_world.py`, the SparseFormers of `bootstrap_synthetic.py` at N = 1/4 and 1/9 of its 196 patch
@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timing-questions", type=int, default=32)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    parser.add_argument("--name", default=NAME, help=f"the results' file name (default: {NAME})")
     args = parser.parse_args(argv)
     if args.llm not in TINY_LLMS and not (Path(args.llm) / "config.json").is_file():
         parser.error(
@@ -145,9 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     report |= {"machine": machine(), "llm_origin": llm_origin(str(args.llm))}
     report = json.loads(json.dumps(report).replace(f"{ROOT}/", ""))  # paths in the repository, as committed
     intro = f"Machine: {report['machine']}. The arms' LLM: {report['llm_origin']}."
-    markdown = to_markdown(report, "LLaVA pipeline on the synthetic world", intro, name=NAME)
-    write_results(args.out_dir, NAME, report, markdown)
-    plot(report, args.out_dir, name=NAME)
+    markdown = to_markdown(report, "LLaVA pipeline on the synthetic world", intro, name=args.name)
+    write_results(args.out_dir, args.name, report, markdown)
+    plot(report, args.out_dir, name=args.name)
     print(markdown)
     return 0
 
