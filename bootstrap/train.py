@@ -59,10 +59,6 @@ class BootstrapSettings:
             student has where the teacher has one, is not one of them); with `budgets`, the default one. None with
             `init_from`: the encoder's own.
         budgets: train one elastic student for all these budgets (`mllm_sparse.elastic`); None: one budget.
-        budget_sampling: which budgets each step trains, drawn from the seed and the step (so the same on every
-            rank and after a resume): "sandwich", the smallest, the largest and one drawn from those between, their
-            losses averaged over the same images and teacher targets (measured closer to dedicated students), or
-            "draw", one budget (cheaper).
         data: an image folder, a synthetic world or a LLaVA .json.
         out: the encoder's folder.
         init_from: start from this SparseFormer instead of inheriting from the teacher: a `save_pretrained` folder,
@@ -103,7 +99,6 @@ class BootstrapSettings:
     init_from: str | None = None
     init_pretrained: str | None = None
     budgets: list[int] | None = None
-    budget_sampling: str = "sandwich"
     image_folder: Path | None = None
     steps: int | None = None
     epochs: float | None = None
@@ -172,16 +167,16 @@ def save(folder: RunFolder, student, optimizer, scheduler, state: dict) -> None:
     folder.save(state["step"], student.save_pretrained, student.state_dict(), trainer_state)
 
 
-BUDGET_SAMPLING = ("draw", "sandwich")
+def step_budgets(budgets: list[int], seed: int, step: int) -> list[int]:
+    """The budgets an elastic bootstrap trains at `step`: the smallest, the largest and one drawn from those between.
 
-
-def step_budgets(budgets: list[int], sampling: str, seed: int, step: int) -> list[int]:
-    """The budgets trained at `step` (see `BootstrapSettings.budget_sampling`): a function of seed and step only."""
+    Their losses are averaged over the same images and teacher targets (a "sandwich"; one budget drawn per step
+    instead was worse at the smallest budget on two seeds, benchmarks/README.md). A function of the seed and the step
+    only, so the same on every rank and after a resume.
+    """
     if len(budgets) == 1:
         return list(budgets)
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    if sampling == "draw":
-        return [budgets[int(torch.randint(len(budgets), (1,), generator=generator))]]
     between = budgets[1:-1]
     drawn = [between[int(torch.randint(len(between), (1,), generator=generator))]] if between else []
     return [budgets[0], *drawn, budgets[-1]]
@@ -283,8 +278,6 @@ def check_settings(settings: BootstrapSettings) -> None:
                 f"--num-latent-tokens {settings.num_latent_tokens} (the default budget) must be one of --budgets "
                 f"{sorted(settings.budgets)}"
             )
-    if settings.budget_sampling not in BUDGET_SAMPLING:
-        raise ValueError(f"--budget-sampling must be one of {BUDGET_SAMPLING}, got {settings.budget_sampling!r}")
 
 
 def load_encoder(spec: str, pretrained: str | None) -> SparseFormerModel:
@@ -449,7 +442,7 @@ def train(settings: BootstrapSettings, world: World) -> dict[str, Any] | None:
                 batch_targets = targets.get(index, teacher_pixels, device)
                 last = k == settings.grad_accum - 1
                 # Gradients are averaged across ranks once per optimizer step, on the last micro-batch.
-                trained = step_budgets(budgets, settings.budget_sampling, settings.seed, state["step"])
+                trained = step_budgets(budgets, settings.seed, state["step"])
                 with contextlib.nullcontext() if last or world.size == 1 else model.no_sync():
                     with autocast():
                         loss = sum(
@@ -532,7 +525,6 @@ def train(settings: BootstrapSettings, world: World) -> dict[str, Any] | None:
     }
     if settings.budgets:
         result["budgets"] = {str(n): evaluations[n] for n in budgets}
-        result["budget_sampling"] = settings.budget_sampling
     write_json(settings.out / "bootstrap_report.json", result)
     (settings.out / "bootstrap_report.md").write_text(report_markdown(result))
     world.barrier()
@@ -564,8 +556,8 @@ def report_markdown(result: dict) -> str:
     if "budgets" in result:
         lines += [
             "",
-            f"Elastic: one student for {len(result['budgets'])} budgets ({result['budget_sampling']} sampling); the "
-            "lines above are the default budget's.",
+            f"Elastic: one student for {len(result['budgets'])} budgets (each step the smallest, the largest and one "
+            "between); the lines above are the default budget's.",
             "",
             "| latent tokens | GFLOPs | held-out cosine | zero-shot top-1 | retention |",
             "|---|---|---|---|---|",

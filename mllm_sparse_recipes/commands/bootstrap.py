@@ -12,7 +12,7 @@ from . import settings_from
 
 SETTINGS = "bootstrap.train:BootstrapSettings"  # what `main` hands to the library
 
-DESCRIPTION = """\
+DESCRIPTION = r"""
 Align a SparseFormer student with its CLIP ViT teacher, without labels.
 
     mllm-sparse bootstrap --teacher SPEC --num-latent-tokens N --data PATH --out DIR [--steps S | --epochs E] [...]
@@ -47,15 +47,9 @@ def build_parser(budget_required: bool = True) -> argparse.ArgumentParser:
                    "teacher has one, is not counted)")  # fmt: skip
     p.add_argument("--num-tokens", type=int, help=argparse.SUPPRESS)  # deprecated: counted the CLS token
     p.add_argument("--budgets", type=int, nargs="+", metavar="N",
-                   help="train one elastic student that serves all these budgets (then --num-latent-tokens is the "
-                        "default one; omitted, the largest)")  # fmt: skip
-    p.add_argument(
-        "--budget-sampling",
-        choices=("draw", "sandwich"),
-        default="sandwich",
-        help="budgets per step: the smallest, the largest and one drawn between them (closer to a dedicated student "
-        "at every budget, benchmarks/README.md), or draw one (cheaper)",
-    )
+                   help="train one elastic student that serves all these budgets, each step the smallest, the largest "
+                        "and one drawn between them (then --num-latent-tokens is the default one; omitted, the "
+                        "largest)")  # fmt: skip
     p.add_argument("--init-from", metavar="ENCODER",
                    help="start from this SparseFormer instead of inheriting from the teacher: a save_pretrained "
                    "folder, or a preset with --init-pretrained; its config sets the architecture (and, without "

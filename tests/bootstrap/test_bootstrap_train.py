@@ -118,7 +118,7 @@ def test_token_loss_grad_accumulation_and_sampling_points_run(setup, tmp_path):
     assert {p.shape[-2] for p in points if p is not None} == {9}
 
 
-@pytest.mark.parametrize("budgets", [(), ("--budgets", "4", "8", "9", "--budget-sampling", "sandwich")])
+@pytest.mark.parametrize("budgets", [(), ("--budgets", "4", "8", "9")])
 def test_torchrun_with_two_cpu_ranks_matches_one_process(budgets, setup, tmp_path):
     """Data parallel through a real `torchrun` launch (2 CPU ranks, gloo): same global batch, same training, the
     region term's random boxes included; for one budget and for an elastic student."""

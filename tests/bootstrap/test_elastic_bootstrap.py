@@ -28,12 +28,12 @@ def test_two_elastic_steps_give_one_student_that_serves_every_budget(setup, tmp_
 
     monkeypatch.setattr(train_module, "alignment_loss", recording)
     out = tmp_path / "enc"
-    assert cli_main(["bootstrap", *_args(setup, out, "--steps", "2", *ELASTIC, "--budget-sampling", "sandwich")]) == 0
+    assert cli_main(["bootstrap", *_args(setup, out, "--steps", "2", *ELASTIC)]) == 0
     assert trained == [4, 8, 9, 4, 8, 9]  # sandwich: the smallest, one between, the largest, every step
     model = AutoModel.from_pretrained(out).eval()
     assert model.budgets == [4, 8, 9] and model.config.num_latent_tokens == 8
     report = json.loads((out / "bootstrap_report.json").read_text())
-    assert report["budget_sampling"] == "sandwich" and list(report["budgets"]) == ["4", "8", "9"]
+    assert list(report["budgets"]) == ["4", "8", "9"]
     assert report["final"] == report["budgets"]["8"]
     for n, evaluation in report["budgets"].items():
         assert evaluation["student_tokens"] == int(n) + 1 and "student" in evaluation["zero_shot"]
@@ -59,14 +59,12 @@ def test_an_elastic_run_resumes_exactly(setup, tmp_path):
 
 def test_budgets_per_step_depend_on_seed_and_step_only():
     budgets = [9, 16, 25, 36]
-    draws = [step_budgets(budgets, "draw", seed=0, step=s) for s in range(200)]
-    assert draws == [step_budgets(budgets, "draw", seed=0, step=s) for s in range(200)]
-    assert all(len(d) == 1 for d in draws) and {d[0] for d in draws} == set(budgets)
-    assert draws != [step_budgets(budgets, "draw", seed=1, step=s) for s in range(200)]
-    sandwiches = [step_budgets(budgets, "sandwich", seed=0, step=s) for s in range(200)]
+    sandwiches = [step_budgets(budgets, seed=0, step=s) for s in range(200)]
+    assert sandwiches == [step_budgets(budgets, seed=0, step=s) for s in range(200)]
     assert all(s[0] == 9 and s[-1] == 36 and len(s) == 3 for s in sandwiches)
     assert {s[1] for s in sandwiches} == {16, 25}
-    assert step_budgets([16], "sandwich", 0, 5) == [16]
+    assert sandwiches != [step_budgets(budgets, seed=1, step=s) for s in range(200)]
+    assert step_budgets([9, 36], 0, 5) == [9, 36] and step_budgets([16], 0, 5) == [16]
 
 
 def test_a_default_budget_outside_the_budgets_is_refused(setup, tmp_path, capsys):
