@@ -6,7 +6,8 @@ Arms, all with the same steps, batch, data order, teacher cache and region term 
 settings): a dedicated student at each budget, and one elastic student for all budgets (`bootstrap --budgets`: each
 step the smallest, the largest and one budget between). Reported per budget: zero-shot top-1 and held-out cosine of
 both, the elastic student's differences from the dedicated one (the targets: within 1 point of top-1 and 0.005 of
-cosine), and its training time against one dedicated bootstrap (target: at most 1.5×). Writes benchmarks/results/elastic_bootstrap.{json,md}; the history is in benchmarks/README.md.
+cosine), and its training time against one dedicated bootstrap (target: at most 1.5×). Writes
+benchmarks/results/elastic_bootstrap.{json,md}; the history is in benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from results_io import RESULTS, machine, write_results
 from bootstrap import train as bootstrap_train
 from mllm_sparse_recipes.cli import configure_logging
 from mllm_sparse_recipes.defaults import bootstrap_settings, teacher_spec
+
 
 def bootstrap(args, out: Path, num_latent: int, cache: Path | None, **settings) -> dict:
     """One bootstrap into `out` (the teacher cache copied in when there is one); its report."""
