@@ -17,12 +17,16 @@ upload, and its state is freed when its page closes or after `--session-ttl-minu
 sessions are kept. A bad upload gets one line naming the file, not the server's folder.
 
 The page's events are also an API (`gradio_client`): `/image` (a file path) → the regions picture; `/send` (a
-message, the chat so far, whether to show attention) → the chat, the picture and the timings, streamed; `/budget` (a
-token budget) → the picture and the timings line at it; `/clear`.
+message, the chat so far, whether to show attention) → the chat, the question box, the picture and the timings,
+streamed; `/budget` (a token budget) → the picture and the timings line at it; `/clear`. A refused input (not an
+image, an empty question, an ended conversation) is a validation error naming it; an answer that fails (the model
+errs, or the conversation outgrows the LLM) is a warning on the page, and `/send` returns the chat as it was with the
+question still in its box.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import warnings
 import weakref
@@ -38,6 +42,7 @@ from llava_adapter.chat import ChatEngine, ChatReply
 from llava_adapter.token_regions import answer_attention, model_input, regions_picture
 from mllm_sparse.images import ImageLoadError, load_image
 
+LOG = logging.getLogger(__name__)
 # JPEGs decode (by DCT scaling) at no less than twice the model input side: cheap, and the processor's own resize
 # still makes the final reduction.
 JPEG_DRAFT_FACTOR = 2
@@ -232,6 +237,12 @@ class DemoSessions:
             }
 
 
+def session_ended(history: list | None, conversation: Conversation) -> bool:
+    """Whether the page shows a chat whose conversation has been freed (its page closed, it expired, or Gradio dropped
+    its state: the page still has turns the session does not)."""
+    return conversation.ended or bool(history and not conversation.turns)
+
+
 def build_app(
     sessions: DemoSessions,
     title: str = "mllm-sparse chat",
@@ -264,8 +275,11 @@ def build_app(
         return [gr.validate(not problem, problem), gr.validate(True, "")]
 
     def check_send(message: str, history: list, conversation: Conversation, attention: bool):
-        typed = bool(message and message.strip())
-        return [gr.validate(typed, "Type a question first"), *[gr.validate(True, "")] * 3]
+        if session_ended(history, conversation):
+            problem = SESSION_ENDED
+        else:
+            problem = "" if message and message.strip() else "Type a question first"
+        return [gr.validate(not problem, problem), *[gr.validate(True, "")] * 3]
 
     def on_image(upload: dict | None, budget: int | None, request: gr.Request):
         # Gradio's preprocessing is off for this event (it decodes the file with PIL and reports failures with the
@@ -283,7 +297,7 @@ def build_app(
 
     def on_send(message: str, history: list, conversation: Conversation, attention: bool, request: gr.Request):
         before = list(history or [])
-        if conversation.ended or (before and not conversation.turns):  # freed, or dropped by Gradio (idle, evicted)
+        if session_ended(before, conversation):  # ended after `check_send` passed
             raise refuse(ValueError(SESSION_ENDED))
         sessions.track(request.session_hash, conversation)
         asked = before + [{"role": "user", "content": message}]
@@ -295,11 +309,15 @@ def build_app(
                     yield chat, "", conversation, picture, update["timings"]
                 else:
                     yield chat, "", conversation, gr.skip(), gr.skip()
-        except Exception as err:  # the chat goes back to what the model has as context; the question stays typed
+        except Exception as err:
+            # A toast, not an exception: an exception would leave an "Error" badge on every output. The chat goes
+            # back to what the model has as context and the question stays typed, to be sent again or edited.
+            if isinstance(err, ValueError):  # the conversation's own limit (e.g. the LLM's positions): one line
+                gr.Warning(str(err))
+            else:  # not the visitor's doing (a bug, out of memory): the log gets the traceback
+                LOG.exception("the model failed to answer")
+                gr.Warning(f"The model failed to answer ({type(err).__name__}: {err}); the server's log has details")
             yield before, message, conversation, gr.skip(), gr.skip()
-            if isinstance(err, ValueError):
-                raise refuse(err) from err
-            raise  # not the user's doing (a bug, out of memory): logged with its traceback
 
     def on_budget(budget: int, conversation: Conversation, request: gr.Request):
         if conversation.ended:

@@ -26,7 +26,16 @@ from llava_adapter.modeling import build_vlm
 from llava_adapter.token_regions import answer_attention, grid_boxes, image_token_regions, model_input
 from llava_adapter.towers import PooledVisionConfig, PooledVisionModel
 from mllm_sparse_recipes.commands.demo import build_parser
-from mllm_sparse_recipes.demo import Conversation, DemoSessions, DemoSettings, build_app, launch, regions_picture, run
+from mllm_sparse_recipes.demo import (
+    SESSION_ENDED,
+    Conversation,
+    DemoSessions,
+    DemoSettings,
+    build_app,
+    launch,
+    regions_picture,
+    run,
+)
 
 TEMPLATE = "vicuna_v1"
 GEN = dict(max_new_tokens=5, min_new_tokens=5)
@@ -432,8 +441,9 @@ def test_idle_sessions_expire_and_the_oldest_are_dropped_beyond_the_cap(engine, 
         # the page stays open (its heartbeat runs) but sends nothing for over a second
         assert wait_until(lambda: client.session_hash not in server.sessions.conversations)
         assert conversation.image is None and conversation.ended
-        with pytest.raises(ValueError, match="This conversation has ended"):  # not a text-only answer
+        with pytest.raises(ValueError) as refused:  # not a text-only answer: refused at the question box
             client.predict("And the other one?", history, False, api_name="/send")
+        assert refusal(refused.value) == SESSION_ENDED
         assert wait_until(lambda: not any(f.exists() for f in uploaded))  # and Gradio's copy of the upload is gone
         client.close()
 
@@ -446,6 +456,41 @@ def test_idle_sessions_expire_and_the_oldest_are_dropped_beyond_the_cap(engine, 
         assert set(server.sessions.conversations) == {c.session_hash for c in clients[1:]}
         for client in clients:
             client.close()
+
+
+@pytest.mark.parametrize(
+    ("failure", "traceback"),
+    [(ValueError("the conversation would reach 600 positions, beyond the LLM's 512"), False),
+     (RuntimeError("out of memory"), True)],
+)  # fmt: skip
+def test_a_failed_answer_is_a_warning_and_the_chat_and_question_stay(
+    failure, traceback, server, tmp_path, capfd, caplog, monkeypatch
+):
+    from gradio_client import handle_file
+
+    path = tmp_path / "scene.png"
+    scene().save(path)
+    client = client_of(server, tmp_path)
+    client.predict(handle_file(str(path)), api_name="/image")
+    history, *_ = client.predict("What colour is the square?", [], False, api_name="/send")
+    conversation = server.sessions.conversations[client.session_hash]
+    turns = [dict(t) for t in conversation.turns]
+
+    def failing(*args, **kwargs):
+        yield "a"
+        raise failure
+
+    monkeypatch.setattr(server.sessions.engine, "stream", failing)
+    capfd.readouterr()
+    after, box, *_ = client.predict("And the other one?", history, False, api_name="/send")  # no exception
+    assert after == history and box == "And the other one?" and conversation.turns == turns
+    logged = [r for r in caplog.records if r.exc_info is not None]  # the server's log: a traceback for the model's
+    assert [r.exc_info[1] for r in logged] == ([failure] if traceback else [])  # failure only
+    assert "Traceback" not in capfd.readouterr().err
+    monkeypatch.undo()
+    again, box, *_ = client.predict("And the other one?", history, False, api_name="/send")  # still answerable
+    assert len(again) == len(history) + 2 and box == ""
+    client.close()
 
 
 def test_a_bad_upload_gets_one_line_naming_the_file_and_no_traceback(server, tmp_path, capfd):

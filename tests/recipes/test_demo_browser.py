@@ -141,3 +141,14 @@ def test_at_phone_width_the_chat_comes_first(demo_url, tmp_path):
             assert box["width"] <= 390
         finally:
             browser.close()
+
+
+def test_an_answer_that_fails_is_a_warning_and_the_question_stays_typed(page, demo_url, tmp_path):
+    question = "Describe every object in this scene in detail, please. " * 60  # beyond the tiny LLM's 512 positions
+    page.get_by_label("Question").fill(question)
+    page.get_by_role("button", name="Send").click()
+    warning = page.get_by_text("beyond the LLM's 512 positions")
+    warning.wait_for(timeout=60_000)
+    page.screenshot(path=tmp_path / "failed_answer.png", full_page=True)
+    assert badges(page) == [] and page.get_by_label("Question").input_value() == question
+    assert "Traceback" not in demo_url[1].read_text()
