@@ -192,6 +192,7 @@ def alignment_loss(
     region_weight: float,
     region_boxes: int,
     box_keys: torch.Tensor,
+    image_features: torch.Tensor | None = None,
 ):
     """1 − cos(student embedding, teacher embedding), plus the optional token-level and region terms, at the budget
     `num_latent_tokens`.
@@ -199,9 +200,15 @@ def alignment_loss(
     Args:
         model: the student, or its DistributedDataParallel wrapper (the forward must go through it).
         box_keys: [B] one key per image for the region term's random boxes (`region_distill.random_boxes`).
+        image_features: the student's `image_features(pixels)`, shared by the budgets of one step (None: computed).
     """
     need_tokens = token_weight > 0 or region_weight > 0
-    out = model(pixels, output_hidden_states=need_tokens or None, num_latent_tokens=num_latent_tokens)
+    out = model(
+        pixels,
+        output_hidden_states=need_tokens or None,
+        num_latent_tokens=num_latent_tokens,
+        image_features=image_features,
+    )
     loss = 1 - F.cosine_similarity(out.image_embeds.float(), targets["embeds"], dim=-1).mean()
     if need_tokens:
         latent, rois = out.hidden_states[token_layer][:, -num_latent_tokens:], out.hidden_rois[token_layer]
@@ -445,11 +452,14 @@ def train(settings: BootstrapSettings, world: World) -> dict[str, Any] | None:
                 trained = step_budgets(budgets, settings.seed, state["step"])
                 with contextlib.nullcontext() if last or world.size == 1 else model.no_sync():
                     with autocast():
+                        pixels = pixels.to(device)
+                        # the early convolution does not depend on the budget: once per step, not once per budget
+                        features = student.image_features(pixels) if len(trained) > 1 else None
                         loss = sum(
                             alignment_loss(
                                 model,
                                 n,
-                                pixels.to(device),
+                                pixels,
                                 batch_targets,
                                 settings.token_loss_weight,
                                 settings.token_loss_layer,
@@ -457,6 +467,7 @@ def train(settings: BootstrapSettings, world: World) -> dict[str, Any] | None:
                                 settings.region_boxes,
                                 # the image and the step pick the boxes, so any number of ranks draws the same ones
                                 index * total_steps + state["step"],
+                                features,
                             )
                             for n in trained
                         )

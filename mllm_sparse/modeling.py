@@ -237,18 +237,36 @@ class SparseFormerModel(SparseFormerPreTrainedModel):
             raise ValueError(f"SparseFormerModel got an empty batch or image: {tuple(pixel_values.shape)}")
         return pixel_values.to(self.feat_extractor.conv1.weight.dtype)
 
-    def _initial_state(self, pixel_values: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
+    def image_features(self, pixel_values: Tensor) -> Tensor:
+        """[B, 3, H, W] pixels → [B, C, H/4, W/4] the early convolution's feature map, which every latent token samples.
+
+        It does not depend on the budget: pass it to `forward(image_features=...)` to encode the same images at
+        several budgets without computing it again (as an elastic bootstrap does each step).
+        """
+        return self.feat_extractor(self._check_pixels(pixel_values))
+
+    def _initial_state(
+        self, pixel_values: Tensor, n: int, image_features: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Feature map [B, C, H/4, W/4], initial tokens [B, N, D0] and RoIs [B, N, 4] for budget N."""
-        feature_map = self.feat_extractor(self._check_pixels(pixel_values))
+        feature_map = self.image_features(pixel_values) if image_features is None else image_features
         batch = pixel_values.shape[0]
         # Materialised copies, not expanded views: views of leaf parameters trip autograd hooks (e.g. FLOP counting).
         tokens = self.initial_embedding.weight.unsqueeze(0).expand(batch, n, -1).clone()
         rois = self.initial_roi_table(n).float().unsqueeze(0).expand(batch, n, 4).clone()
         return feature_map, tokens, rois
 
-    def _run_units(self, pixel_values: Tensor, last_unit: int, record: bool, record_points: bool, n: int):
+    def _run_units(
+        self,
+        pixel_values: Tensor,
+        last_unit: int,
+        record: bool,
+        record_points: bool,
+        n: int,
+        image_features: Tensor | None = None,
+    ):
         """Run units 0..last_unit with N latent tokens. Returns tokens, rois, and per-unit (tokens, rois, points)."""
-        feature_map, tokens, rois = self._initial_state(pixel_values, n)
+        feature_map, tokens, rois = self._initial_state(pixel_values, n, image_features)
         unit_tokens, unit_rois, unit_points = [], [], []
         unit = 0
         for layer in self.layers[: self.unit_layer_indices[last_unit] + 1]:
@@ -274,6 +292,7 @@ class SparseFormerModel(SparseFormerPreTrainedModel):
         output_sampling_points: bool = False,
         return_dict: bool | None = None,
         num_latent_tokens: int | None = None,
+        image_features: Tensor | None = None,
         **kwargs,
     ) -> SparseFormerOutput | tuple:
         """Encode images.
@@ -287,6 +306,8 @@ class SparseFormerModel(SparseFormerPreTrainedModel):
                 deepest one and the head are skipped, and the final fields of the output are None.
             output_sampling_points: also return each unit's final sampling points.
             return_dict: False returns a tuple, as HF models do.
+            image_features: `image_features(pixel_values)`, computed once for several calls at different budgets
+                (None: computed here).
             kwargs: HF plumbing flags (e.g. `output_attentions`), accepted for pipeline compatibility; attention
                 maps are not materialised because attention runs through SDPA.
         """
@@ -302,7 +323,7 @@ class SparseFormerModel(SparseFormerPreTrainedModel):
         only_selected = record and output_hidden_states is not True
         last = max(keep) if only_selected else num_units - 1
         tokens, rois, unit_tokens, unit_rois, unit_points = self._run_units(
-            pixel_values, last, record, output_sampling_points, self.config.budget(num_latent_tokens)
+            pixel_values, last, record, output_sampling_points, self.config.budget(num_latent_tokens), image_features
         )
         skipped = (None,) * (num_units - 1 - last)
         if only_selected:  # the final tokens were never computed

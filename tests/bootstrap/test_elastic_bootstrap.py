@@ -19,17 +19,21 @@ ELASTIC = ("--budgets", "4", "8", "9")  # 8, the shared arguments' --num-latent-
 
 
 def test_two_elastic_steps_give_one_student_that_serves_every_budget(setup, tmp_path, capsys, monkeypatch):
-    trained = []
+    trained, features = [], []
     original = train_module.alignment_loss
 
     def recording(model, n, *args):
         trained.append(n)
+        features.append(args[-1])
         return original(model, n, *args)
 
     monkeypatch.setattr(train_module, "alignment_loss", recording)
     out = tmp_path / "enc"
     assert cli_main(["bootstrap", *_args(setup, out, "--steps", "2", *ELASTIC)]) == 0
     assert trained == [4, 8, 9, 4, 8, 9]  # sandwich: the smallest, one between, the largest, every step
+    # one early-convolution feature map per step, shared by its budgets
+    assert all(f is not None for f in features) and len({id(f) for f in features[:3]}) == 1
+    assert features[3] is not features[0]
     model = AutoModel.from_pretrained(out).eval()
     assert model.budgets == [4, 8, 9] and model.config.num_latent_tokens == 8
     report = json.loads((out / "bootstrap_report.json").read_text())

@@ -32,8 +32,10 @@ def _targets() -> dict[str, torch.Tensor]:
 
 
 def _loss(out: SimpleNamespace, targets: dict, token_weight: float, region_weight: float) -> torch.Tensor:
-    def model(pixels, output_hidden_states=None, num_latent_tokens=None):
-        assert num_latent_tokens == 3  # the student runs at the budget the loss reads
+    features = torch.zeros(2, 16, 2, 2)  # the step's shared early-convolution features, handed on to the student
+
+    def model(pixels, output_hidden_states=None, num_latent_tokens=None, image_features=None):
+        assert num_latent_tokens == 3 and image_features is features  # the budget the loss reads; shared features
         # hidden states (every unit's tokens, a cost) are asked for only when a token term reads them
         assert output_hidden_states is (True if token_weight > 0 or region_weight > 0 else None)
         return out
@@ -48,6 +50,7 @@ def _loss(out: SimpleNamespace, targets: dict, token_weight: float, region_weigh
         region_weight,
         5,
         torch.tensor([11, 12]),
+        features,
     )
 
 

@@ -36,6 +36,29 @@ def test_each_budget_gives_its_tokens_and_rois_and_the_default_is_the_configs(el
     assert set(fixed.state_dict()) - set(elastic.state_dict()) == {"initial_roi.weight"}
 
 
+def test_image_features_computed_once_serve_every_budget_with_the_same_outputs_and_gradients(elastic):
+    pixels = torch.randn(2, 3, 64, 64)
+
+    def loss_and_grads(shared: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        elastic.zero_grad(set_to_none=True)
+        features = elastic.image_features(pixels) if shared else None
+        loss = sum(
+            elastic(pixels, num_latent_tokens=n, image_features=features).image_embeds.square().sum() for n in BUDGETS
+        )
+        loss.backward()
+        return loss.detach(), {k: p.grad.clone() for k, p in elastic.named_parameters() if p.grad is not None}
+
+    (once, grads_once), (each, grads_each) = loss_and_grads(True), loss_and_grads(False)
+    torch.testing.assert_close(once, each)
+    assert grads_once.keys() == grads_each.keys() and any(k.startswith("feat_extractor.") for k in grads_once)
+    for key in grads_once:
+        torch.testing.assert_close(grads_once[key], grads_each[key], msg=key)
+    other = torch.randn(2, 3, 64, 64)  # the features, not the pixels, are what the tokens sample
+    with torch.no_grad():
+        given = elastic(pixels, num_latent_tokens=4, image_features=elastic.image_features(other)).last_hidden_state
+        torch.testing.assert_close(given, elastic(other, num_latent_tokens=4).last_hidden_state)
+
+
 def test_an_unlisted_budget_is_refused_with_the_list(elastic):
     with pytest.raises(ValueError, match=r"num_latent_tokens=16: this elastic encoder serves \[4, 9, 15\]"):
         elastic(torch.randn(1, 3, 32, 32), num_latent_tokens=16)
