@@ -252,14 +252,13 @@ def build_app(
 
     A session's conversation is freed when its page closes (Gradio's `unload`) or once it has been idle (no upload,
     no question) for `session_ttl_s` seconds (its `State`'s time to live); uploads and pictures are deleted from
-    Gradio's cache after as long. A user's mistake (a bad upload, an empty question) is shown as one line, without a
-    traceback in the server's log.
+    Gradio's cache after as long. A user's mistake (a bad upload, an empty question, an ended conversation, a budget
+    the model does not serve) is refused at its input by a validator, as one line without a traceback in the server's
+    log; an event that fails anyway (the model errs, the conversation outgrows the LLM) shows a warning, its traceback
+    logged only when the model erred. No event raises, so no "Error" badge is left on the page.
     """
     if session_ttl_s < 1:
         raise ValueError(f"session_ttl_s must be at least 1, got {session_ttl_s}")
-
-    def refuse(err: Exception) -> gr.Error:
-        return gr.Error(str(err), print_exception=False)
 
     # A visitor's mistake is shown by a validator, at the input it concerns: an exception in the event itself would
     # also leave an "Error" badge on every output of the event.
@@ -272,7 +271,19 @@ def build_app(
                 sessions.read_image(upload["path"])  # decoded again by the event: JPEGs at reduced scale, cheap
             except ImageLoadError as err:
                 problem = str(err)
-        return [gr.validate(not problem, problem), gr.validate(True, "")]
+        return [gr.validate(not problem, problem), budget_validation(budget)]
+
+    def budget_validation(budget: int | None):  # /image skips Gradio's preprocessing, which checks the Radio's value
+        served = sessions.engine.budgets
+        return gr.validate(budget is None or budget in served, f"{budget} image tokens: this model serves {served}")
+
+    def warn(err: Exception, doing: str) -> None:
+        """Show `err` as a toast: raised, it would leave an "Error" badge on every output of the event."""
+        if isinstance(err, ValueError):  # the visitor's input or the conversation's own limit: one line
+            gr.Warning(str(err))
+        else:  # not the visitor's doing (a bug, out of memory): the log gets the traceback
+            LOG.exception("the model failed to %s", doing)
+            gr.Warning(f"The model failed to {doing} ({type(err).__name__}: {err}); the server's log has details")
 
     def check_send(message: str, history: list, conversation: Conversation, attention: bool):
         if session_ended(history, conversation):
@@ -286,19 +297,19 @@ def build_app(
         # server's path); the upload has been checked to be in Gradio's cache all the same.
         if upload is None:
             return None, [], Conversation(num_latent_tokens=budget), ""
-        path = upload.get("path")
-        if path is None:
-            raise refuse(ImageLoadError("The upload is not an image file"))
-        try:
-            conversation, picture = sessions.open_image(path, request.session_hash, budget)
-        except ValueError as err:  # shown on the page; the session keeps its previous state
-            raise refuse(err) from err
+        try:  # checked by `check_image`; what fails now (the model, or the file gone meanwhile) is a warning
+            conversation, picture = sessions.open_image(upload["path"], request.session_hash, budget)
+        except Exception as err:  # the session keeps its previous state
+            warn(err, "encode the image")
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
         return picture, [], conversation, describe_timings(sessions.engine)
 
     def on_send(message: str, history: list, conversation: Conversation, attention: bool, request: gr.Request):
         before = list(history or [])
         if session_ended(before, conversation):  # ended after `check_send` passed
-            raise refuse(ValueError(SESSION_ENDED))
+            warn(ValueError(SESSION_ENDED), "answer")
+            yield before, message, conversation, gr.skip(), gr.skip()
+            return
         sessions.track(request.session_hash, conversation)
         asked = before + [{"role": "user", "content": message}]
         try:
@@ -309,14 +320,8 @@ def build_app(
                     yield chat, "", conversation, picture, update["timings"]
                 else:
                     yield chat, "", conversation, gr.skip(), gr.skip()
-        except Exception as err:
-            # A toast, not an exception: an exception would leave an "Error" badge on every output. The chat goes
-            # back to what the model has as context and the question stays typed, to be sent again or edited.
-            if isinstance(err, ValueError):  # the conversation's own limit (e.g. the LLM's positions): one line
-                gr.Warning(str(err))
-            else:  # not the visitor's doing (a bug, out of memory): the log gets the traceback
-                LOG.exception("the model failed to answer")
-                gr.Warning(f"The model failed to answer ({type(err).__name__}: {err}); the server's log has details")
+        except Exception as err:  # the chat goes back to what the model has as context; the question stays typed
+            warn(err, "answer")
             yield before, message, conversation, gr.skip(), gr.skip()
 
     def on_budget(budget: int, conversation: Conversation, request: gr.Request):
@@ -324,8 +329,9 @@ def build_app(
             conversation = Conversation(num_latent_tokens=budget)
         try:
             picture, line = sessions.set_budget(conversation, budget)
-        except ValueError as err:
-            raise refuse(err) from err
+        except Exception as err:
+            warn(err, "encode the image at this budget")
+            return gr.skip(), gr.skip(), gr.skip()
         sessions.track(request.session_hash, conversation)
         return (picture if picture is not None else gr.skip()), conversation, line
 
@@ -375,7 +381,9 @@ def build_app(
         image.change(
             on_image, [image, budget], image_outputs, api_name="image", preprocess=False, validator=check_image
         )
-        budget.change(on_budget, [budget, conversation], [picture, conversation, timings], api_name="budget")
+        budget.change(  # the Radio refuses a budget outside its choices before the event runs
+            on_budget, [budget, conversation], [picture, conversation, timings], api_name="budget"
+        )
         send_inputs = [message, chatbot, conversation, attention]
         send_outputs = [chatbot, message, conversation, picture, timings]
         send.click(on_send, send_inputs, send_outputs, api_name="send", validator=check_send)

@@ -493,6 +493,41 @@ def test_a_failed_answer_is_a_warning_and_the_chat_and_question_stay(
     client.close()
 
 
+def test_an_image_the_model_fails_to_encode_is_a_warning_with_the_traceback_logged(
+    server, tmp_path, caplog, monkeypatch
+):
+    from gradio_client import handle_file
+
+    path = tmp_path / "scene.png"
+    scene().save(path)
+    client = client_of(server, tmp_path)
+    failure = RuntimeError("out of memory")
+
+    def failing(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(server.sessions, "open_image", failing)
+    client.predict(handle_file(str(path)), api_name="/image")  # no exception: a warning on the page
+    assert [r.exc_info[1] for r in caplog.records if r.exc_info is not None] == [failure]
+    assert client.session_hash not in server.sessions.conversations  # the session kept its (empty) state
+    client.close()
+
+
+def test_a_budget_the_model_does_not_serve_is_refused_at_its_input(server, engine, tmp_path):
+    from gradio_client import handle_file
+
+    path = tmp_path / "scene.png"
+    scene().save(path)
+    client = client_of(server, tmp_path)
+    unserved = f"8 image tokens: this model serves [{engine.num_latent_tokens}]"
+    with pytest.raises(ValueError) as refused:
+        client.predict(handle_file(str(path)), 8, api_name="/image")
+    assert refusal(refused.value) == unserved
+    picture, line = client.predict(handle_file(str(path)), engine.num_latent_tokens, api_name="/image")[::2]
+    assert Image.open(picture).width >= 448 and line == f"{engine.num_image_tokens} image tokens"
+    client.close()
+
+
 def test_a_bad_upload_gets_one_line_naming_the_file_and_no_traceback(server, tmp_path, capfd):
     from gradio_client import handle_file
 
