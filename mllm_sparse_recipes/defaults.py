@@ -77,9 +77,10 @@ def train_vlm_settings(
     """The arguments of `llava_adapter.train.run` from the LLaVA folder `start` into `out` on `train_data` (LLaVA
     JSON, images under `image_folder`): `lr` for the LLM (0: frozen), `projector_lr` for the projector, the tower
     frozen; batches group conversations of like lengths (LLaVA's `group_by_modality_length`); a full model folder is
-    saved, and an interrupted run resumes from its newest checkpoint. 512 tokens hold
-    every synthetic-world conversation; real data with a 576-token tower wants LLaVA's 2048. `overrides` (field name
-    -> value, e.g. from `llava_adapter.train.parse_overrides`) replace or add to these."""
+    saved, and an interrupted run resumes from its newest checkpoint. 512 tokens hold every synthetic-world
+    conversation read with up to 58 image tokens (the longest has 454 tokens with one image placeholder); more image
+    tokens, or real data with a 576-token tower, want LLaVA's 2048. `overrides` (field name -> value, e.g. from
+    `llava_adapter.train.parse_overrides`) replace or add to these."""
     from llava_adapter.train import arguments
 
     values = {
