@@ -61,9 +61,14 @@ def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
     return fn
 
 
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The generator of an epoch's data order: a function of (seed, epoch) only, so a resumed run replays it."""
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
 def epoch_order(num_items: int, seed: int, epoch: int) -> torch.Tensor:
     """The data order of an epoch, a function of (seed, epoch) only, so a resumed run replays it exactly."""
-    return torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return torch.randperm(num_items, generator=epoch_generator(seed, epoch))
 
 
 def checkpoints(out: Path) -> list[Path]:

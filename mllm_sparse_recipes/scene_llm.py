@@ -67,7 +67,7 @@ from llava_adapter.data import DataCollatorForLlava
 from llava_adapter.llms import load_llm
 from llava_adapter.modeling import add_image_token
 from mllm_sparse.files import atomic_path, read_json, read_jsonl, write_json
-from mllm_sparse.training import RunFolder, lr_lambda
+from mllm_sparse.training import RunFolder, epoch_generator, lr_lambda
 
 from .scene_tokens import SCENE_FEATURES, scene_tokens
 
@@ -204,8 +204,7 @@ def grouped_order(lengths: Sequence[int], batch_size: int, seed: int, epoch: int
     """An epoch's order in batches of like lengths (random batches of the world's 1-12-turn records pad to ~1.8x the
     real tokens): shuffled, then sorted within groups of batches, as LLaVA's `group_by_length`. A function of (seed,
     epoch) only, so a resumed run replays it exactly."""
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.tensor(get_length_grouped_indices(list(lengths), batch_size, generator=generator))
+    return torch.tensor(get_length_grouped_indices(list(lengths), batch_size, generator=epoch_generator(seed, epoch)))
 
 
 def widen(sequence: Tensor, at: int, width: int, fill: int) -> Tensor:
