@@ -58,6 +58,7 @@ from .modeling import (
     save_projector,
 )
 from .processing import IMAGE_ASPECT_RATIOS
+from .shared_memory import release_allreduce_buffers
 from .towers import load_tower, processor_for
 
 logger = logging.getLogger(__name__)
@@ -494,7 +495,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Vlm
     `training_args.output_dir`, resuming from its newest complete checkpoint, or refusing, as the command line does."""
     checkpoints.force_weights_only_loads()
     check_arguments(model_args, data_args, training_args)
-    resume = prepare_output_dir(model_args, data_args, training_args)
+    resume = prepare_output_dir(model_args, data_args, training_args)  # sets up the devices and process group
+    release_allreduce_buffers()
     set_seed(training_args.seed)  # a new projector and LoRA's initial weights: the same run gives the same model
     model, processor, assembled = load_model(model_args, data_args)
     processor.conversation_template = data_args.version  # every folder saved from here says how to prompt it

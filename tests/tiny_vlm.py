@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import sys
 from pathlib import Path
 
 import torch
@@ -74,3 +75,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def deepspeed_launcher(port: int) -> list[str]:
+    """`deepspeed` running `scripts/train_vlm.py` on 2 ranks (CPU ones with DS_ACCELERATOR=cpu), master on `port`."""
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    return [str(deepspeed), "--num_gpus", "2", "--master_port", str(port), "scripts/train_vlm.py"]
+
+
+def allreduce_buffers_left(port: int) -> list[str]:
+    """What the DeepSpeed run whose master was on `port` left in /dev/shm: its CPU all-reduce buffers, unless
+    train_vlm released them."""
+    return sorted(path.name for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
-from tiny_vlm import common_args, free_port, save_tiny_vlm
+from tiny_vlm import allreduce_buffers_left, common_args, deepspeed_launcher, free_port, save_tiny_vlm
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from llava_adapter import train
@@ -141,13 +141,29 @@ def test_lora_save_reload_and_merge_give_the_same_logits(vlm_dir, data, image_fo
     assert not torch.allclose(plain_base, adapted, atol=1e-4)
 
 
-def deepspeed_launch(script_args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    launcher = Path(sys.executable).parent / "deepspeed"
+def deepspeed_launch(script_args: list[str], timeout: int = 600) -> str:
+    """Run `scripts/train_vlm.py` under `deepspeed` on 2 CPU ranks to its end; its output. A launch that overruns
+    `timeout` is killed with its ranks (their own process group), and the run leaves no buffer in /dev/shm."""
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    command = [str(launcher), "--num_gpus", "2", "--master_port", str(free_port()), "scripts/train_vlm.py"]
-    result = subprocess.run(command + script_args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
+    port = free_port()
+    process = subprocess.Popen(
+        deepspeed_launcher(port) + script_args,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"deepspeed ran past {timeout} s:\n{output[-3000:]}")
+    assert process.returncode == 0, output[-6000:]
+    assert allreduce_buffers_left(port) == []
+    return output
 
 
 @pytest.mark.deepspeed

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_vlm import common_args, free_port, save_tiny_vlm
+from tiny_vlm import allreduce_buffers_left, common_args, deepspeed_launcher, free_port, save_tiny_vlm
 
 from llava_adapter import checkpoints, train
 from mllm_sparse.training import DivergenceError
@@ -86,9 +86,15 @@ def kill_after_checkpoint(command: list[str], out: Path, step: int, timeout: flo
     assert not (out / "model.safetensors").exists() and not (out / "adapter_model.safetensors").exists()
 
 
-def run_to_end(command: list[str], out: Path) -> str:
+def run_to_end(command: list[str], out: Path, timeout: float = 600) -> str:
     process = launch(command, out)
-    assert process.wait(timeout=600) == 0, (out.parent / f"{out.name}.log").read_text()[-3000:]
+    try:
+        code = process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # not a launcher's ranks left running into the next test
+        process.wait()
+        pytest.fail(f"{out.name} ran past {timeout} s")
+    assert code == 0, (out.parent / f"{out.name}.log").read_text()[-3000:]
     return (out.parent / f"{out.name}.log").read_text()
 
 
@@ -120,15 +126,20 @@ def test_deepspeed_zero3_resumes_exactly_after_kill_9(vlm_dir, data, image_folde
     monkeypatch.setitem(ENV, "DS_ACCELERATOR", "cpu")
     straight, killed = tmp_path / "straight", tmp_path / "killed"
 
+    ports = []
+
     def command(out: Path) -> list[str]:
-        launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2"]
-        launcher += ["--master_port", str(free_port()), "scripts/train_vlm.py"]
-        return launcher + run_args(vlm_dir, data, image_folder, out, 8, "--deepspeed", "scripts/zero3.json")
+        ports.append(free_port())
+        return deepspeed_launcher(ports[-1]) + run_args(
+            vlm_dir, data, image_folder, out, 8, "--deepspeed", "scripts/zero3.json"
+        )
 
     run_to_end(command(straight), straight)
     kill_after_checkpoint(command(killed), killed, 4)
     assert "resuming from" in run_to_end(command(killed), killed)
     assert_same_weights(straight, killed)
+    # The killed run's ranks released their shared-memory buffers too: nothing stays behind in /dev/shm.
+    assert [allreduce_buffers_left(port) for port in ports] == [[], [], []]
 
 
 def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(vlm_dir, data, image_folder, tmp_path, caplog):
