@@ -77,6 +77,11 @@ class Teacher(ABC):
         """[K, proj_dim] text embeddings, for zero-shot evaluation."""
 
     @property
+    def device(self) -> torch.device:
+        """Where the weights are: text tokens, made on the CPU by the tokenizer, go there."""
+        return next(self.model.parameters()).device
+
+    @property
     def has_text(self) -> bool:
         """Whether `encode_text` works (a vision-only checkpoint, or one saved without its tokenizer, has none)."""
         return getattr(self, "tokenizer", None) is not None and (
@@ -169,7 +174,7 @@ class OpenClipTeacher(Teacher):
         return open_clip_visual_to_hf_clip_vision(self.model.visual.state_dict())
 
     def encode_text(self, texts: list[str]) -> Tensor:
-        return self.model.encode_text(self.tokenizer(texts))
+        return self.model.encode_text(self.tokenizer(texts).to(self.device))
 
 
 def _open_clip_pool(spec: str, visual: nn.Module) -> str:
@@ -238,7 +243,7 @@ class HFClipTeacher(Teacher):
     def encode_text(self, texts: list[str]) -> Tensor:
         if not self.has_text:
             raise ValueError(f"{self.spec} has no text tower (load a CLIPModel for zero-shot evaluation)")
-        batch = self.tokenizer(texts, padding=True, return_tensors="pt")
+        batch = self.tokenizer(texts, padding=True, return_tensors="pt").to(self.device)
         return self.model.get_text_features(**batch)
 
 
@@ -292,7 +297,7 @@ class HFSiglipTeacher(Teacher):
             raise ValueError(f"{self.spec} has no text tower (load a SiglipModel for zero-shot evaluation)")
         # SigLIP's text tower was trained on inputs padded to its full length.
         batch = self.tokenizer(texts, padding="max_length", truncation=True, return_tensors="pt")
-        return self.model.get_text_features(input_ids=batch["input_ids"])
+        return self.model.get_text_features(input_ids=batch["input_ids"].to(self.device))
 
 
 def load_teacher(spec: str) -> Teacher:

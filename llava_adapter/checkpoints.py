@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -164,7 +165,10 @@ def check_settings(output_dir: Path, settings: dict, resuming: bool, write: bool
 
 
 def deepspeed_safe_globals() -> list:
-    """The non-tensor classes in DeepSpeed's checkpoints, allowed by the weights-only unpickler."""
+    """The non-tensor classes in DeepSpeed's checkpoints, allowed by the weights-only unpickler; none where DeepSpeed
+    is not installed (no run here wrote or reads a DeepSpeed checkpoint)."""
+    if importlib.util.find_spec("deepspeed") is None:
+        return []
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address

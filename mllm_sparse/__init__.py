@@ -4,6 +4,8 @@ Importing this package registers `SparseFormerConfig` / `SparseFormerModel` with
 `AutoModel`, so `AutoModel.from_pretrained(dir)` rebuilds a saved encoder.
 """
 
+import os
+
 from transformers import AutoConfig, AutoModel
 
 from .checkpoint import CheckpointMismatchError, load_pretrained, read_state_dict
@@ -16,6 +18,10 @@ from .presets import OFFICIAL_PRESETS, create_model, list_models, preset_config
 from .profiling import ModelProfile, profile
 from .visualize import draw_rois
 
+# transformers 5 swaps layers of a model from `from_pretrained` for kernels fetched from the Hub once it trains or
+# evaluates on a GPU: offline that stops the run, online it runs downloaded code. Our models keep PyTorch's own ops
+# unless a user asks for Hub kernels (USE_HUB_KERNELS=1).
+os.environ.setdefault("USE_HUB_KERNELS", "0")
 AutoConfig.register(SparseFormerConfig.model_type, SparseFormerConfig, exist_ok=True)
 AutoModel.register(SparseFormerConfig, SparseFormerModel, exist_ok=True)
 

@@ -267,3 +267,14 @@ def test_patch_tokens_are_the_tokens_after_the_cls_token(which, request):
         everything, patches = teacher.tokens(pixels, -1), teacher.patch_tokens(pixels)
     assert everything.shape[1] == 17 and patches.shape[1] == 16
     torch.testing.assert_close(patches, everything[:, 1:], rtol=0, atol=0)
+
+
+def test_encode_text_gives_the_model_tokens_on_its_own_device(tmp_path, monkeypatch):
+    """The tokenizer makes CPU tokens; on a GPU they must follow the weights (zero-shot scoring after a bootstrap).
+    The meta device stands in for the GPU: it is where the weights are and where the tokenizer never puts tokens."""
+    teacher = saved_open_clip_teacher(NAME, tmp_path)
+    teacher.model.to("meta")
+    seen = []
+    monkeypatch.setattr(teacher.model, "encode_text", lambda tokens: seen.append(tokens.device))
+    teacher.encode_text(["a red circle"])
+    assert seen == [torch.device("meta")]

@@ -413,3 +413,31 @@ def test_a_full_checkpoint_with_an_extra_or_a_missing_key_is_refused_by_name(tok
     save_file(state, str(path))
     with pytest.raises(CheckpointError, match=rf"ckpt: weights do not match the model \(.*{named}"):
         load_full_weights(model, tmp_path / "ckpt")
+
+
+HUB_KERNELS_PROBE = """
+import sys, tempfile
+import llava_adapter  # noqa: F401
+from transformers import LlamaConfig, LlamaForCausalLM
+
+folder = tempfile.mkdtemp()
+config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=32)
+LlamaForCausalLM(config).save_pretrained(folder)
+model = LlamaForCausalLM.from_pretrained(folder)
+model.train()
+print(model.use_kernels)
+"""
+
+
+@pytest.mark.parametrize(("setting", "kernelized"), [(None, "False"), ("1", "True")])
+def test_models_keep_pytorch_ops_unless_hub_kernels_are_asked_for(setting, kernelized):
+    """transformers kernelizes every `from_pretrained` model by default, which on a GPU fetches code from the Hub
+    (and fails offline); importing the project turns that off, and a user's USE_HUB_KERNELS=1 still turns it on."""
+    env = {k: v for k, v in os.environ.items() if k != "USE_HUB_KERNELS"}
+    if setting is not None:
+        env["USE_HUB_KERNELS"] = setting
+    result = subprocess.run(
+        [sys.executable, "-c", HUB_KERNELS_PROBE], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == kernelized
