@@ -62,6 +62,8 @@ class LlavaJsonDataset(Dataset):
         max_length: longest token sequence; longer ones are cut from the end, never through the image placeholders.
         skip_bad_records: drop bad records instead of raising (see the module docstring).
         image_token_id: the placeholder id; defaults to the tokenizer's `<image>` id.
+        images_only: leave out the records without an image (counted in `num_text_only`): a stage that trains only
+            the projector learns nothing from them, and a batch of them alone would have no gradient at all.
 
     Items are dicts: `input_ids` [L] and `labels` [L] int64, `pixel_values` [3, H, W] float (image records only) and
     `id`.
@@ -78,6 +80,7 @@ class LlavaJsonDataset(Dataset):
         max_length: int,
         skip_bad_records: bool = False,
         image_token_id: int | None = None,
+        images_only: bool = False,
     ):
         if template not in TEMPLATES:
             raise ValueError(f"Unknown template {template!r}; valid templates: {list(TEMPLATES)}")
@@ -100,6 +103,7 @@ class LlavaJsonDataset(Dataset):
             )
         self.records: list[Mapping] = []
         self.skipped: list[str] = []  # error messages of the records dropped at construction
+        self.num_text_only = 0  # records without an image left out (`images_only`)
         for index, record in enumerate(records):
             try:
                 self._check(record, index)
@@ -107,6 +111,9 @@ class LlavaJsonDataset(Dataset):
                 if not skip_bad_records:
                     raise RecordError(f"{err.record} of {self.data_path}", err.detail) from None
                 self.skipped.append(str(err))
+                continue
+            if images_only and not has_image(record):
+                self.num_text_only += 1
                 continue
             self.records.append(record)
         if self.skipped:

@@ -222,6 +222,11 @@ def vision_blocks(tower: nn.Module) -> list[nn.Module]:
     return list(encoder.layers)
 
 
+def trains_projector_alone(args: VlmTrainingArguments) -> bool:
+    """Stage 1 (`--tune_mm_mlp_adapter`), or `--learning_rate 0`: the projector is all that trains."""
+    return bool(args.tune_mm_mlp_adapter) or args.learning_rate == 0
+
+
 def set_trainable(model: LlavaForConditionalGeneration, args: VlmTrainingArguments) -> None:
     """The freeze policy: stage 1 trains the projector; stage 2 also the LLM (unless LoRA adds its own trainables)
     and optionally the tower's last k blocks. `--learning_rate 0` with a `--mm_projector_lr` also trains the projector
@@ -229,7 +234,7 @@ def set_trainable(model: LlavaForConditionalGeneration, args: VlmTrainingArgumen
     gradients and keeps them out of the gradient-norm clip."""
     model.requires_grad_(False)
     model.model.multi_modal_projector.requires_grad_(True)
-    if args.tune_mm_mlp_adapter or args.learning_rate == 0:
+    if trains_projector_alone(args):
         return
     if not args.lora_enable:
         model.model.language_model.requires_grad_(True)
@@ -524,7 +529,10 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Vlm
         training_args.model_max_length,
         skip_bad_records=data_args.skip_bad_records,
         image_token_id=model.config.image_token_id,
+        images_only=trains_projector_alone(training_args),
     )
+    if dataset.num_text_only and int(os.environ.get("RANK", "0")) == 0:
+        logger.warning("only the projector trains: %d text-only records left out", dataset.num_text_only)
     if len(dataset) == 0:
         raise ValueError(f"{data_args.data_path}: no records to train on")
     trainer = VlmTrainer(

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -86,6 +87,22 @@ def test_stage1_trains_only_the_projector_and_saves_it_alone(vlm_dir, data, imag
     before = projector_state_dict(AutoModelForImageTextToText.from_pretrained(vlm_dir))
     assert trained.keys() == before.keys()
     assert any(not torch.equal(trained[k], before[k]) for k in trained)
+
+
+def test_stage1_leaves_text_only_records_out(
+    vlm_dir, image_folder, image_record, text_record, write_data, tmp_path, caplog
+):
+    """Only the projector trains in stage 1, so a batch of text-only records has no gradient at all (backward
+    fails on it): such records are left out, and the log says how many."""
+    records = [image_record("img-0", image="a.png"), text_record("txt-0"), text_record("txt-1")]
+    data = write_data(records + [image_record("img-1", image="b.png")])
+    args = common_args(vlm_dir, data, image_folder, tmp_path / "stage1", "--tune_mm_mlp_adapter", "True")
+    args += ["--version", "vicuna_v1", "--learning_rate", "1e-2", "--use_cpu", "True"]
+    args[args.index("--per_device_train_batch_size") + 1] = "1"  # each record a batch of its own
+    args[args.index("--max_steps") + 1] = "4"
+    with caplog.at_level(logging.WARNING):
+        assert train.main(args) == 0
+    assert "2 text-only records left out" in caplog.text
 
 
 def test_a_typed_run_trains_what_the_command_line_trains(vlm_dir, data, image_folder, tmp_path):
