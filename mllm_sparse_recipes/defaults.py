@@ -76,11 +76,10 @@ def train_vlm_settings(
 ) -> TrainArguments:
     """The arguments of `llava_adapter.train.run` from the LLaVA folder `start` into `out` on `train_data` (LLaVA
     JSON, images under `image_folder`): `lr` for the LLM (0: frozen), `projector_lr` for the projector, the tower
-    frozen; batches group conversations of like lengths (LLaVA's `group_by_modality_length`); a full model folder is
-    saved, and an interrupted run resumes from its newest checkpoint. 512 tokens hold every synthetic-world
-    conversation read with up to 58 image tokens (the longest has 454 tokens with one image placeholder); more image
-    tokens, or real data with a 576-token tower, want LLaVA's 2048. `overrides` (field name -> value, e.g. from
-    `llava_adapter.train.parse_overrides`) replace or add to these."""
+    frozen; a full model folder is saved, and an interrupted run resumes from its newest checkpoint. 512 tokens hold
+    every synthetic-world conversation read with up to 58 image tokens (the longest has 454 tokens with one image
+    placeholder); more image tokens, or real data with a 576-token tower, want LLaVA's 2048. `overrides` (field name
+    -> value, e.g. from `llava_adapter.train.parse_overrides`) replace or add to these."""
     from llava_adapter.train import arguments
 
     values = {
@@ -93,8 +92,6 @@ def train_vlm_settings(
         "save_strategy": "steps", "save_steps": 0.1, "save_total_limit": 1,
         "report_to": "none", "seed": int(seed), "model_max_length": int(model_max_length),
         "dataloader_num_workers": 0,
-        # batches of like lengths: random batches of the world's 1-12-turn conversations pad ~1.8x the real tokens
-        "group_by_modality_length": True,
     }  # fmt: skip
     return arguments({**values, **(overrides or {})})
 

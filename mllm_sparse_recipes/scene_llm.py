@@ -19,8 +19,7 @@ a two-layer MLP (the scene projector) maps to the LLM's width. Two phases, each 
    lookup within 2,500 steps of 16 (benchmarks/README.md).
 
 Padding matters too: with every scene padded to 16 tokens, the LLM answered "is there a red star" from the bag of
-colours and shapes present and never learnt to look the star up (colour questions at 37% after 5,000 steps). Each
-phase batches items of like lengths (tokens and objects, `grouped_order`), which also spares the compute of padding.
+colours and shapes present and never learnt to look the star up (colour questions at 37% after 5,000 steps).
 
 DIR becomes a plain HF causal LM folder with its tokenizer, for `mllm-sparse build-vlm --llm DIR`. It also holds
 `scene_projector.safetensors`, `scene_pretrain.{json,md}` (accuracy by question type on the world's test records,
@@ -51,7 +50,6 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
-from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from llava_adapter.conversation import (
     IGNORE_INDEX,
@@ -67,7 +65,7 @@ from llava_adapter.data import DataCollatorForLlava
 from llava_adapter.llms import load_llm
 from llava_adapter.modeling import add_image_token
 from mllm_sparse.files import atomic_path, read_json, read_jsonl, write_json
-from mllm_sparse.training import RunFolder, epoch_generator, lr_lambda
+from mllm_sparse.training import RunFolder, epoch_order, lr_lambda
 
 from .scene_tokens import SCENE_FEATURES, scene_tokens
 
@@ -170,11 +168,6 @@ class SceneRecords:
     def __len__(self) -> int:
         return len(self.items)
 
-    @property
-    def lengths(self) -> list[int]:
-        """Each item's length as collated: its tokens, the image placeholder widened to its scene's objects."""
-        return [len(item["input_ids"]) + len(item["objects"] or [None]) - 1 for item in self.items]
-
     def batch(self, indices: Sequence[int], collator: DataCollatorForLlava, seed: int) -> dict:
         """Collate items with S scene tokens per image, S the most objects of the batch's scenes.
 
@@ -198,13 +191,6 @@ class SceneRecords:
         if "pixel_values" in batch:
             batch["scene_tokens"] = batch.pop("pixel_values")
         return batch
-
-
-def grouped_order(lengths: Sequence[int], batch_size: int, seed: int, epoch: int) -> Tensor:
-    """An epoch's order in batches of like lengths (random batches of the world's 1-12-turn records pad to ~1.8x the
-    real tokens): shuffled, then sorted within groups of batches, as LLaVA's `group_by_length`. A function of (seed,
-    epoch) only, so a resumed run replays it exactly."""
-    return torch.tensor(get_length_grouped_indices(list(lengths), batch_size, generator=epoch_generator(seed, epoch)))
 
 
 def widen(sequence: Tensor, at: int, width: int, fill: int) -> Tensor:
@@ -396,7 +382,7 @@ def run(settings: ScenePretrainSettings) -> dict:
                 state["phase"], state["epoch"], state["position"] = phase, 0, 0
             data, size = train[phase], phases[phase][1]
             if order_key != (phase, state["epoch"]):
-                order, order_key = grouped_order(data.lengths, size, args.seed, state["epoch"]), (phase, state["epoch"])
+                order, order_key = epoch_order(len(data), args.seed, state["epoch"]), (phase, state["epoch"])
             if state["position"] + size > len(order):
                 state["epoch"], state["position"] = state["epoch"] + 1, 0
                 continue

@@ -27,7 +27,6 @@ from mllm_sparse_recipes.scene_llm import (
     ScenePretrainSettings,
     SceneRecords,
     answer_spans,
-    grouped_order,
     phase_schedule,
     read_scenes,
     scene_forward,
@@ -142,25 +141,6 @@ def test_batches_widen_the_placeholder_to_the_most_objects(world):
     first = int((batch["input_ids"][0] == image_id).nonzero()[0])
     assert torch.allclose(logits[0, :first], changed.logits[0, :first])  # before the image: causal, untouched
     assert not torch.allclose(logits[0, -1], changed.logits[0, -1])  # after it: reads the scene tokens
-
-
-def test_batches_are_of_like_lengths_in_an_order_fixed_by_seed_and_epoch(world):
-    _, tokenizer = load_llm("tiny-llama", world)
-    data = SceneRecords(world, "train", tokenizer, "chat_template", read_scenes(world))
-    collator = DataCollatorForLlava(tokenizer)
-    some = data.batch([0, 1], collator, seed=0)
-    assert some["input_ids"].shape[1] == max(data.lengths[0], data.lengths[1])  # the collated length, exactly
-    lengths, size = data.lengths, 4
-    order = grouped_order(lengths, size, seed=0, epoch=0)
-    assert sorted(order.tolist()) == list(range(len(data)))
-    assert torch.equal(order, grouped_order(lengths, size, seed=0, epoch=0))
-    assert not torch.equal(order, grouped_order(lengths, size, seed=0, epoch=1))
-
-    def padded(order: torch.Tensor) -> int:
-        batches = [order[i : i + size].tolist() for i in range(0, len(order) - size + 1, size)]
-        return sum(size * max(lengths[j] for j in batch) for batch in batches)
-
-    assert padded(order) < padded(torch.randperm(len(data), generator=torch.Generator().manual_seed(0)))
 
 
 def test_pretrain_llm_runs_resumes_exactly_and_feeds_build_vlm(world, tmp_path):
