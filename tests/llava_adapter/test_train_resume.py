@@ -261,3 +261,15 @@ def test_an_empty_dataset_is_one_clear_line(vlm_dir, write_data, image_folder, t
     assert result.returncode == 2
     assert f"train_vlm: error: {empty}: no records to train on" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_training_needs_no_deepspeed_unless_it_runs_under_it(monkeypatch):
+    """Without DeepSpeed installed (e.g. a GPU image that lacks it) a plain run still starts: there is no DeepSpeed
+    checkpoint to allow classes for."""
+    real = checkpoints.importlib.util.find_spec
+    monkeypatch.setattr(
+        checkpoints.importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a)
+    )
+    assert checkpoints.deepspeed_safe_globals() == []
+    monkeypatch.undo()
+    assert len(checkpoints.deepspeed_safe_globals()) == 3
