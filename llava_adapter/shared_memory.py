@@ -10,6 +10,7 @@ mappings keep the memory alive for the run, and the kernel frees it when the las
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch.distributed as dist
@@ -25,8 +26,6 @@ def allreduce_buffer(rank: int, master_addr: str, master_port: str) -> Path:
 def uses_shared_memory_allreduce() -> bool:
     """Whether DeepSpeed set up its CPU shared-memory all-reduce: the same answer on every rank (the launcher's
     LOCAL_SIZE and the backend DeepSpeed built), so a barrier behind it cannot deadlock."""
-    import sys
-
     comm = sys.modules.get("deepspeed.comm.comm")  # only a run that imported DeepSpeed can have one
     backend = getattr(comm, "cdb", None)
     if getattr(backend, "shm_comm_op", None) is None or not (dist.is_available() and dist.is_initialized()):

@@ -531,7 +531,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Vlm
         image_token_id=model.config.image_token_id,
         images_only=trains_projector_alone(training_args),
     )
-    if dataset.num_text_only and int(os.environ.get("RANK", "0")) == 0:
+    if dataset.num_text_only and training_args.process_index == 0:
         logger.warning("only the projector trains: %d text-only records left out", dataset.num_text_only)
     if len(dataset) == 0:
         raise ValueError(f"{data_args.data_path}: no records to train on")

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -46,3 +48,14 @@ def kill_when(process: subprocess.Popen, path: Path, timeout: float = 120) -> in
     if process.poll() is None:
         os.kill(process.pid, signal.SIGKILL)
     return process.wait(timeout=60)
+
+
+def communicate_or_kill(process: subprocess.Popen, timeout: float) -> str | None:
+    """`process.communicate()`'s output; past `timeout` its process group (a `start_new_session` process: a launcher's
+    ranks too) is killed, so nothing runs on into the next test, and the test fails."""
+    try:
+        return process.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output = process.communicate()[0] or ""
+        pytest.fail(f"{process.args[0]} ran past {timeout} s:\n{output[-3000:]}")

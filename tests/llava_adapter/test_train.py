@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+from cli_process import communicate_or_kill
 from peft import PeftModel
 from safetensors.torch import load_file
 from tiny_vlm import allreduce_buffers_left, common_args, deepspeed_launcher, free_port, save_tiny_vlm
@@ -172,12 +172,7 @@ def deepspeed_launch(script_args: list[str], timeout: int = 600) -> str:
         text=True,
         start_new_session=True,
     )
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"deepspeed ran past {timeout} s:\n{output[-3000:]}")
+    output = communicate_or_kill(process, timeout)
     assert process.returncode == 0, output[-6000:]
     assert allreduce_buffers_left(port) == []
     return output

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_process import communicate_or_kill
 from safetensors.torch import load_file
 from tiny_vlm import allreduce_buffers_left, common_args, deepspeed_launcher, free_port, save_tiny_vlm
 
@@ -88,13 +89,8 @@ def kill_after_checkpoint(command: list[str], out: Path, step: int, timeout: flo
 
 def run_to_end(command: list[str], out: Path, timeout: float = 600) -> str:
     process = launch(command, out)
-    try:
-        code = process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # not a launcher's ranks left running into the next test
-        process.wait()
-        pytest.fail(f"{out.name} ran past {timeout} s")
-    assert code == 0, (out.parent / f"{out.name}.log").read_text()[-3000:]
+    communicate_or_kill(process, timeout)
+    assert process.returncode == 0, (out.parent / f"{out.name}.log").read_text()[-3000:]
     return (out.parent / f"{out.name}.log").read_text()
 
 
