@@ -73,6 +73,8 @@ def plot(report: dict[str, Any], out: Path, name: str = REPORT_NAME) -> list[Pat
     written.append(save_figure(fig, out / f"{name}_accuracy.png"))
 
     timing = report["timing"]
+    if not timing:  # --timing-questions 0
+        return written
     fig, axes = plt.subplots(1, 3, figsize=(12.6, 3.8))
     for ax, (key, title) in zip(axes, (("encode_ms", "vision encode"), ("prefill_ms", "LLM prefill"),
                                        ("ttft_ms", "time to first token")), strict=True):  # fmt: skip

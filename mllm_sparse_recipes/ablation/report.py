@@ -87,6 +87,13 @@ def to_markdown(
                       "records (`mllm_sparse_recipes.ablation.statistics`); bold: the interval excludes 0.", "",
                       *paired_table(report["paired"][stage]), ""]  # fmt: skip
     timing = report["timing"]
+    if not timing:
+        lines += [
+            "Speed: not timed (`--timing-questions 0`).",
+            "",
+            f"![accuracy against image tokens]({name}_accuracy.png)",
+        ]
+        return "\n".join(lines) + "\n"
     name_ref = "vit" if "vit" in timing else next(iter(timing))
     reference = timing[name_ref]
     final = stages[-1]

@@ -382,7 +382,9 @@ def train_score_and_compare(settings: dict[str, Any], out: Path) -> dict[str, An
         "paired": {s: paired_comparisons(out, names, s) for s in stages},
         "timing": time_side_by_side(
             out, views, final, Path(settings["test_data"]), Path(settings["image_folder"]), settings["timing_questions"]
-        ),  # fmt: skip
+        )
+        if settings["timing_questions"]
+        else {},  # fmt: skip
     }
     return report
 

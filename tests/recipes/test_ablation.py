@@ -144,6 +144,17 @@ def test_another_eval_limit_only_scores_again(ablation_dir, smoke_run, tmp_path,
     }
 
 
+def test_no_timing_questions_time_nothing_and_draw_no_speed_plot(ablation_dir, smoke_run, tmp_path):
+    out = copy_of(ablation_dir, tmp_path)
+    (out / "ablation_speed.png").unlink()
+    argv = [*parts(smoke_run), "--budgets", "9", "--encoders", f"9={smoke_run / 'encoder'}", "--arms", "sparseformer",
+            *TINY, "--timing-questions", "0", "--out", str(out)]  # fmt: skip
+    assert cli_main(["ablate", *argv]) == 0
+    assert json.loads((out / "ablation.json").read_text())["timing"] == {}
+    assert "not timed (`--timing-questions 0`)" in (out / "ablation.md").read_text()
+    assert (out / "ablation_accuracy.png").is_file() and not (out / "ablation_speed.png").exists()
+
+
 def test_another_encoder_for_a_trained_budget_is_refused(ablation_dir, smoke_run, tmp_path, capsys):
     out = copy_of(ablation_dir, tmp_path)
     other = Path(shutil.copytree(smoke_run / "encoder", tmp_path / "other_encoder"))
