@@ -32,7 +32,7 @@ from transformers import AutoModel
 from mllm_sparse import SparseFormerModel, create_model, list_models
 from mllm_sparse.checkpoint import load_checked
 from mllm_sparse.elastic import default_budget, make_elastic
-from mllm_sparse.files import paths_as_paths, write_json
+from mllm_sparse.files import normal_modes, paths_as_paths, write_json
 from mllm_sparse.training import RunFolder, epoch_order, lr_lambda, removed_on_early_failure
 
 from .data import TwoViewImages, list_images
@@ -507,6 +507,7 @@ def train(settings: BootstrapSettings, world: World) -> dict[str, Any] | None:
     student.eval()
     save(folder, student, optimizer, scheduler, state)  # checks the weights: nothing non-finite reaches DIR
     student.save_pretrained(settings.out)
+    normal_modes(settings.out)
     evaluations = {}
     for n in budgets:
         with default_budget(student, n):

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from mllm_sparse.checkpoint import CheckpointError, load_safetensors
-from mllm_sparse.files import read_json, write_json
+from mllm_sparse.files import normal_modes, read_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ def checkpoints(output_dir: Path) -> list[Path]:
 
 
 def mark_complete(checkpoint: Path) -> None:
+    normal_modes(checkpoint)  # the Trainer's safetensors files are owner-only as written
     write_json(checkpoint / COMPLETE_MARKER, {"step": checkpoint_step(checkpoint)})
 
 

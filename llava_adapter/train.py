@@ -42,7 +42,7 @@ from transformers import (
 )
 
 from mllm_sparse.checkpoint import load_checked, load_safetensors
-from mllm_sparse.files import atomic_dir, atomic_path, fsync_path, write_json
+from mllm_sparse.files import atomic_dir, atomic_path, fsync_path, normal_modes, write_json
 from mllm_sparse.training import DivergenceError
 
 from . import checkpoints, tower_features
@@ -437,6 +437,7 @@ class VlmTrainer(Trainer):
 def publish(staging: Path, out: Path) -> None:
     """Move a finished output folder's files into `out`, each by one rename and the weights last, so a kill never
     leaves weights beside missing or half-written companions."""
+    normal_modes(staging)
     fsync_path(staging)
     files = sorted(staging.iterdir(), key=lambda f: f.suffix == ".safetensors" or f.name.endswith(".index.json"))
     for file in files:

@@ -19,6 +19,15 @@ def _umask() -> int:
     return mask
 
 
+def normal_modes(folder: str | Path) -> None:
+    """Give every file under `folder` the mode a plain `open(path, "w")` would (readable as the umask allows): some
+    writers we call, such as safetensors' `save_file` (and so `save_pretrained`), leave owner-only files."""
+    mode = 0o666 & ~_umask()
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, mode)
+
+
 def fsync_path(path: str | Path) -> None:
     """Flush a file, or a folder's entries (and, recursively, its files), to disk."""
     path = Path(path)
@@ -70,6 +79,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     old = path.parent / f".{path.name}.old"
     try:
         yield tmp
+        normal_modes(tmp)
         fsync_path(tmp)
         if path.exists():
             shutil.rmtree(old, ignore_errors=True)

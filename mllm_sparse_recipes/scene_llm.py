@@ -64,7 +64,7 @@ from llava_adapter.conversation import (
 from llava_adapter.data import DataCollatorForLlava
 from llava_adapter.llms import load_llm
 from llava_adapter.modeling import add_image_token
-from mllm_sparse.files import atomic_path, read_json, read_jsonl, write_json
+from mllm_sparse.files import atomic_path, normal_modes, read_json, read_jsonl, write_json
 from mllm_sparse.training import RunFolder, epoch_order, lr_lambda
 
 from .scene_tokens import SCENE_FEATURES, scene_tokens
@@ -421,6 +421,7 @@ def run(settings: ScenePretrainSettings) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
+    normal_modes(args.out)
     with atomic_path(args.out / PROJECTOR_FILE) as tmp:
         save_file({k: v.contiguous() for k, v in projector.state_dict().items()}, tmp)
     report = {

@@ -2,20 +2,28 @@ import os
 import stat
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from mllm_sparse.files import atomic_dir, atomic_path, write_json
 
 
 def test_atomic_files_get_normal_permissions(tmp_path):
+    """Also what a library writes owner-only in an atomic folder (safetensors' `save_file`, so `save_pretrained`)."""
     old = os.umask(0o022)
     try:
         write_json(tmp_path / "a.json", {"x": 1})
         with atomic_dir(tmp_path / "folder") as tmp:
             (tmp / "f.txt").write_text("x")
+            save_file({"w": torch.zeros(2)}, str(tmp / "model.safetensors"))
+            (tmp / "sub").mkdir()
+            save_file({"w": torch.zeros(2)}, str(tmp / "sub" / "deep.safetensors"))
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "folder").stat().st_mode) == 0o755
+    for name in ("f.txt", "model.safetensors", "sub/deep.safetensors"):
+        assert stat.S_IMODE((tmp_path / "folder" / name).stat().st_mode) == 0o644, name
 
 
 def test_failed_writes_leave_the_old_file_and_folder(tmp_path):

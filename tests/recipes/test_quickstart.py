@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -86,6 +87,17 @@ def test_every_stage_runs_and_the_report_reads_their_outputs(run_dir):
     markdown = (run_dir / "quickstart.md").read_text()
     assert "| eval |" in markdown and "question-only prior" in markdown and "mllm-sparse demo --model" in markdown
     assert "it learns nothing" in markdown and "reads the image" not in markdown  # a smoke run claims nothing
+
+
+def test_every_file_of_the_run_is_as_readable_as_the_umask_allows(run_dir):
+    """Models, checkpoints, caches, tables and reports alike: no stage leaves an owner-only file (safetensors writes
+    them so), so a run can be shared with a group or read by a server."""
+    umask = os.umask(0)
+    os.umask(umask)
+    readable = 0o444 & ~umask
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in files)
+    assert [str(p.relative_to(run_dir)) for p in files if p.stat().st_mode & readable != readable] == []
 
 
 def test_the_report_says_what_beating_the_prior_means():
