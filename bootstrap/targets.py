@@ -13,8 +13,10 @@ cache is derived data, and recomputing it is always correct.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -24,7 +26,6 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from mllm_sparse.checkpoint import CheckpointError, load_safetensors
-from mllm_sparse.digests import images_digest, weights_digest
 from mllm_sparse.files import atomic_path
 
 from .data import TwoViewImages
@@ -34,6 +35,28 @@ logger = logging.getLogger(__name__)
 
 CACHE_NAME = "teacher_cache.safetensors"
 CACHE_FORMAT = "1"
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of a module's state_dict: names, dtypes, shapes and bytes."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def images_digest(paths: list[Path], relative_to: Path | None = None) -> str:
+    """SHA-256 of the image list: each file's resolved path (or its path relative to `relative_to`), size and
+    modification time, in order."""
+    digest = hashlib.sha256()
+    for path in paths:
+        stat, name = path.stat(), path.resolve()
+        if relative_to is not None:
+            name = os.path.relpath(name, relative_to.resolve())
+        digest.update(f"{name}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
 def cache_sources(

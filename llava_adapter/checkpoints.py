@@ -42,7 +42,6 @@ HARMLESS_SETTINGS = frozenset(
         "eval_strategy", "per_device_eval_batch_size", "push_to_hub", "hub_model_id", "hub_strategy",
         "hub_token", "hub_private_repo", "hub_always_push", "hub_revision", "ddp_timeout", "image_folder",
         "log_level", "log_level_replica", "log_on_each_node",
-        "tower_features",  # where the frozen tower's features are kept: the same values either way
     }
 )  # fmt: skip
 

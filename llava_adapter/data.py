@@ -66,9 +66,7 @@ class LlavaJsonDataset(Dataset):
             the projector learns nothing from them, and a batch of them alone would have no gradient at all.
 
     Items are dicts: `input_ids` [L] and `labels` [L] int64, `pixel_values` [3, H, W] float (image records only) and
-    `id`. With `serve_image_ids` set (by `llava_adapter.tower_features`, whose table holds every image's tower
-    features) an image record's `pixel_values` is instead its image's row in `image_paths`, an int64 [1]: nothing is
-    decoded.
+    `id`.
     """
 
     def __init__(
@@ -130,11 +128,6 @@ class LlavaJsonDataset(Dataset):
             estimated_length(r, num_image_tokens) * (1 if has_image(r) else -1) for r in self.records
         ]
         self.num_skipped_late = 0  # items replaced in __getitem__ (counted in this process only)
-        # every image once, in the order records name them: the rows of a tower-feature table
-        self.image_paths: list[str] = list(dict.fromkeys(r["image"] for r in self.records if has_image(r)))
-        self.image_rows = {image: row for row, image in enumerate(self.image_paths)}
-        self.serve_image_ids = False
-        self.unreadable_images: dict[str, str] = {}  # image -> why it could not be loaded (found by the feature pass)
 
     @property
     def num_skipped(self) -> int:
@@ -185,22 +178,13 @@ class LlavaJsonDataset(Dataset):
             )
         item = {"id": record["id"], "input_ids": encoded.input_ids, "labels": encoded.labels}
         if has_image(record):
-            image = record["image"]
-            if image in self.unreadable_images:
-                raise RecordError(name, self.unreadable_images[image])
-            if self.serve_image_ids:
-                item["pixel_values"] = torch.tensor([self.image_rows[image]], dtype=torch.long)
-            else:
-                try:
-                    item["pixel_values"] = self.pixels(image)
-                except (FileNotFoundError, ImageLoadError) as err:
-                    raise RecordError(name, str(err)) from err
+            path = self.image_folder / record["image"]
+            try:
+                image = load_image(path)
+            except (FileNotFoundError, ImageLoadError) as err:
+                raise RecordError(name, str(err)) from err
+            item["pixel_values"] = self.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
         return item
-
-    def pixels(self, image: str) -> Tensor:
-        """[3, H, W]: the tower's input for the image file `image` (a record's `image`, under `image_folder`)."""
-        loaded = load_image(self.image_folder / image)
-        return self.image_processor(images=[loaded], return_tensors="pt")["pixel_values"][0]
 
 
 class ModalityLengthGroupedSampler(Sampler[int]):

@@ -264,7 +264,7 @@ def load_projector(model: LlavaForConditionalGeneration, path: str | Path) -> No
         raise ValueError(f"{path}: projector shape mismatch (checkpoint vs model): {wrong}")
     params = dict(projector.named_parameters())
     with gathered(list(params.values()), modifier_rank=0):
-        if is_rank_zero():
+        if _is_rank_zero():
             with torch.no_grad():
                 for name, param in params.items():
                     param.copy_(state[name].to(param.dtype))
@@ -275,8 +275,7 @@ def _full_shape(param: torch.Tensor) -> torch.Size:
     return getattr(param, "ds_shape", param.shape)
 
 
-def is_rank_zero() -> bool:
-    """This process writes the run's files: rank 0 of the process group, or the only process."""
+def _is_rank_zero() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 

@@ -17,7 +17,6 @@ with the same three argument groups, built by `arguments({field: value})` (each 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import logging
@@ -45,7 +44,7 @@ from mllm_sparse.checkpoint import load_checked, load_safetensors
 from mllm_sparse.files import atomic_dir, atomic_path, fsync_path, normal_modes, write_json
 from mllm_sparse.training import DivergenceError
 
-from . import checkpoints, tower_features
+from . import checkpoints
 from .budgets import drawn_budgets, vlm_budget
 from .conversation import TEMPLATES
 from .data import DataCollatorForLlava, LlavaJsonDataset, ModalityLengthGroupedSampler
@@ -53,7 +52,6 @@ from .llms import load_llm
 from .modeling import (
     build_vlm,
     gathered,
-    is_rank_zero,
     load_projector,
     projector_state_dict,
     replace_tower,
@@ -101,14 +99,6 @@ class DataArguments:
         metadata={
             "help": "an elastic tower: run each batch at a budget drawn from these latent-token counts (by the seed "
             "and the batch), so the projector and LLM learn them all (default: the tower's default budget only)"
-        },
-    )
-    tower_features: str | None = field(
-        default=None,
-        metadata={
-            "help": "a folder for the frozen tower's features: computed once per image (and budget) before the first "
-            "step, reused by later steps and by a run pointed at the same folder (e.g. the next stage); steps then "
-            "decode no image and run no tower (default: none, the tower runs every step)"
         },
     )
 
@@ -454,7 +444,7 @@ def save_outputs(trainer: VlmTrainer, model, processor, model_args, training_arg
     """
     out = Path(training_args.output_dir)
     # the process group's rank: under DeepSpeed on CPU the Trainer's process index read 0 on every rank
-    rank0 = is_rank_zero()
+    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     trainer.check_weights_finite()
     if training_args.tune_mm_mlp_adapter:
         state = projector_state_dict(model)
@@ -542,15 +532,6 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Vlm
         image_token_id=model.config.image_token_id,
         images_only=trains_projector_alone(training_args),
     )
-    features = contextlib.nullcontext()
-    if data_args.tower_features:
-        tower_features.check_fixed_tower(training_args.tune_vision_last_k)
-        tables = tower_features.prepare(
-            model, dataset, budgets, Path(data_args.tower_features), training_args.device, bf16=training_args.bf16,
-            workers=training_args.dataloader_num_workers, write=is_rank_zero(),
-        )  # fmt: skip
-        dataset.serve_image_ids = True
-        features = tower_features.served(model, tables)
     if dataset.num_text_only and training_args.process_index == 0:
         logger.warning("only the projector trains: %d text-only records left out", dataset.num_text_only)
     if len(dataset) == 0:
@@ -563,8 +544,7 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Vlm
             processor.tokenizer, image_token_id=model.config.image_token_id, budgets=budgets, seed=training_args.seed
         ),
     )
-    with features:
-        trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
+    trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
     save_outputs(trainer, model, processor, model_args, training_args, assembled)
     if torch.distributed.is_initialized():
         # Shut the process group down before exit: left to interpreter teardown, a gloo rank once aborted with

@@ -25,9 +25,6 @@ BOOTSTRAP_LR = 1e-3
 # stage 2 the LLM and the projector; the tower stays frozen.
 TEMPLATE = "chat_template"
 VLM_BATCH_SIZE = 16
-# The frozen tower's features, computed once and read by both stages (`llava_adapter.tower_features`): the folder a
-# recipe keeps them in, beside the stages (quickstart: OUT/tower_features; ablate: OUT/arms/ARM/tower_features).
-TOWER_FEATURES = "tower_features"
 STAGE1_PROJECTOR_LR = 2e-3
 STAGE2_LR = 2e-4
 
@@ -75,17 +72,14 @@ def train_vlm_settings(
     batch_size: int = VLM_BATCH_SIZE,
     seed: int = 0,
     model_max_length: int = 512,
-    tower_features: Path | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> TrainArguments:
     """The arguments of `llava_adapter.train.run` from the LLaVA folder `start` into `out` on `train_data` (LLaVA
     JSON, images under `image_folder`): `lr` for the LLM (0: frozen), `projector_lr` for the projector, the tower
     frozen; a full model folder is saved, and an interrupted run resumes from its newest checkpoint. 512 tokens hold
     every synthetic-world conversation read with up to 58 image tokens (the longest has 454 tokens with one image
-    placeholder); more image tokens, or real data with a 576-token tower, want LLaVA's 2048. `tower_features`: a
-    folder where the frozen tower's features are computed once and kept (`llava_adapter.tower_features`; give both
-    stages the same one). `overrides` (field name -> value, e.g. from `llava_adapter.train.parse_overrides`) replace
-    or add to these."""
+    placeholder); more image tokens, or real data with a 576-token tower, want LLaVA's 2048. `overrides` (field name
+    -> value, e.g. from `llava_adapter.train.parse_overrides`) replace or add to these."""
     from llava_adapter.train import arguments
 
     values = {
@@ -99,8 +93,6 @@ def train_vlm_settings(
         "report_to": "none", "seed": int(seed), "model_max_length": int(model_max_length),
         "dataloader_num_workers": 0,
     }  # fmt: skip
-    if tower_features is not None:
-        values["tower_features"] = str(tower_features)
     return arguments({**values, **(overrides or {})})
 
 

@@ -150,14 +150,12 @@ def run_pipeline(args: QuickstartSettings, s: dict[str, Any]) -> dict[str, Path]
     stages.run("vlm", vlm, lambda: build_vlm(BuildVlmSettings(
         encoder=str(encoder), llm=str(llm), out=vlm, projector="mlp2x_gelu", seed=args.seed)))
     train_data = world / "llava_train.json"
-    features = out / defaults.TOWER_FEATURES  # the frozen tower's, computed once for both stages
     stages.run("stage1", paths["stage1"], lambda: train.run(*defaults.train_vlm_settings(
-        vlm, paths["stage1"], train_data, world, s["vlm_epochs"], 0.0, defaults.STAGE1_PROJECTOR_LR, seed=args.seed,
-        tower_features=features)),
+        vlm, paths["stage1"], train_data, world, s["vlm_epochs"], 0.0, defaults.STAGE1_PROJECTOR_LR, seed=args.seed)),
         resumable=True, inputs=("world", "vlm"))
     stages.run("stage2", paths["stage2"], lambda: train.run(*defaults.train_vlm_settings(
         paths["stage1"], paths["stage2"], train_data, world, s["vlm_epochs"], defaults.STAGE2_LR, defaults.STAGE2_LR,
-        seed=args.seed, tower_features=features)), resumable=True, inputs=("stage1",))
+        seed=args.seed)), resumable=True, inputs=("stage1",))
     stages.run("eval", paths["eval"], lambda: evaluate.run(
         defaults.eval_vlm_settings(paths["stage2"], world / "llava_test.json", world, paths["eval"],
                                    s["eval_records"])))

@@ -267,8 +267,7 @@ def bootstrap_encoders(settings: dict[str, Any], out: Path) -> dict[int, str]:
 
 
 def train_arm(settings: dict[str, Any], name: str, tower: dict[str, Any], out: Path) -> None:
-    """Build one arm, train its stages and score it after each (OUT/arms/NAME/{base,stage1,stage2,eval_*}); an arm at
-    one budget computes its tower's features once, into OUT/arms/NAME/tower_features, for both stages."""
+    """Build one arm, train its stages and score it after each (OUT/arms/NAME/{base,stage1,stage2,eval_*})."""
     from dataclasses import replace
 
     from llava_adapter import evaluate, train
@@ -293,14 +292,11 @@ def train_arm(settings: dict[str, Any], name: str, tower: dict[str, Any], out: P
 
         def train_stage(start=start, out=folder / stage, epochs=epochs, lr=lr, projector_lr=projector_lr) -> None:
             extra = train.parse_overrides(shlex.split(settings["train_args"]))
-            features = None
             if name in ONE_MODEL_ARMS:
                 extra["budgets"] = settings["budgets"]  # a budget drawn per batch
-            else:  # the tower's features once for both stages (a one-model arm would compute them per budget)
-                features = folder / defaults.TOWER_FEATURES
             train.run(*defaults.train_vlm_settings(
                 start, out, data, images, epochs, lr, projector_lr, batch_size=settings["batch_size"], seed=seed,
-                model_max_length=settings["model_max_length"], tower_features=features, overrides=extra))  # fmt: skip
+                model_max_length=settings["model_max_length"], overrides=extra))  # fmt: skip
 
         stages.run(stage, folder / stage, train_stage, resumable=True, inputs=(before,))
         for view, budget in arm_views(settings, name).items():

@@ -99,17 +99,14 @@ def test_kill_9_then_the_same_command_ends_with_the_uninterrupted_weights(
     mode, vlm_dir, elastic_vlm_dir, data, image_folder, tmp_path
 ):
     """Full fine-tuning runs on an elastic tower with a budget drawn per batch and LLaVA's batches grouped by length
-    (the draw and the grouped order must resume too); LoRA on a fixed one, in random batches, its tower's features
-    computed once (the killed run resumes reading the file it wrote, the straight one from memory)."""
+    (the draw and the grouped order must resume too); LoRA on a fixed one, in random batches."""
     extra = ["--lora_enable", "True", "--lora_r", "4", "--lora_alpha", "8"] if mode == "lora" else []
     if mode == "full-elastic":
         vlm_dir, extra = elastic_vlm_dir, ["--budgets", "4", "9", "15", "--group_by_modality_length", "True"]
-    features = ["--tower_features", str(tmp_path / "features_{}")] if mode == "lora" else []
     script = [sys.executable, "scripts/train_vlm.py"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    own = [[f.format(run.name) for f in features] for run in (straight, killed)]
-    run_to_end(script + run_args(vlm_dir, data, image_folder, straight, 24, *extra, *own[0]), straight)
-    command = script + run_args(vlm_dir, data, image_folder, killed, 24, *extra, *own[1])
+    run_to_end(script + run_args(vlm_dir, data, image_folder, straight, 24, *extra), straight)
+    command = script + run_args(vlm_dir, data, image_folder, killed, 24, *extra)
     kill_after_checkpoint(command, killed, 6)
     log = run_to_end(command, killed)  # the same command: resuming is LLaVA's default
     assert "resuming from" in log
