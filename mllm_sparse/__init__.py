@@ -4,6 +4,7 @@ Importing this package registers `SparseFormerConfig` / `SparseFormerModel` with
 `AutoModel`, so `AutoModel.from_pretrained(dir)` rebuilds a saved encoder.
 """
 
+import logging
 import os
 
 from transformers import AutoConfig, AutoModel
@@ -22,6 +23,15 @@ from .visualize import draw_rois
 # evaluates on a GPU: offline that stops the run, online it runs downloaded code. Our models keep PyTorch's own ops
 # unless a user asks for Hub kernels (USE_HUB_KERNELS=1).
 os.environ.setdefault("USE_HUB_KERNELS", "0")
+
+
+def _not_deepspeed_cpu_notice(record: logging.LogRecord) -> bool:
+    return "Setting accelerator to CPU" not in record.getMessage()
+
+
+# transformers imports DeepSpeed (when installed) as a model saves or loads, and on a machine without a GPU DeepSpeed
+# then prints a warning to stdout that it fell back to the CPU, in the middle of every command's output.
+logging.getLogger("DeepSpeed").addFilter(_not_deepspeed_cpu_notice)
 AutoConfig.register(SparseFormerConfig.model_type, SparseFormerConfig, exist_ok=True)
 AutoModel.register(SparseFormerConfig, SparseFormerModel, exist_ok=True)
 

@@ -37,6 +37,13 @@ def test_importing_a_library_loads_no_layer_above_it_and_prints_nothing(index: i
     assert not set(loaded) & (set(HEAVY) - ALLOWED.get(package, set())), f"`import {package}` loaded {loaded}"
 
 
+def test_deepspeed_imported_after_the_project_prints_nothing():
+    """transformers imports DeepSpeed as a model saves; on a CPU machine its fallback notice went to stdout."""
+    code = "import mllm_sparse, deepspeed; from deepspeed.accelerator import get_accelerator; get_accelerator()"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert done.stdout == ""
+
+
 def imports_of(path: Path) -> set[str]:
     """Every module a file imports, at its top or inside a function."""
     names: set[str] = set()
