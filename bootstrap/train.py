@@ -88,6 +88,8 @@ class BootstrapSettings:
         save_every: steps between checkpoints (0: only at the end).
         resume: continue from the newest checkpoint in OUT/checkpoints.
         workers: data-loader workers.
+        images_in_memory: decode each training image once and keep it (uint8) for the later epochs
+            (`TwoViewImages`); for datasets that fit in memory, with `workers` 0 (each worker keeps its own).
         seed: the seed of the student's initialisation, the data order and the region term's boxes.
         device: "cuda" or "cpu"; None: cuda when available.
     """
@@ -122,6 +124,7 @@ class BootstrapSettings:
     save_every: int = 0
     resume: bool = False
     workers: int = 0
+    images_in_memory: bool = False
     seed: int = 0
     device: str | None = None
 
@@ -250,7 +253,7 @@ def off_grid_warning(num_latent: int) -> str | None:
 
 
 # Settings that cannot change the weights: they may differ on --resume (and are stated); every other one may not.
-FREE_SETTINGS = ("eval_every", "save_every", "workers", "device")
+FREE_SETTINGS = ("eval_every", "save_every", "workers", "images_in_memory", "device")
 
 
 def check_settings(settings: BootstrapSettings) -> None:
@@ -391,7 +394,9 @@ def train(settings: BootstrapSettings, world: World) -> dict[str, Any] | None:
     else:
         num_val = int(len(train_paths) * settings.val_fraction)
         train_paths, val_paths = train_paths[num_val:], train_paths[:num_val]
-    train_set = TwoViewImages(train_paths, image_size, arch.image_size, arch.mean, arch.std)
+    train_set = TwoViewImages(
+        train_paths, image_size, arch.image_size, arch.mean, arch.std, in_memory=settings.images_in_memory
+    )
     val_set = TwoViewImages(val_paths, image_size, arch.image_size, arch.mean, arch.std)
     val_loader = DataLoader(val_set, batch_size=settings.batch_size, num_workers=settings.workers)
     if len(train_set) < settings.batch_size:

@@ -306,7 +306,9 @@ def _chat_template(
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before, through = render(i, True), render(i + 1, False)
+        before = render(i, True)
+        # through the last message is the whole conversation: one render fewer per record (a third of a question's)
+        through = full if i + 1 == len(messages) and not add_generation_prompt else render(i + 1, False)
         start = len(before)
         end = max(start, len(through.rstrip()))
         if not (full.startswith(before) and full.startswith(through)):

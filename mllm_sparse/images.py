@@ -103,6 +103,22 @@ def center_square(image: Image.Image, crop_pct: float = DEFAULT_CROP_PCT) -> Ima
     return image.crop((left, top, left + side, top + side))
 
 
+def square_pixels(image: Image.Image, image_size: int, crop_pct: float = DEFAULT_CROP_PCT) -> Tensor:
+    """`preprocess` before its normalisation: the centre crop resized to a square, [3, S, S] uint8 (a quarter of
+    the float's memory, for keeping many images decoded)."""
+    if not 0 < crop_pct <= 1:
+        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    square = center_square(to_rgb(image), crop_pct).resize((image_size, image_size), Image.Resampling.BILINEAR)
+    return torch.from_numpy(np.array(square, dtype=np.uint8)).permute(2, 0, 1)
+
+
+def normalize(pixels: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """[..., 3, H, W] uint8 → float32 scaled to [0, 1], less `mean`, over `std` (per channel)."""
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return (pixels.float() / 255.0 - mean_t) / std_t
+
+
 def preprocess(
     image: Image.Image,
     image_size: int,
@@ -120,13 +136,7 @@ def preprocess(
     Returns:
         [3, S, S] float32.
     """
-    if not 0 < crop_pct <= 1:
-        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
-    square = center_square(to_rgb(image), crop_pct).resize((image_size, image_size), Image.Resampling.BILINEAR)
-    pixels = torch.from_numpy(np.asarray(square, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    return (pixels - mean_t) / std_t
+    return normalize(square_pixels(image, image_size, crop_pct), mean, std)
 
 
 def denormalize(pixels: Tensor, mean: Sequence[float], std: Sequence[float]) -> Image.Image:

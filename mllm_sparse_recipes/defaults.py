@@ -51,13 +51,15 @@ def bootstrap_settings(
 ) -> BootstrapSettings:
     """`mllm-sparse bootstrap` of a SparseFormer with `num_latent_tokens` latent tokens (plus the CLS token where the
     teacher has one) from the teacher spec `teacher` (see `teacher_spec`) on the images of `data`, with the region
-    term; `settings` are further `BootstrapSettings` fields (e.g. `cache_teacher=True`)."""
+    term, each image decoded once (the world's images fit in memory, and are read ~12 times in the laptop plan);
+    `settings` are further `BootstrapSettings` fields (e.g. `cache_teacher=True`)."""
     from bootstrap.train import BootstrapSettings
 
-    return BootstrapSettings(
-        teacher=teacher, num_latent_tokens=num_latent_tokens, data=data, out=out, steps=steps, batch_size=batch_size,
-        lr=lr, warmup_steps=max(1, steps // 20), region_distill_weight=region_distill_weight, **settings,
-    )  # fmt: skip
+    return BootstrapSettings(**{
+        "teacher": teacher, "num_latent_tokens": num_latent_tokens, "data": data, "out": out, "steps": steps,
+        "batch_size": batch_size, "lr": lr, "warmup_steps": max(1, steps // 20),
+        "region_distill_weight": region_distill_weight, "images_in_memory": True, **settings,
+    })  # fmt: skip
 
 
 def train_vlm_settings(
@@ -92,6 +94,9 @@ def train_vlm_settings(
         "save_strategy": "steps", "save_steps": 0.1, "save_total_limit": 1,
         "report_to": "none", "seed": int(seed), "model_max_length": int(model_max_length),
         "dataloader_num_workers": 0,
+        # batches of one modality and similar length, as LLaVA's fine-tuning runs: random batches of the world's
+        # conversations pad to ~1.8x their tokens, and stage 1 and 2 steps took ~2x as long (benchmarks/README.md)
+        "group_by_modality_length": True,
     }  # fmt: skip
     return arguments({**values, **(overrides or {})})
 

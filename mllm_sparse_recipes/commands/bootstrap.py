@@ -29,7 +29,8 @@ DIR becomes the encoder (`AutoModel.from_pretrained(DIR)` after `import mllm_spa
 checkpoints go to DIR/checkpoints/step_*/ (every `--save-every` steps and at the end) and `--resume` continues from
 the newest good one exactly (same data order, same optimizer and RNG state). A run without `--resume` into a DIR that
 holds checkpoints is refused; so is a resumed run with a setting that changes the weights (all but --eval-every,
---save-every, --workers and --device); a non-finite loss or gradient stops the run before anything is saved from it.
+--save-every, --workers, --images-in-memory and --device); a non-finite loss or gradient stops the run before
+anything is saved from it.
 
 Data parallel: `torchrun --nproc_per_node G -m mllm_sparse_recipes.cli bootstrap ...` (add `--nnodes`/`--rdzv-endpoint`
 for several nodes). `--batch-size` stays the global batch, split across ranks, so a run gives the same result on any
@@ -92,6 +93,11 @@ def build_parser(budget_required: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (default: 0, only at the end)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in DIR/checkpoints")
     p.add_argument("--workers", type=int, default=0, help="data-loader workers (default: 0, in the main process)")
+    p.add_argument(
+        "--images-in-memory", action="store_true",
+        help="decode each training image once and keep it in memory (uint8) for the later epochs: for a dataset "
+        "that fits, read over many epochs (with --workers 0; each worker keeps its own)",
+    )  # fmt: skip
     p.add_argument(
         "--seed", type=int, default=0, help="seed of the initialisation, the data order and the boxes (default: 0)"
     )

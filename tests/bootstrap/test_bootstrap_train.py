@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from transformers import AutoModel
 import bootstrap  # noqa: F401
 import bootstrap.train as train_module
 import mllm_sparse  # noqa: F401
+from bootstrap.data import TwoViewImages
 from bootstrap.train import off_grid_warning, roi_pooled_patches
 from mllm_sparse.training import DivergenceError
 from mllm_sparse_recipes.cli import main as cli_main
@@ -77,8 +79,6 @@ def test_resume_matches_an_uninterrupted_run(setup, tmp_path):
     cli_main(["bootstrap", *_args(setup, straight, "--steps", "4", "--save-every", "2")])
     cli_main(["bootstrap", *_args(setup, resumed, "--steps", "4", "--save-every", "2")])
     # Interrupt after step 2: drop what came later, then resume.
-    import shutil
-
     shutil.rmtree(resumed / "checkpoints" / "step_00000004")
     (resumed / "model.safetensors").unlink()
     cli_main(["bootstrap", *_args(setup, resumed, "--steps", "4", "--resume")])
@@ -90,13 +90,40 @@ def test_resume_matches_an_uninterrupted_run(setup, tmp_path):
     assert ra["loss_curve"] == rb["loss_curve"]
 
 
-def test_teacher_cache_gives_the_same_training(setup, tmp_path):
-    cli_main(["bootstrap", *_args(setup, tmp_path / "a", "--steps", "2")])
-    cli_main(["bootstrap", *_args(setup, tmp_path / "b", "--steps", "2", "--cache-teacher")])
+def test_teacher_cache_and_images_in_memory_give_the_same_training(setup, tmp_path):
+    cli_main(["bootstrap", *_args(setup, tmp_path / "a", "--steps", "8")])
+    cli_main(["bootstrap", *_args(setup, tmp_path / "b", "--steps", "8", "--cache-teacher")])
     assert (tmp_path / "b" / "teacher_cache.safetensors").is_file()
-    la = json.loads((tmp_path / "a" / "bootstrap_report.json").read_text())["loss_curve"]
-    lb = json.loads((tmp_path / "b" / "bootstrap_report.json").read_text())["loss_curve"]
-    assert la == pytest.approx(lb, abs=1e-5)
+    # 24 training images in batches of 4: the last 2 steps read the second epoch from memory
+    cli_main(["bootstrap", *_args(setup, tmp_path / "c", "--steps", "8", "--cache-teacher", "--images-in-memory")])
+    curves = [json.loads((tmp_path / run / "bootstrap_report.json").read_text())["loss_curve"] for run in "abc"]
+    assert curves[0] == pytest.approx(curves[1], abs=1e-5)
+    assert curves[2] == curves[1]
+    b, c = load_file(tmp_path / "b" / "model.safetensors"), load_file(tmp_path / "c" / "model.safetensors")
+    assert all(torch.equal(b[key], c[key]) for key in b)
+
+
+def test_images_in_memory_are_decoded_once_and_equal_to_loading_them(setup, tmp_path):
+    root, _ = setup
+    folder = tmp_path / "images"
+    shutil.copytree(root / "world" / "images", folder)
+    paths = sorted(folder.iterdir())[:6]
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.3, 0.25)
+    fresh = TwoViewImages(paths, 48, 64, mean, std)
+    kept = TwoViewImages(paths, 48, 64, mean, std, in_memory=True)
+    expected = [fresh[i] for i in range(len(paths))]
+    assert [kept[i][0] for i in range(len(paths))] == list(range(len(paths)))
+    for path in paths:
+        path.unlink()  # from here on, only what was kept can serve
+    for i, (index, student, teacher) in enumerate(expected):
+        assert student.shape == (3, 48, 48) and teacher.shape == (3, 64, 64) and student.dtype == torch.float32
+        again = kept[i]
+        assert again[0] == index and torch.equal(again[1], student) and torch.equal(again[2], teacher)
+    with pytest.raises(FileNotFoundError):
+        fresh[0]
+    same_size = TwoViewImages([root / "world" / "images" / paths[0].name], 64, 64, mean, std, in_memory=True)
+    _, student, teacher = same_size[0]
+    assert student is teacher  # one view, preprocessed once
 
 
 def test_token_loss_grad_accumulation_and_sampling_points_run(setup, tmp_path):

@@ -21,7 +21,7 @@ def command_line(start, out, train_data, image_folder, epochs, lr, projector_lr,
         "--warmup_steps", "0.03", "--weight_decay", "0.0", "--logging_steps", "50",
         "--save_strategy", "steps", "--save_steps", "0.1", "--save_total_limit", "1",
         "--report_to", "none", "--seed", str(seed), "--model_max_length", str(max_length),
-        "--dataloader_num_workers", "0",
+        "--dataloader_num_workers", "0", "--group_by_modality_length", "True",
     ]  # fmt: skip
 
 
