@@ -264,7 +264,7 @@ def load_projector(model: LlavaForConditionalGeneration, path: str | Path) -> No
         raise ValueError(f"{path}: projector shape mismatch (checkpoint vs model): {wrong}")
     params = dict(projector.named_parameters())
     with gathered(list(params.values()), modifier_rank=0):
-        if _is_rank_zero():
+        if is_rank_zero():
             with torch.no_grad():
                 for name, param in params.items():
                     param.copy_(state[name].to(param.dtype))
@@ -275,7 +275,9 @@ def _full_shape(param: torch.Tensor) -> torch.Size:
     return getattr(param, "ds_shape", param.shape)
 
 
-def _is_rank_zero() -> bool:
+def is_rank_zero() -> bool:
+    """Rank 0 of the process group, or no group. Under DeepSpeed on a CPU the Trainer's process index (and so its
+    `should_save`) read 0 on every rank, so the group's own rank decides who writes."""
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 

@@ -52,6 +52,7 @@ from .llms import load_llm
 from .modeling import (
     build_vlm,
     gathered,
+    is_rank_zero,
     load_projector,
     projector_state_dict,
     replace_tower,
@@ -360,12 +361,12 @@ class VlmTrainer(Trainer):
         if _is_peft(self.model):
             # peft's checkpoint holds the adapter alone; the projector (and tower blocks) train too.
             _, other = trainable_state_dicts(self.model)
-            if self.args.should_save:
+            if is_rank_zero():
                 with atomic_path(folder / NON_LORA_FILE) as tmp:
                     save_file(other, str(tmp))
         if torch.distributed.is_initialized():
             torch.distributed.barrier()  # every rank's shards are written
-        if self.args.should_save:
+        if is_rank_zero():  # one writer: a rank listing the folder while another renames its marker into it failed
             checkpoints.mark_complete(folder)
             if limit:
                 from transformers.trainer_utils import rotate_checkpoints
@@ -443,8 +444,7 @@ def save_outputs(trainer: VlmTrainer, model, processor, model_args, training_arg
     Every rank takes part (gathering ZeRO-3 partitions is collective); only rank 0 writes.
     """
     out = Path(training_args.output_dir)
-    # the process group's rank: under DeepSpeed on CPU the Trainer's process index read 0 on every rank
-    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    rank0 = is_rank_zero()
     trainer.check_weights_finite()
     if training_args.tune_mm_mlp_adapter:
         state = projector_state_dict(model)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -25,7 +26,8 @@ def normal_modes(folder: str | Path) -> None:
     mode = 0o666 & ~_umask()
     for path in Path(folder).rglob("*"):
         if path.is_file() and not path.is_symlink():
-            os.chmod(path, mode)
+            with contextlib.suppress(FileNotFoundError):  # another process's temporary file, renamed meanwhile
+                os.chmod(path, mode)
 
 
 def fsync_path(path: str | Path) -> None:

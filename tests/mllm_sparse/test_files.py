@@ -1,11 +1,12 @@
 import os
 import stat
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from mllm_sparse.files import atomic_dir, atomic_path, write_json
+from mllm_sparse.files import _umask, atomic_dir, atomic_path, normal_modes, write_json
 
 
 def test_atomic_files_get_normal_permissions(tmp_path):
@@ -44,3 +45,16 @@ def test_failed_writes_leave_the_old_file_and_folder(tmp_path):
     with atomic_dir(tmp_path / "folder") as tmp:
         (tmp / "g.txt").write_text("new")
     assert sorted(p.name for p in (tmp_path / "folder").iterdir()) == ["g.txt"]
+
+
+def test_normal_modes_passes_over_a_file_renamed_away_while_it_walks(tmp_path, monkeypatch):
+    """Two ranks completing one checkpoint: a rank saw the other's temporary marker, which was renamed before chmod."""
+    kept = tmp_path / "model.safetensors"
+    save_file({"w": torch.zeros(1)}, str(kept))
+    os.chmod(kept, 0o600)
+    vanished = tmp_path / ".checkpoint_complete.json.abc.tmp"
+    walk, is_file = Path.rglob, Path.is_file
+    monkeypatch.setattr(Path, "rglob", lambda self, pattern: [*walk(self, pattern), vanished])
+    monkeypatch.setattr(Path, "is_file", lambda self: self == vanished or is_file(self))
+    normal_modes(tmp_path)
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o666 & ~_umask()
