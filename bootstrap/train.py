@@ -33,7 +33,7 @@ from mllm_sparse import SparseFormerModel, create_model, list_models
 from mllm_sparse.checkpoint import load_checked
 from mllm_sparse.elastic import default_budget, make_elastic
 from mllm_sparse.files import normal_modes, paths_as_paths, write_json
-from mllm_sparse.training import RunFolder, epoch_order, lr_lambda, removed_on_early_failure
+from mllm_sparse.training import RunFolder, adamw, epoch_order, lr_lambda, removed_on_early_failure
 
 from .data import TwoViewImages, list_images
 from .distributed import World, init_world
@@ -406,7 +406,7 @@ def train(settings: BootstrapSettings, world: World) -> dict[str, Any] | None:
     steps_per_epoch = len(train_set) // settings.batch_size
     total_steps = settings.steps or max(1, round(settings.epochs * steps_per_epoch))
 
-    optimizer = torch.optim.AdamW(param_groups(student, settings.weight_decay), lr=settings.lr, betas=(0.9, 0.999))
+    optimizer = adamw(param_groups(student, settings.weight_decay), lr=settings.lr, betas=(0.9, 0.999))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(settings.warmup_steps, total_steps))
     state = {"step": 0, "epoch": 0, "position": 0, "losses": [], "evals": []}
     if resumed is not None:

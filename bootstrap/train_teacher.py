@@ -30,7 +30,7 @@ from tqdm import tqdm
 from mllm_sparse.configuration import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from mllm_sparse.files import atomic_path, paths_as_paths, write_json
 from mllm_sparse.synth.dataset import SyntheticWorld
-from mllm_sparse.training import RunFolder
+from mllm_sparse.training import RunFolder, adamw
 
 from .optim import param_groups
 from .region_captions import RegionCaptions, box_weights, region_loss
@@ -243,9 +243,7 @@ def run(settings: TeacherSettings) -> dict[str, Any]:
     region_text = tokenizer(regions.texts) if regions is not None else None
     grid = model.visual.grid_size[0]
 
-    optimizer = torch.optim.AdamW(
-        param_groups(model, settings.weight_decay), lr=settings.lr, betas=(0.9, 0.98), eps=1e-6
-    )
+    optimizer = adamw(param_groups(model, settings.weight_decay), lr=settings.lr, betas=(0.9, 0.98), eps=1e-6)
     loss_fn = open_clip.ClipLoss()
     generator = torch.Generator().manual_seed(settings.seed)
     state = {"step": 0, "cursor": 0, "order": torch.randperm(len(train), generator=generator), "seconds": 0.0}

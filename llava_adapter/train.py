@@ -501,6 +501,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Vlm
     `training_args.output_dir`, resuming from its newest complete checkpoint, or refusing, as the command line does."""
     checkpoints.force_weights_only_loads()
     check_arguments(model_args, data_args, training_args)
+    if not torch.accelerator.is_available():
+        training_args.dataloader_pin_memory = False  # nothing to pin for; torch warns on every epoch otherwise
     resume = prepare_output_dir(model_args, data_args, training_args)  # sets up the devices and process group
     release_allreduce_buffers()
     set_seed(training_args.seed)  # a new projector and LoRA's initial weights: the same run gives the same model

@@ -114,9 +114,13 @@ def square_pixels(image: Image.Image, image_size: int, crop_pct: float = DEFAULT
 
 def normalize(pixels: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """[..., 3, H, W] uint8 → float32 scaled to [0, 1], less `mean`, over `std` (per channel)."""
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    mean_t, std_t = channel_stats(mean, std)
     return (pixels.float() / 255.0 - mean_t) / std_t
+
+
+def channel_stats(mean: Sequence[float], std: Sequence[float]) -> tuple[Tensor, Tensor]:
+    """`mean` and `std` as [3, 1, 1] float32 tensors, to broadcast over [..., 3, H, W] pixels."""
+    return tuple(torch.tensor(v, dtype=torch.float32).view(3, 1, 1) for v in (mean, std))
 
 
 def preprocess(
@@ -141,7 +145,6 @@ def preprocess(
 
 def denormalize(pixels: Tensor, mean: Sequence[float], std: Sequence[float]) -> Image.Image:
     """Invert `preprocess`'s normalisation: [3, H, W] → RGB PIL image."""
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    mean_t, std_t = channel_stats(mean, std)
     rgb = (pixels.detach().float().cpu() * std_t + mean_t).clamp(0, 1)
     return Image.fromarray((rgb.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))

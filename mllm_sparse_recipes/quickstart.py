@@ -44,7 +44,8 @@ class QuickstartSettings:
     bootstrap_steps: int | None = None
     llm_question_steps: int | None = None
     llm_record_steps: int | None = None
-    vlm_epochs: float | None = None
+    stage1_epochs: float | None = None
+    stage2_epochs: float | None = None
     eval_records: int | None = None
     llm: Path | None = None
     seed: int = 0
@@ -65,7 +66,8 @@ SETTING_STAGE = {
     "llm_question_steps": "llm",
     "llm_record_steps": "llm",
     "llm": "llm",
-    "vlm_epochs": "stage1",
+    "stage1_epochs": "stage1",
+    "stage2_epochs": "stage2",
     "eval_records": "eval",
 }
 
@@ -109,6 +111,9 @@ def check_settings(out: Path, settings: dict[str, Any]) -> None:
         return f"stage {done[0]} is done" if done else None
 
     path = out / SETTINGS_FILE
+    if path.is_file() and "vlm_epochs" in (recorded := read_json(path)):  # a run from before the stages' own epochs
+        epochs = recorded.pop("vlm_epochs")
+        write_json(path, {**recorded, "stage1_epochs": epochs, "stage2_epochs": epochs})
     before = guard_settings(path, settings, "quickstart", blocked, [out / name for name in STAGES])
     if before != settings:
         write_json(path, settings)
@@ -151,10 +156,11 @@ def run_pipeline(args: QuickstartSettings, s: dict[str, Any]) -> dict[str, Path]
         encoder=str(encoder), llm=str(llm), out=vlm, projector="mlp2x_gelu", seed=args.seed)))
     train_data = world / "llava_train.json"
     stages.run("stage1", paths["stage1"], lambda: train.run(*defaults.train_vlm_settings(
-        vlm, paths["stage1"], train_data, world, s["vlm_epochs"], 0.0, defaults.STAGE1_PROJECTOR_LR, seed=args.seed)),
+        vlm, paths["stage1"], train_data, world, s["stage1_epochs"], 0.0, defaults.STAGE1_PROJECTOR_LR,
+        seed=args.seed)),
         resumable=True, inputs=("world", "vlm"))
     stages.run("stage2", paths["stage2"], lambda: train.run(*defaults.train_vlm_settings(
-        paths["stage1"], paths["stage2"], train_data, world, s["vlm_epochs"], defaults.STAGE2_LR, defaults.STAGE2_LR,
+        paths["stage1"], paths["stage2"], train_data, world, s["stage2_epochs"], defaults.STAGE2_LR, defaults.STAGE2_LR,
         seed=args.seed)), resumable=True, inputs=("stage1",))
     stages.run("eval", paths["eval"], lambda: evaluate.run(
         defaults.eval_vlm_settings(paths["stage2"], world / "llava_test.json", world, paths["eval"],

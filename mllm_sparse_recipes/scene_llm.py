@@ -61,11 +61,11 @@ from llava_adapter.conversation import (
     resolve_image_token_id,
     validate_record,
 )
-from llava_adapter.data import DataCollatorForLlava
+from llava_adapter.data import DataCollatorForLlava, ModalityLengthGroupedSampler
 from llava_adapter.llms import load_llm
 from llava_adapter.modeling import add_image_token
 from mllm_sparse.files import atomic_path, normal_modes, read_json, read_jsonl, write_json
-from mllm_sparse.training import RunFolder, epoch_order, lr_lambda
+from mllm_sparse.training import RunFolder, adamw, epoch_order, lr_lambda
 
 from .scene_tokens import SCENE_FEATURES, scene_tokens
 
@@ -167,6 +167,18 @@ class SceneRecords:
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def length_grouped_order(self, batch_size: int, seed: int, epoch: int) -> list[int]:
+        """An epoch's item order, a function of (seed, epoch) only (a resumed run replays it): consecutive
+        `batch_size` slices are batches of one modality and similar length (each image item counted with one token
+        per object), as VLM training's `--group_by_modality_length` makes them."""
+        lengths = [
+            -len(item["input_ids"]) if item["objects"] is None else len(item["input_ids"]) + len(item["objects"]) - 1
+            for item in self.items
+        ]
+        sampler = ModalityLengthGroupedSampler(lengths, batch_size, seed=seed)
+        sampler.set_epoch(epoch)
+        return sampler.global_order()
 
     def batch(self, indices: Sequence[int], collator: DataCollatorForLlava, seed: int) -> dict:
         """Collate items with S scene tokens per image, S the most objects of the batch's scenes.
@@ -344,7 +356,7 @@ def run(settings: ScenePretrainSettings) -> dict:
             raise ValueError(f"--{phase[:-1]}-batch-size {size} exceeds the {len(train[phase])} training {phase}")
 
     params = [p for p in [*model.parameters(), *projector.parameters()] if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    optimizer = adamw(params, lr=args.lr, weight_decay=0.0)
     total_steps = args.question_steps + args.record_steps
     scheduler = phase_schedule(optimizer, args.warmup_steps, args.question_steps, args.record_steps)
     state = {"step": 0, "phase": "questions", "epoch": 0, "position": 0, "seconds": 0.0, "losses": [], "evals": []}
@@ -382,11 +394,18 @@ def run(settings: ScenePretrainSettings) -> dict:
                 state["phase"], state["epoch"], state["position"] = phase, 0, 0
             data, size = train[phase], phases[phase][1]
             if order_key != (phase, state["epoch"]):
-                order, order_key = epoch_order(len(data), args.seed, state["epoch"]), (phase, state["epoch"])
+                # Whole records are grouped by length: random batches of them pad to ~1.8x their tokens. Single
+                # questions are not: a question's length nearly gives its type, and batches of one type did not
+                # teach the lookup (benchmarks/README.md).
+                if phase == "records":
+                    order = data.length_grouped_order(size, args.seed, state["epoch"])
+                else:
+                    order = epoch_order(len(data), args.seed, state["epoch"]).tolist()
+                order_key = (phase, state["epoch"])
             if state["position"] + size > len(order):
                 state["epoch"], state["position"] = state["epoch"] + 1, 0
                 continue
-            indices = order[state["position"] : state["position"] + size].tolist()
+            indices = order[state["position"] : state["position"] + size]
             batch = data.batch(indices, collator, args.seed * 7919 + state["epoch"])
             loss = scene_forward(model, projector, batch, image_token_id).loss
             value = run_folder.check_loss(loss, state["step"] + 1)

@@ -143,6 +143,27 @@ def test_batches_widen_the_placeholder_to_the_most_objects(world):
     assert not torch.allclose(logits[0, -1], changed.logits[0, -1])  # after it: reads the scene tokens
 
 
+def test_whole_records_come_in_batches_of_one_modality_and_similar_length(world):
+    _, tokenizer = load_llm("tiny-llama", world)
+    data = SceneRecords(world, "train", tokenizer, "chat_template", read_scenes(world))
+    lengths = [len(item["input_ids"]) + len(item["objects"] or [None]) - 1 for item in data.items]
+    text_only = {i for i, item in enumerate(data.items) if item["objects"] is None}
+    assert text_only and len(text_only) < len(data), "the test world needs text-only and image records"
+    size = 4
+    order = data.length_grouped_order(size, seed=0, epoch=0)
+    assert sorted(order) == list(range(len(data)))  # every record once
+    assert order == data.length_grouped_order(size, seed=0, epoch=0) != data.length_grouped_order(size, 0, 1)
+    full = [order[s : s + size] for s in range(0, len(order) - len(order) % size, size)]
+    mixed = [b for b in full if 0 < len(text_only & set(b)) < len(b)]
+    assert len(mixed) <= 1  # only the leftovers of the two modalities may share a batch
+
+    def padding(batches):  # padded tokens over real tokens
+        return sum(size * max(lengths[i] for i in b) for b in batches) / sum(lengths[i] for b in batches for i in b)
+
+    shuffled = torch.randperm(len(data), generator=torch.Generator().manual_seed(0)).tolist()
+    assert padding(full) < padding([shuffled[s : s + size] for s in range(0, len(full) * size, size)])
+
+
 def test_pretrain_llm_runs_resumes_exactly_and_feeds_build_vlm(world, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     steps = ["--question-steps", "2", "--record-steps", "2", "--eval-every", "1"]

@@ -146,6 +146,21 @@ def test_a_rerun_may_change_what_is_not_done_yet(run_dir, tmp_path, capsys):
     assert json.loads((out / quickstart.SETTINGS_FILE).read_text())["eval_records"] == 2
 
 
+def test_a_run_recorded_with_one_epoch_count_for_both_stages_continues(run_dir, tmp_path, capsys):
+    out = copy_of(run_dir, tmp_path)
+    recorded = json.loads((out / quickstart.SETTINGS_FILE).read_text())
+    epochs = recorded.pop("stage1_epochs")
+    assert recorded.pop("stage2_epochs") == epochs
+    (out / quickstart.SETTINGS_FILE).write_text(json.dumps({**recorded, "vlm_epochs": epochs}))
+    assert cli_main(["quickstart", "--out", str(out), *SMOKE]) == 0
+    assert "stage2: done earlier" in capsys.readouterr().out
+    assert json.loads((out / quickstart.SETTINGS_FILE).read_text()) == {
+        **recorded,
+        "stage1_epochs": epochs,
+        "stage2_epochs": epochs,
+    }
+
+
 def test_a_folder_with_stage_folders_but_no_settings_is_refused(tmp_path, capsys):
     out = tmp_path / "runs"
     (out / "world").mkdir(parents=True)
