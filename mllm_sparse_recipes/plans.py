@@ -41,10 +41,10 @@ PLANS = {
         bootstrap_steps=1200,
         llm_question_steps=1750,
         llm_record_steps=500,
-        # stage 1 for 2 epochs, not LLaVA's 1: the projected tokens start to be read (the loss falls from ~1.2 to
-        # ~0.6) only after ~250 steps at a high rate; stage 2 levels off within its first epoch (benchmarks/README.md)
+        # 2 epochs each, not LLaVA's 1: in stage 1 the projected tokens start to be read (the loss falls from ~1.2 to
+        # ~0.6) only after ~250 steps at a high rate; stage 2's second epoch added 0.4-1.6 points (benchmarks/README.md)
         stage1_epochs=2.0,
-        stage2_epochs=1.0,
+        stage2_epochs=2.0,
         eval_records=300,
     ),
     # Every stage for a few steps: checks an installation end to end; the numbers mean nothing.
