@@ -14,9 +14,9 @@ image placeholders and answer-only labels as VLM training, but every image repla
 a two-layer MLP (the scene projector) maps to the LLM's width. Two phases, each with its own warm-up and cosine:
 
 1. the records' questions one at a time (`--question-steps`): here the lookup appears, after ~1,500 steps of 64;
-2. whole records (`--record-steps`): multi-turn, text-only ones included, as VLM training sees them. An LLM that
-   has only seen single questions is lost in a conversation, and whole records from the start did not bring the
-   lookup within 2,500 steps of 16 (benchmarks/README.md).
+2. whole records (`--record-steps`): multi-turn, text-only ones included, in batches of one modality and similar
+   length, as VLM training sees them. An LLM that has only seen single questions is lost in a conversation, and
+   whole records from the start did not bring the lookup within 2,500 steps of 16 (benchmarks/README.md).
 
 Padding matters too: with every scene padded to 16 tokens, the LLM answered "is there a red star" from the bag of
 colours and shapes present and never learnt to look the star up (colour questions at 37% after 5,000 steps).
