@@ -2,6 +2,7 @@
 
     uv run python benchmarks/token_probe.py                      # after synthetic_world.py, bootstrap_synthetic.py
     uv run python benchmarks/token_probe.py --train-images 1000 --test-images 200 --epochs 2  # a smoke run
+    uv run python benchmarks/token_probe.py --students 16=runs/n16 --elastic runs/elastic  # dedicated vs elastic
 
 For each arm of `benchmarks/vlm_synthetic.py` (same towers, same feature layer: the tokens the projector receives)
 and for the scene's ground truth as tokens (one token per object: one-hot shape, colour and size, centre, radius),
@@ -11,7 +12,9 @@ red star?". Two readouts (`--readouts`): `lookup` reads linear features of the t
 each token through a two-layer MLP, as the VLM's `mlp2x_gelu` projector does, so it also finds what a token holds
 nonlinearly. Reported on test images: recall and AUC of the combinations present only as small objects and of those
 present as a large or medium object, and the false-positive rate. AUC does not depend on the probe's threshold, so
-it shows information the thresholded recall hides (0.5: none). This separates the towers without LLM training.
+it shows information the thresholded recall hides (0.5: none). A second probe of the same form says which colour ×
+shape the largest object is (top-1), as "which object is the largest?" asks. This separates the towers without LLM
+training. `--elastic DIR` adds an elastic SparseFormer read at each student's budget (arms elastic-N).
 The teacher ViT is also probed at other hidden states (`--teacher-layers`; for the 4-block synthetic teacher -5 is
 the patch embeddings, -1 the last block), to show what its blocks keep of each object.
 Writes benchmarks/results/token_probe.{json,md}.
@@ -36,6 +39,13 @@ from mllm_sparse.images import load_image
 from mllm_sparse_recipes.cli import configure_logging
 
 SIZES = ("small", "medium", "large")
+ELASTIC = "elastic"
+
+
+def largest_target(world: dict, objects: list[dict]) -> int:
+    """The colour × shape (shape-major) of the scene's largest object: what "which object is the largest?" asks."""
+    o = max(objects, key=lambda o: o["radius"])
+    return world["shapes"].index(o["shape"]) * len(world["colors"]) + world["colors"].index(o["color"])
 
 
 def scene_targets(world: dict, objects: list[dict]) -> tuple[Tensor, Tensor]:
@@ -63,11 +73,15 @@ def truth_tokens(world: dict, objects: list[dict], slots: int) -> Tensor:
 
 
 @torch.no_grad()
-def tower_tokens(base: Path, images: dict[str, list[Path]], batch_size: int) -> tuple[dict[str, Tensor], Tensor | None]:
+def tower_tokens(
+    base: Path, images: dict[str, list[Path]], batch_size: int, budget: int | None = None
+) -> tuple[dict[str, Tensor], Tensor | None]:
     """(split → [len(images), N, D], the tokens the VLM in `base` feeds its projector (feature layer and selection
     applied); the test split's final RoIs [len(images["test"]), N_latent, 4] for a SparseFormer tower, else None).
-    The VLM is loaded once for all splits."""
+    The VLM is loaded once for all splits; `budget` picks an elastic tower's token count (None: its default)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from llava_adapter.budgets import vlm_budget
 
     model = AutoModelForImageTextToText.from_pretrained(base).eval()
     model.model.multi_modal_projector = nn.Identity()
@@ -75,15 +89,17 @@ def tower_tokens(base: Path, images: dict[str, list[Path]], batch_size: int) -> 
     sparse = model.config.vision_config.model_type == "sparseformer"
     out: dict[str, Tensor] = {}
     rois = []
-    for split, paths in images.items():
-        chunks = []
-        for i in range(0, len(paths), batch_size):
-            pixels = processor([load_image(p) for p in paths[i : i + batch_size]], return_tensors="pt")["pixel_values"]
-            features = model.model.get_image_features(pixel_values=pixels).pooler_output  # per image, or one tensor
-            chunks.append(torch.stack(list(features)).float())
-            if sparse and split == "test":
-                rois.append(model.model.vision_tower(pixel_values=pixels).rois.float())
-        out[split] = torch.cat(chunks)
+    with vlm_budget(model, budget):
+        for split, paths in images.items():
+            chunks = []
+            for i in range(0, len(paths), batch_size):
+                batch = [load_image(p) for p in paths[i : i + batch_size]]
+                pixels = processor(batch, return_tensors="pt")["pixel_values"]
+                features = model.model.get_image_features(pixel_values=pixels).pooler_output  # per image, or one
+                chunks.append(torch.stack(list(features)).float())
+                if sparse and split == "test":
+                    rois.append(model.model.vision_tower(pixel_values=pixels).rois.float())
+            out[split] = torch.cat(chunks)
     return out, torch.cat(rois) if rois else None
 
 
@@ -143,35 +159,53 @@ def auc(scores: Tensor, positive: Tensor, negative: Tensor) -> float:
     return ((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)).item()
 
 
-def probe(
-    train: Tensor, y_train: Tensor, test: Tensor, y_test: Tensor, size_test: Tensor, epochs: int, readout: str
-) -> dict:
-    """Train a `LookupProbe` on standardised tokens (one-cycle schedule); recall and AUC by object size and the
-    false-positive rate on `test`."""
+def fit_probe(train: Tensor, y_train: Tensor, test: Tensor, targets: int, epochs: int, readout: str, loss_fn):
+    """Train a `LookupProbe` with `targets` outputs on standardised tokens (one-cycle schedule, `loss_fn(logits, y)`);
+    (its logits on `test` [len(test), targets], the last batch's loss)."""
     torch.manual_seed(0)
     mean, std = train.mean((0, 1)), train.std((0, 1)) + 1e-5
     train, test = (train - mean) / std, (test - mean) / std
-    model = LookupProbe(train.shape[-1], y_train.shape[-1], readout)
+    model = LookupProbe(train.shape[-1], targets, readout)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-2)
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=epochs * math.ceil(len(train) / 256))
     for _ in range(epochs):
         for idx in torch.randperm(len(train)).split(256):
-            loss = F.binary_cross_entropy_with_logits(model(train[idx]), y_train[idx])
+            loss = loss_fn(model(train[idx]), y_train[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
             schedule.step()
     with torch.no_grad():
-        scores = torch.cat([model(chunk) for chunk in test.split(512)])
+        return torch.cat([model(chunk) for chunk in test.split(512)]), loss.item()
+
+
+def probe(
+    train: Tensor,
+    y_train: Tensor,
+    test: Tensor,
+    y_test: Tensor,
+    size_test: Tensor,
+    largest_train: Tensor,
+    largest_test: Tensor,
+    epochs: int,
+    readout: str,
+) -> dict:
+    """Two probes of one readout on the tokens: which colour × shape combinations are present (recall and AUC by
+    object size and the false-positive rate on `test`), and which one the largest object is (top-1 on `test`)."""
+    scores, loss = fit_probe(
+        train, y_train, test, y_train.shape[-1], epochs, readout, F.binary_cross_entropy_with_logits
+    )
+    largest, _ = fit_probe(train, largest_train, test, y_train.shape[-1], epochs, readout, F.cross_entropy)
     said, absent = scores > 0, y_test == 0
     return {
         "readout": readout,
+        "largest_top1": (largest.argmax(-1) == largest_test).float().mean().item(),
         "recall_small_only": said[size_test == 1].float().mean().item(),
         "recall_large_or_medium": said[size_test == 2].float().mean().item(),
         "false_positive_rate": said[absent].float().mean().item(),
         "auc_small_only": auc(scores, size_test == 1, absent),
         "auc_large_or_medium": auc(scores, size_test == 2, absent),
-        "final_train_loss": loss.item(),
+        "final_train_loss": loss,
     }
 
 
@@ -183,20 +217,23 @@ def to_markdown(report: dict) -> str:
         f"{report['test_images']} test images, {report['epochs']} probe epochs. Recall: share of the colour × shape "
         "combinations in a test image that the probe says are there. AUC: chance that such a combination scores above "
         "an absent one (0.5: the tokens tell the probe nothing). Readout `lookup`: one attention lookup of linear "
-        "features; `mlp-lookup`: each token through a two-layer MLP first, like the VLM's projector.",
+        "features; `mlp-lookup`: each token through a two-layer MLP first, like the VLM's projector. Largest: a "
+        'second probe of the same readout says which colour × shape the largest object is (top-1; what "which '
+        'object is the largest?" asks).',
         "",
         f"Teacher `{report['teacher']}`; students {', '.join(f'`{s}`' for s in report['students']) or 'none'}.",
         "",
         "| tokens | count | readout | recall, small-only | AUC, small-only | recall, large/medium | AUC, large/medium "
-        "| false positives | s |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| false positives | largest | s |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, arm in report["arms"].items():
         for r in arm["readouts"]:
             lines.append(
                 f"| {name} | {arm['image_tokens']} | {r['readout']} | {r['recall_small_only'] * 100:.1f}% | "
                 f"**{r['auc_small_only']:.3f}** | {r['recall_large_or_medium'] * 100:.1f}% | "
-                f"{r['auc_large_or_medium']:.3f} | {r['false_positive_rate'] * 100:.1f}% | {r['seconds']:.0f} |"
+                f"{r['auc_large_or_medium']:.3f} | {r['false_positive_rate'] * 100:.1f}% | "
+                f"{r['largest_top1'] * 100:.1f}% | {r['seconds']:.0f} |"
             )
     covered = {name: arm["roi_coverage"] for name, arm in report["arms"].items() if "roi_coverage" in arm}
     if covered:
@@ -237,8 +274,15 @@ def main(argv: list[str] | None = None) -> int:
         choices=["lookup", "mlp-lookup"],
         help="probe readouts to train on every tower's tokens (see LookupProbe)",
     )
+    parser.add_argument(
+        "--elastic",
+        type=Path,
+        help="an elastic SparseFormer (`bootstrap --budgets`): also probe its tokens at each --students budget "
+        "(arms elastic-N, one VLM)",
+    )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    parser.add_argument("--name", default="token_probe", help="result file stem (default: token_probe)")
     args = parser.parse_args(argv)
     world = read_json(args.world / "world.json")
     scenes = read_jsonl(args.world / "scenes.jsonl")
@@ -247,12 +291,16 @@ def main(argv: list[str] | None = None) -> int:
     targets = {s: [scene_targets(world, r["objects"]) for r in rows] for s, rows in split.items()}
     y = {s: torch.stack([t[0] for t in rows]) for s, rows in targets.items()}
     size_test = torch.stack([t[1] for t in targets["test"]])
+    largest = {s: torch.tensor([largest_target(world, r["objects"]) for r in rows]) for s, rows in split.items()}
 
     results = {}
     slots = max(len(r["objects"]) for r in scenes)
     towers = {"scene ground truth": None, **arms(args)}
     for layer in args.teacher_layers:
         towers[f"vit, hidden state {layer}"] = {**towers["vit"], "vision_feature_layer": layer}
+    budget: dict[str, int] = {}  # an elastic arm's budget; its one VLM lives in the elastic arm's folder
+    for n in sorted(int(spec.partition("=")[0]) for spec in args.students) if args.elastic else []:
+        towers[f"{ELASTIC}-{n}"], budget[f"{ELASTIC}-{n}"] = {"encoder": str(args.elastic)}, n
     for name, tower in towers.items():
         start = time.perf_counter()
         if tower is None:
@@ -260,16 +308,20 @@ def main(argv: list[str] | None = None) -> int:
                 s: torch.stack([truth_tokens(world, r["objects"], slots) for r in rows]) for s, rows in split.items()
             }
         else:
-            base = args.work / "arms" / name.replace(", hidden state ", "@") / "base"  # the benchmark's arms' bases
+            folder = ELASTIC if name in budget else name.replace(", hidden state ", "@")
+            base = args.work / "arms" / folder / "base"  # the benchmark's arms' bases
             build_arm(args, tower, base)
             images = {s: [args.world / r["image"] for r in rows] for s, rows in split.items()}
-            tokens, rois = tower_tokens(base, images, args.batch_size)
+            tokens, rois = tower_tokens(base, images, args.batch_size, budget.get(name))
         results[name] = {"image_tokens": tokens["test"].shape[1], "readouts": []}
         if tower is not None and rois is not None:
             results[name]["roi_coverage"] = roi_coverage(rois, split["test"])
         for readout in args.readouts:
             started = time.perf_counter()
-            r = probe(tokens["train"], y["train"], tokens["test"], y["test"], size_test, args.epochs, readout)
+            r = probe(
+                tokens["train"], y["train"], tokens["test"], y["test"], size_test, largest["train"],
+                largest["test"], args.epochs, readout,
+            )  # fmt: skip
             # the first readout's time includes reading the tokens
             r["seconds"] = time.perf_counter() - (start if not results[name]["readouts"] else started)
             results[name]["readouts"].append(r)
@@ -278,13 +330,13 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "world": str(args.world),
         "teacher": str(args.teacher),
-        "students": list(args.students),
+        "students": list(args.students) + ([f"{ELASTIC}={args.elastic}"] if args.elastic else []),
         "train_images": len(split["train"]),
         "test_images": len(split["test"]),
         "epochs": args.epochs,
         "arms": results,
     }
-    write_results(args.out_dir, "token_probe", report, to_markdown(report))
+    write_results(args.out_dir, args.name, report, to_markdown(report))
     print(to_markdown(report))
     return 0
 
