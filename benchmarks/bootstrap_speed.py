@@ -1,5 +1,7 @@
 """Bootstrapping throughput at CLIP scale: SparseFormer-L from ViT-L-14-336, with the teacher per batch and from its
-cache, and the projected time of one ImageNet-1k epoch.
+cache, and the projected time of one ImageNet-1k epoch; with `--budgets`, also one elastic student's step (`bootstrap
+--budgets`: the smallest, the largest and one budget between, on the same images and targets) against the dedicated
+student's.
 
 Both use `bootstrap`'s own pieces (`load_teacher`, `inherit`, `TeacherTargets`, `alignment_loss`, AdamW over
 `param_groups`) on random weights and random images already on the device: this measures the training step, not
@@ -8,6 +10,7 @@ both alike. One step is one global batch: targets (the teacher's forward, or row
 and backward, and the optimizer step; the teacher cache's one-off cost is timed too (the teacher alone, per image).
 
     uv run python benchmarks/bootstrap_speed.py --device cuda --bf16          # one GPU
+    uv run python benchmarks/bootstrap_speed.py --budgets 9 16 25 36 49 63    # + the elastic student's step
     uv run python benchmarks/bootstrap_speed.py --quick                       # tiny teacher: checks the code path
 
 Writes benchmarks/results/bootstrap_speed.{json,md} (or --out-dir / --name).
@@ -28,7 +31,8 @@ from bootstrap.inherit import inherit
 from bootstrap.optim import param_groups
 from bootstrap.targets import TeacherTargets
 from bootstrap.teachers import load_teacher
-from bootstrap.train import BootstrapSettings, alignment_loss
+from bootstrap.train import BootstrapSettings, alignment_loss, step_budgets
+from mllm_sparse import make_elastic
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
@@ -50,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--region-distill-weight", type=float, default=4.0, help="the region term's weight (default: 4.0)"
     )
+    parser.add_argument(
+        "--budgets", type=int, nargs="+", help="also time one elastic student serving these (the largest: "
+        "--num-latent-tokens), as `bootstrap --budgets` trains it (default: none)",
+    )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="tiny teacher and batch: checks the code path")
     parser.add_argument("--out-dir", type=Path, default=RESULTS, help="(default: benchmarks/results)")
     parser.add_argument("--name", default="bootstrap_speed", help="result file stem (default: bootstrap_speed)")
@@ -58,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         args.teacher, args.num_latent_tokens, args.batch_size, args.steps, args.warmup = (
             "open_clip:synth-vit-t-8", 16, 4, 2, 1,
         )  # fmt: skip
+    if args.budgets and max(args.budgets) != args.num_latent_tokens:
+        parser.error(f"--budgets' largest must be --num-latent-tokens ({args.num_latent_tokens}): the dedicated arm")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available here")
@@ -71,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     student, _ = inherit(teacher, args.num_latent_tokens, num_sampling_points=defaults.num_sampling_points)
     student.to(device).train()
     optimizer = torch.optim.AdamW(param_groups(student, defaults.weight_decay), lr=defaults.lr)
+    budgets = sorted(set(args.budgets or []))
+    if budgets:
+        elastic = make_elastic(student, budgets)
+        elastic_optimizer = torch.optim.AdamW(param_groups(elastic, defaults.weight_decay), lr=defaults.lr)
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
@@ -81,21 +95,29 @@ def main(argv: list[str] | None = None) -> int:
     cache = {key: value.cpu() for key, value in targets.compute(pixels).items()}  # rows as a cache file holds them
     index = torch.arange(args.batch_size)
 
-    def step(from_cache: bool) -> float:
+    def step(from_cache: bool, model=student, opt=optimizer, trained=(args.num_latent_tokens,)) -> float:
+        """One optimizer step of `model` at the budgets `trained` (their losses averaged, as `bootstrap` does)."""
         synchronize(device)
         start = time.perf_counter()
         batch_targets = {k: v[index].to(device) for k, v in cache.items()} if from_cache else targets.compute(pixels)
-        optimizer.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)
         with autocast():
-            loss = alignment_loss(
-                student, args.num_latent_tokens, pixels, batch_targets, defaults.token_loss_weight,
-                defaults.token_loss_layer, args.region_distill_weight, defaults.region_boxes, index,
-            )  # fmt: skip
+            features = model.image_features(pixels) if len(trained) > 1 else None  # shared, as in `bootstrap`
+            loss = sum(
+                alignment_loss(
+                    model, n, pixels, batch_targets, defaults.token_loss_weight, defaults.token_loss_layer,
+                    args.region_distill_weight, defaults.region_boxes, index, features,
+                )
+                for n in trained
+            ) / len(trained)  # fmt: skip
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in student.parameters() if p.requires_grad], defaults.clip_grad)
-        optimizer.step()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], defaults.clip_grad)
+        opt.step()
         synchronize(device)
         return time.perf_counter() - start
+
+    def elastic_step(from_cache: bool, i: int) -> float:
+        return step(from_cache, elastic, elastic_optimizer, step_budgets(budgets, 0, i))
 
     def teacher_only() -> float:
         synchronize(device)
@@ -104,9 +126,13 @@ def main(argv: list[str] | None = None) -> int:
         synchronize(device)
         return time.perf_counter() - start
 
-    times: dict[str, list[float]] = {"teacher_per_batch": [], "from_cache": [], "teacher_forward": []}
+    modes = ["teacher_per_batch", "from_cache", "teacher_forward"]
+    modes += ["elastic_per_batch", "elastic_from_cache"] if budgets else []
+    times: dict[str, list[float]] = {mode: [] for mode in modes}
     for i in range(args.warmup + args.steps):
         row = {"teacher_per_batch": step(False), "from_cache": step(True), "teacher_forward": teacher_only()}
+        if budgets:  # interleaved with the dedicated steps, so noise hits both alike
+            row |= {"elastic_per_batch": elastic_step(False, i), "elastic_from_cache": elastic_step(True, i)}
         if i >= args.warmup:
             for key, value in row.items():
                 times[key].append(value)
@@ -122,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         "bf16": args.bf16,
         "region_distill_weight": args.region_distill_weight,
         "steps": args.steps,
+        "budgets": budgets,
         "images_per_s": ips,
         "cache_speedup": ips["from_cache"] / ips["teacher_per_batch"],
         "imagenet_epoch_hours": {
@@ -130,6 +157,11 @@ def main(argv: list[str] | None = None) -> int:
             "from_cache_later_epochs": IMAGENET_TRAIN_IMAGES / ips["from_cache"] / 3600,
         },
     }
+    if budgets:  # the elastic step's time as a multiple of the dedicated one's (the issue's cost target: <= 1.5x)
+        report["elastic_cost"] = {
+            "teacher_per_batch": ips["teacher_per_batch"] / ips["elastic_per_batch"],
+            "from_cache": ips["from_cache"] / ips["elastic_from_cache"],
+        }
     write_results(args.out_dir, args.name, report, to_markdown(report))
     print(to_markdown(report))
     return 0
@@ -155,6 +187,18 @@ def to_markdown(report: dict) -> str:
         "",
         f"The cache makes a step {report['cache_speedup']:.2f}× faster.",
     ]
+    if report.get("budgets"):
+        cost = report["elastic_cost"]
+        lines += [
+            "",
+            f"One elastic student for {report['budgets']} latent tokens (each step the smallest, the largest and one "
+            "between, as `bootstrap --budgets` trains it), against the dedicated student above:",
+            "",
+            "| mode | elastic images/s | elastic step ÷ dedicated step |",
+            "|---|---:|---:|",
+            f"| teacher per batch | {ips['elastic_per_batch']:.1f} | {cost['teacher_per_batch']:.2f}× |",
+            f"| from the teacher cache | {ips['elastic_from_cache']:.1f} | {cost['from_cache']:.2f}× |",
+        ]
     if report["device"] == "cpu":
         lines += ["", "CPU times depend on the shared machine; compare the ratio."]
     return "\n".join(lines) + "\n"

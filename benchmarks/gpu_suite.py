@@ -7,8 +7,8 @@ Parts (each writes its own results; this script adds gpu_suite.{json,md} with wh
 
 1. `encoder_speed.py --device cuda --batch-sizes 1 8 32 128 --dtypes bf16`: SparseFormer vs ViT-L-14-336;
 2. `vlm_latency.py --device cuda --dtype bf16 --llm-layers` (nothing sliced): both LLM shapes whole, absolute ms;
-3. `bootstrap_speed.py --device cuda --bf16`: SparseFormer-L from ViT-L-14-336, teacher per batch and cached,
-   with the projected time of one ImageNet-1k epoch.
+3. `bootstrap_speed.py --device cuda --bf16 --budgets 9 16 25 36 49 63`: SparseFormer-L from ViT-L-14-336, teacher
+   per batch and cached, with the projected time of one ImageNet-1k epoch, and one elastic student's step against it.
 
 Without `--quick` it refuses to start when CUDA is not available, so a run is never a silent CPU run. Results go to
 benchmarks/results/ with a `_gpu` suffix (`--out-dir` elsewhere); `--quick` writes `_quick` files into --out-dir.
@@ -35,7 +35,10 @@ def parts(quick: bool, out_dir: Path) -> dict[str, tuple]:
         return {
             "encoder_speed": (encoder_speed.main, ["--quick", "--name", f"encoder_speed{suffix}", *common]),
             "vlm_latency": (vlm_latency.main, ["--quick", "--name", f"vlm_latency{suffix}", *common]),
-            "bootstrap_speed": (bootstrap_speed.main, ["--quick", "--name", f"bootstrap_speed{suffix}", *common]),
+            "bootstrap_speed": (
+                bootstrap_speed.main,
+                ["--quick", "--budgets", "4", "9", "16", "--name", f"bootstrap_speed{suffix}", *common],
+            ),
         }
     return {
         "encoder_speed": (
@@ -80,7 +83,8 @@ def parts(quick: bool, out_dir: Path) -> dict[str, tuple]:
         ),  # fmt: skip
         "bootstrap_speed": (
             bootstrap_speed.main,
-            ["--device", "cuda", "--bf16", "--batch-size", "128", "--name", f"bootstrap_speed{suffix}", *common],
+            ["--device", "cuda", "--bf16", "--batch-size", "128", "--budgets", "9", "16", "25", "36", "49", "63"]
+            + ["--name", f"bootstrap_speed{suffix}", *common],
         ),
     }
 

@@ -38,8 +38,10 @@ def test_every_part_runs_and_writes_its_results(quick_run):
         assert (quick_run / f"{name}_quick.md").read_text().startswith("# ")
     assert (quick_run / "vlm_latency_quick.png").stat().st_size > 10_000
     speed = json.loads((quick_run / "bootstrap_speed_quick.json").read_text())
-    assert set(speed["images_per_s"]) == {"teacher_per_batch", "from_cache", "teacher_forward"}
+    modes = {"teacher_per_batch", "from_cache", "teacher_forward", "elastic_per_batch", "elastic_from_cache"}
+    assert set(speed["images_per_s"]) == modes
     assert all(v > 0 for v in speed["images_per_s"].values())
+    assert speed["budgets"] == [4, 9, 16] and set(speed["elastic_cost"]) == {"teacher_per_batch", "from_cache"}
 
 
 def test_each_arm_feeds_its_budget_and_its_kv_cache_has_exactly_that_length(quick_run):
