@@ -3,8 +3,8 @@ cache, and the projected time of one ImageNet-1k epoch; with `--budgets`, also o
 --budgets`: the smallest, the largest and one budget between, on the same images and targets) against the dedicated
 student's.
 
-Both use `bootstrap`'s own pieces (`load_teacher`, `inherit`, `TeacherTargets`, `alignment_loss`, AdamW over
-`param_groups`) on random weights and random images already on the device: this measures the training step, not
+Both use `bootstrap`'s own pieces (`load_teacher`, `inherit`, `TeacherTargets`, `budgets_alignment_loss`, AdamW
+over `param_groups`) on random weights and random images already on the device: this measures the training step, not
 image decoding (a real run needs data loaders that keep up). The two modes alternate step by step, so noise hits
 both alike. One step is one global batch: targets (the teacher's forward, or rows of a cache), the student's forward
 and backward, and the optimizer step; the teacher cache's one-off cost is timed too (the teacher alone, per image).
@@ -31,7 +31,7 @@ from bootstrap.inherit import inherit
 from bootstrap.optim import param_groups
 from bootstrap.targets import TeacherTargets
 from bootstrap.teachers import load_teacher
-from bootstrap.train import BootstrapSettings, alignment_loss, step_budgets
+from bootstrap.train import BootstrapSettings, budgets_alignment_loss, step_budgets
 from mllm_sparse import make_elastic
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
@@ -102,14 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         batch_targets = {k: v[index].to(device) for k, v in cache.items()} if from_cache else targets.compute(pixels)
         opt.zero_grad(set_to_none=True)
         with autocast():
-            features = model.image_features(pixels) if len(trained) > 1 else None  # shared, as in `bootstrap`
-            loss = sum(
-                alignment_loss(
-                    model, n, pixels, batch_targets, defaults.token_loss_weight, defaults.token_loss_layer,
-                    args.region_distill_weight, defaults.region_boxes, index, features,
-                )
-                for n in trained
-            ) / len(trained)  # fmt: skip
+            loss = budgets_alignment_loss(
+                model, trained, pixels, batch_targets, defaults.token_loss_weight, defaults.token_loss_layer,
+                args.region_distill_weight, defaults.region_boxes, index,
+            )  # fmt: skip
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], defaults.clip_grad)
         opt.step()

@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -228,6 +229,32 @@ def alignment_loss(
             )
         loss = loss + token_weight * (1 - F.cosine_similarity(latent.float(), pooled, dim=-1).mean())
     return loss
+
+
+def budgets_alignment_loss(
+    model,
+    budgets: Sequence[int],
+    pixels,
+    targets,
+    token_weight: float,
+    token_layer: int,
+    region_weight: float,
+    region_boxes: int,
+    box_keys: torch.Tensor,
+):
+    """`alignment_loss` averaged over the `budgets` one step trains (`step_budgets`), on the same images and targets.
+
+    The early convolution does not depend on the budget, so with several budgets it runs once, not once per budget.
+    `model` may be a DistributedDataParallel wrapper (the forward goes through it)."""
+    student = getattr(model, "module", model)
+    features = student.image_features(pixels) if len(budgets) > 1 else None
+    losses = [
+        alignment_loss(
+            model, n, pixels, targets, token_weight, token_layer, region_weight, region_boxes, box_keys, features
+        )
+        for n in budgets
+    ]
+    return sum(losses) / len(budgets)
 
 
 def rank_indices(order: torch.Tensor, start: int, end: int, batch_size: int, world: World) -> list[int]:
@@ -457,26 +484,19 @@ def train(settings: BootstrapSettings, world: World) -> dict[str, Any] | None:
                 trained = step_budgets(budgets, settings.seed, state["step"])
                 with contextlib.nullcontext() if last or world.size == 1 else model.no_sync():
                     with autocast():
-                        pixels = pixels.to(device)
-                        # the early convolution does not depend on the budget: once per step, not once per budget
-                        features = student.image_features(pixels) if len(trained) > 1 else None
-                        loss = sum(
-                            alignment_loss(
-                                model,
-                                n,
-                                pixels,
-                                batch_targets,
-                                settings.token_loss_weight,
-                                settings.token_loss_layer,
-                                settings.region_distill_weight,
-                                settings.region_boxes,
-                                # the image and the step pick the boxes, so any number of ranks draws the same ones
-                                index * total_steps + state["step"],
-                                features,
-                            )
-                            for n in trained
+                        loss = budgets_alignment_loss(
+                            model,
+                            trained,
+                            pixels.to(device),
+                            batch_targets,
+                            settings.token_loss_weight,
+                            settings.token_loss_layer,
+                            settings.region_distill_weight,
+                            settings.region_boxes,
+                            # the image and the step pick the boxes, so any number of ranks draws the same ones
+                            index * total_steps + state["step"],
                         )
-                    loss = loss / (settings.grad_accum * len(trained))
+                    loss = loss / settings.grad_accum
                     # before backward: a NaN sampling grid crashes grid_sample's backward on CPU; all ranks agree
                     total += folder.check_loss(loss, state["step"] + 1, lambda ok: world.mean(float(not ok)) == 0)
                     loss.backward()
