@@ -120,9 +120,17 @@ def draw_boxes(
             x1, y1, _, _ = _pixel_box(boxes[i], width, height)
             at = (min(max(x1, 0) + line_width + 1, width - 1), min(max(y1, 0) + line_width, height - 1))
             label = str(i + 1)
-            draw.rectangle(draw.textbbox(at, label, font=font), fill=(0, 0, 0, 160))
-            draw.text(at, label, fill=colors[i] + (255,), font=font)
+            left, top, right, bottom = draw.textbbox(at, label, font=font)
+            # a tag in the box's colour, its number in black or white, whichever contrasts: legible on any colour
+            draw.rectangle((left - 1, top - 1, right + 1, bottom + 1), fill=colors[i] + (255,))
+            draw.text(at, label, fill=_contrasting_text(colors[i]), font=font)
     return Image.alpha_composite(canvas.convert("RGBA"), overlay).convert("RGB")
+
+
+def _contrasting_text(color: tuple[int, int, int]) -> tuple[int, int, int, int]:
+    """Black on a light colour, white on a dark one (relative luminance, ITU-R BT.709 weights)."""
+    luminance = 0.2126 * color[0] + 0.7152 * color[1] + 0.0722 * color[2]
+    return (0, 0, 0, 255) if luminance > 140 else (255, 255, 255, 255)
 
 
 def _pixel_box(box: Tensor, width: int, height: int) -> list[float]:

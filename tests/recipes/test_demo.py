@@ -177,6 +177,22 @@ def test_boxes_are_numbered_on_request():
     assert plain.crop((150, 20, 200, 60)).tobytes() == numbered.crop((150, 20, 200, 60)).tobytes()
 
 
+def test_box_numbers_contrast_with_their_tags():
+    """Each number sits on a tag of its box's colour, written in black or white, whichever contrasts with it."""
+    from mllm_sparse.visualize import draw_boxes, token_colors
+
+    colors = token_colors(16)
+    dark = min(range(16), key=lambda i: sum(colors[i]))  # e.g. a deep blue
+    light = max(range(16), key=lambda i: sum(colors[i]))
+    boxes = torch.zeros(16, 4)
+    boxes[dark], boxes[light] = torch.tensor([0.05, 0.05, 0.45, 0.45]), torch.tensor([0.55, 0.55, 0.95, 0.95])
+    picture = draw_boxes(Image.new("RGB", (400, 400), (128, 128, 128)), boxes, tokens=[dark, light], numbered=True)
+    for i, corner, text in ((dark, (26, 26, 46, 40), (255, 255, 255)), (light, (226, 226, 246, 240), (0, 0, 0))):
+        tag = set(picture.crop(corner).getdata())
+        near_text = [p for p in tag if max(abs(a - b) for a, b in zip(p, text, strict=True)) < 40]  # antialiased
+        assert colors[i] in tag and near_text, (i, colors[i], sorted(tag)[:8])
+
+
 def test_sessions_keep_their_own_conversations(engine, tmp_path):
     path = tmp_path / "scene.png"
     scene().save(path)
