@@ -4,9 +4,9 @@
 
 Arms, all with the same steps, batch, data order, teacher cache and region term (the quickstart's bootstrap
 settings): a dedicated student at each budget, and one elastic student for all budgets (`bootstrap --budgets`: each
-step the smallest, the largest and one budget between). Reported per budget: zero-shot top-1 and held-out cosine of
-both, the elastic student's differences from the dedicated one (the targets: within 1 point of top-1 and 0.005 of
-cosine), and its training time against one dedicated bootstrap (target: at most 1.5×). Writes
+step the smallest and the largest budget, every other step one between). Reported per budget: zero-shot top-1 and
+held-out cosine of both, the elastic student's differences from the dedicated one (the targets: within 1 point of
+top-1 and 0.005 of cosine), and its training time against one dedicated bootstrap (target: at most 1.5×). Writes
 benchmarks/results/elastic_bootstrap.{json,md}; the history is in benchmarks/README.md.
 """
 

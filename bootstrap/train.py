@@ -172,18 +172,21 @@ def save(folder: RunFolder, student, optimizer, scheduler, state: dict) -> None:
 
 
 def step_budgets(budgets: list[int], seed: int, step: int) -> list[int]:
-    """The budgets an elastic bootstrap trains at `step`: the smallest, the largest and one drawn from those between.
+    """The budgets an elastic bootstrap trains at `step`: the smallest and the largest every step, and on every other
+    step (the even ones) one drawn from those between.
 
     Their losses are averaged over the same images and teacher targets (a "sandwich"; one budget drawn per step
-    instead was worse at the smallest budget on two seeds, benchmarks/README.md). A function of the seed and the step
-    only, so the same on every rank and after a resume.
+    instead was worse at the smallest budget on two seeds, benchmarks/README.md). A budget between on every other step
+    rather than every step keeps the cost within 1.5x a dedicated bootstrap's (the cortex's cost is linear in the
+    tokens). A function of the seed and the step only, so the same on every rank and after a resume.
     """
+    between = budgets[1:-1]
     if len(budgets) == 1:
         return list(budgets)
+    if not between or step % 2:
+        return [budgets[0], budgets[-1]]
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    between = budgets[1:-1]
-    drawn = [between[int(torch.randint(len(between), (1,), generator=generator))]] if between else []
-    return [budgets[0], *drawn, budgets[-1]]
+    return [budgets[0], between[int(torch.randint(len(between), (1,), generator=generator))], budgets[-1]]
 
 
 def alignment_loss(
@@ -202,7 +205,7 @@ def alignment_loss(
     `num_latent_tokens`.
 
     Args:
-        model: the student, or its DistributedDataParallel wrapper (the forward must go through it).
+        model: the student.
         box_keys: [B] one key per image for the region term's random boxes (`region_distill.random_boxes`).
         image_features: the student's `image_features(pixels)`, shared by the budgets of one step (None: computed).
     """
@@ -244,10 +247,8 @@ def budgets_alignment_loss(
 ):
     """`alignment_loss` averaged over the `budgets` one step trains (`step_budgets`), on the same images and targets.
 
-    The early convolution does not depend on the budget, so with several budgets it runs once, not once per budget.
-    `model` may be a DistributedDataParallel wrapper (the forward goes through it)."""
-    student = getattr(model, "module", model)
-    features = student.image_features(pixels) if len(budgets) > 1 else None
+    The early convolution does not depend on the budget, so with several budgets it runs once, not once per budget."""
+    features = model.image_features(pixels) if len(budgets) > 1 else None
     losses = [
         alignment_loss(
             model, n, pixels, targets, token_weight, token_layer, region_weight, region_boxes, box_keys, features
@@ -255,6 +256,23 @@ def budgets_alignment_loss(
         for n in budgets
     ]
     return sum(losses) / len(budgets)
+
+
+class AlignmentObjective(torch.nn.Module):
+    """`budgets_alignment_loss` of `student` as one module call, the unit DistributedDataParallel wraps: one forward
+    per micro-batch (however many budgets it encodes), so DDP can find the budgets a step leaves out."""
+
+    def __init__(self, student: SparseFormerModel, settings: BootstrapSettings):
+        super().__init__()
+        self.student = student
+        self.terms = (settings.token_loss_weight, settings.token_loss_layer, settings.region_distill_weight,
+                      settings.region_boxes)  # fmt: skip
+
+    def forward(self, budgets: Sequence[int], pixels, targets, box_keys: torch.Tensor):
+        token_weight, token_layer, region_weight, region_boxes = self.terms
+        return budgets_alignment_loss(
+            self.student, budgets, pixels, targets, token_weight, token_layer, region_weight, region_boxes, box_keys
+        )
 
 
 def rank_indices(order: torch.Tensor, start: int, end: int, batch_size: int, world: World) -> list[int]:
@@ -445,7 +463,9 @@ def train(settings: BootstrapSettings, world: World) -> dict[str, Any] | None:
         torch.set_rng_state(saved["torch_rng"])
         if world.is_main:
             logger.info("resumed from %s at step %d", resumed.path, state["step"])
-    model = student if world.size == 1 else DistributedDataParallel(student)
+    objective = AlignmentObjective(student, settings)
+    if world.size > 1:  # a budget left out of a step leaves its RoI table without a gradient on that step
+        objective = DistributedDataParallel(objective, find_unused_parameters=len(budgets) > 2)
 
     targets = TeacherTargets(teacher, settings.token_loss_weight > 0 or settings.region_distill_weight > 0, autocast)
     if settings.cache_teacher:
@@ -482,20 +502,10 @@ def train(settings: BootstrapSettings, world: World) -> dict[str, Any] | None:
                 last = k == settings.grad_accum - 1
                 # Gradients are averaged across ranks once per optimizer step, on the last micro-batch.
                 trained = step_budgets(budgets, settings.seed, state["step"])
-                with contextlib.nullcontext() if last or world.size == 1 else model.no_sync():
+                with contextlib.nullcontext() if last or world.size == 1 else objective.no_sync():
                     with autocast():
-                        loss = budgets_alignment_loss(
-                            model,
-                            trained,
-                            pixels.to(device),
-                            batch_targets,
-                            settings.token_loss_weight,
-                            settings.token_loss_layer,
-                            settings.region_distill_weight,
-                            settings.region_boxes,
-                            # the image and the step pick the boxes, so any number of ranks draws the same ones
-                            index * total_steps + state["step"],
-                        )
+                        # the image and the step pick the region boxes, so any number of ranks draws the same ones
+                        loss = objective(trained, pixels.to(device), batch_targets, index * total_steps + state["step"])
                     loss = loss / settings.grad_accum
                     # before backward: a NaN sampling grid crashes grid_sample's backward on CPU; all ranks agree
                     total += folder.check_loss(loss, state["step"] + 1, lambda ok: world.mean(float(not ok)) == 0)
@@ -593,8 +603,8 @@ def report_markdown(result: dict) -> str:
     if "budgets" in result:
         lines += [
             "",
-            f"Elastic: one student for {len(result['budgets'])} budgets (each step the smallest, the largest and one "
-            "between); the lines above are the default budget's.",
+            f"Elastic: one student for {len(result['budgets'])} budgets (each step the smallest and the largest, "
+            "every other step one between); the lines above are the default budget's.",
             "",
             "| latent tokens | GFLOPs | held-out cosine | zero-shot top-1 | retention |",
             "|---|---|---|---|---|",

@@ -48,9 +48,9 @@ def build_parser(budget_required: bool = True) -> argparse.ArgumentParser:
                    "teacher has one, is not counted)")  # fmt: skip
     p.add_argument("--num-tokens", type=int, help=argparse.SUPPRESS)  # deprecated: counted the CLS token
     p.add_argument("--budgets", type=int, nargs="+", metavar="N",
-                   help="train one elastic student that serves all these budgets, each step the smallest, the largest "
-                        "and one drawn between them (then --num-latent-tokens is the default one; omitted, the "
-                        "largest)")  # fmt: skip
+                   help="train one elastic student that serves all these budgets, each step the smallest and the "
+                        "largest, every other step one drawn between them (then --num-latent-tokens is the default "
+                        "one; omitted, the largest)")  # fmt: skip
     p.add_argument("--init-from", metavar="ENCODER",
                    help="start from this SparseFormer instead of inheriting from the teacher: a save_pretrained "
                    "folder, or a preset with --init-pretrained; its config sets the architecture (and, without "
