@@ -3,7 +3,7 @@ cache, and the projected time of one ImageNet-1k epoch; with `--budgets`, also o
 --budgets`: the smallest and the largest budget, every other step one between, on the same images and targets)
 against the dedicated student's.
 
-Both use `bootstrap`'s own pieces (`load_teacher`, `inherit`, `TeacherTargets`, `budgets_alignment_loss`, AdamW
+Both use `bootstrap`'s own pieces (`load_teacher`, `inherit`, `TeacherTargets`, `AlignmentObjective`, AdamW
 over `param_groups`) on random weights and random images already on the device: this measures the training step, not
 image decoding (a real run needs data loaders that keep up). The two modes alternate step by step, so noise hits
 both alike. One step is one global batch: targets (the teacher's forward, or rows of a cache), the student's forward
@@ -31,7 +31,7 @@ from bootstrap.inherit import inherit
 from bootstrap.optim import param_groups
 from bootstrap.targets import TeacherTargets
 from bootstrap.teachers import load_teacher
-from bootstrap.train import BootstrapSettings, budgets_alignment_loss, step_budgets
+from bootstrap.train import AlignmentObjective, BootstrapSettings, step_budgets
 from mllm_sparse import make_elastic
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
@@ -72,8 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available here")
     defaults = BootstrapSettings(
-        teacher=args.teacher, num_latent_tokens=args.num_latent_tokens, data=Path(), out=Path()
-    )
+        teacher=args.teacher, num_latent_tokens=args.num_latent_tokens, data=Path(), out=Path(),
+        region_distill_weight=args.region_distill_weight,
+    )  # fmt: skip
 
     torch.manual_seed(0)
     teacher = load_teacher(args.teacher)
@@ -83,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = torch.optim.AdamW(param_groups(student, defaults.weight_decay), lr=defaults.lr)
     budgets = sorted(set(args.budgets or []))
     if budgets:
-        elastic = make_elastic(student, budgets)
-        elastic_optimizer = torch.optim.AdamW(param_groups(elastic, defaults.weight_decay), lr=defaults.lr)
+        elastic = AlignmentObjective(make_elastic(student, budgets), defaults)
+        elastic_optimizer = torch.optim.AdamW(param_groups(elastic.student, defaults.weight_decay), lr=defaults.lr)
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
@@ -95,19 +96,19 @@ def main(argv: list[str] | None = None) -> int:
     cache = {key: value.cpu() for key, value in targets.compute(pixels).items()}  # rows as a cache file holds them
     index = torch.arange(args.batch_size)
 
-    def step(from_cache: bool, model=student, opt=optimizer, trained=(args.num_latent_tokens,)) -> float:
-        """One optimizer step of `model` at the budgets `trained` (their losses averaged, as `bootstrap` does)."""
+    dedicated = AlignmentObjective(student, defaults)
+
+    def step(from_cache: bool, objective=dedicated, opt=optimizer, trained=(args.num_latent_tokens,)) -> float:
+        """One optimizer step of `objective`'s student at the budgets `trained` (their losses averaged, as `bootstrap`
+        does)."""
         synchronize(device)
         start = time.perf_counter()
         batch_targets = {k: v[index].to(device) for k, v in cache.items()} if from_cache else targets.compute(pixels)
         opt.zero_grad(set_to_none=True)
         with autocast():
-            loss = budgets_alignment_loss(
-                model, trained, pixels, batch_targets, defaults.token_loss_weight, defaults.token_loss_layer,
-                args.region_distill_weight, defaults.region_boxes, index,
-            )  # fmt: skip
+            loss = objective(trained, pixels, batch_targets, index)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], defaults.clip_grad)
+        torch.nn.utils.clip_grad_norm_([p for p in objective.parameters() if p.requires_grad], defaults.clip_grad)
         opt.step()
         synchronize(device)
         return time.perf_counter() - start

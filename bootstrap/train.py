@@ -234,45 +234,26 @@ def alignment_loss(
     return loss
 
 
-def budgets_alignment_loss(
-    model,
-    budgets: Sequence[int],
-    pixels,
-    targets,
-    token_weight: float,
-    token_layer: int,
-    region_weight: float,
-    region_boxes: int,
-    box_keys: torch.Tensor,
-):
-    """`alignment_loss` averaged over the `budgets` one step trains (`step_budgets`), on the same images and targets.
+class AlignmentObjective(torch.nn.Module):
+    """`alignment_loss` of `student` averaged over the budgets one step trains (`step_budgets`), on the same images and
+    targets, as one module call: the unit DistributedDataParallel wraps, one forward per micro-batch however many
+    budgets it encodes, so DDP can find the budgets a step leaves out.
 
     The early convolution does not depend on the budget, so with several budgets it runs once, not once per budget."""
-    features = model.image_features(pixels) if len(budgets) > 1 else None
-    losses = [
-        alignment_loss(
-            model, n, pixels, targets, token_weight, token_layer, region_weight, region_boxes, box_keys, features
-        )
-        for n in budgets
-    ]
-    return sum(losses) / len(budgets)
-
-
-class AlignmentObjective(torch.nn.Module):
-    """`budgets_alignment_loss` of `student` as one module call, the unit DistributedDataParallel wraps: one forward
-    per micro-batch (however many budgets it encodes), so DDP can find the budgets a step leaves out."""
 
     def __init__(self, student: SparseFormerModel, settings: BootstrapSettings):
         super().__init__()
-        self.student = student
-        self.terms = (settings.token_loss_weight, settings.token_loss_layer, settings.region_distill_weight,
-                      settings.region_boxes)  # fmt: skip
+        self.student, self.settings = student, settings
 
     def forward(self, budgets: Sequence[int], pixels, targets, box_keys: torch.Tensor):
-        token_weight, token_layer, region_weight, region_boxes = self.terms
-        return budgets_alignment_loss(
-            self.student, budgets, pixels, targets, token_weight, token_layer, region_weight, region_boxes, box_keys
-        )
+        s = self.settings
+        features = self.student.image_features(pixels) if len(budgets) > 1 else None
+        losses = [
+            alignment_loss(self.student, n, pixels, targets, s.token_loss_weight, s.token_loss_layer,
+                           s.region_distill_weight, s.region_boxes, box_keys, features)
+            for n in budgets
+        ]  # fmt: skip
+        return sum(losses) / len(budgets)
 
 
 def rank_indices(order: torch.Tensor, start: int, end: int, batch_size: int, world: World) -> list[int]:
