@@ -106,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     add_arm_arguments(parser)
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(DEFAULT_ARMS), help="the arms to train")
     parser.add_argument("--budgets", type=int, nargs="+", help="token budgets (default: the students')")
+    parser.add_argument(
+        "--budgets-per-step", type=int, help="m3 and elastic: budgets per training batch (default: all)"
+    )
     parser.add_argument("--bootstrap-steps", type=int, default=2400, help="steps per SparseFormer bootstrapped here")
     parser.add_argument("--epochs", type=float, default=1.0, help="stage 1's epochs")
     parser.add_argument("--batch-size", type=int, default=VLM_BATCH_SIZE)
@@ -140,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         stage2_epochs=args.stage2_epochs,
         batch_size=args.batch_size, lr=args.lr, projector_lr=args.projector_lr, stage2_lr=args.stage2_lr,
         timing_questions=args.timing_questions, threads=args.threads, out=args.work,
-        eval_limit=args.eval_limit or None,
+        eval_limit=args.eval_limit or None, budgets_per_step=args.budgets_per_step,
     )  # fmt: skip  # the ablation's model_max_length: the vit arm's conversations reach ~650 tokens, none is cut
     report, _ = run(settings, write=False)
     report |= {"machine": machine(), "llm_origin": llm_origin(str(args.llm))}

@@ -10,14 +10,15 @@ A budget is chosen per call, for the processor and the model together:
 
 Outside the block the model runs at its default budget (the tower config's `num_latent_tokens`). The budget is set on
 the tower rather than passed to `generate`, because transformers' LLaVA hands extra keywords to the LLM as well as
-the tower. Training draws a budget per batch (`batch_budget`) and re-expands each record's placeholders to it
-(`expand_placeholders`), so the projector and the LLM see every budget.
+the tower. Training draws the budgets of each batch (`batch_budgets`: one, or several whose losses are averaged) and
+re-expands each record's placeholders to them (`expand_placeholders`), so the projector and the LLM see every budget.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import random
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -92,15 +93,24 @@ def vlm_budget(model: nn.Module, num_latent_tokens: int | None) -> Iterator[nn.M
             config.image_seq_length = before
 
 
-def batch_budget(budgets: Sequence[int], seed: int, record_ids: Sequence[str]) -> int:
-    """The budget a training batch runs at, drawn uniformly from `budgets` by the seed and the batch's record ids.
+def batch_budgets(budgets: Sequence[int], seed: int, record_ids: Sequence[str], per_step: int = 1) -> list[int]:
+    """The budgets a training batch runs at, by the seed and the batch's record ids.
 
-    A function of the batch alone, so a resumed run, every data-loader worker and a re-run draw the same budget for
-    the same batch (a stateful generator would not survive a resume that skips batches).
+    One per step: drawn uniformly from `budgets`. More: the smallest always (the budget whose few tokens are hardest
+    to read) and `per_step - 1` drawn from the others without repeats; every budget per step is M3's recipe. A
+    function of the batch alone, so a resumed run, every data-loader worker and a re-run draw the same budgets for the
+    same batch (a stateful generator would not survive a resume that skips batches).
+
+    Returns the budgets, the one to run first (the smallest, for more than one) first.
     """
+    ordered = sorted(budgets)
+    if not 1 <= per_step <= len(ordered):
+        raise ValueError(f"{per_step} budgets per step: choose 1 to {len(ordered)} (the budgets {ordered})")
     key = f"{seed}\x00" + "\x00".join(str(i) for i in record_ids)
     digest = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
-    return sorted(budgets)[digest % len(budgets)]
+    if per_step == 1:
+        return [ordered[digest % len(ordered)]]
+    return [ordered[0], *sorted(random.Random(digest).sample(ordered[1:], per_step - 1))]
 
 
 def expand_placeholders(

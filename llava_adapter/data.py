@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -27,7 +28,7 @@ from transformers.trainer_pt_utils import get_length_grouped_indices
 from mllm_sparse.files import read_json
 from mllm_sparse.images import ImageLoadError, check_image_file, load_image
 
-from .budgets import batch_budget, expand_placeholders
+from .budgets import batch_budgets, expand_placeholders
 from .conversation import (
     IGNORE_INDEX,
     IMAGE_PLACEHOLDER,
@@ -296,15 +297,19 @@ class DataCollatorForLlava:
         tokenizer: the LLM's tokenizer.
         pad_to_multiple_of: round the padded length up to a multiple of this.
         image_token_id: the placeholder id; defaults to the tokenizer's `<image>` id.
-        budgets: for an elastic tower, {budget: placeholders per image} to draw each batch's budget from
-            (`budgets.batch_budget`, by `seed` and the batch's record ids); items carry the largest count and are
-            cut down to the drawn one. None: every batch at the items' own count.
+        budgets: for an elastic tower, {budget: placeholders per image} to draw each batch's budgets from
+            (`budgets.batch_budgets`, by `seed` and the batch's record ids); items carry the largest count and are
+            cut down to each drawn one. None: every batch at the items' own count.
         seed: the run's seed, for the draw.
+        budgets_per_step: how many budgets each batch runs at (None: all; 1: one drawn; more: the smallest and
+            others drawn).
 
     Returns (from a call on B items, longest L):
         `input_ids` [B, L] int64, `attention_mask` [B, L] int64, `labels` [B, L] int64, `pixel_values` [M, 3, H, W]
         for the M image records (if M > 0), and with `budgets` and M > 0 `num_latent_tokens` (an int: the budget the
-        model must run the batch at, `budgets.vlm_budget`).
+        model must run the batch at, `budgets.vlm_budget`); with more budgets per step, `more_budgets`: one dict of
+        `input_ids`, `attention_mask`, `labels` and `num_latent_tokens` per further budget, the same records and
+        images with that budget's placeholders.
     """
 
     tokenizer: PreTrainedTokenizerBase
@@ -312,6 +317,7 @@ class DataCollatorForLlava:
     image_token_id: int | None = None
     budgets: Mapping[int, int] | None = None
     seed: int = 0
+    budgets_per_step: int | None = None
 
     def __post_init__(self):
         self.image_token_id = resolve_image_token_id(self.tokenizer, self.image_token_id)
@@ -319,14 +325,31 @@ class DataCollatorForLlava:
         self.pad_token_id = next((i for i in candidates if i is not None), None)
         if self.pad_token_id is None:
             raise ValueError("The tokenizer has no pad, unk or eos token to pad with")
+        if self.budgets:
+            if self.budgets_per_step is None:
+                self.budgets_per_step = len(self.budgets)
+            batch_budgets(list(self.budgets), self.seed, [], self.budgets_per_step)  # refuses a count it cannot draw
 
-    def __call__(self, items: Sequence[Mapping]) -> dict[str, Tensor | int]:
+    def __call__(self, items: Sequence[Mapping]) -> dict[str, Any]:
         if not items:
             raise ValueError("Cannot collate an empty batch")
-        budget = None
-        if self.budgets and any(item.get("pixel_values") is not None for item in items):
-            budget = batch_budget(list(self.budgets), self.seed, [item.get("id", "") for item in items])
-            items = [self._at_budget(item, self.budgets[budget]) for item in items]
+        if not self.budgets or all(item.get("pixel_values") is None for item in items):
+            return self._padded(items, with_images=True)
+        drawn = batch_budgets(
+            list(self.budgets), self.seed, [item.get("id", "") for item in items], self.budgets_per_step
+        )
+        batches = [
+            {**self._padded([self._at_budget(item, self.budgets[n]) for item in items], with_images=i == 0),
+             "num_latent_tokens": n}
+            for i, n in enumerate(drawn)
+        ]  # fmt: skip
+        batch = batches[0]
+        if len(batches) > 1:
+            batch["more_budgets"] = batches[1:]
+        return batch
+
+    def _padded(self, items: Sequence[Mapping], with_images: bool) -> dict[str, Tensor]:
+        """`input_ids`, `attention_mask`, `labels` of `items`, padded, and with `with_images` their `pixel_values`."""
         length = max(len(item["input_ids"]) for item in items)
         if self.pad_to_multiple_of:
             length = math.ceil(length / self.pad_to_multiple_of) * self.pad_to_multiple_of
@@ -351,13 +374,11 @@ class DataCollatorForLlava:
         if len(placeholders) > 1:
             raise ValueError(f"Image records in one batch have different placeholder counts: {sorted(placeholders)}")
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        if images:
+        if images and with_images:
             shapes = {tuple(image.shape) for image in images}
             if len(shapes) > 1:
                 raise ValueError(f"pixel_values of different shapes in one batch: {sorted(shapes)}")
             batch["pixel_values"] = torch.stack(images)
-        if budget is not None:
-            batch["num_latent_tokens"] = budget
         return batch
 
     def _at_budget(self, item: Mapping, per_image: int) -> Mapping:

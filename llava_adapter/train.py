@@ -4,8 +4,9 @@ Stage 1 (`--tune_mm_mlp_adapter True`): only the projector trains; `OUT/mm_proje
 Stage 2: the LLM trains (full, or LoRA with `--lora_enable True`) with the projector; the vision tower is frozen,
 except its last `--tune_vision_last_k` blocks. Full runs save an HF model folder; LoRA runs save the adapter, the
 non-LoRA trainables (`non_lora_trainables.safetensors`) and the base they apply to, and `mllm-sparse merge-lora`
-folds them into one model. With an elastic tower, `--budgets 9 16 36 64` runs each batch at a budget drawn from those
-(both stages), so one model serves them all.
+folds them into one model. With an elastic tower, `--budgets 9 16 36 64` runs each batch at every one of those budgets,
+one backward over their mean loss (both stages), so one model serves them all; `--budgets_per_step K` runs it at K of
+them instead (the smallest and K - 1 drawn by the batch).
 
 `--model_name_or_path` is a LLaVA folder (from `mllm-sparse build-vlm`, a llava-hf checkpoint or a merged model). As
 in LLaVA, it may instead be a causal LM with `--vision_tower`; with a LLaVA folder, `--vision_tower` swaps its tower.
@@ -98,8 +99,17 @@ class DataArguments:
     budgets: list[int] | None = field(
         default=None,
         metadata={
-            "help": "an elastic tower: run each batch at a budget drawn from these latent-token counts (by the seed "
-            "and the batch), so the projector and LLM learn them all (default: the tower's default budget only)"
+            "help": "an elastic tower: train at these latent-token counts, each batch at all of them or at "
+            "--budgets_per_step of them (drawn by the seed and the batch), so the projector and LLM learn them all "
+            "(default: the tower's default budget only)"
+        },
+    )
+    budgets_per_step: int | None = field(
+        default=None,
+        metadata={
+            "help": "with --budgets: run each batch at this many of them, the smallest always and the rest drawn, "
+            "one backward over their mean loss (default: all of them, M3's recipe; time and activation memory grow "
+            "with it; 1: one drawn per batch, the cheapest)"
         },
     )
 
@@ -330,10 +340,20 @@ class VlmTrainer(Trainer):
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        more = inputs.pop("more_budgets", [])
         result = super().compute_loss(
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
         )
         loss = result[0] if return_outputs else result
+        if more:
+            # The same records at further budgets, one backward over the mean (one DeepSpeed step per batch).
+            losses = [loss]
+            for extra in more:
+                at = {**inputs, **{k: v for k, v in extra.items() if k != "num_latent_tokens"}}
+                with vlm_budget(model, extra["num_latent_tokens"]):
+                    losses.append(super().compute_loss(model, at, num_items_in_batch=num_items_in_batch))
+            loss = torch.stack(losses).mean()
+            result = (loss, result[1]) if return_outputs else loss
         # Checked before backward (a NaN must not reach the optimizer or a checkpoint), on every rank together.
         if agreed(not bool(torch.isfinite(loss.detach()).all()), loss.device):
             raise self.diverged(f"the loss became {loss.item()}")
@@ -522,6 +542,8 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Vlm
     if training_args.lora_enable:
         model = apply_lora(model, training_args)
     budgets = drawn_budgets(model, data_args.budgets)
+    if data_args.budgets_per_step is not None and not budgets:
+        raise ValueError(f"--budgets_per_step {data_args.budgets_per_step}: give the --budgets to draw them from")
     dataset = LlavaJsonDataset(
         data_args.data_path,
         data_args.image_folder,
@@ -543,7 +565,11 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Vlm
         args=training_args,
         train_dataset=dataset,
         data_collator=DataCollatorForLlava(
-            processor.tokenizer, image_token_id=model.config.image_token_id, budgets=budgets, seed=training_args.seed
+            processor.tokenizer,
+            image_token_id=model.config.image_token_id,
+            budgets=budgets,
+            seed=training_args.seed,
+            budgets_per_step=data_args.budgets_per_step,
         ),
     )
     trainer.train(resume_from_checkpoint=None if resume is None else str(resume))

@@ -13,10 +13,10 @@ in the vision tower. The arms (`--arms`, default: vit sparseformer pooled):
                    tokens merged from the rest (`llava_adapter.visionzip`), trained like every arm (VisionZip's
                    fine-tuned setting);
   m3               m3-N: ONE LLaVA model over the ViT pooled to every budget's grid (M3-style nested scales, N square),
-                   trained with a budget drawn per batch and scored at each N;
+                   trained with each batch at every budget (or `--budgets-per-step` of them) and scored at each N;
   elastic          elastic-N: ONE elastic SparseFormer bootstrapped for all the budgets (`--encoders elastic=DIR`, or
-                   here) and ONE LLaVA model trained with a budget drawn per batch, scored at each N: the claim that
-                   one model serves every budget, set beside the dedicated arms and M3.
+                   here) and ONE LLaVA model trained as m3's, scored at each N: the claim that one model serves every
+                   budget, set beside the dedicated arms and M3.
 
 Every arm starts from the same LLM (`--llm`) and is trained with the same data, steps and schedule in LLaVA's two
 stages (stage 1: the projector, the LLM frozen; stage 2 from it: the LLM and the projector; the tower frozen), then
@@ -65,7 +65,7 @@ TRAINING_SETTINGS = (
     "train_args", "seed",
 )  # fmt: skip
 ELASTIC = "elastic"  # the elastic arm's folder (OUT/arms/elastic) and its encoder's key in --encoders
-ONE_MODEL_ARMS = ("m3", ELASTIC)  # one LLaVA model over every budget, a budget drawn per batch, scored at each
+ONE_MODEL_ARMS = ("m3", ELASTIC)  # one LLaVA model trained over every budget, scored at each
 
 
 @dataclass
@@ -91,6 +91,7 @@ class AblationSettings:
     stage2_lr: float = defaults.STAGE2_LR
     model_max_length: int = 2048
     train_args: str = ""
+    budgets_per_step: int | None = None  # None: every budget
     eval_limit: int | None = None
     max_new_tokens: int = 8
     timing_questions: int = 32

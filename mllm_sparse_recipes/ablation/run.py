@@ -94,6 +94,9 @@ def resolve(args: AblationSettings) -> dict[str, Any]:
             raise ValueError(f"{flag} must be positive, got {value}")
     if args.timing_questions < 0:
         raise ValueError(f"--timing-questions must be 0 or more, got {args.timing_questions}")
+    per_step = len(budgets) if args.budgets_per_step is None else args.budgets_per_step
+    if not 1 <= per_step <= len(budgets):
+        raise ValueError(f"--budgets-per-step {per_step}: choose 1 to {len(budgets)} (the --budgets)")
     missing = [n for n in budgets if n not in encoders and "sparseformer" in arms]
     missing += [ELASTIC] if ELASTIC in arms and not elastic_encoder else []
     llm = check_llm(args.llm)
@@ -121,6 +124,7 @@ def resolve(args: AblationSettings) -> dict[str, Any]:
         "stage2_lr": args.stage2_lr,
         "model_max_length": args.model_max_length,
         "train_args": checked_train_args(args.train_args),
+        "budgets_per_step": per_step,
         "eval_limit": args.eval_limit or None,
         "max_new_tokens": args.max_new_tokens,
         "timing_questions": args.timing_questions,
@@ -145,7 +149,11 @@ def checked_train_args(train_args: str) -> str:
     """`--train-args` as given, once LLaVA's parser has read it: a typo fails now, not after hours of bootstrapping."""
     from llava_adapter import train
 
-    train.parse_overrides(shlex.split(train_args))
+    given = train.parse_overrides(shlex.split(train_args))
+    for name in ("budgets", "budgets_per_step"):
+        if name in given:
+            flag = "--budgets" if name == "budgets" else "--budgets-per-step"
+            raise ValueError(f"--train-args: --{name} is the ablation's own; use ablate's {flag}")
     return train_args
 
 
@@ -165,6 +173,8 @@ def check_settings(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
         recorded = out / "arms" / name / "arm.json"
         if recorded.is_file() and isinstance(read_json(recorded).get("tower"), list):
             write_json(recorded, {**read_json(recorded), "tower": tower_of_arguments(read_json(recorded)["tower"])})
+        if recorded.is_file() and name in ONE_MODEL_ARMS and "budgets_per_step" not in read_json(recorded):
+            write_json(recorded, {**read_json(recorded), "budgets_per_step": 1})  # recorded before there was a choice
         guard_settings(recorded, arm_recipe(settings, tower, name), f"arm {name}")
     write_json(path, settings)
     return settings
@@ -185,9 +195,11 @@ def tower_of_arguments(arguments: list[str]) -> dict[str, Any]:
 
 def arm_recipe(settings: dict[str, Any], tower: dict[str, Any], name: str) -> dict[str, Any]:
     """What an arm is built and trained from (its `arm.json`); a one-model arm (m3, elastic) also records the budgets
-    it draws."""
+    it draws and how many per batch."""
     skip = ("bootstrap_data", "bootstrap_steps")  # the encoder's business: its folder is in `tower`
-    drawn = {"budgets": settings["budgets"]} if name in ONE_MODEL_ARMS else {}
+    drawn = {}
+    if name in ONE_MODEL_ARMS:
+        drawn = {"budgets": settings["budgets"], "budgets_per_step": settings["budgets_per_step"]}
     return {"tower": tower, "tokenizer_corpus": settings["tokenizer_corpus"], **drawn,
             **{k: settings[k] for k in TRAINING_SETTINGS if k not in skip}}  # fmt: skip
 
@@ -293,7 +305,7 @@ def train_arm(settings: dict[str, Any], name: str, tower: dict[str, Any], out: P
         def train_stage(start=start, out=folder / stage, epochs=epochs, lr=lr, projector_lr=projector_lr) -> None:
             extra = train.parse_overrides(shlex.split(settings["train_args"]))
             if name in ONE_MODEL_ARMS:
-                extra["budgets"] = settings["budgets"]  # a budget drawn per batch
+                extra.update(budgets=settings["budgets"], budgets_per_step=settings["budgets_per_step"])
             train.run(*defaults.train_vlm_settings(
                 start, out, data, images, epochs, lr, projector_lr, batch_size=settings["batch_size"], seed=seed,
                 model_max_length=settings["model_max_length"], overrides=extra))  # fmt: skip

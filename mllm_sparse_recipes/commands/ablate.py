@@ -49,7 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap-steps", type=int, default=2400, help="steps of 64 images per missing encoder")
     p.add_argument("--arms", nargs="+", choices=ARMS, default=list(DEFAULT_ARMS), metavar="ARM",
                    help=f"the arms to train, from {', '.join(ARMS)}; m3 and elastic are one model each over all "
-                   f"--budgets, a budget drawn per batch (default: {' '.join(DEFAULT_ARMS)})")  # fmt: skip
+                   f"--budgets (default: {' '.join(DEFAULT_ARMS)})")  # fmt: skip
+    p.add_argument("--budgets-per-step", type=int, metavar="K",
+                   help="m3 and elastic: each training batch runs at K of the --budgets, the smallest always and "
+                   "the others drawn, their losses averaged (up to K times the training time of one; default: all, "
+                   "M3's recipe)")  # fmt: skip
     p.add_argument("--stage1-epochs", type=float, default=1.0, help="epochs of LLaVA's stage 1")
     p.add_argument("--stage2-epochs", type=float, default=1.0, help="epochs of LLaVA's stage 2 (0: stage 1 only)")
     p.add_argument("--batch-size", type=int, default=defaults.VLM_BATCH_SIZE, help="training batch, both stages")

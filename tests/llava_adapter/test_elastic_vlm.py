@@ -14,7 +14,7 @@ from PIL import Image
 from tiny_vlm import common_args, save_tiny_vlm, tiny_vlm
 
 from llava_adapter import train, vlm_budget
-from llava_adapter.budgets import batch_budget, expand_placeholders
+from llava_adapter.budgets import batch_budgets, expand_placeholders
 from llava_adapter.chat import ChatEngine
 from llava_adapter.conversation import IGNORE_INDEX
 from llava_adapter.data import DataCollatorForLlava
@@ -154,11 +154,26 @@ def test_the_demo_re_encodes_the_image_at_the_budget_chosen(elastic, tmp_path):
 
 def test_a_batch_budget_depends_on_the_batch_alone_and_covers_every_budget():
     ids = [f"rec-{i}" for i in range(6)]
-    assert batch_budget(BUDGETS, 0, ids) == batch_budget(list(reversed(BUDGETS)), 0, list(ids))
-    drawn = Counter(batch_budget(BUDGETS, 0, [f"rec-{i}", f"rec-{i + 1}"]) for i in range(600))
+    assert batch_budgets(BUDGETS, 0, ids) == batch_budgets(list(reversed(BUDGETS)), 0, list(ids))
+    drawn = Counter(n for i in range(600) for n in batch_budgets(BUDGETS, 0, [f"rec-{i}", f"rec-{i + 1}"]))
     assert set(drawn) == set(BUDGETS) and min(drawn.values()) > 150  # about uniform: 200 each
-    per_seed = [[batch_budget(BUDGETS, seed, [f"rec-{i}"]) for i in range(40)] for seed in (0, 1)]
+    per_seed = [[batch_budgets(BUDGETS, seed, [f"rec-{i}"]) for i in range(40)] for seed in (0, 1)]
     assert per_seed[0] != per_seed[1]
+
+
+def test_several_budgets_per_batch_always_hold_the_smallest_and_draw_the_others():
+    budgets = [4, 9, 16, 36]
+    pairs = [batch_budgets(budgets, 0, [f"rec-{i}"], per_step=2) for i in range(400)]
+    assert all(p[0] == 4 and len(p) == 2 and p[1] in (9, 16, 36) for p in pairs)
+    others = Counter(p[1] for p in pairs)
+    assert min(others.values()) > 100, others  # about uniform among the others: 133 each
+    triples = [batch_budgets(budgets, 0, [f"rec-{i}"], per_step=3) for i in range(50)]
+    assert all(t[0] == 4 and len(set(t)) == 3 and t == [4, *sorted(t[1:])] for t in triples)
+    assert batch_budgets(budgets, 5, ["a"], per_step=4) == budgets  # every budget: M3's recipe
+    assert batch_budgets(budgets, 5, ["a"], per_step=2) == batch_budgets(budgets, 5, ["a"], per_step=2)
+    for bad in (0, 5):
+        with pytest.raises(ValueError, match=rf"{bad} budgets per step: choose 1 to 4"):
+            batch_budgets(budgets, 0, ["a"], per_step=bad)
 
 
 def test_expand_placeholders_cuts_or_grows_each_image_and_keeps_the_labels():
@@ -174,24 +189,30 @@ def test_expand_placeholders_cuts_or_grows_each_image_and_keeps_the_labels():
         expand_placeholders(ids, labels, image, 4, 2)
 
 
-def test_the_collator_runs_each_batch_at_its_drawn_budget(tokenizer, image_record, text_record):
+def dataset_item(tokenizer, record, pixels: torch.Tensor | None) -> dict:
+    """A training item as `LlavaJsonDataset` gives it: placeholders for the largest budget (15)."""
     from llava_adapter.conversation import encode_conversation
 
     image_id = tokenizer.convert_tokens_to_ids("<image>")
+    encoded = encode_conversation(record, tokenizer, "vicuna_v1", 15, image_token_id=image_id)
+    with_pixels = {} if pixels is None else {"pixel_values": pixels}
+    return {"id": record["id"], "input_ids": encoded.input_ids, "labels": encoded.labels, **with_pixels}
+
+
+def test_the_collator_runs_each_batch_at_its_drawn_budget(tokenizer, image_record, text_record):
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
     table = {4: 4, 9: 9, 15: 15}
-    collator = DataCollatorForLlava(tokenizer, image_token_id=image_id, budgets=table, seed=3)
+    collator = DataCollatorForLlava(tokenizer, image_token_id=image_id, budgets=table, seed=3, budgets_per_step=1)
 
     def item(record, with_image: bool):
-        encoded = encode_conversation(record, tokenizer, "vicuna_v1", 15, image_token_id=image_id)
-        pixels = {"pixel_values": torch.zeros(3, 8, 8)} if with_image else {}
-        return {"id": record["id"], "input_ids": encoded.input_ids, "labels": encoded.labels, **pixels}
+        return dataset_item(tokenizer, record, torch.zeros(3, 8, 8) if with_image else None)
 
     seen = set()
     for i in range(12):
         items = [item(image_record(f"img-{i}"), True), item(text_record(f"txt-{i}"), False)]
         batch = collator(items)
         n = batch["num_latent_tokens"]
-        assert n == batch_budget(table, 3, [f"img-{i}", f"txt-{i}"])
+        assert [n] == batch_budgets(table, 3, [f"img-{i}", f"txt-{i}"])
         assert int((batch["input_ids"][0] == image_id).sum()) == n
         supervised = batch["labels"][0][batch["labels"][0] != IGNORE_INDEX]
         assert torch.equal(supervised, items[0]["labels"][items[0]["labels"] != IGNORE_INDEX])
@@ -201,7 +222,36 @@ def test_the_collator_runs_each_batch_at_its_drawn_budget(tokenizer, image_recor
     assert "num_latent_tokens" not in collator([item(text_record("t"), False)])  # no image, no budget
 
 
-def test_elastic_stage1_trains_the_projector_at_every_drawn_budget(
+def test_a_batch_at_several_budgets_trains_on_the_mean_of_their_losses(tokenizer, image_record, text_record, tmp_path):
+    from transformers import TrainingArguments
+
+    model, processor = tiny_vlm(tokenizer, budgets=BUDGETS)
+    image_id = model.config.image_token_id
+    pixels = processor.image_processor(red_image(), return_tensors="pt")["pixel_values"][0]
+    items = [dataset_item(tokenizer, image_record("img-0"), pixels), dataset_item(tokenizer, text_record("t"), None)]
+    collator = DataCollatorForLlava(tokenizer, image_token_id=image_id, budgets={4: 4, 9: 9, 15: 15})  # all three
+    batch = collator(items)
+    runs = [batch, *batch["more_budgets"]]
+    assert [b["num_latent_tokens"] for b in runs] == [4, 9, 15]
+    assert [int((b["input_ids"][0] == image_id).sum()) for b in runs] == [4, 9, 15]
+    assert all("pixel_values" not in b for b in runs[1:])  # the images travel once
+    expected = []
+    with torch.no_grad():
+        for b in runs:
+            with vlm_budget(model, b["num_latent_tokens"]):
+                fields = {k: b[k] for k in ("input_ids", "attention_mask", "labels")}
+                expected.append(model(**fields, pixel_values=batch["pixel_values"]).loss)
+        assert len({round(float(loss), 6) for loss in expected}) == 3  # three budgets, three different losses
+        trainer = train.VlmTrainer(model=model, args=TrainingArguments(tmp_path, use_cpu=True, report_to="none"))
+        inputs = {k: v for k, v in batch.items() if k != "num_latent_tokens"}
+        with vlm_budget(model, 4):
+            loss = trainer.compute_loss(model, inputs)
+    torch.testing.assert_close(loss, torch.stack(expected).mean())
+    with pytest.raises(ValueError, match=r"4 budgets per step: choose 1 to 3 \(the budgets \[4, 9, 15\]\)"):
+        DataCollatorForLlava(tokenizer, image_token_id=image_id, budgets={4: 4, 9: 9, 15: 15}, budgets_per_step=4)
+
+
+def test_elastic_stage1_trains_the_projector_at_every_budget(
     tokenizer, image_folder, image_record, write_data, tmp_path, monkeypatch
 ):
     vlm_dir = save_tiny_vlm(tokenizer, tmp_path / "vlm", budgets=BUDGETS)
@@ -219,8 +269,16 @@ def test_elastic_stage1_trains_the_projector_at_every_drawn_budget(
     args[args.index("--max_steps") + 1] = "24"
     args += ["--learning_rate", "1e-2", "--use_cpu", "True", "--budgets", "4", "9", "15"]
     assert train.main(args) == 0
-    assert len(ran) == 24 and set(ran) == set(BUDGETS), ran  # one budget per batch, each one drawn
+    assert ran == BUDGETS * 24  # every batch at every budget, the smallest first
     assert (out / "mm_projector.safetensors").is_file()
+    ran.clear()
+    assert train.main([*args, "--budgets_per_step", "1", "--output_dir", str(tmp_path / "one")]) == 0
+    assert len(ran) == 24 and set(ran) == set(BUDGETS), ran  # one budget per batch, each one drawn
+    ran.clear()
+    assert train.main([*args, "--budgets_per_step", "2", "--output_dir", str(tmp_path / "two")]) == 0
+    assert len(ran) == 48 and set(ran[::2]) == {4} and set(ran[1::2]) == {9, 15}, ran  # the smallest and one more
+    with pytest.raises(ValueError, match="--budgets_per_step 2: give the --budgets to draw them from"):
+        train.main([*args[:-4], "--budgets_per_step", "2", "--output_dir", str(tmp_path / "none")])
     with pytest.raises(ValueError, match=r"num_latent_tokens=16: this sparseformer elastic tower serves \[4, 9, 15\]"):
         train.main([*args[:-3], "16", "--output_dir", str(tmp_path / "bad")])
 

@@ -98,11 +98,13 @@ def run_to_end(command: list[str], out: Path, timeout: float = 600) -> str:
 def test_kill_9_then_the_same_command_ends_with_the_uninterrupted_weights(
     mode, vlm_dir, elastic_vlm_dir, data, image_folder, tmp_path
 ):
-    """Full fine-tuning runs on an elastic tower with a budget drawn per batch and LLaVA's batches grouped by length
-    (the draw and the grouped order must resume too); LoRA on a fixed one, in random batches."""
+    """Full fine-tuning runs on an elastic tower at two budgets per batch (the smallest and one drawn) and LLaVA's
+    batches grouped by length (the draw and the grouped order must resume too); LoRA on a fixed one, in random
+    batches."""
     extra = ["--lora_enable", "True", "--lora_r", "4", "--lora_alpha", "8"] if mode == "lora" else []
     if mode == "full-elastic":
-        vlm_dir, extra = elastic_vlm_dir, ["--budgets", "4", "9", "15", "--group_by_modality_length", "True"]
+        vlm_dir, extra = elastic_vlm_dir, ["--budgets", "4", "9", "15", "--budgets_per_step", "2",
+                                        "--group_by_modality_length", "True"]  # fmt: skip
     script = [sys.executable, "scripts/train_vlm.py"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     run_to_end(script + run_args(vlm_dir, data, image_folder, straight, 24, *extra), straight)

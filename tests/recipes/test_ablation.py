@@ -98,7 +98,7 @@ def test_a_budget_added_later_reuses_the_trained_arms_and_the_one_model_arms_ser
     argv = [*parts(smoke_run), "--budgets", "9", "4", "--encoders", f"9={smoke_run / 'encoder'}",
             "--bootstrap-steps", "2", "--arms", "elastic", "m3", "sparseformer", *TINY, "--out", str(out)]  # fmt: skip
     capsys.readouterr()
-    assert cli_main(["ablate", *argv]) == 0
+    assert cli_main(["ablate", *argv, "--budgets-per-step", "2"]) == 0
     printed = capsys.readouterr().out
     assert printed.count("done earlier") == 5  # sparseformer-9's base, 2 stages, 2 evaluations
     report = json.loads((out / "ablation.json").read_text())
@@ -120,6 +120,10 @@ def test_a_budget_added_later_reuses_the_trained_arms_and_the_one_model_arms_ser
     assert scored["model"].endswith("arms/elastic/stage2") and scored["num_latent_tokens"] == 4
     recipe = json.loads((out / "arms" / "elastic" / "arm.json").read_text())
     assert recipe["budgets"] == [9, 4] and recipe["tower"] == {"encoder": str(out / "encoders" / "elastic")}
+    assert recipe["budgets_per_step"] == 2
+    for arm, stage in (("elastic", "stage1"), ("m3", "stage2")):  # both one-model arms ran every batch at both
+        trained = json.loads((out / "arms" / arm / stage / "train_settings.json").read_text())
+        assert (sorted(trained["budgets"]), trained["budgets_per_step"]) == ([4, 9], 2)
     pairs = [(p["a"], p["b"]) for p in report["paired"]["stage2"]]
     assert pairs == [("sparseformer-9", "m3-9"), ("sparseformer-4", "m3-4"), ("elastic-9", "sparseformer-9"),
                      ("elastic-9", "m3-9"), ("elastic-4", "sparseformer-4"), ("elastic-4", "m3-4")]  # fmt: skip
@@ -129,6 +133,13 @@ def test_a_budget_added_later_reuses_the_trained_arms_and_the_one_model_arms_ser
     assert report["arms"]["sparseformer-4"]["stage2"]["image_tokens"] == 4
     settings = json.loads((out / ablation.SETTINGS_FILE).read_text())
     assert settings["bootstrap_steps"] == 2
+    assert cli_main(["ablate", *argv, "--budgets-per-step", "1"]) == 2  # the one-model arms ran two per batch
+    assert "arm m3" in capsys.readouterr().err
+    for arm in ("m3", "elastic"):  # as ablations recorded one-model arms before the choice existed: one per batch
+        path = out / "arms" / arm / "arm.json"
+        path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "budgets_per_step"}))
+    assert cli_main(["ablate", *argv, "--budgets-per-step", "2"]) == 2
+    assert "budgets_per_step 1 -> 2" in capsys.readouterr().err
 
 
 def test_another_eval_limit_only_scores_again(ablation_dir, smoke_run, tmp_path, capsys):
@@ -187,6 +198,8 @@ def test_other_training_settings_are_refused(ablation_dir, smoke_run, tmp_path, 
             "serves [] latent tokens, not [9, 4]",
         ),
         (["--budgets", "8", "--arms", "m3", "visionzip"], "8 is not a square number (the m3 arm pools"),
+        (["--budgets", "9", "4", "--arms", "m3", "--budgets-per-step", "3"], "--budgets-per-step 3: choose 1 to 2"),
+        (["--budgets", "9", "--train-args", "--budgets_per_step 2"], "use ablate's --budgets-per-step"),
     ],
 )
 def test_bad_arguments_fail_before_any_work(smoke_run, tmp_path, capsys, extra, message):
