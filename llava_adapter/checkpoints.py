@@ -149,6 +149,8 @@ def check_settings(output_dir: Path, settings: dict, resuming: bool, write: bool
             write_json(path, settings)
         return []
     recorded = read_json(path)
+    if recorded.get("budgets") and "budgets_per_step" not in recorded:
+        recorded["budgets_per_step"] = 1  # recorded before there was a choice: one budget drawn per batch
     changes = {
         key: (recorded.get(key), settings.get(key))
         for key in sorted(set(recorded) | set(settings))

@@ -497,6 +497,8 @@ def run_settings(model_args, data_args, training_args) -> dict:
     settings = {**dataclasses.asdict(model_args), **dataclasses.asdict(data_args)}
     settings.update({k: v for k, v in training_args.to_dict().items() if not k.startswith("_")})
     settings["world_size"] = training_args.world_size  # the global batch depends on it
+    if data_args.budgets and data_args.budgets_per_step is None:  # the default, all of them, as the count it is
+        settings["budgets_per_step"] = len(set(data_args.budgets))
     return settings
 
 

@@ -1,5 +1,5 @@
 """One LLaVA model, every token budget of its elastic tower: processor and model per call, save → fresh process,
-ChatEngine, the demo's budget control, and training that draws a budget per batch."""
+ChatEngine, the demo's budget control, and training at every budget (or some drawn) per batch."""
 
 from __future__ import annotations
 
@@ -312,3 +312,20 @@ def test_a_pooled_tower_with_nested_budgets_serves_each_from_one_model(tokenizer
             pass
     with pytest.raises(ValueError, match="not among"):
         PooledVisionConfig(clip, num_latent_tokens=9, budgets=[1, 4])
+
+
+def test_budgets_per_step_is_recorded_as_a_count_and_older_runs_resume_as_one_per_batch(tmp_path):
+    from llava_adapter import checkpoints
+
+    def settings(*extra: str) -> dict:
+        argv = ["--model_name_or_path", "m", "--data_path", "d.json", "--output_dir", str(tmp_path), "--use_cpu",
+                "True", "--report_to", "none", "--budgets", "4", "9", "15", *extra]  # fmt: skip
+        return train.run_settings(*train.parse_args(argv))
+
+    every = settings()
+    assert every["budgets_per_step"] == 3 and settings("--budgets_per_step", "3") == every  # the default: all
+    older = {k: v for k, v in every.items() if k != "budgets_per_step"}  # a run recorded before the choice existed
+    (tmp_path / checkpoints.SETTINGS_FILE).write_text(json.dumps(older, default=str))
+    with pytest.raises(ValueError, match=r"--budgets_per_step 1 -> 3"):
+        checkpoints.check_settings(tmp_path, every, resuming=True, write=False)
+    assert checkpoints.check_settings(tmp_path, settings("--budgets_per_step", "1"), resuming=True, write=False) == []
