@@ -113,6 +113,12 @@ class DataArguments:
         },
     )
 
+    def __post_init__(self):
+        if self.budgets and self.budgets_per_step is None:
+            self.budgets_per_step = len(set(self.budgets))  # the default, every budget, as the count it is
+        if self.budgets_per_step is not None and not self.budgets:
+            raise ValueError(f"--budgets_per_step {self.budgets_per_step}: give the --budgets to draw them from")
+
 
 @dataclass
 class VlmTrainingArguments(TrainingArguments):
@@ -497,8 +503,6 @@ def run_settings(model_args, data_args, training_args) -> dict:
     settings = {**dataclasses.asdict(model_args), **dataclasses.asdict(data_args)}
     settings.update({k: v for k, v in training_args.to_dict().items() if not k.startswith("_")})
     settings["world_size"] = training_args.world_size  # the global batch depends on it
-    if data_args.budgets and data_args.budgets_per_step is None:  # the default, all of them, as the count it is
-        settings["budgets_per_step"] = len(set(data_args.budgets))
     return settings
 
 
@@ -544,8 +548,6 @@ def run(model_args: ModelArguments, data_args: DataArguments, training_args: Vlm
     if training_args.lora_enable:
         model = apply_lora(model, training_args)
     budgets = drawn_budgets(model, data_args.budgets)
-    if data_args.budgets_per_step is not None and not budgets:
-        raise ValueError(f"--budgets_per_step {data_args.budgets_per_step}: give the --budgets to draw them from")
     dataset = LlavaJsonDataset(
         data_args.data_path,
         data_args.image_folder,

@@ -150,10 +150,9 @@ def checked_train_args(train_args: str) -> str:
     from llava_adapter import train
 
     given = train.parse_overrides(shlex.split(train_args))
-    for name in ("budgets", "budgets_per_step"):
+    for name, own in (("budgets", "--budgets"), ("budgets_per_step", "--budgets-per-step")):
         if name in given:
-            flag = "--budgets" if name == "budgets" else "--budgets-per-step"
-            raise ValueError(f"--train-args: --{name} is the ablation's own; use ablate's {flag}")
+            raise ValueError(f"--train-args: --{name} is the ablation's own; use ablate's {own}")
     return train_args
 
 
